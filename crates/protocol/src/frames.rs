@@ -1,0 +1,447 @@
+//! The frames of `/ws/agent`: what an agent says ([`AgentMessage`]) and what the control plane
+//! says ([`ServerMessage`]). Each is one JSON text frame with a `type` field.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{AgentName, BranchName, Credentials, RepoUrl, ServiceName};
+
+/// Bumped on any change an older peer would misread. The agent states it in `hello`; the
+/// control plane refuses an agent that speaks another version.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// No frame in either direction may be larger than this.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// Frames an agent sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// The first frame on every connection.
+    Hello(Hello),
+    Heartbeat(Heartbeat),
+    Reply(Reply),
+    Event(Event),
+    /// The agent could not read a frame of the control plane.
+    Error(ProtocolError),
+}
+
+/// Frames the control plane sends.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage {
+    /// The answer to `hello`: the agent is registered.
+    Welcome(Welcome),
+    /// The answer to an agent's heartbeat, so that both sides notice a dead peer.
+    Heartbeat,
+    Job(Job),
+    /// Events up to and including `seq` of `deployment` are stored; the agent may forget them.
+    Ack { deployment: String, seq: u64 },
+    /// The control plane could not read a frame of the agent, or refuses it.
+    Error(ProtocolError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Fetches, builds and runs services.
+    Micro,
+    /// Runs the sandbox router.
+    Gateway,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Micro => "micro",
+            Role::Gateway => "gateway",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What an agent can do. Unknown capabilities of a newer agent are kept as `unknown`, so an
+/// older control plane still reads its `hello`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Capability {
+    Git,
+    RuntimeDocker,
+    RuntimeProcess,
+    Router,
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub protocol: u32,
+    pub name: AgentName,
+    pub role: Role,
+    /// The agent's build version, e.g. `0.1.0`.
+    pub version: String,
+    pub host: String,
+    pub capabilities: Vec<Capability>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Jobs in progress.
+    pub load: u32,
+    /// Service instances running.
+    pub running: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub protocol: u32,
+    /// How often the agent should send a heartbeat.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// Ties a reply to its job; unique per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RequestId(pub u64);
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Job {
+    pub id: RequestId,
+    pub job: JobKind,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "name", rename_all = "snake_case")]
+pub enum JobKind {
+    /// Does the git server accept these credentials for `repo`? (`git ls-remote`)
+    ProbeCredentials {
+        repo: RepoUrl,
+        credentials: Credentials,
+    },
+    /// The branches of `repo` and their tip commits. (`git ls-remote --heads`)
+    ListBranches {
+        repo: RepoUrl,
+        credentials: Credentials,
+    },
+}
+
+impl JobKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobKind::ProbeCredentials { .. } => "probe_credentials",
+            JobKind::ListBranches { .. } => "list_branches",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub id: RequestId,
+    pub output: JobOutput,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum JobOutput {
+    CredentialsAccepted,
+    Branches { branches: Vec<Branch> },
+    Failed(JobError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Branch {
+    pub name: BranchName,
+    pub commit: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: JobErrorCode,
+    /// Written for the user; never holds a credential.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobErrorCode {
+    /// The git server refused the credentials.
+    AuthFailed,
+    /// The repository does not exist or cannot be reached.
+    RepoUnreachable,
+    /// The command did not finish in time.
+    Timeout,
+    /// Anything else git or the agent failed at.
+    Failed,
+    /// The agent cannot do this job (wrong role, older version).
+    Unsupported,
+}
+
+/// Something an agent reports about a deployment. `seq` grows by one per deployment without
+/// gaps, which is how the control plane drops duplicates after a reconnect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub deployment: String,
+    pub seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ts: OffsetDateTime,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventBody {
+    Log {
+        service: Option<ServiceName>,
+        stream: LogStream,
+        line: String,
+    },
+    Step {
+        service: Option<ServiceName>,
+        step: String,
+        state: StepState,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    System,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepState {
+    Started,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProtocolError {
+    pub code: String,
+    pub message: String,
+}
+
+/// Why a frame could not be read. Each is reported to the peer, never a panic.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {0} bytes is over the limit of {MAX_FRAME_BYTES} bytes")]
+    TooLarge(usize),
+    #[error("binary frames are not part of the protocol; send JSON text frames")]
+    Binary,
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+}
+
+impl FrameError {
+    /// The frame to send back to the peer that sent the bad one.
+    pub fn to_protocol_error(&self) -> ProtocolError {
+        let code = match self {
+            FrameError::TooLarge(_) => "frame_too_large",
+            FrameError::Binary => "binary_frame",
+            FrameError::Malformed(_) => "malformed_frame",
+        };
+        ProtocolError {
+            code: code.to_owned(),
+            message: self.to_string(),
+        }
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, FrameError> {
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(text.len()));
+    }
+    serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+pub fn decode_agent_frame(text: &str) -> Result<AgentMessage, FrameError> {
+    decode(text)
+}
+
+pub fn decode_server_frame(text: &str) -> Result<ServerMessage, FrameError> {
+    decode(text)
+}
+
+/// Encodes a frame. Our own types always serialize, so this cannot fail.
+pub fn encode<T: Serialize>(msg: &T) -> String {
+    serde_json::to_string(msg).expect("protocol types serialize to JSON")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Password, Username};
+
+    fn creds() -> Credentials {
+        Credentials {
+            username: Username::parse("alice").unwrap(),
+            password: Password::parse("s3cret".into()).unwrap(),
+        }
+    }
+
+    fn repo() -> RepoUrl {
+        RepoUrl::parse("https://git.example.com/scm/shop/orders.git").unwrap()
+    }
+
+    fn ts() -> OffsetDateTime {
+        time::macros::datetime!(2026-11-26 12:00:00 UTC)
+    }
+
+    #[test]
+    fn agent_frames_encode_as_documented() {
+        let frames = vec![
+            AgentMessage::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                name: AgentName::parse("deploy-1").unwrap(),
+                role: Role::Micro,
+                version: "0.1.0".into(),
+                host: "deploy-host".into(),
+                capabilities: vec![Capability::Git, Capability::RuntimeProcess],
+            }),
+            AgentMessage::Heartbeat(Heartbeat {
+                load: 2,
+                running: 3,
+            }),
+            AgentMessage::Reply(Reply {
+                id: RequestId(7),
+                output: JobOutput::CredentialsAccepted,
+            }),
+            AgentMessage::Reply(Reply {
+                id: RequestId(8),
+                output: JobOutput::Branches {
+                    branches: vec![Branch {
+                        name: BranchName::parse("feature/x").unwrap(),
+                        commit: "0123456789abcdef0123456789abcdef01234567".into(),
+                    }],
+                },
+            }),
+            AgentMessage::Reply(Reply {
+                id: RequestId(9),
+                output: JobOutput::Failed(JobError {
+                    code: JobErrorCode::AuthFailed,
+                    message: "the git server refused the credentials".into(),
+                }),
+            }),
+            AgentMessage::Event(Event {
+                deployment: "d-1".into(),
+                seq: 1,
+                ts: ts(),
+                body: EventBody::Log {
+                    service: Some(ServiceName::parse("orders").unwrap()),
+                    stream: LogStream::Stdout,
+                    line: "listening on :8080".into(),
+                },
+            }),
+            AgentMessage::Event(Event {
+                deployment: "d-1".into(),
+                seq: 2,
+                ts: ts(),
+                body: EventBody::Step {
+                    service: Some(ServiceName::parse("orders").unwrap()),
+                    step: "building".into(),
+                    state: StepState::Started,
+                },
+            }),
+            AgentMessage::Error(ProtocolError {
+                code: "malformed_frame".into(),
+                message: "expected value at line 1 column 1".into(),
+            }),
+        ];
+        let encoded: Vec<String> = frames.iter().map(encode).collect();
+        insta::assert_snapshot!(encoded.join("\n"));
+        for text in &encoded {
+            let back = decode_agent_frame(text).expect("round trip");
+            assert_eq!(&encode(&back), text);
+        }
+    }
+
+    #[test]
+    fn server_frames_encode_as_documented() {
+        let frames = vec![
+            ServerMessage::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                heartbeat_interval_ms: 5000,
+            }),
+            ServerMessage::Heartbeat,
+            ServerMessage::Job(Job {
+                id: RequestId(1),
+                job: JobKind::ProbeCredentials {
+                    repo: repo(),
+                    credentials: creds(),
+                },
+            }),
+            ServerMessage::Job(Job {
+                id: RequestId(2),
+                job: JobKind::ListBranches {
+                    repo: repo(),
+                    credentials: creds(),
+                },
+            }),
+            ServerMessage::Ack {
+                deployment: "d-1".into(),
+                seq: 42,
+            },
+            ServerMessage::Error(ProtocolError {
+                code: "protocol_version".into(),
+                message: "this control plane speaks protocol 1".into(),
+            }),
+        ];
+        let encoded: Vec<String> = frames.iter().map(encode).collect();
+        insta::assert_snapshot!(encoded.join("\n"));
+        for text in &encoded {
+            let back = decode_server_frame(text).expect("round trip");
+            assert_eq!(&encode(&back), text);
+        }
+    }
+
+    #[test]
+    fn malformed_and_unknown_frames_are_errors_not_panics() {
+        let long = format!("\"{}\"", "x".repeat(MAX_FRAME_BYTES));
+        for bad in [
+            "",
+            "not json",
+            "{}",
+            "[]",
+            "{\"type\":\"launch_missiles\"}",
+            "{\"type\":\"hello\"}",
+            "{\"type\":\"hello\",\"protocol\":1,\"name\":\"-bad\",\"role\":\"micro\",\"version\":\"1\",\"host\":\"h\",\"capabilities\":[]}",
+            "{\"type\":\"reply\",\"id\":-1,\"output\":{\"outcome\":\"credentials_accepted\"}}",
+            long.as_str(),
+        ] {
+            let err = decode_agent_frame(bad).expect_err(bad);
+            let reported = err.to_protocol_error();
+            assert!(!reported.message.is_empty());
+        }
+        assert!(matches!(
+            decode_server_frame(&long),
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_newer_agents_unknown_capability_is_still_read() {
+        let text = r#"{"type":"hello","protocol":1,"name":"a","role":"gateway","version":"9","host":"h","capabilities":["git","teleport"]}"#;
+        let AgentMessage::Hello(hello) = decode_agent_frame(text).unwrap() else {
+            panic!("not a hello")
+        };
+        assert_eq!(
+            hello.capabilities,
+            vec![Capability::Git, Capability::Unknown]
+        );
+    }
+}

@@ -1,0 +1,19 @@
+//! The language the SDP control plane and its agents speak, and the validated names in it.
+//!
+//! This crate does no IO: it defines types, their JSON encoding and their validation, so that
+//! the server, the agents and the tests agree on one definition. Every frame is a JSON text
+//! frame; [`decode_agent_frame`] and [`decode_server_frame`] turn bad input into a
+//! [`FrameError`] the receiver reports to its peer instead of panicking.
+
+mod credentials;
+mod frames;
+mod names;
+
+pub use credentials::{Credentials, InvalidPassword, Password};
+pub use frames::{
+    AgentMessage, Branch, Capability, Event, EventBody, FrameError, Heartbeat, Hello, Job,
+    JobError, JobErrorCode, JobKind, JobOutput, LogStream, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    ProtocolError, Reply, RequestId, Role, ServerMessage, StepState, Welcome, decode_agent_frame,
+    decode_server_frame, encode,
+};
+pub use names::{AgentName, BranchName, InvalidName, RepoUrl, SandboxName, ServiceName, Username};
