@@ -1,1 +1,346 @@
+//! The SDP agent (`sdp agent --role micro|gateway`).
+//!
+//! An agent always dials out to the control plane's `/ws/agent`, presents the agent token in
+//! the handshake, says `hello`, then answers jobs and sends heartbeats. When the connection
+//! is lost it reconnects with exponential backoff and jitter, for as long as it runs.
 
+pub mod askpass;
+mod config;
+mod git;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use sdp_protocol::{
+    AgentMessage, AgentName, Capability, FrameError, Heartbeat, Hello, Job, JobKind, JobOutput,
+    PROTOCOL_VERSION, Reply, Role, ServerMessage, decode_server_frame, encode,
+};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_util::sync::CancellationToken;
+
+pub use config::{AgentConfig, DockerConfig, GatewayConfig, Runtime, parse_port_range};
+pub use git::Git;
+
+/// How long to wait for the TCP and WebSocket handshake, and then for `welcome`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_FIRST: Duration = Duration::from_millis(250);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Replies waiting to be written; a full queue makes finished jobs wait, not pile up.
+const OUTBOX: usize = 64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+pub struct Agent {
+    config: AgentConfig,
+    name: AgentName,
+    git: Git,
+    in_flight: Arc<AtomicU32>,
+}
+
+/// How a connection ended.
+enum End {
+    Shutdown,
+    /// Lost after `welcome`: the next attempt starts with a short delay again.
+    Lost(String),
+    /// Never got to `welcome`.
+    Failed(String),
+}
+
+impl Agent {
+    /// `askpass` is the program git runs for credentials: the `sdp` binary.
+    pub fn new(config: AgentConfig, askpass: PathBuf) -> Result<Self, AgentError> {
+        config.validate().map_err(AgentError::Config)?;
+        let name = match &config.name {
+            Some(name) => name.clone(),
+            None => AgentName::parse(hostname()).map_err(|e| {
+                AgentError::Config(format!("set `name`: the host name is not usable ({e})"))
+            })?,
+        };
+        let git = Git {
+            askpass,
+            home: config.work_dir.join("home"),
+            timeout: config.git_timeout.get(),
+        };
+        Ok(Self {
+            config,
+            name,
+            git,
+            in_flight: Arc::default(),
+        })
+    }
+
+    pub fn name(&self) -> &AgentName {
+        &self.name
+    }
+
+    /// Connects, serves, and reconnects until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut attempt: u32 = 0;
+        loop {
+            let end = self.connection(&shutdown).await;
+            let reason = match end {
+                End::Shutdown => {
+                    tracing::info!(agent = %self.name, "agent stopped");
+                    return;
+                }
+                End::Lost(reason) => {
+                    attempt = 0;
+                    reason
+                }
+                End::Failed(reason) => reason,
+            };
+            let delay = backoff(attempt);
+            attempt = attempt.saturating_add(1);
+            tracing::warn!(agent = %self.name, %reason, retry_in_ms = delay.as_millis() as u64, "not connected to the control plane");
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn hello(&self) -> Hello {
+        let mut capabilities = vec![Capability::Git];
+        match self.config.role {
+            Role::Micro => capabilities.push(match self.config.runtime {
+                Runtime::Docker => Capability::RuntimeDocker,
+                Runtime::Process => Capability::RuntimeProcess,
+            }),
+            Role::Gateway => capabilities.push(Capability::Router),
+        }
+        Hello {
+            protocol: PROTOCOL_VERSION,
+            name: self.name.clone(),
+            role: self.config.role,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            host: hostname(),
+            capabilities,
+        }
+    }
+
+    async fn connection(&self, shutdown: &CancellationToken) -> End {
+        let mut request = match self.config.server.as_str().into_client_request() {
+            Ok(r) => r,
+            Err(e) => return End::Failed(format!("bad server URL: {e}")),
+        };
+        let bearer = format!("Bearer {}", self.config.token.expose());
+        let Ok(mut auth) = HeaderValue::from_str(&bearer) else {
+            return End::Failed("the agent token holds characters a header cannot carry".into());
+        };
+        auth.set_sensitive(true);
+        request.headers_mut().insert("authorization", auth);
+
+        let connect = tokio_tungstenite::connect_async(request);
+        let socket = tokio::select! {
+            _ = shutdown.cancelled() => return End::Shutdown,
+            r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect) => match r {
+                Err(_) => return End::Failed("the control plane did not answer in time".into()),
+                Ok(Err(tungstenite::Error::Http(response))) if response.status() == 401 => {
+                    return End::Failed("the control plane refused the agent token (401); check `token`".into());
+                }
+                Ok(Err(e)) => return End::Failed(format!("cannot connect to {}: {e}", self.config.server)),
+                Ok(Ok((socket, _))) => socket,
+            },
+        };
+        let (mut sink, mut stream) = socket.split();
+
+        let hello = encode(&AgentMessage::Hello(self.hello()));
+        if let Err(e) = sink.send(Message::Text(hello.into())).await {
+            return End::Failed(format!("cannot send hello: {e}"));
+        }
+        let interval = match tokio::time::timeout(HANDSHAKE_TIMEOUT, welcome(&mut stream)).await {
+            Ok(Ok(interval)) => interval,
+            Ok(Err(reason)) => return End::Failed(reason),
+            Err(_) => return End::Failed("no welcome from the control plane".into()),
+        };
+        tracing::info!(agent = %self.name, role = %self.config.role, server = %self.config.server, "connected to the control plane");
+
+        // The control plane answers every heartbeat; three intervals of silence mean it is
+        // gone even if TCP has not noticed.
+        let silence_limit = interval * 3;
+        let mut last_heard = tokio::time::Instant::now();
+        let mut beat = tokio::time::interval(interval);
+        let (outbox, mut replies) = mpsc::channel::<AgentMessage>(OUTBOX);
+        let connection_done = CancellationToken::new();
+        let _stop_jobs = connection_done.clone().drop_guard();
+        loop {
+            let outgoing = tokio::select! {
+                _ = shutdown.cancelled() => {
+                    let _ = sink.send(Message::Close(None)).await;
+                    return End::Shutdown;
+                }
+                _ = beat.tick() => {
+                    if last_heard.elapsed() > silence_limit {
+                        return End::Lost("the control plane fell silent".into());
+                    }
+                    AgentMessage::Heartbeat(Heartbeat {
+                        load: self.in_flight.load(Ordering::Relaxed),
+                        running: 0,
+                    })
+                }
+                Some(reply) = replies.recv() => reply,
+                frame = stream.next() => {
+                    let frame = match frame {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) => return End::Lost(format!("connection failed: {e}")),
+                        None => return End::Lost("the control plane closed the connection".into()),
+                    };
+                    last_heard = tokio::time::Instant::now();
+                    match frame {
+                        Message::Text(text) => match decode_server_frame(&text) {
+                            Ok(msg) => match self.handle(msg, &outbox, &connection_done) {
+                                Some(answer) => answer,
+                                None => continue,
+                            },
+                            Err(e) => {
+                                tracing::warn!(error = %e, "unreadable frame from the control plane");
+                                AgentMessage::Error(e.to_protocol_error())
+                            }
+                        },
+                        Message::Binary(_) => AgentMessage::Error(FrameError::Binary.to_protocol_error()),
+                        Message::Close(_) => return End::Lost("the control plane closed the connection".into()),
+                        _ => continue,
+                    }
+                }
+            };
+            if let Err(e) = sink.send(Message::Text(encode(&outgoing).into())).await {
+                return End::Lost(format!("cannot send: {e}"));
+            }
+        }
+    }
+
+    /// Handles one frame of the control plane; jobs run in their own tasks and reply through
+    /// `outbox`.
+    fn handle(
+        &self,
+        msg: ServerMessage,
+        outbox: &mpsc::Sender<AgentMessage>,
+        connection_done: &CancellationToken,
+    ) -> Option<AgentMessage> {
+        match msg {
+            ServerMessage::Job(job) => {
+                self.spawn_job(job, outbox.clone(), connection_done.clone());
+                None
+            }
+            ServerMessage::Heartbeat | ServerMessage::Ack { .. } | ServerMessage::Welcome(_) => {
+                None
+            }
+            ServerMessage::Error(e) => {
+                tracing::warn!(code = %e.code, message = %e.message, "the control plane reported a protocol error");
+                None
+            }
+        }
+    }
+
+    fn spawn_job(&self, job: Job, outbox: mpsc::Sender<AgentMessage>, done: CancellationToken) {
+        let git = self.git.clone();
+        let in_flight = self.in_flight.clone();
+        in_flight.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let Job { id, job } = job;
+            let name = job.name();
+            tracing::debug!(%id, job = name, "job started");
+            let run = run_job(&git, job);
+            let output = tokio::select! {
+                // The reply could not reach anyone once the connection is gone.
+                _ = done.cancelled() => None,
+                output = run => Some(output),
+            };
+            in_flight.fetch_sub(1, Ordering::Relaxed);
+            if let Some(output) = output {
+                tracing::debug!(%id, job = name, ok = !matches!(output, JobOutput::Failed(_)), "job finished");
+                let _ = outbox.send(AgentMessage::Reply(Reply { id, output })).await;
+            }
+        });
+    }
+}
+
+async fn run_job(git: &Git, job: JobKind) -> JobOutput {
+    match job {
+        JobKind::ProbeCredentials { repo, credentials } => {
+            match git.probe(&repo, &credentials).await {
+                Ok(()) => JobOutput::CredentialsAccepted,
+                Err(e) => JobOutput::Failed(e),
+            }
+        }
+        JobKind::ListBranches { repo, credentials } => {
+            match git.branches(&repo, &credentials).await {
+                Ok(branches) => JobOutput::Branches { branches },
+                Err(e) => JobOutput::Failed(e),
+            }
+        }
+    }
+}
+
+/// Waits for `welcome` and returns the heartbeat interval it asks for.
+async fn welcome<S>(stream: &mut S) -> Result<Duration, String>
+where
+    S: futures_util::Stream<Item = Result<Message, tungstenite::Error>> + Unpin,
+{
+    while let Some(frame) = stream.next().await {
+        let text = match frame {
+            Ok(Message::Text(text)) => text,
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => continue,
+        };
+        return match decode_server_frame(&text) {
+            Ok(ServerMessage::Welcome(w)) => {
+                Ok(Duration::from_millis(w.heartbeat_interval_ms.max(100)))
+            }
+            Ok(ServerMessage::Error(e)) => Err(format!(
+                "the control plane refused the agent: {} ({})",
+                e.message, e.code
+            )),
+            Ok(_) => Err("the control plane did not answer hello with welcome".into()),
+            Err(e) => Err(format!("unreadable answer to hello: {e}")),
+        };
+    }
+    Err("the control plane closed the connection after hello".into())
+}
+
+/// Exponential backoff with jitter: attempt 0 waits about 250 ms, doubling up to 30 s, each
+/// delay drawn between half and all of its cap so that agents restarted together spread out.
+fn backoff(attempt: u32) -> Duration {
+    let cap = BACKOFF_FIRST
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(BACKOFF_MAX);
+    let half = cap / 2;
+    half + half.mul_f64(rand::random::<f64>())
+}
+
+/// The host name, from the kernel.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_exponentially_with_jitter_up_to_a_cap() {
+        for attempt in 0..40 {
+            let cap = BACKOFF_FIRST
+                .saturating_mul(1u32 << attempt.min(16))
+                .min(BACKOFF_MAX);
+            let d = backoff(attempt);
+            assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?}");
+        }
+        assert!(backoff(30) <= BACKOFF_MAX);
+    }
+}

@@ -1,1 +1,232 @@
+//! Configuration loading shared by every SDP process (SPEC §9).
+//!
+//! One TOML file per process, then `SDP_<KEY>` environment variables on top (upper case, `__`
+//! between a table and its key). An unknown key in the file is an error that names it. An
+//! `SDP_*` variable that names no key of this process is ignored, because the server, the
+//! agents and the command-line client share one environment in `sdp dev` and on laptops, and
+//! each reads only its own keys.
 
+mod types;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+pub use types::{ConfigDuration, Secret};
+
+/// The prefix of every configuration variable.
+pub const ENV_PREFIX: &str = "SDP_";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("environment variable {var} is not a valid TOML value: {message}")]
+    EnvValue { var: String, message: String },
+    #[error("unknown config key `{key}`{}", origin_suffix(.path))]
+    UnknownKey { key: String, path: Option<PathBuf> },
+    #[error("invalid configuration{}: {message}", origin_suffix(.path))]
+    Invalid {
+        path: Option<PathBuf>,
+        message: String,
+    },
+}
+
+fn origin_suffix(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(p) => format!(" in {}", p.display()),
+        None => String::new(),
+    }
+}
+
+/// Reads `file` (if any), applies the `SDP_*` variables of `env`, and deserializes `T`.
+pub fn load<T: DeserializeOwned>(
+    file: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<T, ConfigError> {
+    let mut table = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            text.parse::<toml::Table>()
+                .map_err(|e| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: e.message().to_owned(),
+                })?
+        }
+        None => toml::Table::new(),
+    };
+    let from_env = apply_env(&mut table, env)?;
+    from_table(table, file, &from_env)
+}
+
+/// Deserializes `T` from a table built in memory (as `sdp dev` does), with the same checks.
+pub fn from_table<T: DeserializeOwned>(
+    table: toml::Table,
+    file: Option<&Path>,
+    from_env: &BTreeSet<String>,
+) -> Result<T, ConfigError> {
+    let mut unknown = Vec::new();
+    let value = toml::Value::Table(table);
+    let parsed: Result<T, _> =
+        serde_ignored::deserialize(value, |path| unknown.push(path.to_string()));
+    // Report an unknown key first: a misspelt key often causes the missing-field error.
+    if let Some(key) = unknown.into_iter().find(|key| !from_env.contains(key)) {
+        return Err(ConfigError::UnknownKey {
+            key,
+            path: file.map(Path::to_owned),
+        });
+    }
+    parsed.map_err(|e| ConfigError::Invalid {
+        path: file.map(Path::to_owned),
+        message: e.to_string(),
+    })
+}
+
+/// Puts each `SDP_A__B=v` into `table` as `a.b = v`, and returns the dotted keys it set.
+///
+/// Values are strings, except those that start with `[` or `{`, which are read as TOML arrays
+/// and inline tables (e.g. `SDP_SERVICES__ROUTES='["/a"]'` is not useful, but a list of
+/// strings for a list key is).
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<BTreeSet<String>, ConfigError> {
+    let mut set = BTreeSet::new();
+    for (var, raw) in env {
+        let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if rest.is_empty() {
+            continue;
+        }
+        let path: Vec<String> = rest.split("__").map(str::to_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            continue;
+        }
+        let value = if raw.starts_with('[') || raw.starts_with('{') {
+            let doc = format!("v = {raw}");
+            let mut parsed = doc
+                .parse::<toml::Table>()
+                .map_err(|e| ConfigError::EnvValue {
+                    var: var.clone(),
+                    message: e.message().to_owned(),
+                })?;
+            parsed.remove("v").unwrap_or(toml::Value::String(raw))
+        } else {
+            toml::Value::String(raw)
+        };
+        if insert_path(table, &path, value) {
+            set.insert(path.join("."));
+        }
+    }
+    Ok(set)
+}
+
+/// Sets `path` in `table`, creating tables on the way. A path that would turn a plain key into
+/// a table names no key we have, and is left out.
+fn insert_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> bool {
+    match path {
+        [] => false,
+        [last] => {
+            table.insert(last.clone(), value);
+            true
+        }
+        [first, rest @ ..] => match table
+            .entry(first.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        {
+            toml::Value::Table(inner) => insert_path(inner, rest, value),
+            _ => false,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    struct Example {
+        listen: String,
+        token: Secret,
+        #[serde(default)]
+        git: Git,
+        ttl: ConfigDuration,
+    }
+
+    #[derive(Debug, Default, Deserialize)]
+    struct Git {
+        probe_repo: Option<String>,
+    }
+
+    fn write(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn environment_overrides_the_file_with_double_underscore_for_tables() {
+        let f = write("listen = \"a\"\nttl = \"30s\"\n[git]\nprobe_repo = \"x\"\n");
+        let c: Example = load(
+            Some(f.path()),
+            env(&[("SDP_TOKEN", "t0k"), ("SDP_GIT__PROBE_REPO", "y")]),
+        )
+        .unwrap();
+        assert_eq!(c.listen, "a");
+        assert_eq!(c.token.expose(), "t0k");
+        assert_eq!(c.git.probe_repo.as_deref(), Some("y"));
+        assert_eq!(c.ttl.get(), std::time::Duration::from_secs(30));
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_an_error_that_names_it() {
+        let f = write("listen = \"a\"\ntoken = \"t\"\nttl = \"1s\"\n[git]\nprobe_rpeo = \"x\"\n");
+        let err = load::<Example>(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("`git.probe_rpeo`"), "{err}");
+    }
+
+    #[test]
+    fn variables_of_other_processes_are_ignored() {
+        let c: Example = load(
+            None,
+            env(&[
+                ("SDP_LISTEN", "a"),
+                ("SDP_TOKEN", "t"),
+                ("SDP_TTL", "2h"),
+                ("SDP_USERNAME", "alice"),
+                ("SDP_GIT__UNKNOWN", "x"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.ttl.get(), std::time::Duration::from_secs(7200));
+    }
+
+    #[test]
+    fn a_bad_duration_is_explained() {
+        let err = load::<Example>(
+            None,
+            env(&[("SDP_LISTEN", "a"), ("SDP_TOKEN", "t"), ("SDP_TTL", "soon")]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("duration"), "{err}");
+    }
+}

@@ -90,7 +90,10 @@ mod tests {
 
     #[test]
     fn passwords_that_would_be_cut_short_are_refused() {
-        assert_eq!(Password::parse(String::new()).unwrap_err(), InvalidPassword::Empty);
+        assert_eq!(
+            Password::parse(String::new()).unwrap_err(),
+            InvalidPassword::Empty
+        );
         assert_eq!(
             Password::parse("a\nb".into()).unwrap_err(),
             InvalidPassword::ForbiddenCharacter

@@ -36,7 +36,10 @@ pub enum ServerMessage {
     Heartbeat,
     Job(Job),
     /// Events up to and including `seq` of `deployment` are stored; the agent may forget them.
-    Ack { deployment: String, seq: u64 },
+    Ack {
+        deployment: String,
+        seq: u64,
+    },
     /// The control plane could not read a frame of the agent, or refuses it.
     Error(ProtocolError),
 }
@@ -304,7 +307,7 @@ mod tests {
 
     #[test]
     fn agent_frames_encode_as_documented() {
-        let frames = vec![
+        let frames = [
             AgentMessage::Hello(Hello {
                 protocol: PROTOCOL_VERSION,
                 name: AgentName::parse("deploy-1").unwrap(),
@@ -372,7 +375,7 @@ mod tests {
 
     #[test]
     fn server_frames_encode_as_documented() {
-        let frames = vec![
+        let frames = [
             ServerMessage::Welcome(Welcome {
                 protocol: PROTOCOL_VERSION,
                 heartbeat_interval_ms: 5000,

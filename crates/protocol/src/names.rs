@@ -18,7 +18,11 @@ impl InvalidName {
     fn new(kind: &'static str, value: &str, reason: &'static str) -> Self {
         // Keep the echo of hostile input short and printable in error messages.
         let value: String = value.chars().take(80).collect();
-        Self { kind, value, reason }
+        Self {
+            kind,
+            value,
+            reason,
+        }
     }
 }
 
@@ -206,12 +210,12 @@ fn check_repo_url(s: &str) -> Result<(), &'static str> {
     }
     if let Some((_, rest)) = s.split_once("://") {
         let authority = rest.split('/').next().unwrap_or_default();
-        if let Some((userinfo, _)) = authority.rsplit_once('@') {
-            if userinfo.contains(':') {
-                return Err(
-                    "it carries a password; credentials come from the user's login, never from the URL",
-                );
-            }
+        if let Some((userinfo, _)) = authority.rsplit_once('@')
+            && userinfo.contains(':')
+        {
+            return Err(
+                "it carries a password; credentials come from the user's login, never from the URL",
+            );
         }
     }
     Ok(())
@@ -265,7 +269,10 @@ mod tests {
         }
         let long = "a".repeat(64);
         for bad in ["", "A", "-a", "a-", "a_b", "a.b", "é", long.as_str()] {
-            assert!(SandboxName::parse(bad).is_err(), "{bad:?} should be refused");
+            assert!(
+                SandboxName::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 

@@ -1,1 +1,249 @@
-fn main() {}
+//! `sdp`: one binary for the control plane, the agents, dev mode and (later) the CLI.
+//!
+//! This file only parses the command line, sets up logging and calls into the library
+//! crates. It is also git's askpass helper, which must be answered before anything else.
+
+mod demo;
+mod dev;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use sdp_agent::{Agent, AgentConfig};
+use sdp_protocol::Role;
+use sdp_server::{Server, ServerConfig};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "sdp", version, about = "SDP, the Sandbox Deployment Platform")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the control plane: HTTP API, WebSocket hub, dashboard, persistence.
+    Server {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Run an agent that dials the control plane.
+    Agent {
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Overrides `role` of the config file.
+        #[arg(long, value_enum)]
+        role: Option<RoleArg>,
+    },
+    /// Run the server, a micro agent and a gateway agent in one process, with demo services.
+    Dev {
+        /// Data directory.
+        #[arg(long, value_name = "DIR", default_value = "./.sdp-dev")]
+        data: PathBuf,
+        /// Port of the dashboard and API on 127.0.0.1 (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// The demo service of `sdp dev`: answers with the checkout's message.txt.
+    #[command(hide = true)]
+    DemoService,
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration (file plus SDP_* variables), secrets redacted.
+    Print {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Which process the file configures; by default, guessed from its keys.
+        #[arg(long, value_enum)]
+        kind: Option<ConfigKind>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RoleArg {
+    Micro,
+    Gateway,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ConfigKind {
+    Server,
+    Agent,
+}
+
+/// A mistake of the person at the keyboard (a bad flag, file or key): exit status 2.
+#[derive(Debug)]
+struct UsageError(String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(UsageError(e.to_string()))
+}
+
+fn main() -> ExitCode {
+    if let Some(code) = sdp_agent::askpass::answer_if_asked() {
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if e.downcast_ref::<UsageError>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Server { config } => {
+            let config: ServerConfig = load(config.as_deref(), &[])?;
+            let server = Server::bind(config).await.map_err(|e| match e {
+                sdp_server::ServerError::Config(_) => usage(e),
+                e => anyhow::Error::new(e),
+            })?;
+            server.run(stop_on_signal()).await?;
+            Ok(())
+        }
+        Command::Agent { config, role } => {
+            let role = role.map(|r| match r {
+                RoleArg::Micro => Role::Micro,
+                RoleArg::Gateway => Role::Gateway,
+            });
+            let extra: Vec<(String, String)> = role
+                .map(|r| ("SDP_ROLE".to_owned(), r.as_str().to_owned()))
+                .into_iter()
+                .collect();
+            let config: AgentConfig = load(config.as_deref(), &extra)?;
+            let askpass =
+                std::env::current_exe().context("cannot find the sdp binary for git's askpass")?;
+            let agent = Agent::new(config, askpass).map_err(usage)?;
+            agent.run(stop_on_signal()).await;
+            Ok(())
+        }
+        Command::Dev { data, port } => dev::run(&data, port, stop_on_signal()).await,
+        Command::Config {
+            command: ConfigCommand::Print { config, kind },
+        } => {
+            let kind = match kind {
+                Some(kind) => kind,
+                None => guess_kind(&config)?,
+            };
+            let text = match kind {
+                ConfigKind::Server => {
+                    let c: ServerConfig = load(Some(&config), &[])?;
+                    c.validate().map_err(usage)?;
+                    toml::to_string_pretty(&c)?
+                }
+                ConfigKind::Agent => {
+                    let c: AgentConfig = load(Some(&config), &[])?;
+                    c.validate().map_err(usage)?;
+                    toml::to_string_pretty(&c)?
+                }
+            };
+            print!("{text}");
+            Ok(())
+        }
+        Command::DemoService => demo::serve().await,
+    }
+}
+
+/// Loads a configuration from `file` and the environment; `extra` pairs win over both.
+fn load<T: serde::de::DeserializeOwned>(
+    file: Option<&Path>,
+    extra: &[(String, String)],
+) -> anyhow::Result<T> {
+    let env = std::env::vars().chain(extra.iter().cloned());
+    sdp_config::load(file, env).map_err(usage)
+}
+
+/// An agent's file names its control plane (`server`) or its `role`; a server's does not.
+fn guess_kind(path: &Path) -> anyhow::Result<ConfigKind> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| usage(format!("cannot read {}: {e}", path.display())))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| usage(format!("{} is not valid TOML: {e}", path.display())))?;
+    Ok(
+        if table.contains_key("server") || table.contains_key("role") {
+            ConfigKind::Agent
+        } else {
+            ConfigKind::Server
+        },
+    )
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn stop_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot watch SIGTERM");
+                    let _ = tokio::signal::ctrl_c().await;
+                    cancel.cancel();
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping");
+        cancel.cancel();
+    });
+    token
+}

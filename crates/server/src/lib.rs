@@ -1,1 +1,167 @@
+//! The SDP control plane (`sdp server`): the HTTP JSON API, the WebSocket hub the agents dial
+//! into, sessions, and persistence in SQLite under `data_dir`.
+//!
+//! [`Server::bind`] binds the listener (port 0 in tests) and opens the database, so callers
+//! learn the address before serving; [`Server::run`] serves until the token is cancelled.
 
+pub mod api;
+mod config;
+mod db;
+mod error;
+mod hub;
+mod sessions;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{GatewayConfig, GitConfig, ServerConfig, ServiceConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the database under {dir}: {source}")]
+    Database {
+        dir: std::path::PathBuf,
+        source: sqlx::Error,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+pub struct Server {
+    listener: TcpListener,
+    state: api::AppState,
+    shutdown: CancellationToken,
+}
+
+impl Server {
+    /// Checks the configuration, opens the database and binds the listener.
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        Self::bind_with(config, false).await
+    }
+
+    /// As [`Server::bind`]; `dev_mode` tells the dashboard that any password is accepted.
+    pub async fn bind_with(config: ServerConfig, dev_mode: bool) -> Result<Self, ServerError> {
+        config.validate().map_err(ServerError::Config)?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+        let public_url = match &config.public_url {
+            Some(url) => config::parse_http_url(url).map_err(ServerError::Config)?,
+            None => {
+                config::parse_http_url(&format!("http://{addr}")).map_err(ServerError::Config)?
+            }
+        };
+        let db = db::Db::open(&config.data_dir)
+            .await
+            .map_err(|source| ServerError::Database {
+                dir: config.data_dir.clone(),
+                source,
+            })?;
+        db.mark_all_agents_disconnected()
+            .await
+            .map_err(|source| ServerError::Database {
+                dir: config.data_dir.clone(),
+                source,
+            })?;
+        let shutdown = CancellationToken::new();
+        let state = api::AppState::new(config, public_url, db, shutdown.clone(), dev_mode);
+        Ok(Self {
+            listener,
+            state,
+            shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The URL users reach this server at (`public_url`, or the bound address).
+    pub fn public_url(&self) -> String {
+        self.state
+            .public_url
+            .as_str()
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    /// Serves until `stop` is cancelled, then closes agent connections and the database.
+    pub async fn run(self, stop: CancellationToken) -> Result<(), ServerError> {
+        let Server {
+            listener,
+            state,
+            shutdown,
+        } = self;
+        tracing::info!(addr = %listener.local_addr().map_err(ServerError::Serve)?, public_url = %state.public_url, "listening");
+        let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
+        let app = api::router(state.clone());
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            stopping.cancel();
+        });
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+            .await
+            .map_err(ServerError::Serve);
+        shutdown.cancel();
+        let _ = sweeper.await;
+        state.connections.close();
+        if tokio::time::timeout(Duration::from_secs(5), state.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("agent connections did not end within 5s");
+        }
+        state.db.close().await;
+        tracing::info!("server stopped");
+        result
+    }
+}
+
+/// Ends expired sessions: their rows go, and their passwords are wiped from memory.
+async fn sweep_sessions(state: api::AppState, shutdown: CancellationToken) {
+    let period = (state.config.session_ttl.get() / 4)
+        .clamp(Duration::from_millis(200), Duration::from_secs(30));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = OffsetDateTime::now_utc();
+        match state.db.delete_expired_sessions(now).await {
+            Ok(hashes) => {
+                for hash in &hashes {
+                    state.vault.remove(hash);
+                }
+                if !hashes.is_empty() {
+                    tracing::info!(count = hashes.len(), "expired sessions ended");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot sweep expired sessions"),
+        }
+        state.vault.remove_expired(now);
+    }
+}

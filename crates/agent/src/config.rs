@@ -1,0 +1,140 @@
+//! The agent's configuration (SPEC §9).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use sdp_config::{ConfigDuration, Secret};
+use sdp_protocol::{AgentName, Role};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentConfig {
+    /// The control plane's agent endpoint, e.g. `ws://127.0.0.1:8080/ws/agent`.
+    pub server: String,
+    pub token: Secret,
+    pub role: Role,
+    /// Defaults to the host name.
+    #[serde(default)]
+    pub name: Option<AgentName>,
+    #[serde(default = "default_work_dir")]
+    pub work_dir: PathBuf,
+    #[serde(default)]
+    pub runtime: Runtime,
+    #[serde(default = "default_advertise_host")]
+    pub advertise_host: String,
+    #[serde(default = "default_port_range")]
+    pub port_range: String,
+    /// Every git command is killed after this long.
+    #[serde(default = "default_git_timeout")]
+    pub git_timeout: ConfigDuration,
+    #[serde(default)]
+    pub docker: DockerConfig,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Runtime {
+    #[default]
+    Docker,
+    Process,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DockerConfig {
+    #[serde(default = "default_image")]
+    pub image: String,
+    #[serde(default = "default_memory")]
+    pub memory: String,
+    #[serde(default = "default_cpus", deserialize_with = "number_or_string")]
+    pub cpus: f64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            image: default_image(),
+            memory: default_memory(),
+            cpus: default_cpus(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+}
+
+fn default_work_dir() -> PathBuf {
+    PathBuf::from("./.sdp-agent")
+}
+fn default_advertise_host() -> String {
+    "127.0.0.1".to_owned()
+}
+fn default_port_range() -> String {
+    "20000-29999".to_owned()
+}
+fn default_git_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(120)
+}
+fn default_image() -> String {
+    "alpine:3.20".to_owned()
+}
+fn default_memory() -> String {
+    "512m".to_owned()
+}
+fn default_cpus() -> f64 {
+    1.0
+}
+
+/// Environment variables are strings; a number key accepts `SDP_DOCKER__CPUS=0.5` too.
+fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(f64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Number(n) => Ok(n),
+        Raw::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("{t:?} is not a number"))),
+    }
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.server.starts_with("ws://") || self.server.starts_with("wss://")) {
+            return Err(format!(
+                "`server` must be a ws:// or wss:// URL of the control plane's /ws/agent, not {:?}",
+                self.server
+            ));
+        }
+        if self.git_timeout.get().is_zero() {
+            return Err("`git_timeout` must be longer than zero".into());
+        }
+        parse_port_range(&self.port_range)?;
+        if !self.docker.cpus.is_finite() || self.docker.cpus <= 0.0 {
+            return Err("`docker.cpus` must be above zero".into());
+        }
+        if self.role == Role::Gateway && self.gateway.is_none() {
+            return Err("a gateway agent needs a [gateway] table with `listen`".into());
+        }
+        Ok(())
+    }
+}
+
+/// `"20000-29999"` as an inclusive range.
+pub fn parse_port_range(raw: &str) -> Result<(u16, u16), String> {
+    let err = || format!("`port_range` must look like \"20000-29999\", not {raw:?}");
+    let (lo, hi) = raw.split_once('-').ok_or_else(err)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| err())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| err())?;
+    if lo == 0 || lo > hi {
+        return Err(err());
+    }
+    Ok((lo, hi))
+}

@@ -1,0 +1,261 @@
+//! The real `git` CLI, with the user's credentials handed over the only safe way.
+//!
+//! The password reaches git through `GIT_ASKPASS` (the `sdp` binary in askpass mode) and the
+//! child's environment: never argv (`/proc/*/cmdline` is world-readable), never the URL (git
+//! writes it into `.git/config` and error messages), never a file. Credential helpers and
+//! terminal prompts are off, so nothing else answers or stores. Every call has a timeout and
+//! is killed with its whole process group when it runs out.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use sdp_protocol::{Branch, BranchName, Credentials, JobError, JobErrorCode, RepoUrl};
+use tokio::io::AsyncReadExt;
+use tokio::process::Command;
+
+use crate::askpass;
+
+/// Variables passed through from the agent's environment: what git needs to find itself and
+/// to reach a server through a corporate proxy or CA. Nothing else leaks in.
+const PASS_THROUGH: &[&str] = &[
+    "PATH",
+    "TMPDIR",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+    "GIT_SSL_CAINFO",
+];
+
+/// Output kept from a git command; more is cut off.
+const MAX_OUTPUT: usize = 16 << 20;
+
+#[derive(Debug, Clone)]
+pub struct Git {
+    /// The askpass program: the `sdp` binary.
+    pub askpass: PathBuf,
+    /// `HOME` for git: a folder of the agent's, so no user's global config applies.
+    pub home: PathBuf,
+    pub timeout: Duration,
+}
+
+struct Output {
+    status: std::process::ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+impl Git {
+    fn command(&self, credentials: &Credentials) -> Command {
+        let mut cmd = Command::new("git");
+        cmd.env_clear();
+        for key in PASS_THROUGH {
+            if let Some(value) = std::env::var_os(key) {
+                cmd.env(key, value);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
+        }
+        cmd.env("HOME", &self.home)
+            .env("LC_ALL", "C")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "credential.helper")
+            .env("GIT_CONFIG_VALUE_0", "")
+            .env("GIT_ASKPASS", &self.askpass)
+            .env(askpass::MODE_VAR, "1")
+            .env(askpass::USERNAME_VAR, credentials.username.as_str())
+            .env(askpass::PASSWORD_VAR, credentials.password.expose())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        cmd
+    }
+
+    async fn run(&self, credentials: &Credentials, args: &[OsString]) -> Result<Output, JobError> {
+        std::fs::create_dir_all(&self.home).map_err(|e| JobError {
+            code: JobErrorCode::Failed,
+            message: format!("cannot create the agent's git home: {e}"),
+        })?;
+        let mut cmd = self.command(credentials);
+        cmd.args(args);
+        let mut child = cmd.spawn().map_err(|e| JobError {
+            code: JobErrorCode::Failed,
+            message: format!("cannot run git: {e}"),
+        })?;
+        let pid = child.id();
+        let mut stdout = child.stdout.take().expect("piped").take(MAX_OUTPUT as u64);
+        let mut stderr = child.stderr.take().expect("piped").take(MAX_OUTPUT as u64);
+        let work = async {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            let (a, b, status) = tokio::join!(
+                stdout.read_to_end(&mut out),
+                stderr.read_to_end(&mut err),
+                child.wait()
+            );
+            a.and(b)?;
+            Ok::<_, std::io::Error>((status?, out, err))
+        };
+        match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok((status, out, err))) => Ok(Output {
+                status,
+                stdout: String::from_utf8_lossy(&out).into_owned(),
+                stderr: mask(&String::from_utf8_lossy(&err), credentials),
+            }),
+            Ok(Err(e)) => Err(JobError {
+                code: JobErrorCode::Failed,
+                message: format!("git failed to run: {e}"),
+            }),
+            Err(_) => {
+                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                    // git leaves helpers (git-remote-https) behind; end the whole group.
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                Err(JobError {
+                    code: JobErrorCode::Timeout,
+                    message: format!("git did not finish within {}s", self.timeout.as_secs()),
+                })
+            }
+        }
+    }
+
+    /// Checks that the git server accepts `credentials` for `repo`.
+    pub async fn probe(&self, repo: &RepoUrl, credentials: &Credentials) -> Result<(), JobError> {
+        let args: Vec<OsString> = vec![
+            "ls-remote".into(),
+            "--".into(),
+            repo.as_str().into(),
+            "HEAD".into(),
+        ];
+        let out = self.run(credentials, &args).await?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(classify(&out))
+        }
+    }
+
+    /// The branches of `repo` with their tip commits, as `git ls-remote --heads` says.
+    pub async fn branches(
+        &self,
+        repo: &RepoUrl,
+        credentials: &Credentials,
+    ) -> Result<Vec<Branch>, JobError> {
+        let args: Vec<OsString> = vec![
+            "ls-remote".into(),
+            "--heads".into(),
+            "--".into(),
+            repo.as_str().into(),
+        ];
+        let out = self.run(credentials, &args).await?;
+        if !out.status.success() {
+            return Err(classify(&out));
+        }
+        Ok(parse_heads(&out.stdout))
+    }
+}
+
+/// Parses `<sha>\trefs/heads/<name>` lines. A branch whose name git allows but we do not
+/// (one starting with `-`) is left out rather than offered for a deploy that would be refused.
+fn parse_heads(stdout: &str) -> Vec<Branch> {
+    stdout
+        .lines()
+        .filter_map(|line| {
+            let (commit, reference) = line.split_once('\t')?;
+            let name = reference.strip_prefix("refs/heads/")?;
+            match BranchName::parse(name) {
+                Ok(name) => Some(Branch {
+                    name,
+                    commit: commit.to_owned(),
+                }),
+                Err(e) => {
+                    tracing::debug!(error = %e, "branch left out");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Reads git's complaint and names the failure for the user.
+fn classify(out: &Output) -> JobError {
+    let stderr = out.stderr.as_str();
+    let lower = stderr.to_lowercase();
+    let summary = stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("git failed without saying why")
+        .chars()
+        .take(400)
+        .collect::<String>();
+    let code = if lower.contains("authentication failed")
+        || lower.contains("could not read username")
+        || lower.contains("could not read password")
+        || lower.contains("invalid username or password")
+    {
+        JobErrorCode::AuthFailed
+    } else if lower.contains("not found")
+        || lower.contains("does not appear to be a git repository")
+        || lower.contains("could not resolve host")
+        || lower.contains("failed to connect")
+        || lower.contains("couldn't connect")
+        || lower.contains("connection refused")
+        || lower.contains("unable to access")
+    {
+        JobErrorCode::RepoUnreachable
+    } else {
+        JobErrorCode::Failed
+    };
+    JobError {
+        code,
+        message: summary,
+    }
+}
+
+/// Replaces the password wherever a command printed it.
+pub fn mask(text: &str, credentials: &Credentials) -> String {
+    let secret = credentials.password.expose();
+    if secret.is_empty() || !text.contains(secret) {
+        return text.to_owned();
+    }
+    text.replace(secret, "********")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_are_parsed_and_option_like_names_left_out() {
+        let out = "aaa\trefs/heads/main\nbbb\trefs/heads/feature/x\nccc\trefs/heads/-evil\nddd\trefs/tags/v1\n";
+        let names: Vec<_> = parse_heads(out)
+            .into_iter()
+            .map(|b| format!("{}={}", b.name, b.commit))
+            .collect();
+        assert_eq!(names, vec!["main=aaa", "feature/x=bbb"]);
+    }
+
+    #[test]
+    fn a_printed_password_is_masked() {
+        let creds = Credentials {
+            username: sdp_protocol::Username::parse("u").unwrap(),
+            password: sdp_protocol::Password::parse("pa55".into()).unwrap(),
+        };
+        assert_eq!(mask("x pa55 y", &creds), "x ******** y");
+    }
+}

@@ -1,0 +1,250 @@
+//! `sdp dev`: the server, a micro agent and a gateway agent in one process on loopback, with
+//! demo repositories it creates itself, so a first try needs only this binary and git.
+//!
+//! The demo repositories are local paths: git asks for no password, so dev mode accepts any
+//! password. Nothing else does.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use sdp_agent::{Agent, AgentConfig, DockerConfig, GatewayConfig, Runtime};
+use sdp_config::{ConfigDuration, Secret};
+use sdp_protocol::{AgentName, RepoUrl, Role, ServiceName};
+use sdp_server::{GitConfig, Server, ServerConfig, ServiceConfig};
+use tokio_util::sync::CancellationToken;
+
+/// A demo service: its name, its route and what each branch answers with.
+struct Demo {
+    name: &'static str,
+    route: &'static str,
+    branches: &'static [(&'static str, &'static str)],
+}
+
+const DEMOS: &[Demo] = &[
+    Demo {
+        name: "hello",
+        route: "/hello",
+        branches: &[
+            ("main", "Hello from the main branch of hello.\n"),
+            ("feature/x", "Hello from feature/x: a new greeting.\n"),
+        ],
+    },
+    Demo {
+        name: "echo",
+        route: "/echo",
+        branches: &[
+            ("main", "echo: main\n"),
+            ("feature/fast", "echo: feature/fast\n"),
+        ],
+    },
+];
+
+pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data)
+        .with_context(|| format!("cannot create the data directory {}", data.display()))?;
+    let data = data
+        .canonicalize()
+        .with_context(|| format!("cannot resolve {}", data.display()))?;
+    let exe = std::env::current_exe().context("cannot find the sdp binary")?;
+
+    let repos = data.join("repos");
+    for demo in DEMOS {
+        create_demo_repo(&repos, demo)
+            .with_context(|| format!("cannot create the demo repository {}", demo.name))?;
+    }
+
+    // A token for this run only: the agents are in this process, so it never leaves memory.
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let services = DEMOS
+        .iter()
+        .map(|demo| service(&repos, demo, &exe))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let probe_repo = RepoUrl::parse(repo_path(&repos, DEMOS[0].name).display().to_string())?;
+    let server_config = ServerConfig {
+        listen: ([127, 0, 0, 1], port).into(),
+        data_dir: data.join("server"),
+        agent_token: Secret::new(token.clone()),
+        public_url: None,
+        session_ttl: ConfigDuration::from_secs(12 * 3600),
+        sandbox_ttl: ConfigDuration::from_secs(24 * 3600),
+        agent_timeout: ConfigDuration::from_secs(30),
+        job_timeout: ConfigDuration::from_secs(20),
+        git: GitConfig { probe_repo },
+        gateway: Default::default(),
+        services,
+    };
+    let server = Server::bind_with(server_config.clone(), true).await?;
+    let addr = server.local_addr();
+    let url = server.public_url();
+
+    let agent_config = |role: Role, name: &str| -> anyhow::Result<AgentConfig> {
+        Ok(AgentConfig {
+            server: format!("ws://{addr}/ws/agent"),
+            token: Secret::new(token.clone()),
+            role,
+            name: Some(AgentName::parse(name)?),
+            work_dir: data.join(format!("agent-{name}")),
+            runtime: Runtime::Process,
+            advertise_host: "127.0.0.1".to_owned(),
+            port_range: "20000-29999".to_owned(),
+            git_timeout: ConfigDuration::from_secs(60),
+            docker: DockerConfig::default(),
+            gateway: (role == Role::Gateway).then(|| GatewayConfig {
+                listen: ([127, 0, 0, 1], 0).into(),
+            }),
+        })
+    };
+    let micro = agent_config(Role::Micro, "dev-micro")?;
+    let gateway = agent_config(Role::Gateway, "dev-gateway")?;
+    write_config(&data.join("server.toml"), &server_config)?;
+    write_config(&data.join("agent-micro.toml"), &micro)?;
+    write_config(&data.join("agent-gateway.toml"), &gateway)?;
+
+    let agents = [
+        Agent::new(micro, exe.clone())?,
+        Agent::new(gateway, exe.clone())?,
+    ];
+    let mut tasks = Vec::new();
+    for agent in agents {
+        tasks.push(tokio::spawn(agent.run(stop.clone())));
+    }
+
+    println!("SDP dev is running.");
+    println!("  Dashboard and API: {url}");
+    println!("  Dev mode accepts any username and password: the demo repositories are local.");
+    println!(
+        "  Demo services: {}",
+        DEMOS.iter().map(|d| d.name).collect::<Vec<_>>().join(", ")
+    );
+    println!("  Data: {}", data.display());
+    println!("Press Ctrl-C to stop.");
+
+    server.run(stop.clone()).await?;
+    stop.cancel();
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(())
+}
+
+fn repo_path(repos: &Path, name: &str) -> PathBuf {
+    repos.join(format!("{name}.git"))
+}
+
+fn service(repos: &Path, demo: &Demo, exe: &Path) -> anyhow::Result<ServiceConfig> {
+    Ok(ServiceConfig {
+        name: ServiceName::parse(demo.name)?,
+        repo: RepoUrl::parse(repo_path(repos, demo.name).display().to_string())?,
+        build: "test -s message.txt".to_owned(),
+        run: format!("{} demo-service", shell_quote(&exe.display().to_string())),
+        port: 8080,
+        health: "/healthz".to_owned(),
+        routes: vec![demo.route.to_owned()],
+        baseline: String::new(),
+        env: Default::default(),
+    })
+}
+
+/// Quotes `s` for `sh -c`.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Writes the configuration `sdp dev` runs with, for reference; its secrets are redacted.
+fn write_config<T: serde::Serialize>(path: &Path, config: &T) -> anyhow::Result<()> {
+    let text = format!(
+        "# Written by `sdp dev` for reference: the configuration it runs with.\n\
+         # The agent token is random for each run and lives only in memory.\n{}",
+        toml::to_string_pretty(config)?
+    );
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Creates `<repos>/<name>.git` with the demo's branches, unless it exists.
+fn create_demo_repo(repos: &Path, demo: &Demo) -> anyhow::Result<()> {
+    let bare = repo_path(repos, demo.name);
+    if bare.join("HEAD").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(repos)?;
+    let scratch = repos.join(format!(".{}.work", demo.name));
+    let _ = std::fs::remove_dir_all(&scratch);
+    git(
+        repos,
+        &[
+            "init",
+            "--quiet",
+            "--bare",
+            "--initial-branch=main",
+            &bare.display().to_string(),
+        ],
+    )?;
+    git(
+        repos,
+        &[
+            "init",
+            "--quiet",
+            "--initial-branch=main",
+            &scratch.display().to_string(),
+        ],
+    )?;
+    for (i, (branch, message)) in demo.branches.iter().enumerate() {
+        if i > 0 {
+            git(&scratch, &["checkout", "--quiet", "-b", branch, "main"])?;
+        }
+        std::fs::write(scratch.join("message.txt"), message)?;
+        std::fs::write(
+            scratch.join("README.md"),
+            format!(
+                "# {}\n\nA demo service of `sdp dev`: it answers with message.txt.\n",
+                demo.name
+            ),
+        )?;
+        git(&scratch, &["add", "."])?;
+        git(
+            &scratch,
+            &[
+                "commit",
+                "--quiet",
+                "-m",
+                &format!("{} on {branch}", demo.name),
+            ],
+        )?;
+        git(
+            &scratch,
+            &[
+                "push",
+                "--quiet",
+                &bare.display().to_string(),
+                &format!("HEAD:refs/heads/{branch}"),
+            ],
+        )?;
+    }
+    std::fs::remove_dir_all(&scratch)?;
+    Ok(())
+}
+
+fn git(dir: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "user.name=SDP dev",
+            "-c",
+            "user.email=dev@sdp.invalid",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .output()
+        .context("cannot run git: is it installed?")?;
+    if !out.status.success() {
+        bail!(
+            "git {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

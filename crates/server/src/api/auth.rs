@@ -1,0 +1,126 @@
+//! `POST /api/login` and `POST /api/logout` (SPEC §4.1).
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use sdp_protocol::{Credentials, JobErrorCode, JobKind, JobOutput, Password, Role, Username};
+use serde::Deserialize;
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::{AppState, CurrentSession};
+use crate::error::{ApiError, ApiJson};
+use crate::sessions::{self, COOKIE_NAME};
+
+#[derive(Deserialize)]
+pub struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    ApiJson(req): ApiJson<LoginRequest>,
+) -> Result<Response, ApiError> {
+    let username = Username::parse(req.username)
+        .map_err(|e| ApiError::bad_request("invalid_username", e.to_string()))?;
+    let password = Password::parse(req.password)
+        .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
+    let credentials = Credentials {
+        username: username.clone(),
+        password,
+    };
+
+    let job = JobKind::ProbeCredentials {
+        repo: state.config.git.probe_repo.clone(),
+        credentials: credentials.clone(),
+    };
+    let output = state
+        .hub
+        .call(Role::Micro, job, state.config.job_timeout.get())
+        .await
+        .map_err(super::catalog::call_error)?;
+    match output {
+        JobOutput::CredentialsAccepted => {}
+        JobOutput::Failed(e) if e.code == JobErrorCode::AuthFailed => {
+            tracing::info!(user = %username, "login refused by the git server");
+            return Err(ApiError::unauthorized(
+                "invalid_credentials",
+                "Bitbucket did not accept this username and password",
+            ));
+        }
+        JobOutput::Failed(e) => return Err(super::catalog::job_error(e, "the probe repository")),
+        other => {
+            return Err(ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "agent_error",
+                format!("the agent answered the credential check with {other:?}"),
+            ));
+        }
+    }
+
+    let now = OffsetDateTime::now_utc();
+    let ttl = state.config.session_ttl.get();
+    let expires_at = now + ttl;
+    let (token, token_hash) = sessions::new_token();
+    state.db.upsert_user(username.as_str(), now).await?;
+    state
+        .db
+        .insert_session(&token_hash, username.as_str(), now, expires_at)
+        .await?;
+    state.vault.insert(
+        token_hash,
+        credentials.username,
+        credentials.password,
+        expires_at,
+    );
+    state
+        .db
+        .audit(username.as_str(), "login", username.as_str(), "")
+        .await?;
+    tracing::info!(user = %username, "logged in");
+
+    let secure = if state.public_url.scheme() == "https" {
+        "; Secure"
+    } else {
+        ""
+    };
+    let cookie = format!(
+        "{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
+        ttl.as_secs()
+    );
+    let body = json!({
+        "token": token,
+        "user": username.as_str(),
+        "expires_at": expires_at.format(&Rfc3339).unwrap_or_default(),
+    });
+    let mut response = Json(body).into_response();
+    response.headers_mut().insert(
+        header::SET_COOKIE,
+        HeaderValue::from_str(&cookie).map_err(|e| ApiError::internal("cookie", &e))?,
+    );
+    Ok(response)
+}
+
+pub async fn logout(
+    State(state): State<AppState>,
+    Extension(session): Extension<CurrentSession>,
+) -> Result<Response, ApiError> {
+    state.db.delete_session(&session.token_hash).await?;
+    state.vault.remove(&session.token_hash);
+    state
+        .db
+        .audit(
+            session.username.as_str(),
+            "logout",
+            session.username.as_str(),
+            "",
+        )
+        .await?;
+    tracing::info!(user = %session.username, "logged out");
+    let clear = format!("{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, clear)]).into_response())
+}

@@ -1,0 +1,334 @@
+//! The HTTP API and WebSocket endpoints.
+//!
+//! Every endpoint is declared once in [`endpoints`], with the access it requires. The router
+//! and the table that tests walk ([`route_table`]) are both built from that list, so a new
+//! route cannot exist without its access rule, nor escape the tests that check it.
+
+mod agents;
+mod auth;
+mod catalog;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{MethodFilter, MethodRouter, on};
+use axum::{Json, Router};
+use sdp_protocol::Username;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ServerConfig;
+use crate::db::Db;
+use crate::error::ApiError;
+use crate::hub::Hub;
+use crate::sessions::{self, PasswordVault};
+
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Who may call an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone: only login and health.
+    Public,
+    /// Anyone: the dashboard's static page, which holds no data; it fetches everything
+    /// through the API with the session.
+    Page,
+    /// A valid session, by cookie or `Authorization: Bearer`.
+    Session,
+    /// A valid session, and an `Origin` (when the client sends one) equal to `public_url`'s.
+    SessionWebSocket,
+    /// The agent token.
+    Agent,
+}
+
+/// One row of the server's own route list.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub method: Method,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+struct Endpoint {
+    spec: RouteSpec,
+    handler: MethodRouter<AppState>,
+}
+
+fn endpoint<H, T>(method: Method, path: &'static str, access: Access, handler: H) -> Endpoint
+where
+    H: axum::handler::Handler<T, AppState>,
+    T: 'static,
+{
+    let filter = MethodFilter::try_from(method.clone()).expect("a standard method");
+    Endpoint {
+        spec: RouteSpec {
+            method,
+            path,
+            access,
+        },
+        handler: on(filter, handler),
+    }
+}
+
+fn endpoints() -> Vec<Endpoint> {
+    use Access::*;
+    vec![
+        endpoint(Method::GET, "/", Page, dashboard),
+        endpoint(Method::GET, "/api/health", Public, health),
+        endpoint(Method::POST, "/api/login", Public, auth::login),
+        endpoint(Method::POST, "/api/logout", Session, auth::logout),
+        endpoint(Method::GET, "/api/services", Session, catalog::services),
+        endpoint(
+            Method::GET,
+            "/api/services/{name}/branches",
+            Session,
+            catalog::branches,
+        ),
+        endpoint(Method::GET, "/api/agents", Session, agents::list),
+        endpoint(Method::GET, "/ws/agent", Agent, agents::socket),
+        endpoint(
+            Method::GET,
+            "/ws/deployments/{id}",
+            SessionWebSocket,
+            agents::deployment_socket,
+        ),
+    ]
+}
+
+/// The server's routes with their access rules, as the router serves them.
+pub fn route_table() -> Vec<RouteSpec> {
+    endpoints().into_iter().map(|e| e.spec).collect()
+}
+
+pub(crate) struct Inner {
+    pub config: ServerConfig,
+    pub public_url: url::Url,
+    pub db: Db,
+    pub hub: Arc<Hub>,
+    pub vault: PasswordVault,
+    pub shutdown: CancellationToken,
+    /// The agent connections, waited for at shutdown.
+    pub connections: tokio_util::task::TaskTracker,
+    /// `sdp dev`: the login page says that any password is accepted.
+    pub dev_mode: bool,
+    agent_token_digest: [u8; 32],
+}
+
+#[derive(Clone)]
+pub(crate) struct AppState(Arc<Inner>);
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(
+        config: ServerConfig,
+        public_url: url::Url,
+        db: Db,
+        shutdown: CancellationToken,
+        dev_mode: bool,
+    ) -> Self {
+        let agent_token_digest = digest(config.agent_token.expose());
+        Self(Arc::new(Inner {
+            config,
+            public_url,
+            db,
+            hub: Arc::new(Hub::default()),
+            vault: PasswordVault::default(),
+            shutdown,
+            connections: tokio_util::task::TaskTracker::new(),
+            dev_mode,
+            agent_token_digest,
+        }))
+    }
+}
+
+fn digest(s: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(s.as_bytes()).into()
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    let mut router = Router::new();
+    for Endpoint { spec, handler } in endpoints() {
+        let handler = match spec.access {
+            Access::Public | Access::Page => handler,
+            Access::Session => handler.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_session,
+            )),
+            Access::SessionWebSocket => handler.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_session_and_origin,
+            )),
+            Access::Agent => handler.route_layer(middleware::from_fn_with_state(
+                state.clone(),
+                require_agent_token,
+            )),
+        };
+        router = router.route(spec.path, handler);
+    }
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "there is no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "agents": state.hub.connected().len(),
+        "mode": if state.dev_mode { "dev" } else { "server" },
+    }))
+}
+
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(include_str!("dashboard.html"))
+}
+
+/// The caller of a session endpoint, put in the request's extensions by the middleware.
+#[derive(Debug, Clone)]
+pub(crate) struct CurrentSession {
+    pub token_hash: String,
+    pub username: Username,
+}
+
+/// The session token a request carries: `Authorization: Bearer` first, then the cookie.
+fn presented_token(headers: &HeaderMap) -> Option<&str> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        return value.to_str().ok()?.strip_prefix("Bearer ").map(str::trim);
+    }
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == sessions::COOKIE_NAME)
+        .map(|(_, value)| value)
+}
+
+async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentSession, ApiError> {
+    let token = presented_token(headers).ok_or_else(|| {
+        ApiError::unauthorized(
+            "unauthenticated",
+            "log in first: send the session token as a cookie or `Authorization: Bearer`",
+        )
+    })?;
+    let invalid = || {
+        ApiError::unauthorized(
+            "unauthenticated",
+            "the session token is not valid; log in again",
+        )
+    };
+    if !sessions::looks_like_token(token) {
+        return Err(invalid());
+    }
+    let token_hash = sessions::hash_token(token);
+    let row = state.db.session(&token_hash).await?.ok_or_else(invalid)?;
+    if row.expires_at <= OffsetDateTime::now_utc() {
+        state.db.delete_session(&token_hash).await?;
+        state.vault.remove(&token_hash);
+        return Err(ApiError::unauthorized(
+            "session_expired",
+            "your session has expired; log in again",
+        ));
+    }
+    let username =
+        Username::parse(row.username).map_err(|e| ApiError::internal("session user", &e))?;
+    Ok(CurrentSession {
+        token_hash,
+        username,
+    })
+}
+
+async fn require_session(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let session = authenticate(&state, req.headers()).await?;
+    req.extensions_mut().insert(session);
+    Ok(next.run(req).await)
+}
+
+async fn require_session_and_origin(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    // Browsers always send Origin on a WebSocket upgrade, and a page of another site must not
+    // ride on the user's cookie. Clients that are not browsers (the CLI) send none.
+    if let Some(origin) = req.headers().get(header::ORIGIN) {
+        let allowed = state.public_url.origin().ascii_serialization();
+        let matches = origin
+            .to_str()
+            .ok()
+            .and_then(|o| url::Url::parse(o).ok())
+            .is_some_and(|o| o.origin() == state.public_url.origin());
+        if !matches {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden_origin",
+                format!("WebSocket connections are accepted only from pages of {allowed}"),
+            ));
+        }
+    }
+    require_session(State(state), req, next).await
+}
+
+async fn require_agent_token(
+    State(state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Comparing digests keeps the comparison constant-time whatever the lengths.
+    let ok =
+        presented.is_some_and(|token| bool::from(digest(token).ct_eq(&state.agent_token_digest)));
+    if !ok {
+        tracing::warn!(peer = ?req.headers().get("x-forwarded-for"), "agent refused: wrong or missing agent token");
+        return Err(ApiError::unauthorized(
+            "invalid_agent_token",
+            "the agent token is missing or wrong",
+        ));
+    }
+    Ok(next.run(req).await)
+}
+
+/// A response with our error shape for a refused WebSocket upgrade.
+pub(crate) fn websocket_required() -> Response {
+    ApiError::bad_request(
+        "websocket_required",
+        "this endpoint is a WebSocket; connect with an upgrade request",
+    )
+    .into_response()
+}

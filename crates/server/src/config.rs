@@ -1,0 +1,168 @@
+//! The control plane's configuration (SPEC §9), checked once at start.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use sdp_config::{ConfigDuration, Secret};
+use sdp_protocol::{RepoUrl, ServiceName};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// The token agents present when they connect.
+    pub agent_token: Secret,
+    /// Where users reach the control plane; links and the WebSocket `Origin` check use it.
+    /// Defaults to `http://<listen address>` once bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl: ConfigDuration,
+    #[serde(default = "default_sandbox_ttl")]
+    pub sandbox_ttl: ConfigDuration,
+    /// An agent that sends nothing for this long is dropped.
+    #[serde(default = "default_agent_timeout")]
+    pub agent_timeout: ConfigDuration,
+    /// How long a request waits for an agent to answer a job (login, branch list).
+    #[serde(default = "default_job_timeout")]
+    pub job_timeout: ConfigDuration,
+    pub git: GitConfig,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub services: Vec<ServiceConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GitConfig {
+    /// The repository `git ls-remote` probes to check a login.
+    pub probe_repo: RepoUrl,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GatewayConfig {
+    #[serde(default = "default_base_domain")]
+    pub base_domain: String,
+    #[serde(default = "default_gateway_url")]
+    pub public_url: String,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            base_domain: default_base_domain(),
+            public_url: default_gateway_url(),
+        }
+    }
+}
+
+/// A catalog entry (SPEC §3).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceConfig {
+    pub name: ServiceName,
+    pub repo: RepoUrl,
+    pub build: String,
+    pub run: String,
+    pub port: u16,
+    #[serde(default = "default_health")]
+    pub health: String,
+    #[serde(default)]
+    pub routes: Vec<String>,
+    #[serde(default)]
+    pub baseline: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./.sdp")
+}
+fn default_session_ttl() -> ConfigDuration {
+    ConfigDuration::from_secs(12 * 3600)
+}
+fn default_sandbox_ttl() -> ConfigDuration {
+    ConfigDuration::from_secs(24 * 3600)
+}
+fn default_agent_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(30)
+}
+fn default_job_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(20)
+}
+fn default_base_domain() -> String {
+    "sandbox.localhost".to_owned()
+}
+fn default_gateway_url() -> String {
+    "http://127.0.0.1:8081".to_owned()
+}
+fn default_health() -> String {
+    "/".to_owned()
+}
+
+impl ServerConfig {
+    /// Checks what types alone cannot: durations that make sense, a catalog without
+    /// duplicates, paths that are paths, a `public_url` that is a URL.
+    pub fn validate(&self) -> Result<(), String> {
+        for (key, d) in [
+            ("session_ttl", self.session_ttl),
+            ("sandbox_ttl", self.sandbox_ttl),
+            ("agent_timeout", self.agent_timeout),
+            ("job_timeout", self.job_timeout),
+        ] {
+            if d.get().is_zero() {
+                return Err(format!("`{key}` must be longer than zero"));
+            }
+        }
+        if let Some(url) = &self.public_url {
+            parse_http_url(url).map_err(|e| format!("`public_url`: {e}"))?;
+        }
+        parse_http_url(&self.gateway.public_url)
+            .map_err(|e| format!("`gateway.public_url`: {e}"))?;
+        let mut names = HashSet::new();
+        for s in &self.services {
+            if !names.insert(s.name.as_str()) {
+                return Err(format!("service `{}` is listed twice", s.name));
+            }
+            if !s.health.starts_with('/') {
+                return Err(format!(
+                    "service `{}`: `health` must be a path starting with '/'",
+                    s.name
+                ));
+            }
+            if let Some(r) = s.routes.iter().find(|r| !r.starts_with('/')) {
+                return Err(format!(
+                    "service `{}`: route {r:?} must start with '/'",
+                    s.name
+                ));
+            }
+            if s.build.trim().is_empty() || s.run.trim().is_empty() {
+                return Err(format!(
+                    "service `{}`: `build` and `run` cannot be empty",
+                    s.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
+        self.services.iter().find(|s| s.name.as_str() == name)
+    }
+}
+
+pub(crate) fn parse_http_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!(
+            "{raw:?} must be an http:// or https:// URL with a host"
+        ));
+    }
+    Ok(url)
+}

@@ -1,0 +1,425 @@
+//! The agent hub: who is connected, and jobs sent to them with replies awaited under a
+//! timeout.
+//!
+//! Each agent connection is one task that owns its socket: it alone writes to it, fed by a
+//! bounded channel, so a job never waits on another job's frame and a stuck agent cannot grow
+//! the server's memory.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use sdp_protocol::{
+    AgentMessage, AgentName, Capability, FrameError, Heartbeat, Hello, Job, JobKind, JobOutput,
+    PROTOCOL_VERSION, ProtocolError, RequestId, Role, ServerMessage, Welcome, decode_agent_frame,
+    encode,
+};
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::db::Db;
+
+/// How long a new connection has to say `hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames waiting to be written to one agent; a full queue makes senders wait.
+const OUTBOX: usize = 64;
+
+/// One connected agent.
+pub struct AgentConn {
+    conn_id: u64,
+    pub name: AgentName,
+    pub role: Role,
+    pub version: String,
+    pub host: String,
+    pub capabilities: Vec<Capability>,
+    outbox: mpsc::Sender<ServerMessage>,
+    pending: Mutex<HashMap<RequestId, oneshot::Sender<JobOutput>>>,
+    next_request: AtomicU64,
+    in_flight: AtomicU32,
+    status: Mutex<Status>,
+    closed: CancellationToken,
+}
+
+#[derive(Clone, Copy)]
+struct Status {
+    heartbeat: Heartbeat,
+    last_seen: OffsetDateTime,
+}
+
+/// What `/api/agents` shows of a connected agent.
+pub struct AgentSnapshot {
+    pub name: String,
+    pub role: Role,
+    pub version: String,
+    pub host: String,
+    pub capabilities: Vec<Capability>,
+    pub last_seen: OffsetDateTime,
+    pub load: u32,
+    pub running: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("no {0} agent is connected")]
+    NoAgent(Role),
+    #[error("agent {agent} did not answer within {}s", .after.as_secs_f32())]
+    Timeout { agent: String, after: Duration },
+    #[error("agent {agent} disconnected before answering")]
+    Disconnected { agent: String },
+}
+
+impl AgentConn {
+    fn lock_pending(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<RequestId, oneshot::Sender<JobOutput>>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn busyness(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed) + self.lock_status().heartbeat.load
+    }
+}
+
+#[derive(Default)]
+pub struct Hub {
+    agents: Mutex<HashMap<String, Arc<AgentConn>>>,
+    next_conn: AtomicU64,
+}
+
+/// Decrements the in-flight count however the call ends.
+struct InFlight<'a>(&'a AgentConn);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AgentConn>>> {
+        self.agents.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The least busy connected agent of `role`.
+    fn pick(&self, role: Role) -> Option<Arc<AgentConn>> {
+        self.lock()
+            .values()
+            .filter(|a| a.role == role)
+            .min_by_key(|a| (a.busyness(), a.name.clone()))
+            .cloned()
+    }
+
+    /// Sends `job` to the least busy agent of `role` and waits for its reply, at most
+    /// `timeout`: never longer, whatever the agent does.
+    pub async fn call(
+        &self,
+        role: Role,
+        job: JobKind,
+        timeout: Duration,
+    ) -> Result<JobOutput, CallError> {
+        let agent = self.pick(role).ok_or(CallError::NoAgent(role))?;
+        agent.in_flight.fetch_add(1, Ordering::Relaxed);
+        let _guard = InFlight(&agent);
+        let id = RequestId(agent.next_request.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        agent.lock_pending().insert(id, tx);
+        let job_name = job.name();
+        tracing::debug!(agent = %agent.name, job = job_name, %id, "sending job");
+        let exchange = async {
+            agent
+                .outbox
+                .send(ServerMessage::Job(Job { id, job }))
+                .await
+                .map_err(|_| ())?;
+            rx.await.map_err(|_| ())
+        };
+        let result = tokio::time::timeout(timeout, exchange).await;
+        agent.lock_pending().remove(&id);
+        match result {
+            Ok(Ok(output)) => Ok(output),
+            Ok(Err(())) => Err(CallError::Disconnected {
+                agent: agent.name.to_string(),
+            }),
+            Err(_) => {
+                tracing::warn!(agent = %agent.name, job = job_name, %id, "agent did not answer in time");
+                Err(CallError::Timeout {
+                    agent: agent.name.to_string(),
+                    after: timeout,
+                })
+            }
+        }
+    }
+
+    pub fn connected(&self) -> Vec<AgentSnapshot> {
+        let mut list: Vec<_> = self
+            .lock()
+            .values()
+            .map(|a| {
+                let status = *a.lock_status();
+                AgentSnapshot {
+                    name: a.name.to_string(),
+                    role: a.role,
+                    version: a.version.clone(),
+                    host: a.host.clone(),
+                    capabilities: a.capabilities.clone(),
+                    last_seen: status.last_seen,
+                    load: a.in_flight.load(Ordering::Relaxed) + status.heartbeat.load,
+                    running: status.heartbeat.running,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Registers `conn`, closing an older connection of the same name: an agent that
+    /// reconnects before its old socket timed out replaces it.
+    fn register(&self, conn: Arc<AgentConn>) {
+        if let Some(old) = self.lock().insert(conn.name.to_string(), conn) {
+            old.closed.cancel();
+        }
+    }
+
+    fn unregister(&self, conn: &AgentConn) {
+        let mut agents = self.lock();
+        if agents
+            .get(conn.name.as_str())
+            .is_some_and(|current| current.conn_id == conn.conn_id)
+        {
+            agents.remove(conn.name.as_str());
+        }
+    }
+}
+
+/// Everything an agent connection needs from the server.
+pub struct ConnectionContext {
+    pub hub: Arc<Hub>,
+    pub db: Db,
+    pub agent_timeout: Duration,
+    pub shutdown: CancellationToken,
+}
+
+/// Serves one agent's WebSocket until it closes, falls silent, is replaced or the server
+/// stops.
+pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
+    let (mut sink, mut stream) = socket.split();
+
+    let hello = match tokio::time::timeout(HELLO_TIMEOUT, first_hello(&mut stream)).await {
+        Ok(Ok(hello)) => hello,
+        Ok(Err(refusal)) => {
+            tracing::warn!(code = %refusal.code, reason = %refusal.message, "agent refused at hello");
+            let _ = sink
+                .send(Message::Text(encode(&ServerMessage::Error(refusal)).into()))
+                .await;
+            let _ = sink.close().await;
+            return;
+        }
+        Err(_) => {
+            tracing::warn!("agent connection closed: no hello within {HELLO_TIMEOUT:?}");
+            return;
+        }
+    };
+
+    let now = OffsetDateTime::now_utc();
+    let (outbox, mut jobs) = mpsc::channel(OUTBOX);
+    let conn = Arc::new(AgentConn {
+        conn_id: ctx.hub.next_conn.fetch_add(1, Ordering::Relaxed),
+        name: hello.name.clone(),
+        role: hello.role,
+        version: hello.version.clone(),
+        host: hello.host.clone(),
+        capabilities: hello.capabilities.clone(),
+        outbox,
+        pending: Mutex::default(),
+        next_request: AtomicU64::new(1),
+        in_flight: AtomicU32::new(0),
+        status: Mutex::new(Status {
+            heartbeat: Heartbeat {
+                load: 0,
+                running: 0,
+            },
+            last_seen: now,
+        }),
+        closed: CancellationToken::new(),
+    });
+    if let Err(e) = ctx
+        .db
+        .agent_connected(
+            hello.name.as_str(),
+            hello.role.as_str(),
+            &hello.version,
+            &hello.host,
+            now,
+        )
+        .await
+    {
+        tracing::error!(agent = %hello.name, error = %e, "cannot record agent");
+    }
+    ctx.hub.register(conn.clone());
+    tracing::info!(agent = %conn.name, role = %conn.role, version = %conn.version, host = %conn.host, "agent connected");
+
+    let welcome = ServerMessage::Welcome(Welcome {
+        protocol: PROTOCOL_VERSION,
+        heartbeat_interval_ms: (ctx.agent_timeout / 3).as_millis() as u64,
+    });
+    let mut reason = "closed by the agent";
+    if sink
+        .send(Message::Text(encode(&welcome).into()))
+        .await
+        .is_ok()
+    {
+        let mut last_heard = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            let outgoing = tokio::select! {
+                _ = ctx.shutdown.cancelled() => { reason = "server shutting down"; break }
+                _ = conn.closed.cancelled() => { reason = "replaced by a new connection"; break }
+                _ = tick.tick() => {
+                    if last_heard.elapsed() > ctx.agent_timeout {
+                        reason = "silent past the heartbeat timeout";
+                        break;
+                    }
+                    continue;
+                }
+                job = jobs.recv() => match job {
+                    Some(msg) => msg,
+                    None => break,
+                },
+                frame = stream.next() => {
+                    let Some(Ok(frame)) = frame else { break };
+                    last_heard = tokio::time::Instant::now();
+                    match frame {
+                        Message::Text(text) => match handle_frame(&conn, &text) {
+                            Some(reply) => reply,
+                            None => continue,
+                        },
+                        Message::Binary(_) => ServerMessage::Error(FrameError::Binary.to_protocol_error()),
+                        Message::Close(_) => break,
+                        Message::Ping(_) | Message::Pong(_) => continue,
+                    }
+                }
+            };
+            if sink
+                .send(Message::Text(encode(&outgoing).into()))
+                .await
+                .is_err()
+            {
+                reason = "the socket failed";
+                break;
+            }
+        }
+    }
+
+    ctx.hub.unregister(&conn);
+    // Dropping the senders wakes every caller still waiting on this agent.
+    conn.lock_pending().clear();
+    let status = *conn.lock_status();
+    tracing::info!(agent = %conn.name, reason, "agent disconnected");
+    if let Err(e) = ctx
+        .db
+        .agent_disconnected(
+            conn.name.as_str(),
+            status.last_seen,
+            status.heartbeat.running,
+        )
+        .await
+    {
+        tracing::error!(agent = %conn.name, error = %e, "cannot record agent disconnect");
+    }
+    let _ = sink.close().await;
+}
+
+/// Reads frames until the first one, which must be a `hello` in our protocol version.
+async fn first_hello(
+    stream: &mut futures_util::stream::SplitStream<WebSocket>,
+) -> Result<Hello, ProtocolError> {
+    loop {
+        let frame = match stream.next().await {
+            Some(Ok(frame)) => frame,
+            _ => {
+                return Err(ProtocolError {
+                    code: "closed".into(),
+                    message: "the connection closed before hello".into(),
+                });
+            }
+        };
+        let text = match frame {
+            Message::Text(text) => text,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Binary(_) => return Err(FrameError::Binary.to_protocol_error()),
+            Message::Close(_) => {
+                return Err(ProtocolError {
+                    code: "closed".into(),
+                    message: "the connection closed before hello".into(),
+                });
+            }
+        };
+        return match decode_agent_frame(&text) {
+            Ok(AgentMessage::Hello(hello)) if hello.protocol == PROTOCOL_VERSION => Ok(hello),
+            Ok(AgentMessage::Hello(hello)) => Err(ProtocolError {
+                code: "protocol_version".into(),
+                message: format!(
+                    "this control plane speaks protocol {PROTOCOL_VERSION}, the agent {}; upgrade the older side",
+                    hello.protocol
+                ),
+            }),
+            Ok(_) => Err(ProtocolError {
+                code: "hello_expected".into(),
+                message: "the first frame must be hello".into(),
+            }),
+            Err(e) => Err(e.to_protocol_error()),
+        };
+    }
+}
+
+/// Handles one text frame of a registered agent; returns the frame to answer with, if any.
+fn handle_frame(conn: &AgentConn, text: &str) -> Option<ServerMessage> {
+    let msg = match decode_agent_frame(text) {
+        Ok(msg) => msg,
+        Err(e) => {
+            tracing::warn!(agent = %conn.name, error = %e, "unreadable frame from agent");
+            return Some(ServerMessage::Error(e.to_protocol_error()));
+        }
+    };
+    match msg {
+        AgentMessage::Heartbeat(heartbeat) => {
+            *conn.lock_status() = Status {
+                heartbeat,
+                last_seen: OffsetDateTime::now_utc(),
+            };
+            Some(ServerMessage::Heartbeat)
+        }
+        AgentMessage::Reply(reply) => {
+            conn.lock_status().last_seen = OffsetDateTime::now_utc();
+            match conn.lock_pending().remove(&reply.id) {
+                Some(waiter) => {
+                    let _ = waiter.send(reply.output);
+                }
+                None => {
+                    tracing::debug!(agent = %conn.name, id = %reply.id, "reply to a job nobody waits for any more");
+                }
+            }
+            None
+        }
+        AgentMessage::Hello(_) => Some(ServerMessage::Error(ProtocolError {
+            code: "unexpected_hello".into(),
+            message: "hello was already received on this connection".into(),
+        })),
+        AgentMessage::Event(event) => Some(ServerMessage::Error(ProtocolError {
+            code: "unknown_deployment".into(),
+            message: format!("no deployment {} is known here", event.deployment),
+        })),
+        AgentMessage::Error(e) => {
+            tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");
+            None
+        }
+    }
+}
