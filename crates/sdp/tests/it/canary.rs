@@ -1,0 +1,74 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::harness::{Options, TestEnv, files_containing};
+
+/// Reads every process's command line until told to stop; returns the ones holding
+/// `canary` and how many git ls-remote command lines it saw (to show it looked while git ran).
+fn sample_cmdlines(canary: Vec<u8>, stop: Arc<AtomicBool>) -> (Vec<String>, usize) {
+    let mut hits = Vec::new();
+    let mut git_seen = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            break;
+        };
+        for entry in entries.flatten() {
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
+            if cmdline
+                .windows(canary.len())
+                .any(|w| w == canary.as_slice())
+            {
+                hits.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
+            }
+            if cmdline.windows(9).any(|w| w == b"ls-remote") {
+                git_seen += 1;
+            }
+        }
+    }
+    (hits, git_seen)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_password_appears_in_no_file_no_log_and_no_command_line() {
+    let env = TestEnv::start(Options::default()).await;
+    let canary = format!("canary-{:032x}", rand::random::<u128>());
+    env.git.add_user("carol", &canary);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (canary, stop) = (canary.clone().into_bytes(), stop.clone());
+        std::thread::spawn(move || sample_cmdlines(canary, stop))
+    };
+    let tokens = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..5 {
+        let reply = env.login_as("carol", &canary).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let token = reply.json()["token"].as_str().unwrap().to_owned();
+        let branches = env.get("/api/services/orders/branches", Some(&token)).await;
+        assert_eq!(branches.status, 200, "{}", branches.body);
+        tokens.lock().unwrap().push(token);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (hits, git_seen) = sampler.join().unwrap();
+    assert!(
+        git_seen > 0,
+        "the sampler never saw git run, so it proves nothing"
+    );
+    assert!(
+        hits.is_empty(),
+        "the password is on a command line: {hits:?}"
+    );
+
+    let files = files_containing(env.dir.path(), canary.as_bytes());
+    assert!(files.is_empty(), "the password is in files: {files:?}");
+    assert!(env.agent_work_dir("micro-0").exists());
+    for proc in env.server.iter().chain(env.agents.iter()) {
+        assert!(
+            !proc.log_text().contains(&canary),
+            "the password is in the log of {}",
+            proc.label
+        );
+    }
+}

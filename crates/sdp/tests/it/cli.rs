@@ -1,0 +1,92 @@
+use std::process::Command;
+
+use crate::harness::sdp_bin;
+
+fn sdp(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(sdp_bin());
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SDP_") {
+            cmd.env_remove(key);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_print_shows_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("server.toml");
+    std::fs::write(
+        &server,
+        "listen = \"127.0.0.1:9000\"\n[git]\nprobe_repo = \"https://git.example.com/p.git\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = sdp(
+        &["config", "print", "--config", server.to_str().unwrap()],
+        &[
+            ("SDP_AGENT_TOKEN", "sup3rs3cret"),
+            ("SDP_SESSION_TTL", "2h"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("agent_token = \"[REDACTED]\""), "{out}");
+    assert!(!out.contains("sup3rs3cret"), "{out}");
+    assert!(out.contains("session_ttl = \"2h\""), "{out}");
+    assert!(out.contains("listen = \"127.0.0.1:9000\""), "{out}");
+
+    let agent = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent,
+        "server = \"ws://127.0.0.1:9000/ws/agent\"\nrole = \"micro\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = sdp(
+        &["config", "print", "--config", agent.to_str().unwrap()],
+        &[("SDP_TOKEN", "t0ps3cret")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("token = \"[REDACTED]\""), "{out}");
+    assert!(!out.contains("t0ps3cret"), "{out}");
+}
+
+#[test]
+fn an_unknown_config_key_is_a_usage_error_that_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.toml");
+    std::fs::write(
+        &path,
+        "listen = \"127.0.0.1:9000\"\nsesion_ttl = \"1h\"\n[git]\nprobe_repo = \"/r\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = sdp(
+        &["config", "print", "--config", path.to_str().unwrap()],
+        &[("SDP_AGENT_TOKEN", "x")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("unknown config key `sesion_ttl`"), "{err}");
+
+    let (code, _, err) = sdp(
+        &["server", "--config", path.to_str().unwrap()],
+        &[("SDP_AGENT_TOKEN", "x")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("sesion_ttl"), "{err}");
+}
+
+#[test]
+fn bad_usage_exits_with_status_2() {
+    let (code, _, err) = sdp(&["no-such-command"], &[]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = sdp(&["server", "--config", "/nonexistent/sdp.toml"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/sdp.toml"), "{err}");
+}

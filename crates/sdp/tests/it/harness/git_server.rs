@@ -1,0 +1,257 @@
+//! A real git smart-HTTP server for tests: `git http-backend` behind Basic auth, answering 401
+//! with `WWW-Authenticate` to a wrong or missing password, as Bitbucket does.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::Response;
+use base64::Engine;
+use tokio::io::AsyncWriteExt;
+
+#[derive(Clone)]
+struct Shared {
+    root: PathBuf,
+    users: Arc<Mutex<HashMap<String, String>>>,
+}
+
+pub struct GitServer {
+    pub addr: SocketAddr,
+    pub root: PathBuf,
+    users: Arc<Mutex<HashMap<String, String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GitServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GitServer {
+    /// Serves the bare repositories under `root` on a free loopback port.
+    pub async fn start(root: &Path) -> GitServer {
+        std::fs::create_dir_all(root).unwrap();
+        let shared = Shared {
+            root: root.to_owned(),
+            users: Arc::default(),
+        };
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(shared.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        GitServer {
+            addr,
+            root: root.to_owned(),
+            users: shared.users,
+            task,
+        }
+    }
+
+    pub fn add_user(&self, user: &str, password: &str) {
+        self.users
+            .lock()
+            .unwrap()
+            .insert(user.to_owned(), password.to_owned());
+    }
+
+    /// The clone URL of `name` (no credentials in it, as in production).
+    pub fn url(&self, name: &str) -> String {
+        format!("http://{}/{name}.git", self.addr)
+    }
+
+    pub fn repo_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!("{name}.git"))
+    }
+
+    /// Creates a bare repository `name` whose branches each hold a `message.txt`.
+    pub fn create_repo(&self, name: &str, branches: &[&str]) {
+        let bare = self.repo_path(name);
+        let work = self.root.join(format!(".{name}.work"));
+        run_git(
+            &self.root,
+            &["init", "-q", "--bare", "-b", "main", bare.to_str().unwrap()],
+        );
+        run_git(
+            &self.root,
+            &["init", "-q", "-b", "main", work.to_str().unwrap()],
+        );
+        for (i, branch) in branches.iter().enumerate() {
+            if i > 0 {
+                run_git(&work, &["checkout", "-q", "-b", branch, "main"]);
+            }
+            std::fs::write(work.join("message.txt"), format!("{name} on {branch}\n")).unwrap();
+            run_git(&work, &["add", "."]);
+            run_git(
+                &work,
+                &["commit", "-q", "-m", &format!("{name} on {branch}")],
+            );
+            run_git(
+                &work,
+                &[
+                    "push",
+                    "-q",
+                    bare.to_str().unwrap(),
+                    &format!("HEAD:refs/heads/{branch}"),
+                ],
+            );
+        }
+        std::fs::remove_dir_all(&work).unwrap();
+    }
+
+    /// What `git ls-remote --heads` of the bare repository says, as (branch, commit) pairs.
+    pub fn heads(&self, name: &str) -> Vec<(String, String)> {
+        heads_of(&self.repo_path(name))
+    }
+}
+
+pub fn heads_of(repo: &Path) -> Vec<(String, String)> {
+    let out = Command::new("git")
+        .args(["ls-remote", "--heads"])
+        .arg(repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut heads: Vec<(String, String)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (sha, r) = l.split_once('\t')?;
+            Some((r.strip_prefix("refs/heads/")?.to_owned(), sha.to_owned()))
+        })
+        .collect();
+    heads.sort();
+    heads
+}
+
+pub fn run_git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "user.name=Test",
+            "-c",
+            "user.email=test@example.invalid",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?} in {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn authorized(shared: &Shared, headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let encoded = value.strip_prefix("Basic ")?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()?;
+    let decoded = String::from_utf8(decoded).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    let users = shared.users.lock().unwrap();
+    (users.get(user).map(String::as_str) == Some(password)).then(|| user.to_owned())
+}
+
+async fn handle(State(shared): State<Shared>, req: Request) -> Response {
+    let Some(user) = authorized(&shared, req.headers()) else {
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(header::WWW_AUTHENTICATE, "Basic realm=\"git\"")
+            .body(Body::from("Unauthorized\n"))
+            .unwrap();
+    };
+    let (parts, body) = req.into_parts();
+    let body: Bytes = axum::body::to_bytes(body, 256 << 20).await.unwrap();
+    let header = |name: header::HeaderName| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let mut child = tokio::process::Command::new("git")
+        .arg("http-backend")
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("GIT_PROJECT_ROOT", &shared.root)
+        .env("GIT_HTTP_EXPORT_ALL", "1")
+        .env("REQUEST_METHOD", parts.method.as_str())
+        .env("PATH_INFO", parts.uri.path())
+        .env("QUERY_STRING", parts.uri.query().unwrap_or(""))
+        .env("CONTENT_TYPE", header(header::CONTENT_TYPE))
+        .env("CONTENT_LENGTH", body.len().to_string())
+        .env("HTTP_CONTENT_ENCODING", header(header::CONTENT_ENCODING))
+        .env(
+            "GIT_PROTOCOL",
+            header(header::HeaderName::from_static("git-protocol")),
+        )
+        .env("REMOTE_USER", user)
+        .env("REMOTE_ADDR", "127.0.0.1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = tokio::spawn(async move {
+        let _ = stdin.write_all(&body).await;
+    });
+    let out = child.wait_with_output().await.unwrap();
+    let _ = writer.await;
+    cgi_response(&out.stdout)
+}
+
+/// Turns CGI output (headers, a blank line, the body) into a response.
+fn cgi_response(raw: &[u8]) -> Response {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| (p, 4))
+        .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|p| (p, 2)));
+    let Some((end, sep)) = split else {
+        return Response::builder()
+            .status(StatusCode::BAD_GATEWAY)
+            .body(Body::from("bad CGI output"))
+            .unwrap();
+    };
+    let head = String::from_utf8_lossy(&raw[..end]);
+    let mut builder = Response::builder().status(StatusCode::OK);
+    for line in head.lines() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let value = value.trim();
+        if name.eq_ignore_ascii_case("status") {
+            let code: u16 = value
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(500);
+            builder = builder.status(code);
+        } else if let Ok(v) = HeaderValue::from_str(value) {
+            builder = builder.header(name, v);
+        }
+    }
+    builder.body(Body::from(raw[end + sep..].to_vec())).unwrap()
+}

@@ -1,0 +1,503 @@
+//! The integration-test harness: a real git server with Basic auth, and the real `sdp` binary
+//! started as a server and as agents, on port 0, in a temporary directory per test.
+//!
+//! When a test fails, dropping the [`TestEnv`] prints every process's command line and log,
+//! so a red test says why without a rerun.
+
+pub mod git_server;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+pub use git_server::GitServer;
+
+pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
+pub const USER: &str = "alice";
+pub const PASSWORD: &str = "correct horse battery staple";
+
+pub fn sdp_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sdp")
+}
+
+/// A running `sdp` process whose output is collected line by line.
+pub struct Proc {
+    pub label: String,
+    pub command: String,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    pub fn spawn(label: &str, mut cmd: Command) -> Proc {
+        // Only what the test sets: no SDP_* variable of the developer's shell leaks in.
+        for (key, _) in std::env::vars() {
+            if key.starts_with("SDP_") {
+                cmd.env_remove(key);
+            }
+        }
+        cmd.env(
+            "RUST_LOG",
+            "info,sdp=debug,sdp_server=debug,sdp_agent=debug",
+        )
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let command = format!("{cmd:?}");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {command}: {e}"));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines() {
+                    let Ok(line) = line else { break };
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        Proc {
+            label: label.to_owned(),
+            command,
+            child,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a line satisfies `pred`, and returns it.
+    pub fn wait_for_line(&mut self, what: &str, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(line) = self.log.lock().unwrap().iter().find(|l| pred(l)) {
+                return line.clone();
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "{} exited with {status} before {what}\ncommand: {}\n{}",
+                    self.label,
+                    self.command,
+                    self.log_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never logged {what}\ncommand: {}\n{}",
+                self.label,
+                self.command,
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Knobs of a test environment.
+#[derive(Clone)]
+pub struct Options {
+    pub session_ttl: &'static str,
+    pub job_timeout: &'static str,
+    pub agent_timeout: &'static str,
+    pub micro_agents: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            session_ttl: "1h",
+            job_timeout: "10s",
+            agent_timeout: "10s",
+            micro_agents: 1,
+        }
+    }
+}
+
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub git: GitServer,
+    pub server: Option<Proc>,
+    pub agents: Vec<Proc>,
+    pub url: String,
+    pub opts: Options,
+    pub http: reqwest::Client,
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "==== test environment in {} ====",
+                self.dir.path().display()
+            );
+            for p in self.server.iter().chain(self.agents.iter()) {
+                eprintln!(
+                    "---- {} ----\ncommand: {}\n{}",
+                    p.label,
+                    p.command,
+                    p.log_text()
+                );
+            }
+        }
+    }
+}
+
+impl TestEnv {
+    /// A git server with repositories `probe` and `orders`, the control plane, and
+    /// `opts.micro_agents` micro agents, all connected.
+    pub async fn start(opts: Options) -> TestEnv {
+        let env = TestEnv::without_agents(opts.clone()).await;
+        let mut env = env;
+        for i in 0..opts.micro_agents {
+            env.start_agent(&format!("micro-{i}"), "micro", AGENT_TOKEN);
+        }
+        env.wait_for_agents(opts.micro_agents).await;
+        env
+    }
+
+    pub async fn without_agents(opts: Options) -> TestEnv {
+        let dir = tempfile::tempdir().unwrap();
+        let git = GitServer::start(&dir.path().join("git")).await;
+        git.add_user(USER, PASSWORD);
+        git.create_repo("probe", &["main"]);
+        git.create_repo("orders", &["main", "feature/x", "release/1.0"]);
+        git.create_repo("payments", &["main"]);
+        let mut env = TestEnv {
+            dir,
+            git,
+            server: None,
+            agents: Vec::new(),
+            url: String::new(),
+            opts,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        };
+        env.start_server("127.0.0.1:0");
+        env
+    }
+
+    pub fn server_data_dir(&self) -> PathBuf {
+        self.dir.path().join("server")
+    }
+
+    pub fn agent_work_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("agent-{name}"))
+    }
+
+    fn server_config(&self, listen: &str) -> String {
+        let o = &self.opts;
+        let service = |name: &str| {
+            format!(
+                "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"true\"\nrun = \"true\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"http://127.0.0.1:9/{name}\"\n\n",
+                self.git.url(name)
+            )
+        };
+        format!(
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n{}{}",
+            self.server_data_dir().display(),
+            o.session_ttl,
+            o.job_timeout,
+            o.agent_timeout,
+            self.git.url("probe"),
+            service("orders"),
+            service("payments"),
+        )
+    }
+
+    /// Starts (or restarts) the control plane on `listen`.
+    pub fn start_server(&mut self, listen: &str) {
+        let path = self.dir.path().join("server.toml");
+        std::fs::write(&path, self.server_config(listen)).unwrap();
+        let mut cmd = Command::new(sdp_bin());
+        cmd.args(["--log-format", "json", "server", "--config"])
+            .arg(&path)
+            .env("SDP_AGENT_TOKEN", AGENT_TOKEN);
+        let mut proc = Proc::spawn("server", cmd);
+        let line = proc.wait_for_line("listening", |l| l.contains("\"listening\""));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        self.url = format!("http://{}", v["addr"].as_str().unwrap());
+        self.server = Some(proc);
+    }
+
+    pub fn stop_server(&mut self) {
+        if let Some(mut p) = self.server.take() {
+            p.stop();
+            // Keep its log for the failure report.
+            self.agents.push(p);
+        }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("{}/ws/agent", self.url.replacen("http://", "ws://", 1))
+    }
+
+    pub fn start_agent(&mut self, name: &str, role: &str, token: &str) {
+        let path = self.dir.path().join(format!("agent-{name}.toml"));
+        let gateway = if role == "gateway" {
+            "\n[gateway]\nlisten = \"127.0.0.1:0\"\n"
+        } else {
+            ""
+        };
+        std::fs::write(
+            &path,
+            format!(
+                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"process\"\ngit_timeout = \"20s\"\n{gateway}",
+                self.ws_url(),
+                self.agent_work_dir(name).display()
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(sdp_bin());
+        cmd.args(["--log-format", "json", "agent", "--config"])
+            .arg(&path)
+            .env("SDP_TOKEN", token);
+        self.agents.push(Proc::spawn(&format!("agent {name}"), cmd));
+    }
+
+    pub async fn health(&self) -> Value {
+        self.http
+            .get(format!("{}/api/health", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until exactly `n` agents are connected.
+    pub async fn wait_for_agents(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = self.health().await;
+            if health["agents"].as_u64() == Some(n as u64) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} connected agents, health says {health}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn post_json(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        let mut req = self.http.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        let mut req = self.http.get(format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub async fn login_as(&self, user: &str, password: &str) -> Reply {
+        self.post_json(
+            "/api/login",
+            None,
+            json!({"username": user, "password": password}),
+        )
+        .await
+    }
+
+    /// Logs in as the test user and returns the session token.
+    pub async fn login(&self) -> String {
+        let reply = self.login_as(USER, PASSWORD).await;
+        assert_eq!(reply.status, 200, "login failed: {}", reply.body);
+        reply.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Rows in a table of the server's database, read by Python's sqlite3 next to the
+    /// running server (WAL mode allows it).
+    pub fn count_rows(&self, table: &str) -> u64 {
+        let db = self.server_data_dir().join("sdp.db");
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import sqlite3,sys; c=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro', uri=True); print(c.execute('SELECT COUNT(*) FROM '+sys.argv[2]).fetchone()[0])",
+            ])
+            .arg(&db)
+            .arg(table)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+}
+
+/// A response read whole, for assertions that print it.
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub async fn from(resp: reqwest::Response) -> Reply {
+        Reply {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap(),
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts the error shape of SPEC §11 and returns the code.
+    pub fn error_code(&self) -> String {
+        let v = self.json();
+        let code = v["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not an error body: {}", self.body));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.is_empty(),
+            "an error needs a message: {}",
+            self.body
+        );
+        code.to_owned()
+    }
+}
+
+/// A fake agent for faults a real one cannot be made to show: it connects and says hello,
+/// then does only what the test tells it.
+pub struct FakeAgent {
+    pub sink: futures_util::stream::SplitSink<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+        Message,
+    >,
+    pub stream: futures_util::stream::SplitStream<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    >,
+}
+
+impl FakeAgent {
+    pub async fn connect(env: &TestEnv, name: &str) -> FakeAgent {
+        let mut req = env.ws_url().into_client_request().unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            format!("Bearer {AGENT_TOKEN}").parse().unwrap(),
+        );
+        let (socket, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let (mut sink, mut stream) = socket.split();
+        let hello = json!({"type": "hello", "protocol": 1, "name": name, "role": "micro",
+            "version": "fake", "host": "fake-host", "capabilities": ["git"]});
+        sink.send(Message::Text(hello.to_string().into()))
+            .await
+            .unwrap();
+        let welcome = next_json(&mut stream).await;
+        assert_eq!(welcome["type"], "welcome", "{welcome}");
+        FakeAgent { sink, stream }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.sink
+            .send(Message::Text(text.to_owned().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn next_json(&mut self) -> Value {
+        next_json(&mut self.stream).await
+    }
+}
+
+pub async fn next_json<S>(stream: &mut S) -> Value
+where
+    S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+{
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("a frame within 10s")
+            .expect("the connection is open")
+            .expect("a frame");
+        if let Message::Text(t) = frame {
+            return serde_json::from_str(&t).unwrap();
+        }
+    }
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.file_type() else {
+                continue;
+            };
+            if meta.is_dir() {
+                stack.push(path);
+            } else if meta.is_file() {
+                if let Ok(bytes) = std::fs::read(&path) {
+                    if bytes.windows(needle.len()).any(|w| w == needle) {
+                        found.push(path);
+                    }
+                }
+            }
+        }
+    }
+    found
+}

@@ -1,0 +1,13 @@
+//! Integration tests: the real `sdp` binary against a real git server with Basic auth.
+//! One binary, so everything links once.
+
+mod harness;
+
+mod access;
+mod agents;
+mod branches;
+mod canary;
+mod cli;
+mod dev_smoke;
+mod input;
+mod login;
