@@ -6,6 +6,7 @@ mod harness;
 mod access;
 mod agents;
 mod branches;
+mod browser;
 mod canary;
 mod cli;
 mod dev_smoke;

@@ -50,6 +50,9 @@ impl Proc {
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+        // Its own process group, so that dropping it ends whatever it started too (git,
+        // Chromium under chromedriver).
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let command = format!("{cmd:?}");
         let mut child = cmd
             .spawn()
@@ -123,6 +126,10 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.child.id())])
+            .stderr(Stdio::null())
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -1,0 +1,237 @@
+//! The dashboard in a real browser: headless Chromium driven by chromedriver over the W3C
+//! WebDriver protocol.
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::harness::{Options, PASSWORD, Proc, TestEnv, USER};
+
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+struct Browser {
+    http: reqwest::Client,
+    base: String,
+    _driver: Proc,
+    profile: tempfile::TempDir,
+}
+
+impl Browser {
+    /// Starts chromedriver and a headless Chromium; `None` when they are not installed and
+    /// this is not CI (`scripts/test.sh` installs them; in CI their absence is a failure).
+    async fn start() -> Option<Browser> {
+        let installed = ["/usr/bin/chromedriver", "/usr/bin/chromium"]
+            .iter()
+            .all(|p| std::path::Path::new(p).exists());
+        if !installed {
+            assert!(
+                std::env::var("CI").is_err(),
+                "chromium and chromium-driver are missing in CI: scripts/test.sh installs them"
+            );
+            eprintln!(
+                "skipping: chromium or chromedriver is not installed (scripts/test.sh installs them)"
+            );
+            return None;
+        }
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut cmd = Command::new("/usr/bin/chromedriver");
+        cmd.arg(format!("--port={port}"));
+        let mut driver = Proc::spawn("chromedriver", cmd);
+        driver.wait_for_line("chromedriver ready", |l| l.contains("started successfully"));
+        let profile = tempfile::tempdir().unwrap();
+        let http = reqwest::Client::new();
+        let base = format!("http://127.0.0.1:{port}");
+        let caps = json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-quic", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                    format!("--user-data-dir={}", profile.path().display())]
+            }
+        }}});
+        let created: Value = http
+            .post(format!("{base}/session"))
+            .json(&caps)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = created["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no WebDriver session: {created}\n{}", driver.log_text()))
+            .to_owned();
+        Some(Browser {
+            http,
+            base: format!("{base}/session/{id}"),
+            _driver: driver,
+            profile,
+        })
+    }
+
+    async fn call(&self, path: &str, body: Value) -> Value {
+        let v: Value = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(v["value"]["error"].is_null(), "WebDriver {path}: {v}");
+        v["value"].clone()
+    }
+
+    async fn open(&self, url: &str) {
+        self.call("/url", json!({"url": url})).await;
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let v = self
+            .call("/element", json!({"using": "css selector", "value": css}))
+            .await;
+        v[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("no element {css}: {v}"))
+            .to_owned()
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        let id = self.find(css).await;
+        self.call(&format!("/element/{id}/clear"), json!({})).await;
+        self.call(&format!("/element/{id}/value"), json!({"text": text}))
+            .await;
+    }
+
+    async fn click(&self, css: &str) {
+        let id = self.find(css).await;
+        self.call(&format!("/element/{id}/click"), json!({})).await;
+    }
+
+    /// Ends the browser session, so Chromium exits before chromedriver does.
+    /// (A failed test skips this; `Drop` then ends Chromium by its profile folder.)
+    async fn quit(self) {
+        let _ = self.http.delete(&self.base).send().await;
+    }
+
+    async fn eval(&self, script: &str) -> Value {
+        self.call("/execute/sync", json!({"script": script, "args": []}))
+            .await
+    }
+
+    /// Waits until `script` returns something truthy, and returns it.
+    async fn wait_for(&self, what: &str, script: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let v = self.eval(script).await;
+            let falsy = v.is_null() || v == json!(false) || v == json!("") || v == json!(0);
+            if !falsy {
+                return v;
+            }
+            let body = self.eval("return document.body.innerText").await;
+            assert!(
+                Instant::now() < deadline,
+                "never saw {what}; page says:\n{body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        // Chromium leaves chromedriver's process group; its profile folder names it.
+        let _ = Command::new("pkill")
+            .args(["-KILL", "-f"])
+            .arg(self.profile.path())
+            .status();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_user_logs_in_sees_branches_and_logs_out_in_a_real_browser() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let env = TestEnv::start(Options::default()).await;
+    browser.open(&env.url).await;
+    browser
+        .wait_for(
+            "the login form",
+            "var f = document.getElementById('login-form'); return f && f.offsetParent !== null",
+        )
+        .await;
+    let dev_notice = browser
+        .eval("var n = document.getElementById('dev-notice'); return n.hidden || n.offsetParent === null")
+        .await;
+    assert_eq!(
+        dev_notice,
+        json!(true),
+        "the dev notice shows on a real server"
+    );
+
+    browser.type_into("#username", USER).await;
+    browser.type_into("#password", "not my password").await;
+    browser.click("#login-submit").await;
+    let error = browser
+        .wait_for(
+            "the login error",
+            "var e = document.getElementById('login-error'); return !e.hidden && e.textContent",
+        )
+        .await;
+    assert!(
+        error.as_str().unwrap().contains("did not accept"),
+        "{error}"
+    );
+
+    browser.type_into("#password", PASSWORD).await;
+    browser.click("#login-submit").await;
+    let who = browser
+        .wait_for("the signed-in user", "var w = document.getElementById('whoami'); return w.offsetParent !== null && w.textContent")
+        .await;
+    assert!(who.as_str().unwrap().contains(USER), "{who}");
+
+    browser
+        .wait_for(
+            "the orders service",
+            "return document.querySelector('[data-service=\"orders\"]')",
+        )
+        .await;
+    browser.click("[data-service=\"orders\"]").await;
+    let shown = browser
+        .wait_for(
+            "the branches of orders",
+            "var rows = document.querySelectorAll('[data-branch]'); return rows.length && Array.from(rows).map(r => r.getAttribute('data-branch') + ' ' + r.innerText).join('\\n')",
+        )
+        .await;
+    let shown = shown.as_str().unwrap();
+    for (branch, commit) in env.git.heads("orders") {
+        assert!(shown.contains(&branch), "{branch} missing from:\n{shown}");
+        assert!(
+            shown.contains(&commit[..12]),
+            "{commit} missing from:\n{shown}"
+        );
+    }
+
+    browser.click("#logout").await;
+    browser
+        .wait_for(
+            "the login form again",
+            "var f = document.getElementById('login-form'); return f && f.offsetParent !== null",
+        )
+        .await;
+    let after = env.get("/api/services", None).await;
+    assert_eq!(after.status, 401);
+    browser.quit().await;
+}
