@@ -74,7 +74,14 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
         gateway: Default::default(),
         services,
     };
-    let server = Server::bind_with(server_config.clone(), true).await?;
+    let server = Server::bind_with(server_config.clone(), true)
+        .await
+        .map_err(|e| match e {
+            sdp_server::ServerError::Bind { .. } => {
+                anyhow::anyhow!("{e}; choose another port with --port N (0 picks a free one)")
+            }
+            e => e.into(),
+        })?;
     let addr = server.local_addr();
     let url = server.public_url();
 
