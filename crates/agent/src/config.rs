@@ -13,7 +13,7 @@ pub struct AgentConfig {
     pub server: String,
     pub token: Secret,
     pub role: Role,
-    /// Defaults to the host name.
+    /// Defaults to `<host name>-<role>`.
     #[serde(default)]
     pub name: Option<AgentName>,
     #[serde(default = "default_work_dir")]

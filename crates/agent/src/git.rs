@@ -203,7 +203,10 @@ fn classify(out: &Output) -> JobError {
         .chars()
         .take(400)
         .collect::<String>();
-    let code = if lower.contains("authentication failed")
+    let code = if lower.contains("askpass") {
+        // git could not run our askpass helper: a fault of this host, not the password.
+        JobErrorCode::Failed
+    } else if lower.contains("authentication failed")
         || lower.contains("could not read username")
         || lower.contains("could not read password")
         || lower.contains("invalid username or password")

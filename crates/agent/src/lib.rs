@@ -16,11 +16,12 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use sdp_protocol::{
     AgentMessage, AgentName, Capability, FrameError, Heartbeat, Hello, Job, JobKind, JobOutput,
-    PROTOCOL_VERSION, Reply, Role, ServerMessage, decode_server_frame, encode,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, Reply, Role, ServerMessage, decode_server_frame, encode,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
@@ -62,7 +63,9 @@ impl Agent {
         config.validate().map_err(AgentError::Config)?;
         let name = match &config.name {
             Some(name) => name.clone(),
-            None => AgentName::parse(hostname()).map_err(|e| {
+            // The host name alone would collide between a micro and a gateway agent on one
+            // host.
+            None => AgentName::parse(format!("{}-{}", hostname(), config.role)).map_err(|e| {
                 AgentError::Config(format!("set `name`: the host name is not usable ({e})"))
             })?,
         };
@@ -140,7 +143,10 @@ impl Agent {
         auth.set_sensitive(true);
         request.headers_mut().insert("authorization", auth);
 
-        let connect = tokio_tungstenite::connect_async(request);
+        let limits = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(limits), false);
         let socket = tokio::select! {
             _ = shutdown.cancelled() => return End::Shutdown,
             r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect) => match r {
@@ -155,7 +161,7 @@ impl Agent {
         let (mut sink, mut stream) = socket.split();
 
         let hello = encode(&AgentMessage::Hello(self.hello()));
-        if let Err(e) = sink.send(Message::Text(hello.into())).await {
+        if let Err(e) = send(&mut sink, Message::Text(hello.into())).await {
             return End::Failed(format!("cannot send hello: {e}"));
         }
         let interval = match tokio::time::timeout(HANDSHAKE_TIMEOUT, welcome(&mut stream)).await {
@@ -176,7 +182,7 @@ impl Agent {
         loop {
             let outgoing = tokio::select! {
                 _ = shutdown.cancelled() => {
-                    let _ = sink.send(Message::Close(None)).await;
+                    let _ = send(&mut sink, Message::Close(None)).await;
                     return End::Shutdown;
                 }
                 _ = beat.tick() => {
@@ -213,7 +219,7 @@ impl Agent {
                     }
                 }
             };
-            if let Err(e) = sink.send(Message::Text(encode(&outgoing).into())).await {
+            if let Err(e) = send(&mut sink, Message::Text(encode(&outgoing).into())).await {
                 return End::Lost(format!("cannot send: {e}"));
             }
         }
@@ -279,6 +285,19 @@ async fn run_job(git: &Git, job: JobKind) -> JobOutput {
                 Err(e) => JobOutput::Failed(e),
             }
         }
+    }
+}
+
+/// Writes one frame, giving up after [`HANDSHAKE_TIMEOUT`]: a control plane that stops
+/// reading must not stall the agent's connection loop.
+async fn send<S>(sink: &mut S, msg: Message) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, sink.send(msg)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("the control plane stopped reading".to_owned()),
     }
 }
 

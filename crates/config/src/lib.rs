@@ -2,13 +2,13 @@
 //!
 //! One TOML file per process, then `SDP_<KEY>` environment variables on top (upper case, `__`
 //! between a table and its key). An unknown key in the file is an error that names it. An
-//! `SDP_*` variable that names no key of this process is ignored, because the server, the
-//! agents and the command-line client share one environment in `sdp dev` and on laptops, and
-//! each reads only its own keys.
+//! `SDP_*` variable that names no key of this process is ignored and reported in
+//! [`Loaded::ignored_env`], because the server, the agents and the command-line client share
+//! one environment on laptops, and each reads only its own keys.
 
 mod types;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -45,11 +45,19 @@ fn origin_suffix(path: &Option<PathBuf>) -> String {
     }
 }
 
+/// A configuration, and what of the environment it did not use.
+#[derive(Debug)]
+pub struct Loaded<T> {
+    pub config: T,
+    /// `SDP_*` variables that name no key of this configuration, and were ignored.
+    pub ignored_env: Vec<String>,
+}
+
 /// Reads `file` (if any), applies the `SDP_*` variables of `env`, and deserializes `T`.
 pub fn load<T: DeserializeOwned>(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<T, ConfigError> {
+) -> Result<Loaded<T>, ConfigError> {
     let mut table = match file {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -68,39 +76,54 @@ pub fn load<T: DeserializeOwned>(
     from_table(table, file, &from_env)
 }
 
-/// Deserializes `T` from a table built in memory (as `sdp dev` does), with the same checks.
-pub fn from_table<T: DeserializeOwned>(
+/// Deserializes `T`; `from_env` maps the dotted keys set by variables to those variables.
+fn from_table<T: DeserializeOwned>(
     table: toml::Table,
     file: Option<&Path>,
-    from_env: &BTreeSet<String>,
-) -> Result<T, ConfigError> {
+    from_env: &BTreeMap<String, String>,
+) -> Result<Loaded<T>, ConfigError> {
     let mut unknown = Vec::new();
     let value = toml::Value::Table(table);
     let parsed: Result<T, _> =
         serde_ignored::deserialize(value, |path| unknown.push(path.to_string()));
-    // Report an unknown key first: a misspelt key often causes the missing-field error.
-    if let Some(key) = unknown.into_iter().find(|key| !from_env.contains(key)) {
-        return Err(ConfigError::UnknownKey {
-            key,
-            path: file.map(Path::to_owned),
-        });
+    let mut ignored_env = Vec::new();
+    for key in unknown {
+        // An unknown table reports itself, not the keys a variable put under it.
+        let prefix = format!("{key}.");
+        let vars: Vec<&String> = from_env
+            .iter()
+            .filter(|(dotted, _)| **dotted == key || dotted.starts_with(&prefix))
+            .map(|(_, var)| var)
+            .collect();
+        if vars.is_empty() {
+            // Reported before any other error: a misspelt key often causes a missing one.
+            return Err(ConfigError::UnknownKey {
+                key,
+                path: file.map(Path::to_owned),
+            });
+        }
+        ignored_env.extend(vars.into_iter().cloned());
     }
-    parsed.map_err(|e| ConfigError::Invalid {
+    let config = parsed.map_err(|e| ConfigError::Invalid {
         path: file.map(Path::to_owned),
         message: e.to_string(),
+    })?;
+    Ok(Loaded {
+        config,
+        ignored_env,
     })
 }
 
-/// Puts each `SDP_A__B=v` into `table` as `a.b = v`, and returns the dotted keys it set.
+/// Puts each `SDP_A__B=v` into `table` as `a.b = v`, and returns the dotted keys it set with
+/// their variables.
 ///
 /// Values are strings, except those that start with `[` or `{`, which are read as TOML arrays
-/// and inline tables (e.g. `SDP_SERVICES__ROUTES='["/a"]'` is not useful, but a list of
-/// strings for a list key is).
+/// and inline tables, for keys that hold lists or tables.
 fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
-) -> Result<BTreeSet<String>, ConfigError> {
-    let mut set = BTreeSet::new();
+) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut set = BTreeMap::new();
     for (var, raw) in env {
         let Some(rest) = var.strip_prefix(ENV_PREFIX) else {
             continue;
@@ -125,7 +148,7 @@ fn apply_env(
             toml::Value::String(raw)
         };
         if insert_path(table, &path, value) {
-            set.insert(path.join("."));
+            set.insert(path.join("."), var);
         }
     }
     Ok(set)
@@ -189,7 +212,8 @@ mod tests {
             Some(f.path()),
             env(&[("SDP_TOKEN", "t0k"), ("SDP_GIT__PROBE_REPO", "y")]),
         )
-        .unwrap();
+        .unwrap()
+        .config;
         assert_eq!(c.listen, "a");
         assert_eq!(c.token.expose(), "t0k");
         assert_eq!(c.git.probe_repo.as_deref(), Some("y"));
@@ -204,8 +228,8 @@ mod tests {
     }
 
     #[test]
-    fn variables_of_other_processes_are_ignored() {
-        let c: Example = load(
+    fn variables_of_other_processes_are_ignored_and_reported() {
+        let loaded: Loaded<Example> = load(
             None,
             env(&[
                 ("SDP_LISTEN", "a"),
@@ -213,11 +237,21 @@ mod tests {
                 ("SDP_TTL", "2h"),
                 ("SDP_USERNAME", "alice"),
                 ("SDP_GIT__UNKNOWN", "x"),
+                ("SDP_OTHER__KEY", "x"),
                 ("HOME", "/root"),
             ]),
         )
         .unwrap();
-        assert_eq!(c.ttl.get(), std::time::Duration::from_secs(7200));
+        assert_eq!(
+            loaded.config.ttl.get(),
+            std::time::Duration::from_secs(7200)
+        );
+        let mut ignored = loaded.ignored_env;
+        ignored.sort();
+        assert_eq!(
+            ignored,
+            ["SDP_GIT__UNKNOWN", "SDP_OTHER__KEY", "SDP_USERNAME"]
+        );
     }
 
     #[test]

@@ -15,9 +15,13 @@ pub struct InvalidName {
 }
 
 impl InvalidName {
-    fn new(kind: &'static str, value: &str, reason: &'static str) -> Self {
-        // Keep the echo of hostile input short and printable in error messages.
-        let value: String = value.chars().take(80).collect();
+    fn new(kind: &'static str, value: &str, reason: &'static str, echo: bool) -> Self {
+        // Keep the echo of hostile input short; never echo what may hold a secret.
+        let value: String = if echo {
+            value.chars().take(80).collect()
+        } else {
+            "[REDACTED]".to_owned()
+        };
         Self {
             kind,
             value,
@@ -28,6 +32,9 @@ impl InvalidName {
 
 macro_rules! name_type {
     ($(#[$doc:meta])* $name:ident, $kind:literal, $check:path) => {
+        name_type!($(#[$doc])* $name, $kind, $check, echo = true);
+    };
+    ($(#[$doc:meta])* $name:ident, $kind:literal, $check:path, echo = $echo:expr) => {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
         #[serde(transparent)]
@@ -38,7 +45,7 @@ macro_rules! name_type {
                 let value = value.into();
                 match $check(&value) {
                     Ok(()) => Ok(Self(value)),
-                    Err(reason) => Err(InvalidName::new($kind, &value, reason)),
+                    Err(reason) => Err(InvalidName::new($kind, &value, reason, $echo)),
                 }
             }
 
@@ -109,10 +116,14 @@ name_type!(
     check_username
 );
 name_type!(
-    /// A git remote: a URL or a local path, never an option and never carrying a password.
+    /// A git remote: a URL or a local path, never an option and never carrying credentials.
+    /// A username in the URL is refused too: git would then ask only for the password and
+    /// send the URL's username, not the one the user logged in with. A refused URL is not
+    /// echoed in the error, as it may hold a password.
     RepoUrl,
     "repository URL",
-    check_repo_url
+    check_repo_url,
+    echo = false
 );
 
 fn check_dns_label(s: &str) -> Result<(), &'static str> {
@@ -208,13 +219,11 @@ fn check_repo_url(s: &str) -> Result<(), &'static str> {
     if s.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err("it cannot contain spaces or control characters");
     }
-    if let Some((_, rest)) = s.split_once("://") {
+    if let Some((scheme, rest)) = s.split_once("://") {
         let authority = rest.split('/').next().unwrap_or_default();
-        if let Some((userinfo, _)) = authority.rsplit_once('@')
-            && userinfo.contains(':')
-        {
+        if authority.contains('@') && matches!(scheme, "http" | "https") {
             return Err(
-                "it carries a password; credentials come from the user's login, never from the URL",
+                "it carries a user name or password; credentials come from the user's login, never from the URL",
             );
         }
     }
@@ -288,9 +297,10 @@ mod tests {
     #[test]
     fn repo_urls_never_carry_passwords_or_look_like_options() {
         assert!(RepoUrl::parse("https://git.example.com/scm/a/b.git").is_ok());
-        assert!(RepoUrl::parse("https://alice@git.example.com/scm/a/b.git").is_ok());
         assert!(RepoUrl::parse("/srv/git/a.git").is_ok());
-        assert!(RepoUrl::parse("https://alice:secret@git.example.com/a.git").is_err());
+        assert!(RepoUrl::parse("https://alice@git.example.com/scm/a/b.git").is_err());
+        let err = RepoUrl::parse("https://alice:secret@git.example.com/a.git").unwrap_err();
+        assert!(!err.to_string().contains("secret"), "{err}");
         assert!(RepoUrl::parse("--upload-pack=x").is_err());
         assert!(RepoUrl::parse("a b").is_err());
     }

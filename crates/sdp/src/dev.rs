@@ -109,8 +109,8 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
     write_config(&data.join("agent-gateway.toml"), &gateway)?;
 
     let agents = [
-        Agent::new(micro, exe.clone())?,
-        Agent::new(gateway, exe.clone())?,
+        Agent::new(micro, crate::askpass_program()?)?,
+        Agent::new(gateway, crate::askpass_program()?)?,
     ];
     let mut tasks = Vec::new();
     for agent in agents {

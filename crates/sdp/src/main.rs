@@ -132,9 +132,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Targets held at `info` whatever `RUST_LOG` says: at debug and trace they print whole
+/// WebSocket frames and HTTP headers, which carry job credentials and tokens.
+const QUIET_TARGETS: &[&str] = &[
+    "tungstenite",
+    "tokio_tungstenite",
+    "hyper",
+    "hyper_util",
+    "h2",
+];
+
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    for target in QUIET_TARGETS {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -198,13 +213,28 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
+/// The program git runs as askpass: this very binary. `/proc/<pid>/exe` still runs it after
+/// the file was replaced by an upgrade, when its path would name the new binary or nothing.
+fn askpass_program() -> anyhow::Result<PathBuf> {
+    let own = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
+    if own.exists() {
+        return Ok(own);
+    }
+    std::env::current_exe().context("cannot find the sdp binary for git's askpass")
+}
+
 /// Loads a configuration from `file` and the environment; `extra` pairs win over both.
 fn load<T: serde::de::DeserializeOwned>(
     file: Option<&Path>,
     extra: &[(String, String)],
 ) -> anyhow::Result<T> {
     let env = std::env::vars().chain(extra.iter().cloned());
-    sdp_config::load(file, env).map_err(usage)
+    let loaded = sdp_config::load(file, env).map_err(usage)?;
+    for var in &loaded.ignored_env {
+        // Not an error: the server, the agents and the client share one environment.
+        tracing::warn!(variable = %var, "ignoring an SDP_* variable that names no key of this process's configuration");
+    }
+    Ok(loaded.config)
 }
 
 /// An agent's file names its control plane (`server`) or its `role`; a server's does not.

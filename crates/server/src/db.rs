@@ -112,16 +112,13 @@ impl Db {
         Ok(())
     }
 
-    /// Deletes the sessions expired at `now` and returns their hashes.
-    pub async fn delete_expired_sessions(
-        &self,
-        now: OffsetDateTime,
-    ) -> Result<Vec<String>, sqlx::Error> {
-        let rows = sqlx::query("DELETE FROM sessions WHERE expires_at <= ?1 RETURNING token_hash")
-            .bind(to_millis(now))
-            .fetch_all(&self.pool)
+    /// Deletes the sessions that expired before `before`.
+    pub async fn delete_expired_sessions(&self, before: OffsetDateTime) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?1")
+            .bind(to_millis(before))
+            .execute(&self.pool)
             .await?;
-        Ok(rows.into_iter().map(|r| r.get("token_hash")).collect())
+        Ok(())
     }
 
     pub async fn audit(

@@ -14,8 +14,8 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use sdp_protocol::{
     AgentMessage, AgentName, Capability, FrameError, Heartbeat, Hello, Job, JobKind, JobOutput,
-    PROTOCOL_VERSION, ProtocolError, RequestId, Role, ServerMessage, Welcome, decode_agent_frame,
-    encode,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolError, RequestId, Role, ServerMessage, Welcome,
+    decode_agent_frame, encode,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
@@ -139,7 +139,11 @@ impl Hub {
                 .send(ServerMessage::Job(Job { id, job }))
                 .await
                 .map_err(|_| ())?;
-            rx.await.map_err(|_| ())
+            tokio::select! {
+                // The connection ended after this call picked it: fail now, not at the timeout.
+                _ = agent.closed.cancelled() => Err(()),
+                reply = rx => reply.map_err(|_| ()),
+            }
         };
         let result = tokio::time::timeout(timeout, exchange).await;
         agent.lock_pending().remove(&id);
@@ -180,22 +184,38 @@ impl Hub {
         list
     }
 
-    /// Registers `conn`, closing an older connection of the same name: an agent that
-    /// reconnects before its old socket timed out replaces it.
-    fn register(&self, conn: Arc<AgentConn>) {
-        if let Some(old) = self.lock().insert(conn.name.to_string(), conn) {
+    /// Registers `conn`. An older connection of the same name, role and host is the same
+    /// agent reconnecting before its old socket timed out, and is replaced; a different agent
+    /// under a taken name is refused, so that two agents never knock each other off in turn.
+    fn register(&self, conn: Arc<AgentConn>) -> Result<(), ProtocolError> {
+        let mut agents = self.lock();
+        if let Some(old) = agents.get(conn.name.as_str()) {
+            if old.role != conn.role || old.host != conn.host {
+                return Err(ProtocolError {
+                    code: "name_taken".into(),
+                    message: format!(
+                        "an agent named {} is already connected ({} on host {}); give this one another `name`",
+                        conn.name, old.role, old.host
+                    ),
+                });
+            }
             old.closed.cancel();
         }
+        agents.insert(conn.name.to_string(), conn);
+        Ok(())
     }
 
-    fn unregister(&self, conn: &AgentConn) {
+    /// Removes `conn` if it is still the registered connection of its name; says whether it
+    /// was.
+    fn unregister(&self, conn: &AgentConn) -> bool {
         let mut agents = self.lock();
-        if agents
+        let current = agents
             .get(conn.name.as_str())
-            .is_some_and(|current| current.conn_id == conn.conn_id)
-        {
+            .is_some_and(|current| current.conn_id == conn.conn_id);
+        if current {
             agents.remove(conn.name.as_str());
         }
+        current
     }
 }
 
@@ -207,21 +227,33 @@ pub struct ConnectionContext {
     pub shutdown: CancellationToken,
 }
 
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+
+/// Writes one frame, giving up after `limit`: an agent that stops reading must not block its
+/// connection task (and with it the silence check) for ever.
+async fn send_frame(sink: &mut Sink, msg: &ServerMessage, limit: Duration) -> Result<(), ()> {
+    match tokio::time::timeout(limit, sink.send(Message::Text(encode(msg).into()))).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Tells the agent why it is refused, and closes.
+async fn refuse(sink: &mut Sink, refusal: ProtocolError, limit: Duration) {
+    tracing::warn!(code = %refusal.code, reason = %refusal.message, "agent refused at hello");
+    let _ = send_frame(sink, &ServerMessage::Error(refusal), limit).await;
+    let _ = tokio::time::timeout(limit, sink.close()).await;
+}
+
 /// Serves one agent's WebSocket until it closes, falls silent, is replaced or the server
 /// stops.
 pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
+    let limit = ctx.agent_timeout;
 
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, first_hello(&mut stream)).await {
         Ok(Ok(hello)) => hello,
-        Ok(Err(refusal)) => {
-            tracing::warn!(code = %refusal.code, reason = %refusal.message, "agent refused at hello");
-            let _ = sink
-                .send(Message::Text(encode(&ServerMessage::Error(refusal)).into()))
-                .await;
-            let _ = sink.close().await;
-            return;
-        }
+        Ok(Err(refusal)) => return refuse(&mut sink, refusal, limit).await,
         Err(_) => {
             tracing::warn!("agent connection closed: no hello within {HELLO_TIMEOUT:?}");
             return;
@@ -250,6 +282,9 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
         }),
         closed: CancellationToken::new(),
     });
+    if let Err(refusal) = ctx.hub.register(conn.clone()) {
+        return refuse(&mut sink, refusal, limit).await;
+    }
     if let Err(e) = ctx
         .db
         .agent_connected(
@@ -263,28 +298,23 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
     {
         tracing::error!(agent = %hello.name, error = %e, "cannot record agent");
     }
-    ctx.hub.register(conn.clone());
     tracing::info!(agent = %conn.name, role = %conn.role, version = %conn.version, host = %conn.host, "agent connected");
 
     let welcome = ServerMessage::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
         heartbeat_interval_ms: (ctx.agent_timeout / 3).as_millis() as u64,
     });
-    let mut reason = "closed by the agent";
-    if sink
-        .send(Message::Text(encode(&welcome).into()))
-        .await
-        .is_ok()
-    {
+    let mut reason = "closed by the agent".to_owned();
+    if send_frame(&mut sink, &welcome, limit).await.is_ok() {
         let mut last_heard = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             let outgoing = tokio::select! {
-                _ = ctx.shutdown.cancelled() => { reason = "server shutting down"; break }
-                _ = conn.closed.cancelled() => { reason = "replaced by a new connection"; break }
+                _ = ctx.shutdown.cancelled() => { reason = "server shutting down".into(); break }
+                _ = conn.closed.cancelled() => { reason = "replaced by a new connection".into(); break }
                 _ = tick.tick() => {
                     if last_heard.elapsed() > ctx.agent_timeout {
-                        reason = "silent past the heartbeat timeout";
+                        reason = "silent past the heartbeat timeout".into();
                         break;
                     }
                     continue;
@@ -294,7 +324,20 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
                     None => break,
                 },
                 frame = stream.next() => {
-                    let Some(Ok(frame)) = frame else { break };
+                    let frame = match frame {
+                        Some(Ok(frame)) => frame,
+                        Some(Err(e)) => {
+                            // e.g. a frame over the size limit: say so before closing.
+                            reason = format!("unreadable frame: {e}");
+                            let error = ServerMessage::Error(ProtocolError {
+                                code: "unreadable_frame".into(),
+                                message: format!("{e}; frames are limited to {MAX_FRAME_BYTES} bytes"),
+                            });
+                            let _ = send_frame(&mut sink, &error, limit).await;
+                            break;
+                        }
+                        None => break,
+                    };
                     last_heard = tokio::time::Instant::now();
                     match frame {
                         Message::Text(text) => match handle_frame(&conn, &text) {
@@ -307,34 +350,34 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
                     }
                 }
             };
-            if sink
-                .send(Message::Text(encode(&outgoing).into()))
-                .await
-                .is_err()
-            {
-                reason = "the socket failed";
+            if send_frame(&mut sink, &outgoing, limit).await.is_err() {
+                reason = "the socket failed or the agent stopped reading".into();
                 break;
             }
         }
     }
 
-    ctx.hub.unregister(&conn);
-    // Dropping the senders wakes every caller still waiting on this agent.
+    // Closing first makes new calls fail at once; dropping the pending senders wakes every
+    // caller still waiting on this agent.
+    conn.closed.cancel();
+    let current = ctx.hub.unregister(&conn);
     conn.lock_pending().clear();
     let status = *conn.lock_status();
     tracing::info!(agent = %conn.name, reason, "agent disconnected");
-    if let Err(e) = ctx
-        .db
-        .agent_disconnected(
-            conn.name.as_str(),
-            status.last_seen,
-            status.heartbeat.running,
-        )
-        .await
+    // A newer connection of the same agent owns its row now.
+    if current
+        && let Err(e) = ctx
+            .db
+            .agent_disconnected(
+                conn.name.as_str(),
+                status.last_seen,
+                status.heartbeat.running,
+            )
+            .await
     {
         tracing::error!(agent = %conn.name, error = %e, "cannot record agent disconnect");
     }
-    let _ = sink.close().await;
+    let _ = tokio::time::timeout(limit, sink.close()).await;
 }
 
 /// Reads frames until the first one, which must be a `hello` in our protocol version.

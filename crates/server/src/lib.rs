@@ -53,6 +53,14 @@ impl Server {
     /// As [`Server::bind`]; `dev_mode` tells the dashboard that any password is accepted.
     pub async fn bind_with(config: ServerConfig, dev_mode: bool) -> Result<Self, ServerError> {
         config.validate().map_err(ServerError::Config)?;
+        let probe = config.git.probe_repo.as_str();
+        let asks_password = probe.starts_with("https://") || probe.starts_with("http://");
+        if !dev_mode && !asks_password {
+            // A local or ssh repository asks git for no password, so every login would pass.
+            return Err(ServerError::Config(format!(
+                "`git.probe_repo` must be an http:// or https:// URL of the git server, not {probe:?}: logins are checked by the password it asks for"
+            )));
+        }
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -140,7 +148,12 @@ impl Server {
     }
 }
 
-/// Ends expired sessions: their rows go, and their passwords are wiped from memory.
+/// How long the row of an expired session is kept, so that its holder is told "expired"
+/// rather than "not valid".
+const EXPIRED_SESSION_GRACE: time::Duration = time::Duration::hours(1);
+
+/// Ends expired sessions: their passwords are wiped from memory at once, their rows go after
+/// [`EXPIRED_SESSION_GRACE`]. (Requests check the expiry themselves; this only cleans up.)
 async fn sweep_sessions(state: api::AppState, shutdown: CancellationToken) {
     let period = (state.config.session_ttl.get() / 4)
         .clamp(Duration::from_millis(200), Duration::from_secs(30));
@@ -151,17 +164,19 @@ async fn sweep_sessions(state: api::AppState, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         let now = OffsetDateTime::now_utc();
-        match state.db.delete_expired_sessions(now).await {
-            Ok(hashes) => {
-                for hash in &hashes {
-                    state.vault.remove(hash);
-                }
-                if !hashes.is_empty() {
-                    tracing::info!(count = hashes.len(), "expired sessions ended");
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "cannot sweep expired sessions"),
+        let wiped = state.vault.remove_expired(now);
+        if wiped > 0 {
+            tracing::info!(
+                count = wiped,
+                "expired sessions ended; their passwords are wiped"
+            );
         }
-        state.vault.remove_expired(now);
+        if let Err(e) = state
+            .db
+            .delete_expired_sessions(now - EXPIRED_SESSION_GRACE)
+            .await
+        {
+            tracing::error!(error = %e, "cannot sweep expired sessions");
+        }
     }
 }

@@ -76,3 +76,18 @@ async fn agents_reconnect_by_themselves_after_the_control_plane_restarts() {
     let reply = env.get("/api/services/orders/branches", Some(&token)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_agent_under_a_taken_name_is_refused_and_the_first_keeps_working() {
+    let env = TestEnv::start(Options::default()).await;
+    let answer = match FakeAgent::try_connect(&env, "micro-0", "another-host").await {
+        Ok(_) => panic!("a second micro-0 was welcomed"),
+        Err(answer) => answer,
+    };
+    assert_eq!(answer["type"], "error", "{answer}");
+    assert_eq!(answer["code"], "name_taken", "{answer}");
+    env.wait_for_agents(1).await;
+    let token = env.login().await;
+    let reply = env.get("/api/services/orders/branches", Some(&token)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+}

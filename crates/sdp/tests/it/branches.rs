@@ -1,4 +1,6 @@
-use crate::harness::{Options, TestEnv};
+use std::time::{Duration, Instant};
+
+use crate::harness::{FakeAgent, Options, TestEnv};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_branch_list_equals_what_git_ls_remote_heads_says_with_commits() {
@@ -50,8 +52,70 @@ async fn the_service_list_is_the_catalog() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["orders", "payments"]);
+    assert_eq!(names, ["orders", "payments", "stuck"]);
     assert_eq!(services[0]["repo"], env.git.url("orders"));
     assert_eq!(services[0]["routes"], serde_json::json!(["/orders"]));
     assert_eq!(services[0]["baseline"], "http://127.0.0.1:9/orders");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_branch_list_is_503_without_an_agent_and_504_with_a_hung_one() {
+    let mut env = TestEnv::start(Options {
+        job_timeout: "2s",
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    env.agents.clear();
+    env.wait_for_agents(0).await;
+    let reply = env.get("/api/services/orders/branches", Some(&token)).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert_eq!(reply.error_code(), "no_agent");
+
+    let _hung = FakeAgent::connect(&env, "fake-hung").await;
+    let started = Instant::now();
+    let reply = env.get("/api/services/orders/branches", Some(&token)).await;
+    assert_eq!(reply.status, 504, "{}", reply.body);
+    assert_eq!(reply.error_code(), "agent_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_git_server_that_hangs_is_cut_off_by_the_git_timeout() {
+    let env = TestEnv::start(Options {
+        git_timeout: "2s",
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    let started = Instant::now();
+    let reply = env.get("/api/services/stuck/branches", Some(&token)).await;
+    assert_eq!(reply.status, 504, "{}", reply.body);
+    assert_eq!(reply.error_code(), "git_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // The whole process group went: no git helper is left talking to the server.
+    let stuck = env.git.url("stuck");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&stuck))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "git processes left: {left:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -1,5 +1,7 @@
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+
+use base64::Engine;
 
 use crate::harness::{Options, TestEnv, files_containing};
 
@@ -32,23 +34,36 @@ fn sample_cmdlines(canary: Vec<u8>, stop: Arc<AtomicBool>) -> (Vec<String>, usiz
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_password_appears_in_no_file_no_log_and_no_command_line() {
-    let env = TestEnv::start(Options::default()).await;
+    // Everything at trace level, so that nothing logged at any level can hide it.
+    let mut env = TestEnv::without_agents(Options {
+        log: "trace",
+        ..Options::default()
+    })
+    .await;
     let canary = format!("canary-{:032x}", rand::random::<u128>());
+    let wrong = format!("canary-wrong-{:032x}", rand::random::<u128>());
     env.git.add_user("carol", &canary);
+    // A credential helper in git's home would store what it is given: the agent must switch
+    // it off.
+    let home = env.agent_work_dir("micro-0").join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    std::fs::write(home.join(".gitconfig"), "[credential]\n\thelper = store\n").unwrap();
+    env.start_agent("micro-0", "micro", crate::harness::AGENT_TOKEN);
+    env.wait_for_agents(1).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let sampler = {
         let (canary, stop) = (canary.clone().into_bytes(), stop.clone());
         std::thread::spawn(move || sample_cmdlines(canary, stop))
     };
-    let tokens = Arc::new(Mutex::new(Vec::new()));
     for _ in 0..5 {
         let reply = env.login_as("carol", &canary).await;
         assert_eq!(reply.status, 200, "{}", reply.body);
         let token = reply.json()["token"].as_str().unwrap().to_owned();
         let branches = env.get("/api/services/orders/branches", Some(&token)).await;
         assert_eq!(branches.status, 200, "{}", branches.body);
-        tokens.lock().unwrap().push(token);
+        let refused = env.login_as("carol", &wrong).await;
+        assert_eq!(refused.status, 401, "{}", refused.body);
     }
     stop.store(true, Ordering::Relaxed);
     let (hits, git_seen) = sampler.join().unwrap();
@@ -61,14 +76,21 @@ async fn the_password_appears_in_no_file_no_log_and_no_command_line() {
         "the password is on a command line: {hits:?}"
     );
 
-    let files = files_containing(env.dir.path(), canary.as_bytes());
-    assert!(files.is_empty(), "the password is in files: {files:?}");
-    assert!(env.agent_work_dir("micro-0").exists());
-    for proc in env.server.iter().chain(env.agents.iter()) {
-        assert!(
-            !proc.log_text().contains(&canary),
-            "the password is in the log of {}",
-            proc.label
-        );
+    assert!(home.exists(), "git's home is where the test expects it");
+    let basic = |password: &str| {
+        base64::engine::general_purpose::STANDARD.encode(format!("carol:{password}"))
+    };
+    for secret in [&canary, &wrong] {
+        for form in [secret.clone(), basic(secret), hex::encode(secret)] {
+            let files = files_containing(env.dir.path(), form.as_bytes());
+            assert!(files.is_empty(), "{form} is in files: {files:?}");
+            for proc in env.server.iter().chain(env.agents.iter()) {
+                assert!(
+                    !proc.log_text().contains(&form),
+                    "{form} is in the log of {}",
+                    proc.label
+                );
+            }
+        }
     }
 }

@@ -90,3 +90,21 @@ fn bad_usage_exits_with_status_2() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("/nonexistent/sdp.toml"), "{err}");
 }
+
+#[test]
+fn a_server_whose_probe_repository_asks_no_password_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.toml");
+    let data = dir.path().join("data");
+    std::fs::write(
+        &path,
+        format!("listen = \"127.0.0.1:0\"\ndata_dir = \"{}\"\n[git]\nprobe_repo = \"/srv/git/probe.git\"\n", data.display()),
+    )
+    .unwrap();
+    let (code, _, err) = sdp(
+        &["server", "--config", path.to_str().unwrap()],
+        &[("SDP_AGENT_TOKEN", "x")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("git.probe_repo"), "{err}");
+}

@@ -31,6 +31,7 @@ async fn right_password_gives_a_session_usable_by_bearer_and_by_cookie() {
     assert_eq!(by_cookie.status(), 200);
     assert_eq!(env.count_rows("sessions"), 1);
     assert_eq!(env.count_rows("audit"), 1);
+    assert_eq!(env.journal_mode(), "wal");
 }
 
 #[tokio::test(flavor = "multi_thread")]

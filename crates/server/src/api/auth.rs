@@ -71,16 +71,17 @@ pub async fn login(
         .db
         .insert_session(&token_hash, username.as_str(), now, expires_at)
         .await?;
+    state
+        .db
+        .audit(username.as_str(), "login", username.as_str(), "")
+        .await?;
+    // Last, so that a failure above leaves no password behind a token nobody received.
     state.vault.insert(
         token_hash,
         credentials.username,
         credentials.password,
         expires_at,
     );
-    state
-        .db
-        .audit(username.as_str(), "login", username.as_str(), "")
-        .await?;
     tracing::info!(user = %username, "logged in");
 
     let secure = if state.public_url.scheme() == "https" {

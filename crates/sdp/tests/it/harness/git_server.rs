@@ -172,7 +172,13 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Option<String> {
     (users.get(user).map(String::as_str) == Some(password)).then(|| user.to_owned())
 }
 
+/// Repositories under this name never answer, like a git server that hangs.
+pub const STUCK_REPO: &str = "stuck";
+
 async fn handle(State(shared): State<Shared>, req: Request) -> Response {
+    if req.uri().path().starts_with(&format!("/{STUCK_REPO}.git/")) {
+        tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+    }
     let Some(user) = authorized(&shared, req.headers()) else {
         return Response::builder()
             .status(StatusCode::UNAUTHORIZED)

@@ -23,6 +23,9 @@ pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
 pub const USER: &str = "alice";
 pub const PASSWORD: &str = "correct horse battery staple";
 
+/// The log level of the processes a test starts: ours at debug.
+pub const DEFAULT_LOG: &str = "info,sdp=debug,sdp_server=debug,sdp_agent=debug";
+
 pub fn sdp_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sdp")
 }
@@ -43,13 +46,12 @@ impl Proc {
                 cmd.env_remove(key);
             }
         }
-        cmd.env(
-            "RUST_LOG",
-            "info,sdp=debug,sdp_server=debug,sdp_agent=debug",
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", DEFAULT_LOG);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         // Its own process group, so that dropping it ends whatever it started too (git,
         // Chromium under chromedriver).
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -141,7 +143,10 @@ pub struct Options {
     pub session_ttl: &'static str,
     pub job_timeout: &'static str,
     pub agent_timeout: &'static str,
+    pub git_timeout: &'static str,
     pub micro_agents: usize,
+    /// `RUST_LOG` of the server and agents.
+    pub log: &'static str,
 }
 
 impl Default for Options {
@@ -150,7 +155,9 @@ impl Default for Options {
             session_ttl: "1h",
             job_timeout: "10s",
             agent_timeout: "10s",
+            git_timeout: "20s",
             micro_agents: 1,
+            log: DEFAULT_LOG,
         }
     }
 }
@@ -204,6 +211,7 @@ impl TestEnv {
         git.create_repo("probe", &["main"]);
         git.create_repo("orders", &["main", "feature/x", "release/1.0"]);
         git.create_repo("payments", &["main"]);
+        git.create_repo("stuck", &["main"]);
         let mut env = TestEnv {
             dir,
             git,
@@ -237,7 +245,7 @@ impl TestEnv {
             )
         };
         format!(
-            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n{}{}",
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n{}{}{}",
             self.server_data_dir().display(),
             o.session_ttl,
             o.job_timeout,
@@ -245,6 +253,7 @@ impl TestEnv {
             self.git.url("probe"),
             service("orders"),
             service("payments"),
+            service("stuck"),
         )
     }
 
@@ -255,7 +264,8 @@ impl TestEnv {
         let mut cmd = Command::new(sdp_bin());
         cmd.args(["--log-format", "json", "server", "--config"])
             .arg(&path)
-            .env("SDP_AGENT_TOKEN", AGENT_TOKEN);
+            .env("SDP_AGENT_TOKEN", AGENT_TOKEN)
+            .env("RUST_LOG", self.opts.log);
         let mut proc = Proc::spawn("server", cmd);
         let line = proc.wait_for_line("listening", |l| l.contains("\"listening\""));
         let v: Value = serde_json::from_str(&line).unwrap();
@@ -285,16 +295,18 @@ impl TestEnv {
         std::fs::write(
             &path,
             format!(
-                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"process\"\ngit_timeout = \"20s\"\n{gateway}",
+                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"process\"\ngit_timeout = \"{}\"\n{gateway}",
                 self.ws_url(),
-                self.agent_work_dir(name).display()
+                self.agent_work_dir(name).display(),
+                self.opts.git_timeout,
             ),
         )
         .unwrap();
         let mut cmd = Command::new(sdp_bin());
         cmd.args(["--log-format", "json", "agent", "--config"])
             .arg(&path)
-            .env("SDP_TOKEN", token);
+            .env("SDP_TOKEN", token)
+            .env("RUST_LOG", self.opts.log);
         self.agents.push(Proc::spawn(&format!("agent {name}"), cmd));
     }
 
@@ -357,17 +369,28 @@ impl TestEnv {
         reply.json()["token"].as_str().unwrap().to_owned()
     }
 
+    /// The server database's journal mode, read as `count_rows` reads.
+    pub fn journal_mode(&self) -> String {
+        self.sqlite("PRAGMA journal_mode")
+    }
+
     /// Rows in a table of the server's database, read by Python's sqlite3 next to the
     /// running server (WAL mode allows it).
     pub fn count_rows(&self, table: &str) -> u64 {
+        self.sqlite(&format!("SELECT COUNT(*) FROM {table}"))
+            .parse()
+            .unwrap()
+    }
+
+    fn sqlite(&self, query: &str) -> String {
         let db = self.server_data_dir().join("sdp.db");
         let out = Command::new("python3")
             .args([
                 "-c",
-                "import sqlite3,sys; c=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro', uri=True); print(c.execute('SELECT COUNT(*) FROM '+sys.argv[2]).fetchone()[0])",
+                "import sqlite3,sys; c=sqlite3.connect('file:'+sys.argv[1]+'?mode=ro', uri=True); print(c.execute(sys.argv[2]).fetchone()[0])",
             ])
             .arg(&db)
-            .arg(table)
+            .arg(query)
             .output()
             .unwrap();
         assert!(
@@ -375,11 +398,7 @@ impl TestEnv {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
 }
 
@@ -437,6 +456,14 @@ pub struct FakeAgent {
 
 impl FakeAgent {
     pub async fn connect(env: &TestEnv, name: &str) -> FakeAgent {
+        match FakeAgent::try_connect(env, name, "fake-host").await {
+            Ok(fake) => fake,
+            Err(answer) => panic!("no welcome: {answer}"),
+        }
+    }
+
+    /// Says hello as a micro agent on `host`; the server's answer when it is not `welcome`.
+    pub async fn try_connect(env: &TestEnv, name: &str, host: &str) -> Result<FakeAgent, Value> {
         let mut req = env.ws_url().into_client_request().unwrap();
         req.headers_mut().insert(
             "authorization",
@@ -445,13 +472,15 @@ impl FakeAgent {
         let (socket, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         let (mut sink, mut stream) = socket.split();
         let hello = json!({"type": "hello", "protocol": 1, "name": name, "role": "micro",
-            "version": "fake", "host": "fake-host", "capabilities": ["git"]});
+            "version": "fake", "host": host, "capabilities": ["git"]});
         sink.send(Message::Text(hello.to_string().into()))
             .await
             .unwrap();
-        let welcome = next_json(&mut stream).await;
-        assert_eq!(welcome["type"], "welcome", "{welcome}");
-        FakeAgent { sink, stream }
+        let answer = next_json(&mut stream).await;
+        if answer["type"] != "welcome" {
+            return Err(answer);
+        }
+        Ok(FakeAgent { sink, stream })
     }
 
     pub async fn send_text(&mut self, text: &str) {
