@@ -6,21 +6,7 @@ use crate::harness::{FakeAgent, Options, TestEnv};
 async fn the_branch_list_equals_what_git_ls_remote_heads_says_with_commits() {
     let env = TestEnv::start(Options::default()).await;
     let token = env.login().await;
-    let reply = env.get("/api/services/orders/branches", Some(&token)).await;
-    assert_eq!(reply.status, 200, "{}", reply.body);
-    let mut listed: Vec<(String, String)> = reply
-        .json()
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_owned(),
-                b["commit"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    listed.sort();
+    let listed = env.branches("orders", &token).await;
     let expected = env.git.heads("orders");
     assert_eq!(expected.len(), 3);
     assert_eq!(listed, expected);

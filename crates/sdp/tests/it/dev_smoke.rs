@@ -1,8 +1,6 @@
 use std::process::Command;
 
-use serde_json::json;
-
-use crate::harness::{Proc, git_server::heads_of, sdp_bin};
+use crate::harness::{Api, Proc, git_server::heads_of, sdp_bin};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
@@ -18,55 +16,18 @@ async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
         l.contains("connected to the control plane") && l.contains("dev-micro")
     });
 
-    let http = reqwest::Client::new();
-    let page = http.get(&url).send().await.unwrap().text().await.unwrap();
-    assert!(page.to_lowercase().contains("<html"), "{page}");
+    let api = Api::new(&url);
+    let page = api.get("/", None).await;
+    assert!(page.body.to_lowercase().contains("<html"), "{}", page.body);
 
-    let login: serde_json::Value = http
-        .post(format!("{url}/api/login"))
-        .json(&json!({"username": "newcomer", "password": "anything at all"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = login["token"]
-        .as_str()
-        .unwrap_or_else(|| panic!("{login}\n{}", dev.log_text()));
+    let login = api.login_as("newcomer", "anything at all").await;
+    assert_eq!(login.status, 200, "{}\n{}", login.body, dev.log_text());
+    let token = login.json()["token"].as_str().unwrap().to_owned();
 
-    let services: serde_json::Value = http
-        .get(format!("{url}/api/services"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let services = api.get("/api/services", Some(&token)).await.json();
     assert_eq!(services[0]["name"], "hello", "{services}");
 
-    let branches: serde_json::Value = http
-        .get(format!("{url}/api/services/hello/branches"))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut listed: Vec<(String, String)> = branches
-        .as_array()
-        .unwrap_or_else(|| panic!("{branches}"))
-        .iter()
-        .map(|b| {
-            (
-                b["name"].as_str().unwrap().to_owned(),
-                b["commit"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    listed.sort();
+    let listed = api.branches("hello", &token).await;
     assert_eq!(listed, heads_of(&data.join("repos/hello.git")));
     assert!(listed.iter().any(|(name, _)| name == "feature/x"));
     dev.stop();

@@ -162,14 +162,85 @@ impl Default for Options {
     }
 }
 
+/// Typed requests to one SDP server.
+pub struct Api {
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(url: &str) -> Api {
+        Api {
+            url: url.to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn post_json(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        let mut req = self.http.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        let mut req = self.http.get(format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub async fn login_as(&self, user: &str, password: &str) -> Reply {
+        self.post_json(
+            "/api/login",
+            None,
+            json!({"username": user, "password": password}),
+        )
+        .await
+    }
+
+    /// `GET /api/services/{service}/branches` as sorted (name, commit) pairs.
+    pub async fn branches(&self, service: &str, token: &str) -> Vec<(String, String)> {
+        let reply = self
+            .get(&format!("/api/services/{service}/branches"), Some(token))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let mut pairs: Vec<(String, String)> = reply
+            .json()
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list: {}", reply.body))
+            .iter()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().to_owned(),
+                    b["commit"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    }
+}
+
 pub struct TestEnv {
     pub dir: tempfile::TempDir,
     pub git: GitServer,
     pub server: Option<Proc>,
     pub agents: Vec<Proc>,
-    pub url: String,
+    pub api: Api,
     pub opts: Options,
-    pub http: reqwest::Client,
+}
+
+impl std::ops::Deref for TestEnv {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl Drop for TestEnv {
@@ -217,12 +288,8 @@ impl TestEnv {
             git,
             server: None,
             agents: Vec::new(),
-            url: String::new(),
+            api: Api::new(""),
             opts,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(60))
-                .build()
-                .unwrap(),
         };
         env.start_server("127.0.0.1:0");
         env
@@ -269,7 +336,7 @@ impl TestEnv {
         let mut proc = Proc::spawn("server", cmd);
         let line = proc.wait_for_line("listening", |l| l.contains("\"listening\""));
         let v: Value = serde_json::from_str(&line).unwrap();
-        self.url = format!("http://{}", v["addr"].as_str().unwrap());
+        self.api.url = format!("http://{}", v["addr"].as_str().unwrap());
         self.server = Some(proc);
     }
 
@@ -335,31 +402,6 @@ impl TestEnv {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    pub async fn post_json(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
-        let mut req = self.http.post(format!("{}{path}", self.url)).json(&body);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        Reply::from(req.send().await.unwrap()).await
-    }
-
-    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
-        let mut req = self.http.get(format!("{}{path}", self.url));
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        Reply::from(req.send().await.unwrap()).await
-    }
-
-    pub async fn login_as(&self, user: &str, password: &str) -> Reply {
-        self.post_json(
-            "/api/login",
-            None,
-            json!({"username": user, "password": password}),
-        )
-        .await
     }
 
     /// Logs in as the test user and returns the session token.
