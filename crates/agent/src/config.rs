@@ -27,6 +27,12 @@ pub struct AgentConfig {
     /// Every git command is killed after this long.
     #[serde(default = "default_git_timeout")]
     pub git_timeout: ConfigDuration,
+    /// A build is killed after this long.
+    #[serde(default = "default_build_timeout")]
+    pub build_timeout: ConfigDuration,
+    /// A service that has not answered 200 on its health path by then has failed.
+    #[serde(default = "default_health_timeout")]
+    pub health_timeout: ConfigDuration,
     #[serde(default)]
     pub docker: DockerConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -78,6 +84,12 @@ fn default_port_range() -> String {
 fn default_git_timeout() -> ConfigDuration {
     ConfigDuration::from_secs(120)
 }
+fn default_build_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(600)
+}
+fn default_health_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(60)
+}
 fn default_image() -> String {
     "alpine:3.20".to_owned()
 }
@@ -113,8 +125,20 @@ impl AgentConfig {
                 self.server
             ));
         }
-        if self.git_timeout.get().is_zero() {
-            return Err("`git_timeout` must be longer than zero".into());
+        for (key, d) in [
+            ("git_timeout", self.git_timeout),
+            ("build_timeout", self.build_timeout),
+            ("health_timeout", self.health_timeout),
+        ] {
+            if d.get().is_zero() {
+                return Err(format!("`{key}` must be longer than zero"));
+            }
+        }
+        if self.role == Role::Micro && self.runtime == Runtime::Docker {
+            return Err(
+                "the docker runtime is not available in this build yet; set `runtime = \"process\"`"
+                    .into(),
+            );
         }
         parse_port_range(&self.port_range)?;
         if !self.docker.cpus.is_finite() || self.docker.cpus <= 0.0 {

@@ -7,7 +7,7 @@
 //! is killed with its whole process group when it runs out.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -83,11 +83,23 @@ impl Git {
     }
 
     async fn run(&self, credentials: &Credentials, args: &[OsString]) -> Result<Output, JobError> {
+        self.run_in(None, credentials, args).await
+    }
+
+    async fn run_in(
+        &self,
+        dir: Option<&Path>,
+        credentials: &Credentials,
+        args: &[OsString],
+    ) -> Result<Output, JobError> {
         std::fs::create_dir_all(&self.home).map_err(|e| JobError {
             code: JobErrorCode::Failed,
             message: format!("cannot create the agent's git home: {e}"),
         })?;
         let mut cmd = self.command(credentials);
+        if let Some(dir) = dir {
+            cmd.current_dir(dir);
+        }
         cmd.args(args);
         let mut child = cmd.spawn().map_err(|e| JobError {
             code: JobErrorCode::Failed,
@@ -166,6 +178,114 @@ impl Git {
             return Err(classify(&out));
         }
         Ok(parse_heads(&out.stdout))
+    }
+}
+
+impl Git {
+    /// Brings `checkout` to the tip of `branch` of `repo`: clones it the first time, fetches
+    /// after that, and returns the tip's commit. The working tree is not touched: see
+    /// [`Git::switch`].
+    pub async fn fetch(
+        &self,
+        repo: &RepoUrl,
+        branch: &BranchName,
+        checkout: &Path,
+        credentials: &Credentials,
+    ) -> Result<String, JobError> {
+        let git_dir = checkout.join(".git");
+        if !git_dir.exists() {
+            if let Some(parent) = checkout.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| failed(format!("cannot create {}: {e}", parent.display())))?;
+            }
+            let _ = std::fs::remove_dir_all(checkout);
+            let args: Vec<OsString> = vec![
+                "clone".into(),
+                "--quiet".into(),
+                "--no-checkout".into(),
+                "--".into(),
+                repo.as_str().into(),
+                checkout.into(),
+            ];
+            self.expect_success(None, credentials, &args).await?;
+        }
+        let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+        let args: Vec<OsString> = vec![
+            "fetch".into(),
+            "--quiet".into(),
+            "--prune".into(),
+            "--".into(),
+            "origin".into(),
+            refspec.into(),
+        ];
+        self.expect_success(Some(checkout), credentials, &args)
+            .await
+            .map_err(|mut e| {
+                if e.message.contains("couldn't find remote ref") {
+                    e.code = JobErrorCode::Failed;
+                    e.message = format!("branch {branch} does not exist in {repo}");
+                }
+                e
+            })?;
+        let args: Vec<OsString> = vec![
+            "rev-parse".into(),
+            "--verify".into(),
+            "--quiet".into(),
+            format!("refs/remotes/origin/{branch}^{{commit}}").into(),
+        ];
+        let out = self
+            .expect_success(Some(checkout), credentials, &args)
+            .await?;
+        let commit = out.stdout.trim().to_owned();
+        if commit.len() < 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(failed(format!(
+                "git gave no commit for {branch}: {commit:?}"
+            )));
+        }
+        Ok(commit)
+    }
+
+    /// Puts the working tree of `checkout` at `commit`, with nothing else in it.
+    pub async fn switch(
+        &self,
+        checkout: &Path,
+        commit: &str,
+        credentials: &Credentials,
+    ) -> Result<(), JobError> {
+        let checkout_args: Vec<OsString> = vec![
+            "checkout".into(),
+            "--quiet".into(),
+            "--force".into(),
+            "--detach".into(),
+            commit.into(),
+        ];
+        self.expect_success(Some(checkout), credentials, &checkout_args)
+            .await?;
+        let clean: Vec<OsString> = vec!["clean".into(), "-ffdxq".into()];
+        self.expect_success(Some(checkout), credentials, &clean)
+            .await?;
+        Ok(())
+    }
+
+    async fn expect_success(
+        &self,
+        dir: Option<&Path>,
+        credentials: &Credentials,
+        args: &[OsString],
+    ) -> Result<Output, JobError> {
+        let out = self.run_in(dir, credentials, args).await?;
+        if out.status.success() {
+            Ok(out)
+        } else {
+            Err(classify(&out))
+        }
+    }
+}
+
+fn failed(message: String) -> JobError {
+    JobError {
+        code: JobErrorCode::Failed,
+        message,
     }
 }
 

@@ -6,17 +6,23 @@
 
 pub mod askpass;
 mod config;
+mod deploy;
+mod events;
 mod git;
+mod lines;
+mod runtime;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use sdp_protocol::{
-    AgentMessage, AgentName, Capability, FrameError, Heartbeat, Hello, Job, JobKind, JobOutput,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION, Reply, Role, ServerMessage, decode_server_frame, encode,
+    AgentMessage, AgentName, Capability, DeployJob, FrameError, Heartbeat, Hello, Job, JobError,
+    JobErrorCode, JobKind, JobOutput, MAX_FRAME_BYTES, PROTOCOL_VERSION, Reply, Role, SandboxName,
+    ServerMessage, decode_server_frame, encode,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -26,7 +32,10 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
 pub use config::{AgentConfig, DockerConfig, GatewayConfig, Runtime, parse_port_range};
+use deploy::Deployer;
+use events::Outbox;
 pub use git::Git;
+use runtime::ProcessRuntime;
 
 /// How long to wait for the TCP and WebSocket handshake, and then for `welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -44,8 +53,24 @@ pub enum AgentError {
 pub struct Agent {
     config: AgentConfig,
     name: AgentName,
-    git: Git,
+    worker: Arc<Worker>,
     in_flight: Arc<AtomicU32>,
+}
+
+/// What jobs run with; shared by the tasks of all jobs.
+struct Worker {
+    git: Git,
+    /// Micro agents only.
+    deployer: Option<Arc<Deployer>>,
+    events: Arc<Outbox>,
+    /// Deployments running here, by sandbox, so that a teardown can stop its deployment.
+    active: Mutex<HashMap<SandboxName, Running>>,
+}
+
+struct Running {
+    deployment: String,
+    cancel: CancellationToken,
+    done: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How a connection ended.
@@ -74,10 +99,34 @@ impl Agent {
             home: config.work_dir.join("home"),
             timeout: config.git_timeout.get(),
         };
+        let events = Arc::new(Outbox::default());
+        let deployer = (config.role == Role::Micro).then(|| {
+            let (lo, hi) = parse_port_range(&config.port_range).expect("validated");
+            let runtime: Arc<dyn runtime::Runtime> = Arc::new(ProcessRuntime::new(
+                &config.work_dir,
+                (lo, hi),
+                &config.advertise_host,
+            ));
+            Arc::new(Deployer {
+                git: git.clone(),
+                runtime,
+                outbox: events.clone(),
+                work_dir: config.work_dir.clone(),
+                advertise_host: config.advertise_host.clone(),
+                build_timeout: config.build_timeout.get(),
+                health_timeout: config.health_timeout.get(),
+                http: reqwest::Client::new(),
+            })
+        });
         Ok(Self {
             config,
             name,
-            git,
+            worker: Arc::new(Worker {
+                git,
+                deployer,
+                events,
+                active: Mutex::default(),
+            }),
             in_flight: Arc::default(),
         })
     }
@@ -112,7 +161,7 @@ impl Agent {
         }
     }
 
-    fn hello(&self) -> Hello {
+    async fn hello(&self) -> Hello {
         let mut capabilities = vec![Capability::Git];
         match self.config.role {
             Role::Micro => capabilities.push(match self.config.runtime {
@@ -128,6 +177,8 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             host: hostname(),
             capabilities,
+            deployments: self.worker.in_progress(),
+            sandboxes: self.worker.sandboxes().await,
         }
     }
 
@@ -160,7 +211,7 @@ impl Agent {
         };
         let (mut sink, mut stream) = socket.split();
 
-        let hello = encode(&AgentMessage::Hello(self.hello()));
+        let hello = encode(&AgentMessage::Hello(self.hello().await));
         if let Err(e) = send(&mut sink, Message::Text(hello.into())).await {
             return End::Failed(format!("cannot send hello: {e}"));
         }
@@ -179,8 +230,22 @@ impl Agent {
         let (outbox, mut replies) = mpsc::channel::<AgentMessage>(OUTBOX);
         let connection_done = CancellationToken::new();
         let _stop_jobs = connection_done.clone().drop_guard();
+        let events = self.worker.events.clone();
+        // Whatever the control plane has not acknowledged goes out again on this connection.
+        events.rewind();
         loop {
+            while let Some(event) = events.next_unsent() {
+                if let Err(e) = send(
+                    &mut sink,
+                    Message::Text(encode(&AgentMessage::Event(event)).into()),
+                )
+                .await
+                {
+                    return End::Lost(format!("cannot send: {e}"));
+                }
+            }
             let outgoing = tokio::select! {
+                _ = events.wait() => continue,
                 _ = shutdown.cancelled() => {
                     let _ = send(&mut sink, Message::Close(None)).await;
                     return End::Shutdown;
@@ -191,7 +256,7 @@ impl Agent {
                     }
                     AgentMessage::Heartbeat(Heartbeat {
                         load: self.in_flight.load(Ordering::Relaxed),
-                        running: 0,
+                        running: u32::try_from(self.worker.lock_active().len()).unwrap_or(u32::MAX),
                     })
                 }
                 Some(reply) = replies.recv() => reply,
@@ -238,9 +303,11 @@ impl Agent {
                 self.spawn_job(job, outbox.clone(), connection_done.clone());
                 None
             }
-            ServerMessage::Heartbeat | ServerMessage::Ack { .. } | ServerMessage::Welcome(_) => {
+            ServerMessage::Ack { deployment, seq } => {
+                self.worker.events.ack(&deployment, seq);
                 None
             }
+            ServerMessage::Heartbeat | ServerMessage::Welcome(_) => None,
             ServerMessage::Error(e) => {
                 tracing::warn!(code = %e.code, message = %e.message, "the control plane reported a protocol error");
                 None
@@ -249,14 +316,14 @@ impl Agent {
     }
 
     fn spawn_job(&self, job: Job, outbox: mpsc::Sender<AgentMessage>, done: CancellationToken) {
-        let git = self.git.clone();
+        let worker = self.worker.clone();
         let in_flight = self.in_flight.clone();
         in_flight.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
             let Job { id, job } = job;
             let name = job.name();
             tracing::debug!(%id, job = name, "job started");
-            let run = run_job(&git, job);
+            let run = worker.run_job(job);
             let output = tokio::select! {
                 // The reply could not reach anyone once the connection is gone.
                 _ = done.cancelled() => None,
@@ -271,21 +338,121 @@ impl Agent {
     }
 }
 
-async fn run_job(git: &Git, job: JobKind) -> JobOutput {
-    match job {
-        JobKind::ProbeCredentials { repo, credentials } => {
-            match git.probe(&repo, &credentials).await {
-                Ok(()) => JobOutput::CredentialsAccepted,
-                Err(e) => JobOutput::Failed(e),
-            }
-        }
-        JobKind::ListBranches { repo, credentials } => {
-            match git.branches(&repo, &credentials).await {
-                Ok(branches) => JobOutput::Branches { branches },
-                Err(e) => JobOutput::Failed(e),
-            }
+impl Worker {
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxName, Running>> {
+        self.active.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Deployments in progress or with events not yet acknowledged.
+    fn in_progress(&self) -> Vec<String> {
+        let mut list: Vec<String> = self
+            .lock_active()
+            .values()
+            .map(|r| r.deployment.clone())
+            .collect();
+        list.extend(self.events.pending_deployments());
+        list.sort();
+        list.dedup();
+        list
+    }
+
+    async fn sandboxes(&self) -> Vec<SandboxName> {
+        match &self.deployer {
+            Some(d) => d.runtime.sandboxes().await.unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot list what the runtime runs");
+                Vec::new()
+            }),
+            None => Vec::new(),
         }
     }
+
+    async fn run_job(self: &Arc<Self>, job: JobKind) -> JobOutput {
+        match job {
+            JobKind::ProbeCredentials { repo, credentials } => {
+                match self.git.probe(&repo, &credentials).await {
+                    Ok(()) => JobOutput::CredentialsAccepted,
+                    Err(e) => JobOutput::Failed(e),
+                }
+            }
+            JobKind::ListBranches { repo, credentials } => {
+                match self.git.branches(&repo, &credentials).await {
+                    Ok(branches) => JobOutput::Branches { branches },
+                    Err(e) => JobOutput::Failed(e),
+                }
+            }
+            JobKind::Deploy(job) => self.start_deploy(job),
+            JobKind::Teardown { sandbox } => self.teardown(sandbox).await,
+        }
+    }
+
+    /// Takes a deploy job: it runs in its own task; its progress goes out as events.
+    fn start_deploy(self: &Arc<Self>, job: DeployJob) -> JobOutput {
+        let Some(deployer) = self.deployer.clone() else {
+            return unsupported("only micro agents deploy");
+        };
+        let mut active = self.lock_active();
+        if let Some(running) = active.get(&job.sandbox) {
+            return JobOutput::Failed(JobError {
+                code: JobErrorCode::Failed,
+                message: format!(
+                    "deployment {} of this sandbox is still running here",
+                    running.deployment
+                ),
+            });
+        }
+        let cancel = CancellationToken::new();
+        let (done_tx, done) = tokio::sync::watch::channel(false);
+        let sandbox = job.sandbox.clone();
+        active.insert(
+            sandbox.clone(),
+            Running {
+                deployment: job.deployment.clone(),
+                cancel: cancel.clone(),
+                done,
+            },
+        );
+        drop(active);
+        tracing::info!(deployment = %job.deployment, %sandbox, "deployment taken");
+        let worker = self.clone();
+        tokio::spawn(async move {
+            deployer.run(job, cancel).await;
+            worker.lock_active().remove(&sandbox);
+            let _ = done_tx.send(true);
+        });
+        JobOutput::Accepted
+    }
+
+    async fn teardown(&self, sandbox: SandboxName) -> JobOutput {
+        let Some(deployer) = self.deployer.clone() else {
+            return unsupported("only micro agents run sandboxes");
+        };
+        // A deployment of this sandbox in progress stops first.
+        let running = self
+            .lock_active()
+            .get(&sandbox)
+            .map(|r| (r.cancel.clone(), r.done.clone()));
+        if let Some((cancel, mut done)) = running {
+            cancel.cancel();
+            let _ = done.wait_for(|d| *d).await;
+        }
+        match deployer.teardown(&sandbox).await {
+            Ok(()) => {
+                tracing::info!(%sandbox, "sandbox torn down");
+                JobOutput::TornDown
+            }
+            Err(message) => JobOutput::Failed(JobError {
+                code: JobErrorCode::Failed,
+                message,
+            }),
+        }
+    }
+}
+
+fn unsupported(message: &str) -> JobOutput {
+    JobOutput::Failed(JobError {
+        code: JobErrorCode::Unsupported,
+        message: message.to_owned(),
+    })
 }
 
 /// Writes one frame, giving up after [`HANDSHAKE_TIMEOUT`]: a control plane that stops

@@ -1,10 +1,12 @@
 //! The frames of `/ws/agent`: what an agent says ([`AgentMessage`]) and what the control plane
 //! says ([`ServerMessage`]). Each is one JSON text frame with a `type` field.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{AgentName, BranchName, Credentials, RepoUrl, ServiceName};
+use crate::{AgentName, BranchName, Credentials, RepoUrl, SandboxName, ServiceName};
 
 /// Bumped on any change an older peer would misread. The agent states it in `hello`; the
 /// control plane refuses an agent that speaks another version.
@@ -90,6 +92,12 @@ pub struct Hello {
     pub version: String,
     pub host: String,
     pub capabilities: Vec<Capability>,
+    /// Deployments in progress on this agent (after a reconnect).
+    #[serde(default)]
+    pub deployments: Vec<String>,
+    /// Sandboxes this agent runs something of, found at start by label or pid file.
+    #[serde(default)]
+    pub sandboxes: Vec<SandboxName>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -137,6 +145,11 @@ pub enum JobKind {
         repo: RepoUrl,
         credentials: Credentials,
     },
+    /// Bring a sandbox's services to the given branches. Answered at once with `accepted`;
+    /// progress follows as events of `deployment`, ending with an `outcome` event.
+    Deploy(DeployJob),
+    /// Stop and remove everything of `sandbox` on this agent, and delete its checkouts.
+    Teardown { sandbox: SandboxName },
 }
 
 impl JobKind {
@@ -144,8 +157,34 @@ impl JobKind {
         match self {
             JobKind::ProbeCredentials { .. } => "probe_credentials",
             JobKind::ListBranches { .. } => "list_branches",
+            JobKind::Deploy(_) => "deploy",
+            JobKind::Teardown { .. } => "teardown",
         }
     }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployJob {
+    pub deployment: String,
+    pub sandbox: SandboxName,
+    pub credentials: Credentials,
+    /// Given to services as `SDP_GATEWAY_URL`.
+    pub gateway_url: String,
+    pub services: Vec<ServiceSpec>,
+}
+
+/// One service to deploy: its catalog entry and the branch chosen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub service: ServiceName,
+    pub repo: RepoUrl,
+    pub branch: BranchName,
+    pub build: String,
+    pub run: String,
+    pub port: u16,
+    pub health: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -158,7 +197,12 @@ pub struct Reply {
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum JobOutput {
     CredentialsAccepted,
-    Branches { branches: Vec<Branch> },
+    Branches {
+        branches: Vec<Branch>,
+    },
+    /// A deploy job was taken; its events follow.
+    Accepted,
+    TornDown,
     Failed(JobError),
 }
 
@@ -212,9 +256,49 @@ pub enum EventBody {
     },
     Step {
         service: Option<ServiceName>,
-        step: String,
+        step: Step,
         state: StepState,
     },
+    /// The agent's last event of a deployment: every service healthy, or the first failure.
+    Outcome {
+        ok: bool,
+        error: Option<String>,
+        services: Vec<ServiceOutcome>,
+    },
+}
+
+/// A service's result on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceOutcome {
+    pub service: ServiceName,
+    pub commit: Option<String>,
+    /// `host:port` where the gateway reaches the instance.
+    pub upstream: Option<String>,
+}
+
+/// The steps of a service's deployment (SPEC §3), in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Queued,
+    Fetching,
+    Building,
+    Starting,
+    Healthy,
+    Routing,
+}
+
+impl Step {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Queued => "queued",
+            Step::Fetching => "fetching",
+            Step::Building => "building",
+            Step::Starting => "starting",
+            Step::Healthy => "healthy",
+            Step::Routing => "routing",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,12 +309,26 @@ pub enum LogStream {
     System,
 }
 
+/// A step event says a step began (`running`), was skipped (`skipped`, e.g. no rebuild of an
+/// unchanged commit), was reached for good (`done`, for `healthy`) or failed (`failed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StepState {
-    Started,
-    Succeeded,
+    Running,
+    Skipped,
+    Done,
     Failed,
+}
+
+impl StepState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StepState::Running => "running",
+            StepState::Skipped => "skipped",
+            StepState::Done => "done",
+            StepState::Failed => "failed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -315,6 +413,8 @@ mod tests {
                 version: "0.1.0".into(),
                 host: "deploy-host".into(),
                 capabilities: vec![Capability::Git, Capability::RuntimeProcess],
+                deployments: vec!["dep_1".into()],
+                sandboxes: vec![SandboxName::parse("pay-42").unwrap()],
             }),
             AgentMessage::Heartbeat(Heartbeat {
                 load: 2,
@@ -356,9 +456,31 @@ mod tests {
                 ts: ts(),
                 body: EventBody::Step {
                     service: Some(ServiceName::parse("orders").unwrap()),
-                    step: "building".into(),
-                    state: StepState::Started,
+                    step: Step::Building,
+                    state: StepState::Running,
                 },
+            }),
+            AgentMessage::Event(Event {
+                deployment: "d-1".into(),
+                seq: 3,
+                ts: ts(),
+                body: EventBody::Outcome {
+                    ok: true,
+                    error: None,
+                    services: vec![ServiceOutcome {
+                        service: ServiceName::parse("orders").unwrap(),
+                        commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                        upstream: Some("127.0.0.1:20001".into()),
+                    }],
+                },
+            }),
+            AgentMessage::Reply(Reply {
+                id: RequestId(10),
+                output: JobOutput::Accepted,
+            }),
+            AgentMessage::Reply(Reply {
+                id: RequestId(11),
+                output: JobOutput::TornDown,
             }),
             AgentMessage::Error(ProtocolError {
                 code: "malformed_frame".into(),
@@ -393,6 +515,31 @@ mod tests {
                 job: JobKind::ListBranches {
                     repo: repo(),
                     credentials: creds(),
+                },
+            }),
+            ServerMessage::Job(Job {
+                id: RequestId(3),
+                job: JobKind::Deploy(DeployJob {
+                    deployment: "dep_1".into(),
+                    sandbox: SandboxName::parse("pay-42").unwrap(),
+                    credentials: creds(),
+                    gateway_url: "http://127.0.0.1:8081".into(),
+                    services: vec![ServiceSpec {
+                        service: ServiceName::parse("orders").unwrap(),
+                        repo: repo(),
+                        branch: BranchName::parse("feature/x").unwrap(),
+                        build: "go build -o .sdp/bin/app ./cmd/orders".into(),
+                        run: "./.sdp/bin/app".into(),
+                        port: 8080,
+                        health: "/healthz".into(),
+                        env: BTreeMap::from([("LOG_LEVEL".into(), "debug".into())]),
+                    }],
+                }),
+            }),
+            ServerMessage::Job(Job {
+                id: RequestId(4),
+                job: JobKind::Teardown {
+                    sandbox: SandboxName::parse("pay-42").unwrap(),
                 },
             }),
             ServerMessage::Ack {

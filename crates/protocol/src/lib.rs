@@ -11,9 +11,9 @@ mod names;
 
 pub use credentials::{Credentials, InvalidPassword, Password};
 pub use frames::{
-    AgentMessage, Branch, Capability, Event, EventBody, FrameError, Heartbeat, Hello, Job,
-    JobError, JobErrorCode, JobKind, JobOutput, LogStream, MAX_FRAME_BYTES, PROTOCOL_VERSION,
-    ProtocolError, Reply, RequestId, Role, ServerMessage, StepState, Welcome, decode_agent_frame,
-    decode_server_frame, encode,
+    AgentMessage, Branch, Capability, DeployJob, Event, EventBody, FrameError, Heartbeat, Hello,
+    Job, JobError, JobErrorCode, JobKind, JobOutput, LogStream, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    ProtocolError, Reply, RequestId, Role, ServerMessage, ServiceOutcome, ServiceSpec, Step,
+    StepState, Welcome, decode_agent_frame, decode_server_frame, encode,
 };
 pub use names::{AgentName, BranchName, InvalidName, RepoUrl, SandboxName, ServiceName, Username};

@@ -96,6 +96,8 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             advertise_host: "127.0.0.1".to_owned(),
             port_range: "20000-29999".to_owned(),
             git_timeout: ConfigDuration::from_secs(60),
+            build_timeout: ConfigDuration::from_secs(600),
+            health_timeout: ConfigDuration::from_secs(30),
             docker: DockerConfig::default(),
             gateway: (role == Role::Gateway).then(|| GatewayConfig {
                 listen: ([127, 0, 0, 1], 0).into(),

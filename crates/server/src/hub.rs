@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Db;
+use crate::deployments::{Ack, Deployments};
 
 /// How long a new connection has to say `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -118,14 +119,41 @@ impl Hub {
     }
 
     /// Sends `job` to the least busy agent of `role` and waits for its reply, at most
-    /// `timeout`: never longer, whatever the agent does.
+    /// `timeout`: never longer, whatever the agent does. Returns who answered, and what.
     pub async fn call(
         &self,
         role: Role,
         job: JobKind,
         timeout: Duration,
-    ) -> Result<JobOutput, CallError> {
+    ) -> Result<(String, JobOutput), CallError> {
         let agent = self.pick(role).ok_or(CallError::NoAgent(role))?;
+        Self::exchange(agent, job, timeout).await
+    }
+
+    /// As [`Hub::call`], on the agent named `name`.
+    pub async fn call_agent(
+        &self,
+        name: &str,
+        job: JobKind,
+        timeout: Duration,
+    ) -> Result<(String, JobOutput), CallError> {
+        let agent = self
+            .lock()
+            .get(name)
+            .cloned()
+            .ok_or(CallError::NoAgent(Role::Micro))?;
+        Self::exchange(agent, job, timeout).await
+    }
+
+    pub fn is_connected(&self, name: &str) -> bool {
+        self.lock().contains_key(name)
+    }
+
+    async fn exchange(
+        agent: Arc<AgentConn>,
+        job: JobKind,
+        timeout: Duration,
+    ) -> Result<(String, JobOutput), CallError> {
         agent.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&agent);
         let id = RequestId(agent.next_request.fetch_add(1, Ordering::Relaxed));
@@ -148,7 +176,7 @@ impl Hub {
         let result = tokio::time::timeout(timeout, exchange).await;
         agent.lock_pending().remove(&id);
         match result {
-            Ok(Ok(output)) => Ok(output),
+            Ok(Ok(output)) => Ok((agent.name.to_string(), output)),
             Ok(Err(())) => Err(CallError::Disconnected {
                 agent: agent.name.to_string(),
             }),
@@ -222,6 +250,7 @@ impl Hub {
 /// Everything an agent connection needs from the server.
 pub struct ConnectionContext {
     pub hub: Arc<Hub>,
+    pub deployments: Arc<Deployments>,
     pub db: Db,
     pub agent_timeout: Duration,
     pub shutdown: CancellationToken,
@@ -299,6 +328,7 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
         tracing::error!(agent = %hello.name, error = %e, "cannot record agent");
     }
     tracing::info!(agent = %conn.name, role = %conn.role, version = %conn.version, host = %conn.host, "agent connected");
+    reconcile(&ctx, &hello);
 
     let welcome = ServerMessage::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
@@ -340,7 +370,7 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
                     };
                     last_heard = tokio::time::Instant::now();
                     match frame {
-                        Message::Text(text) => match handle_frame(&conn, &text) {
+                        Message::Text(text) => match handle_frame(&conn, &ctx.deployments, &text).await {
                             Some(reply) => reply,
                             None => continue,
                         },
@@ -377,7 +407,40 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
     {
         tracing::error!(agent = %conn.name, error = %e, "cannot record agent disconnect");
     }
+    if current {
+        ctx.deployments.agent_disconnected(conn.name.to_string());
+    }
     let _ = tokio::time::timeout(limit, sink.close()).await;
+}
+
+/// After a hello: deployments the agent no longer knows fail, and what it runs of sandboxes
+/// that ended meanwhile is torn down.
+fn reconcile(ctx: &ConnectionContext, hello: &Hello) {
+    let deployments = ctx.deployments.clone();
+    let hub = ctx.hub.clone();
+    let agent = hello.name.to_string();
+    let in_progress = hello.deployments.clone();
+    let reported = hello.sandboxes.clone();
+    tokio::spawn(async move {
+        deployments.agent_connected(&agent, &in_progress).await;
+        let live = match deployments.db.live_sandbox_names().await {
+            Ok(live) => live,
+            Err(e) => {
+                tracing::error!(%agent, error = %e, "cannot read live sandboxes");
+                return;
+            }
+        };
+        for sandbox in reported
+            .into_iter()
+            .filter(|s| !live.iter().any(|l| l == s.as_str()))
+        {
+            tracing::info!(%agent, %sandbox, "removing what an agent runs of a sandbox that ended");
+            let job = JobKind::Teardown { sandbox };
+            if let Err(e) = hub.call_agent(&agent, job, Duration::from_secs(60)).await {
+                tracing::warn!(%agent, error = %e, "cannot remove a leftover sandbox");
+            }
+        }
+    });
 }
 
 /// Reads frames until the first one, which must be a `hello` in our protocol version.
@@ -424,7 +487,11 @@ async fn first_hello(
 }
 
 /// Handles one text frame of a registered agent; returns the frame to answer with, if any.
-fn handle_frame(conn: &AgentConn, text: &str) -> Option<ServerMessage> {
+async fn handle_frame(
+    conn: &AgentConn,
+    deployments: &Deployments,
+    text: &str,
+) -> Option<ServerMessage> {
     let msg = match decode_agent_frame(text) {
         Ok(msg) => msg,
         Err(e) => {
@@ -456,10 +523,13 @@ fn handle_frame(conn: &AgentConn, text: &str) -> Option<ServerMessage> {
             code: "unexpected_hello".into(),
             message: "hello was already received on this connection".into(),
         })),
-        AgentMessage::Event(event) => Some(ServerMessage::Error(ProtocolError {
-            code: "unknown_deployment".into(),
-            message: format!("no deployment {} is known here", event.deployment),
-        })),
+        AgentMessage::Event(event) => {
+            let deployment = event.deployment.clone();
+            match deployments.ingest(conn.name.as_str(), event).await {
+                Ack::Upto(seq) => Some(ServerMessage::Ack { deployment, seq }),
+                Ack::No => None,
+            }
+        }
         AgentMessage::Error(e) => {
             tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");
             None

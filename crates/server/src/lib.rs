@@ -7,8 +7,10 @@
 pub mod api;
 mod config;
 mod db;
+mod deployments;
 mod error;
 mod hub;
+mod logs;
 mod sessions;
 
 use std::net::SocketAddr;
@@ -33,6 +35,11 @@ pub enum ServerError {
     Database {
         dir: std::path::PathBuf,
         source: sqlx::Error,
+    },
+    #[error("cannot create the log directory {dir}: {source}")]
+    Logs {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
     },
     #[error("the HTTP server failed: {0}")]
     Serve(std::io::Error),
@@ -91,7 +98,12 @@ impl Server {
                 source,
             })?;
         let shutdown = CancellationToken::new();
-        let state = api::AppState::new(config, public_url, db, shutdown.clone(), dev_mode);
+        let logs_dir = config.data_dir.join("logs");
+        let state = api::AppState::new(config, public_url, db, shutdown.clone(), dev_mode)
+            .map_err(|source| ServerError::Logs {
+                dir: logs_dir,
+                source,
+            })?;
         Ok(Self {
             listener,
             state,
@@ -123,6 +135,7 @@ impl Server {
         } = self;
         tracing::info!(addr = %listener.local_addr().map_err(ServerError::Serve)?, public_url = %state.public_url, "listening");
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
+        let expiry = tokio::spawn(state.deployments.clone().sweep_expired(shutdown.clone()));
         let app = api::router(state.clone());
         let stopping = shutdown.clone();
         tokio::spawn(async move {
@@ -135,6 +148,7 @@ impl Server {
             .map_err(ServerError::Serve);
         shutdown.cancel();
         let _ = sweeper.await;
+        let _ = expiry.await;
         state.connections.close();
         if tokio::time::timeout(Duration::from_secs(5), state.connections.wait())
             .await

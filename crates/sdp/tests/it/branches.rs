@@ -8,7 +8,7 @@ async fn the_branch_list_equals_what_git_ls_remote_heads_says_with_commits() {
     let token = env.login().await;
     let listed = env.branches("orders", &token).await;
     let expected = env.git.heads("orders");
-    assert_eq!(expected.len(), 3);
+    assert_eq!(expected.len(), 5);
     assert_eq!(listed, expected);
 }
 

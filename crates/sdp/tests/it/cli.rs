@@ -46,7 +46,7 @@ fn config_print_shows_the_effective_config_with_secrets_redacted() {
     let agent = dir.path().join("agent.toml");
     std::fs::write(
         &agent,
-        "server = \"ws://127.0.0.1:9000/ws/agent\"\nrole = \"micro\"\n",
+        "server = \"ws://127.0.0.1:9000/ws/agent\"\nrole = \"micro\"\nruntime = \"process\"\n",
     )
     .unwrap();
     let (code, out, err) = sdp(

@@ -9,6 +9,7 @@ mod branches;
 mod browser;
 mod canary;
 mod cli;
+mod deploy;
 mod dev_smoke;
 mod input;
 mod login;

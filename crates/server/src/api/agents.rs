@@ -1,18 +1,15 @@
 //! `GET /api/agents`, the agents' WebSocket, and the deployment log WebSocket.
 
-use axum::Json;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Path, State};
-use axum::response::{IntoResponse, Response};
-use sdp_protocol::{Capability, MAX_FRAME_BYTES};
-use serde::Serialize;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
-
-use super::AppState;
+use super::{AppState, rfc3339};
 use crate::error::ApiError;
 use crate::hub::{ConnectionContext, serve_agent};
+use axum::Json;
+use axum::extract::State;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::response::Response;
+use sdp_protocol::{Capability, MAX_FRAME_BYTES};
+use serde::Serialize;
 
 #[derive(Serialize)]
 pub struct AgentView {
@@ -25,10 +22,6 @@ pub struct AgentView {
     running: u32,
     load: u32,
     capabilities: Vec<Capability>,
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 /// Connected agents with their live figures, then the ones seen before and gone.
@@ -76,6 +69,7 @@ pub async fn socket(
     };
     let ctx = ConnectionContext {
         hub: state.hub.clone(),
+        deployments: state.deployments.clone(),
         db: state.db.clone(),
         agent_timeout: state.config.agent_timeout.get(),
         shutdown: state.shutdown.clone(),
@@ -86,23 +80,4 @@ pub async fn socket(
         // Tracked, so the server closes the database only after every connection has
         // recorded its end.
         .on_upgrade(move |socket| state.connections.track_future(serve_agent(ctx, socket)))
-}
-
-/// The live log of a deployment. Deployments arrive with the deploy pipeline; until then
-/// none exists, and this says so after the session and Origin checks have passed.
-pub async fn deployment_socket(
-    Path(id): Path<String>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-) -> Response {
-    if upgrade.is_err() {
-        return super::websocket_required();
-    }
-    ApiError::not_found(
-        "unknown_deployment",
-        format!(
-            "there is no deployment {:?}",
-            id.chars().take(80).collect::<String>()
-        ),
-    )
-    .into_response()
 }

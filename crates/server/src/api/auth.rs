@@ -42,7 +42,8 @@ pub async fn login(
         .hub
         .call(Role::Micro, job, state.config.job_timeout.get())
         .await
-        .map_err(super::catalog::call_error)?;
+        .map_err(super::catalog::call_error)?
+        .1;
     match output {
         JobOutput::CredentialsAccepted => {}
         JobOutput::Failed(e) if e.code == JobErrorCode::AuthFailed => {

@@ -62,7 +62,8 @@ pub async fn branches(
         .hub
         .call(Role::Micro, job, state.config.job_timeout.get())
         .await
-        .map_err(call_error)?;
+        .map_err(call_error)?
+        .1;
     match output {
         JobOutput::Branches { mut branches } => {
             branches.sort_by(|a, b| a.name.cmp(&b.name));

@@ -7,6 +7,8 @@
 mod agents;
 mod auth;
 mod catalog;
+mod deployments;
+mod sandboxes;
 
 use std::sync::Arc;
 
@@ -24,8 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 use crate::db::Db;
+use crate::deployments::Deployments;
 use crate::error::ApiError;
 use crate::hub::Hub;
+use crate::logs::Logs;
 use crate::sessions::{self, PasswordVault};
 
 /// The largest request body accepted.
@@ -91,12 +95,46 @@ fn endpoints() -> Vec<Endpoint> {
             catalog::branches,
         ),
         endpoint(Method::GET, "/api/agents", Session, agents::list),
+        endpoint(Method::POST, "/api/sandboxes", Session, sandboxes::create),
+        endpoint(Method::GET, "/api/sandboxes", Session, sandboxes::list),
+        endpoint(Method::GET, "/api/sandboxes/{id}", Session, sandboxes::get),
+        endpoint(
+            Method::DELETE,
+            "/api/sandboxes/{id}",
+            Session,
+            sandboxes::delete,
+        ),
+        endpoint(
+            Method::POST,
+            "/api/sandboxes/{id}/deploy",
+            Session,
+            sandboxes::redeploy,
+        ),
+        endpoint(
+            Method::POST,
+            "/api/sandboxes/{id}/extend",
+            Session,
+            sandboxes::extend,
+        ),
+        endpoint(Method::GET, "/api/deployments", Session, deployments::list),
+        endpoint(
+            Method::GET,
+            "/api/deployments/{id}",
+            Session,
+            deployments::get,
+        ),
+        endpoint(
+            Method::GET,
+            "/api/deployments/{id}/logs",
+            Session,
+            deployments::logs,
+        ),
         endpoint(Method::GET, "/ws/agent", Agent, agents::socket),
         endpoint(
             Method::GET,
             "/ws/deployments/{id}",
             SessionWebSocket,
-            agents::deployment_socket,
+            deployments::socket,
         ),
     ]
 }
@@ -111,6 +149,7 @@ pub(crate) struct Inner {
     pub public_url: url::Url,
     pub db: Db,
     pub hub: Arc<Hub>,
+    pub deployments: Arc<Deployments>,
     pub vault: PasswordVault,
     pub shutdown: CancellationToken,
     /// The agent connections, waited for at shutdown.
@@ -137,19 +176,29 @@ impl AppState {
         db: Db,
         shutdown: CancellationToken,
         dev_mode: bool,
-    ) -> Self {
+    ) -> std::io::Result<Self> {
         let agent_token_digest = digest(config.agent_token.expose());
-        Self(Arc::new(Inner {
+        let hub = Arc::new(Hub::default());
+        let deployments = Arc::new(Deployments {
+            db: db.clone(),
+            logs: Logs::new(config.data_dir.join("logs"))?,
+            hub: hub.clone(),
+            job_timeout: config.job_timeout.get(),
+            agent_timeout: config.agent_timeout.get(),
+            gateway_url: config.gateway.public_url.clone(),
+        });
+        Ok(Self(Arc::new(Inner {
             config,
             public_url,
             db,
-            hub: Arc::new(Hub::default()),
+            hub,
+            deployments,
             vault: PasswordVault::default(),
             shutdown,
             connections: tokio_util::task::TaskTracker::new(),
             dev_mode,
             agent_token_digest,
-        }))
+        })))
     }
 }
 
@@ -322,6 +371,12 @@ async fn require_agent_token(
         ));
     }
     Ok(next.run(req).await)
+}
+
+/// Times in the API are RFC 3339.
+pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// A response with our error shape for a refused WebSocket upgrade.

@@ -75,6 +75,19 @@ impl GitServer {
 
     /// Creates a bare repository `name` whose branches each hold a `message.txt`.
     pub fn create_repo(&self, name: &str, branches: &[&str]) {
+        self.create_repo_with(name, branches, |branch| {
+            vec![("message.txt".into(), format!("{name} on {branch}\n"))]
+        });
+    }
+
+    /// Creates a bare repository `name` whose branch `b` holds the files `files(b)`, each
+    /// branch starting from `main`.
+    pub fn create_repo_with(
+        &self,
+        name: &str,
+        branches: &[&str],
+        files: impl Fn(&str) -> Vec<(String, String)>,
+    ) {
         let bare = self.repo_path(name);
         let work = self.root.join(format!(".{name}.work"));
         run_git(
@@ -89,7 +102,11 @@ impl GitServer {
             if i > 0 {
                 run_git(&work, &["checkout", "-q", "-b", branch, "main"]);
             }
-            std::fs::write(work.join("message.txt"), format!("{name} on {branch}\n")).unwrap();
+            for (path, content) in files(branch) {
+                let path = work.join(path);
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(path, content).unwrap();
+            }
             run_git(&work, &["add", "."]);
             run_git(
                 &work,
@@ -105,6 +122,27 @@ impl GitServer {
                 ],
             );
         }
+        std::fs::remove_dir_all(&work).unwrap();
+    }
+
+    /// Adds a commit to `branch` of `name` that changes `message.txt`.
+    pub fn push_change(&self, name: &str, branch: &str, message: &str) {
+        let work = self.root.join(format!(".{name}.change"));
+        let _ = std::fs::remove_dir_all(&work);
+        run_git(
+            &self.root,
+            &[
+                "clone",
+                "-q",
+                "-b",
+                branch,
+                self.repo_path(name).to_str().unwrap(),
+                work.to_str().unwrap(),
+            ],
+        );
+        std::fs::write(work.join("message.txt"), message).unwrap();
+        run_git(&work, &["commit", "-q", "-am", message]);
+        run_git(&work, &["push", "-q", "origin", branch]);
         std::fs::remove_dir_all(&work).unwrap();
     }
 
@@ -170,6 +208,53 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Option<String> {
     let (user, password) = decoded.split_once(':')?;
     let users = shared.users.lock().unwrap();
     (users.get(user).map(String::as_str) == Some(password)).then(|| user.to_owned())
+}
+
+/// The files of a real Go service for branch `branch`: it answers every path with
+/// `<name> on <branch>` and its sandbox, and `/healthz` with ok. Branch `broken` does not
+/// compile, and branch `unhealthy` answers 500 on `/healthz`.
+pub fn go_service(name: &str, branch: &str) -> Vec<(String, String)> {
+    let health_status = if branch == "unhealthy" { 500 } else { 200 };
+    let broken = if branch == "broken" {
+        "this is not Go\n"
+    } else {
+        ""
+    };
+    let main = format!(
+        r#"package main
+
+import (
+	"fmt"
+	"net/http"
+	"os"
+)
+
+{broken}
+func main() {{
+	http.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {{
+		w.WriteHeader({health_status})
+		fmt.Fprintln(w, "health")
+	}})
+	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {{
+		fmt.Fprintf(w, "{name} on {branch} in %s\n", os.Getenv("SDP_SANDBOX"))
+	}})
+	fmt.Println("{name} listening on", os.Getenv("PORT"))
+	fmt.Fprintln(os.Stderr, "{name} says hello on stderr")
+	if err := http.ListenAndServe(":"+os.Getenv("PORT"), nil); err != nil {{
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}}
+}}
+"#
+    );
+    vec![
+        (
+            "go.mod".into(),
+            format!("module example.com/{name}\n\ngo 1.19\n"),
+        ),
+        ("main.go".into(), main),
+        ("message.txt".into(), format!("{name} on {branch}\n")),
+    ]
 }
 
 /// Repositories under this name never answer, like a git server that hangs.

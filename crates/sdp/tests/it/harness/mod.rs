@@ -144,6 +144,8 @@ pub struct Options {
     pub job_timeout: &'static str,
     pub agent_timeout: &'static str,
     pub git_timeout: &'static str,
+    pub health_timeout: &'static str,
+    pub sandbox_ttl: &'static str,
     pub micro_agents: usize,
     /// `RUST_LOG` of the server and agents.
     pub log: &'static str,
@@ -156,6 +158,8 @@ impl Default for Options {
             job_timeout: "10s",
             agent_timeout: "10s",
             git_timeout: "20s",
+            health_timeout: "20s",
+            sandbox_ttl: "1h",
             micro_agents: 1,
             log: DEFAULT_LOG,
         }
@@ -202,6 +206,86 @@ impl Api {
             json!({"username": user, "password": password}),
         )
         .await
+    }
+
+    /// `POST /api/sandboxes` with `SERVICE@BRANCH` selections.
+    pub async fn create_sandbox(&self, token: &str, name: &str, selections: &[&str]) -> Reply {
+        self.post_json(
+            "/api/sandboxes",
+            Some(token),
+            json!({"name": name, "services": selection_list(selections)}),
+        )
+        .await
+    }
+
+    /// `POST /api/sandboxes/{name}/deploy`.
+    pub async fn redeploy(&self, token: &str, name: &str, selections: &[&str]) -> Reply {
+        self.post_json(
+            &format!("/api/sandboxes/{name}/deploy"),
+            Some(token),
+            json!({"services": selection_list(selections)}),
+        )
+        .await
+    }
+
+    /// Waits until deployment `id` ends, and returns it.
+    pub async fn wait_deployment(&self, token: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let reply = self
+                .get(&format!("/api/deployments/{id}"), Some(token))
+                .await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let d = reply.json();
+            if !matches!(d["state"].as_str(), Some("queued" | "running")) {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deployment {id} never ended: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Creates a sandbox and waits for its first deployment; returns (sandbox, deployment).
+    pub async fn deploy(&self, token: &str, name: &str, selections: &[&str]) -> (Value, Value) {
+        let reply = self.create_sandbox(token, name, selections).await;
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        let id = reply.json()["deployment"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let deployment = self.wait_deployment(token, &id).await;
+        let sandbox = self
+            .get(&format!("/api/sandboxes/{name}"), Some(token))
+            .await
+            .json();
+        (sandbox, deployment)
+    }
+
+    /// Every frame of `/ws/deployments/{id}?from=`, until the server closes.
+    pub async fn log_frames(&self, token: &str, id: &str, from: u64) -> Vec<Value> {
+        let url = format!(
+            "{}/ws/deployments/{id}?from={from}",
+            self.url.replacen("http://", "ws://", 1)
+        );
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let mut frames = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(120), socket.next())
+                .await
+                .expect("a frame or the close within 120s");
+            match next {
+                Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(_))) | None => return frames,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("log socket failed after {frames:?}: {e}"),
+            }
+        }
     }
 
     /// `GET /api/services/{service}/branches` as sorted (name, commit) pairs.
@@ -280,7 +364,11 @@ impl TestEnv {
         let git = GitServer::start(&dir.path().join("git")).await;
         git.add_user(USER, PASSWORD);
         git.create_repo("probe", &["main"]);
-        git.create_repo("orders", &["main", "feature/x", "release/1.0"]);
+        git.create_repo_with(
+            "orders",
+            &["main", "feature/x", "release/1.0", "broken", "unhealthy"],
+            |branch| git_server::go_service("orders", branch),
+        );
         git.create_repo("payments", &["main"]);
         git.create_repo("stuck", &["main"]);
         let mut env = TestEnv {
@@ -305,22 +393,28 @@ impl TestEnv {
 
     fn server_config(&self, listen: &str) -> String {
         let o = &self.opts;
-        let service = |name: &str| {
+        let service = |name: &str, build: &str, run: &str| {
             format!(
-                "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"true\"\nrun = \"true\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"http://127.0.0.1:9/{name}\"\n\n",
+                "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"{build}\"\nrun = \"{run}\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"http://127.0.0.1:9/{name}\"\nenv = {{ GREETING = \"hi\" }}\n\n",
                 self.git.url(name)
             )
         };
         format!(
-            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n{}{}{}",
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n{}{}{}",
             self.server_data_dir().display(),
             o.session_ttl,
+            o.sandbox_ttl,
             o.job_timeout,
             o.agent_timeout,
             self.git.url("probe"),
-            service("orders"),
-            service("payments"),
-            service("stuck"),
+            // A real Go service; the echo shows the build's output in the log.
+            service(
+                "orders",
+                "echo building $SDP_SERVICE && CGO_ENABLED=0 go build -o .sdp/bin/app .",
+                "./.sdp/bin/app",
+            ),
+            service("payments", "true", "true"),
+            service("stuck", "true", "true"),
         )
     }
 
@@ -362,10 +456,12 @@ impl TestEnv {
         std::fs::write(
             &path,
             format!(
-                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"process\"\ngit_timeout = \"{}\"\n{gateway}",
+                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"process\"\ngit_timeout = \"{}\"\nhealth_timeout = \"{}\"\nport_range = \"{}\"\n{gateway}",
                 self.ws_url(),
                 self.agent_work_dir(name).display(),
                 self.opts.git_timeout,
+                self.opts.health_timeout,
+                free_port_range(),
             ),
         )
         .unwrap();
@@ -424,6 +520,11 @@ impl TestEnv {
             .unwrap()
     }
 
+    /// The audit trail's actions, oldest first, joined by commas.
+    pub fn audit_actions(&self) -> String {
+        self.sqlite("SELECT group_concat(action, ',') FROM (SELECT action FROM audit ORDER BY id)")
+    }
+
     fn sqlite(&self, query: &str) -> String {
         let db = self.server_data_dir().join("sdp.db");
         let out = Command::new("python3")
@@ -441,6 +542,27 @@ impl TestEnv {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+}
+
+fn selection_list(selections: &[&str]) -> Value {
+    selections
+        .iter()
+        .map(|s| {
+            let (service, branch) = s.split_once('@').unwrap();
+            json!({"service": service, "branch": branch})
+        })
+        .collect()
+}
+
+/// A range of 50 ports nothing listens on now, so that tests running side by side do not
+/// hand out the same ports.
+fn free_port_range() -> String {
+    loop {
+        let base = 20_000 + (rand::random::<u16>() % 800) * 50;
+        if (base..base + 50).all(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()) {
+            return format!("{base}-{}", base + 49);
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //!
 //! Every query of the control plane is a method here, so the schema has one owner.
 
+mod sandboxes;
+
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -24,6 +26,8 @@ pub fn from_millis(ms: i64) -> OffsetDateTime {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
+
+pub use sandboxes::{DeploymentRow, ListQuery, SandboxRow, Selection, WriteError};
 
 pub struct SessionRow {
     pub username: String,

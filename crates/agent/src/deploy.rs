@@ -1,0 +1,315 @@
+//! A deployment on the micro agent: for each service, fetch the branch, build it on the host,
+//! start it in the runtime, wait for its health path; then report the outcome.
+//!
+//! Every step is an event of the deployment (see [`crate::events`]); the last event is the
+//! outcome, with each service's commit and upstream address.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sdp_protocol::{
+    DeployJob, EventBody, LogStream, SandboxName, ServiceOutcome, ServiceSpec, Step, StepState,
+};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+
+use crate::events::Outbox;
+use crate::git::Git;
+use crate::lines::{LineSink, pump};
+use crate::runtime::{Runtime, StartRequest};
+
+/// Variables a build sees of the agent's environment: the toolchain's and the proxies'.
+const BUILD_PASS_THROUGH: &[&str] = &[
+    "PATH",
+    "TMPDIR",
+    "LANG",
+    "http_proxy",
+    "https_proxy",
+    "no_proxy",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "NO_PROXY",
+    "GOPROXY",
+    "GOFLAGS",
+    "GOPRIVATE",
+    "GONOSUMDB",
+    "GOTOOLCHAIN",
+];
+
+pub struct Deployer {
+    pub git: Git,
+    pub runtime: Arc<dyn Runtime>,
+    pub outbox: Arc<Outbox>,
+    pub work_dir: PathBuf,
+    pub advertise_host: String,
+    pub build_timeout: Duration,
+    pub health_timeout: Duration,
+    pub http: reqwest::Client,
+}
+
+/// Why a service did not come up, as the user reads it.
+struct Failure(String);
+
+impl Deployer {
+    pub fn checkouts(&self, sandbox: &SandboxName) -> PathBuf {
+        self.work_dir.join("checkouts").join(sandbox.as_str())
+    }
+
+    /// Runs a deploy job to its outcome, or until `cancel` (a teardown) stops it.
+    pub async fn run(&self, job: DeployJob, cancel: CancellationToken) {
+        let deployment = job.deployment.clone();
+        let mut outcomes = Vec::new();
+        let mut failure = None;
+        for spec in &job.services {
+            let result = tokio::select! {
+                _ = cancel.cancelled() => Err(Failure("the sandbox was torn down".into())),
+                r = self.service(&job, spec) => r,
+            };
+            match result {
+                Ok(outcome) => outcomes.push(outcome),
+                Err(Failure(reason)) => {
+                    outcomes.push(ServiceOutcome {
+                        service: spec.service.clone(),
+                        commit: None,
+                        upstream: None,
+                    });
+                    failure = Some(reason);
+                    break;
+                }
+            }
+        }
+        let ok = failure.is_none();
+        self.outbox
+            .emit(
+                &deployment,
+                EventBody::Outcome {
+                    ok,
+                    error: failure,
+                    services: outcomes,
+                },
+            )
+            .await;
+        self.outbox.close(&deployment);
+    }
+
+    async fn service(
+        &self,
+        job: &DeployJob,
+        spec: &ServiceSpec,
+    ) -> Result<ServiceOutcome, Failure> {
+        let d = job.deployment.as_str();
+        let service = &spec.service;
+        let out = &self.outbox;
+        let dir = self.checkouts(&job.sandbox);
+        let checkout = dir.join(service.as_str());
+        let marker = dir.join(format!(".{service}.built"));
+
+        out.step(d, service, Step::Fetching, StepState::Running)
+            .await;
+        let commit = match self
+            .git
+            .fetch(&spec.repo, &spec.branch, &checkout, &job.credentials)
+            .await
+        {
+            Ok(commit) => commit,
+            Err(e) => {
+                out.step(d, service, Step::Fetching, StepState::Failed)
+                    .await;
+                return Err(Failure(format!(
+                    "fetching {service}@{}: {}",
+                    spec.branch, e.message
+                )));
+            }
+        };
+        out.system(d, Some(service), format!("{} is at {commit}", spec.branch))
+            .await;
+
+        let built = std::fs::read_to_string(&marker).ok();
+        if built.as_deref() == Some(commit.as_str()) {
+            out.step(d, service, Step::Building, StepState::Skipped)
+                .await;
+            out.system(
+                d,
+                Some(service),
+                format!("commit {} was built already: not rebuilding", &commit[..12]),
+            )
+            .await;
+        } else {
+            let _ = std::fs::remove_file(&marker);
+            if let Err(e) = self.git.switch(&checkout, &commit, &job.credentials).await {
+                out.step(d, service, Step::Fetching, StepState::Failed)
+                    .await;
+                return Err(Failure(format!("checking out {commit}: {}", e.message)));
+            }
+            out.step(d, service, Step::Building, StepState::Running)
+                .await;
+            if let Err(Failure(reason)) = self.build(job, spec, &checkout).await {
+                out.step(d, service, Step::Building, StepState::Failed)
+                    .await;
+                return Err(Failure(reason));
+            }
+            std::fs::write(&marker, &commit)
+                .map_err(|e| Failure(format!("cannot record the build: {e}")))?;
+        }
+
+        out.step(d, service, Step::Starting, StepState::Running)
+            .await;
+        let _ = self.runtime.stop_service(&job.sandbox, service).await;
+        let mut env = spec.env.clone();
+        env.insert("SDP_SANDBOX".into(), job.sandbox.to_string());
+        env.insert("SDP_SERVICE".into(), service.to_string());
+        env.insert("SDP_GATEWAY_URL".into(), job.gateway_url.clone());
+        let instance = match self
+            .runtime
+            .start(StartRequest {
+                sandbox: job.sandbox.clone(),
+                service: service.clone(),
+                deployment: job.deployment.clone(),
+                checkout: checkout.clone(),
+                run: spec.run.clone(),
+                port: spec.port,
+                env,
+                output: self.outbox.clone(),
+            })
+            .await
+        {
+            Ok(instance) => instance,
+            Err(e) => {
+                out.step(d, service, Step::Starting, StepState::Failed)
+                    .await;
+                return Err(Failure(format!("starting {service}: {e}")));
+            }
+        };
+        if let Err(Failure(reason)) = self.wait_healthy(instance.host_port, &spec.health).await {
+            out.step(d, service, Step::Starting, StepState::Failed)
+                .await;
+            let _ = self.runtime.stop_service(&job.sandbox, service).await;
+            return Err(Failure(format!("{service} {reason}")));
+        }
+        out.step(d, service, Step::Healthy, StepState::Done).await;
+        Ok(ServiceOutcome {
+            service: service.clone(),
+            commit: Some(commit),
+            upstream: Some(format!("{}:{}", self.advertise_host, instance.host_port)),
+        })
+    }
+
+    /// The catalog's `build` through `sh -c` in the checkout, its output streamed line by
+    /// line with the user's password masked, under the build timeout.
+    async fn build(
+        &self,
+        job: &DeployJob,
+        spec: &ServiceSpec,
+        checkout: &Path,
+    ) -> Result<(), Failure> {
+        let mut env = BTreeMap::new();
+        for key in BUILD_PASS_THROUGH {
+            if let Ok(v) = std::env::var(key) {
+                env.insert((*key).to_owned(), v);
+            }
+        }
+        let cache = self.work_dir.join("cache");
+        env.insert("HOME".into(), self.git.home.display().to_string());
+        env.insert(
+            "GOCACHE".into(),
+            cache.join("go-build").display().to_string(),
+        );
+        env.insert("GOPATH".into(), cache.join("go").display().to_string());
+        env.insert("SDP_SANDBOX".into(), job.sandbox.to_string());
+        env.insert("SDP_SERVICE".into(), spec.service.to_string());
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&spec.build)
+            .current_dir(checkout)
+            .env_clear()
+            .envs(&env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Failure(format!("cannot run the build of {}: {e}", spec.service)))?;
+        let pid = child.id();
+        let sink = |stream: LogStream| LineSink {
+            outbox: self.outbox.clone(),
+            deployment: job.deployment.clone(),
+            service: spec.service.clone(),
+            stream,
+            mask: Some(job.credentials.clone()),
+        };
+        let stdout = pump(child.stdout.take().expect("piped"), sink(LogStream::Stdout));
+        let stderr = pump(child.stderr.take().expect("piped"), sink(LogStream::Stderr));
+        let run = async {
+            let (_, _, status) = tokio::join!(stdout, stderr, child.wait());
+            status
+        };
+        match tokio::time::timeout(self.build_timeout, run).await {
+            Ok(Ok(status)) if status.success() => Ok(()),
+            Ok(Ok(status)) => Err(Failure(match status.code() {
+                Some(code) => format!("the build of {} failed with exit code {code}", spec.service),
+                None => format!("the build of {} was killed ({status})", spec.service),
+            })),
+            Ok(Err(e)) => Err(Failure(format!(
+                "the build of {} failed to run: {e}",
+                spec.service
+            ))),
+            Err(_) => {
+                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                Err(Failure(format!(
+                    "the build of {} did not finish within {}s",
+                    spec.service,
+                    self.build_timeout.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// Polls `health` until it answers 200, or the health timeout passes.
+    async fn wait_healthy(&self, port: u16, health: &str) -> Result<(), Failure> {
+        let url = format!("http://127.0.0.1:{port}{health}");
+        let deadline = tokio::time::Instant::now() + self.health_timeout;
+        let mut last = String::from("no answer");
+        while tokio::time::Instant::now() < deadline {
+            match self
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+            {
+                Ok(resp) if resp.status() == reqwest::StatusCode::OK => return Ok(()),
+                Ok(resp) => last = format!("status {}", resp.status().as_u16()),
+                Err(e) if e.is_connect() => last = "connection refused".into(),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(Failure(format!(
+            "did not become healthy within {}s: {health} gave {last}",
+            self.health_timeout.as_secs()
+        )))
+    }
+
+    /// Stops everything of `sandbox` and deletes its checkouts.
+    pub async fn teardown(&self, sandbox: &SandboxName) -> Result<(), String> {
+        self.runtime
+            .stop_sandbox(sandbox)
+            .await
+            .map_err(|e| e.to_string())?;
+        let dir = self.checkouts(sandbox);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot delete {}: {e}", dir.display())),
+        }
+    }
+}

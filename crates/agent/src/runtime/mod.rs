@@ -1,0 +1,57 @@
+//! Where services run. Two runtimes keep one contract: the Docker Engine (containers) and
+//! plain supervised process groups (hosts without Docker, and `sdp dev`).
+
+mod process;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use sdp_protocol::{SandboxName, ServiceName};
+
+pub use process::ProcessRuntime;
+
+use crate::events::Outbox;
+
+/// What a runtime needs to start one service instance.
+pub struct StartRequest {
+    pub sandbox: SandboxName,
+    pub service: ServiceName,
+    pub deployment: String,
+    /// The checkout: `/src` in a container, the working directory of a process.
+    pub checkout: PathBuf,
+    /// The catalog's `run`, through `sh -c`.
+    pub run: String,
+    /// The port the service listens on inside a container.
+    pub port: u16,
+    /// `PORT` is added by the runtime.
+    pub env: BTreeMap<String, String>,
+    /// Where the instance's output goes, as log lines of `deployment`.
+    pub output: Arc<Outbox>,
+}
+
+/// A started instance.
+pub struct Instance {
+    /// The host port the gateway reaches it on.
+    pub host_port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RuntimeError(pub String);
+
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync {
+    /// Starts an instance; a previous instance of the same service must be stopped first.
+    async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError>;
+    /// Stops and removes the instance of `service` in `sandbox`, if there is one.
+    async fn stop_service(
+        &self,
+        sandbox: &SandboxName,
+        service: &ServiceName,
+    ) -> Result<(), RuntimeError>;
+    /// Stops and removes every instance of `sandbox`.
+    async fn stop_sandbox(&self, sandbox: &SandboxName) -> Result<(), RuntimeError>;
+    /// The sandboxes something runs of, found from the runtime itself (labels, pid files).
+    async fn sandboxes(&self) -> Result<Vec<SandboxName>, RuntimeError>;
+}

@@ -1,0 +1,275 @@
+//! The process runtime: each instance is `sh -c <run>` in its own process group, with `PORT`
+//! a free port of `port_range`, supervised by the agent. A pid file per instance under
+//! `<work_dir>/run/<sandbox>/` lets a restarted agent find, report and stop what it started.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use sdp_protocol::{LogStream, SandboxName, ServiceName};
+use serde::{Deserialize, Serialize};
+use tokio::process::Command;
+
+use super::{Instance, Runtime, RuntimeError, StartRequest};
+use crate::lines::{LineSink, pump};
+
+/// How long an instance has to stop after SIGTERM before SIGKILL.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Serialize, Deserialize)]
+struct PidFile {
+    pid: i32,
+    port: u16,
+    deployment: String,
+}
+
+pub struct ProcessRuntime {
+    run_dir: PathBuf,
+    home: PathBuf,
+    ports: (u16, u16),
+    bind_host: String,
+    in_use: Mutex<HashSet<u16>>,
+    /// Base environment: what services may see of the agent's own (PATH and the like).
+    base_env: BTreeMap<String, String>,
+    children: Mutex<HashMap<(String, String), i32>>,
+}
+
+fn err(message: impl Into<String>) -> RuntimeError {
+    RuntimeError(message.into())
+}
+
+impl ProcessRuntime {
+    pub fn new(work_dir: &Path, ports: (u16, u16), bind_host: &str) -> ProcessRuntime {
+        let mut base_env = BTreeMap::new();
+        for key in ["PATH", "TMPDIR", "LANG", "TZ"] {
+            if let Ok(v) = std::env::var(key) {
+                base_env.insert(key.to_owned(), v);
+            }
+        }
+        ProcessRuntime {
+            run_dir: work_dir.join("run"),
+            home: work_dir.join("home"),
+            ports,
+            bind_host: bind_host.to_owned(),
+            in_use: Mutex::default(),
+            base_env,
+            children: Mutex::default(),
+        }
+    }
+
+    fn pid_path(&self, sandbox: &str, service: &str) -> PathBuf {
+        self.run_dir
+            .join(sandbox)
+            .join(format!("{service}.pid.json"))
+    }
+
+    /// A port of the range that nothing listens on now.
+    fn allocate_port(&self) -> Result<u16, RuntimeError> {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        for port in self.ports.0..=self.ports.1 {
+            if in_use.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind((self.bind_host.as_str(), port)).is_ok() {
+                in_use.insert(port);
+                return Ok(port);
+            }
+        }
+        Err(err(format!(
+            "no free port left in {}-{}",
+            self.ports.0, self.ports.1
+        )))
+    }
+
+    fn release_port(&self, port: u16) {
+        self.in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&port);
+    }
+
+    /// Ends the process group `pid` leads: SIGTERM, then SIGKILL after the grace.
+    async fn end_group(pid: i32) {
+        let group = Pid::from_raw(pid);
+        if killpg(group, Signal::SIGTERM).is_err() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        while tokio::time::Instant::now() < deadline {
+            if killpg(group, None).is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = killpg(group, Signal::SIGKILL);
+    }
+
+    async fn stop_by_file(&self, path: &Path) {
+        if let Ok(text) = std::fs::read_to_string(path)
+            && let Ok(pid_file) = serde_json::from_str::<PidFile>(&text)
+        {
+            Self::end_group(pid_file.pid).await;
+            self.release_port(pid_file.port);
+        }
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for ProcessRuntime {
+    async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
+        // No container maps the catalog's port here: the service listens on `PORT` itself.
+        let port = self.allocate_port()?;
+        tracing::debug!(sandbox = %req.sandbox, service = %req.service, port, catalog_port = req.port, "starting a process");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(&req.run)
+            .current_dir(&req.checkout)
+            .env_clear()
+            .envs(&self.base_env)
+            .env("HOME", &self.home)
+            .envs(&req.env)
+            .env("PORT", port.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                self.release_port(port);
+                return Err(err(format!("cannot start {}: {e}", req.service)));
+            }
+        };
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| err("the service exited at once"))?;
+        let path = self.pid_path(req.sandbox.as_str(), req.service.as_str());
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let pid_file = PidFile {
+            pid,
+            port,
+            deployment: req.deployment.clone(),
+        };
+        std::fs::write(&path, serde_json::to_vec(&pid_file).expect("serializes"))
+            .map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((req.sandbox.to_string(), req.service.to_string()), pid);
+
+        for (pipe, stream) in [
+            (
+                child
+                    .stdout
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+                LogStream::Stdout,
+            ),
+            (
+                child
+                    .stderr
+                    .take()
+                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+                LogStream::Stderr,
+            ),
+        ] {
+            let Some(pipe) = pipe else { continue };
+            let sink = LineSink {
+                outbox: req.output.clone(),
+                deployment: req.deployment.clone(),
+                service: req.service.clone(),
+                stream,
+                mask: None,
+            };
+            tokio::spawn(pump(pipe, sink));
+        }
+        let (outbox, deployment, service) = (
+            req.output.clone(),
+            req.deployment.clone(),
+            req.service.clone(),
+        );
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                outbox
+                    .system(
+                        &deployment,
+                        Some(&service),
+                        format!("{service} exited: {status}"),
+                    )
+                    .await;
+            }
+        });
+        Ok(Instance { host_port: port })
+    }
+
+    async fn stop_service(
+        &self,
+        sandbox: &SandboxName,
+        service: &ServiceName,
+    ) -> Result<(), RuntimeError> {
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(sandbox.to_string(), service.to_string()));
+        self.stop_by_file(&self.pid_path(sandbox.as_str(), service.as_str()))
+            .await;
+        Ok(())
+    }
+
+    async fn stop_sandbox(&self, sandbox: &SandboxName) -> Result<(), RuntimeError> {
+        let dir = self.run_dir.join(sandbox.as_str());
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                self.stop_by_file(&entry.path()).await;
+            }
+        }
+        self.children
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(s, _), _| s != sandbox.as_str());
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+
+    async fn sandboxes(&self) -> Result<Vec<SandboxName>, RuntimeError> {
+        let mut found = Vec::new();
+        let Ok(entries) = std::fs::read_dir(&self.run_dir) else {
+            return Ok(found);
+        };
+        for entry in entries.flatten() {
+            let Ok(name) = SandboxName::parse(entry.file_name().to_string_lossy().into_owned())
+            else {
+                continue;
+            };
+            let alive = std::fs::read_dir(entry.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|f| std::fs::read_to_string(f.path()).ok())
+                .filter_map(|t| serde_json::from_str::<PidFile>(&t).ok())
+                .any(|p| {
+                    // Ports of instances a previous run started stay taken.
+                    self.in_use
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(p.port);
+                    killpg(Pid::from_raw(p.pid), None).is_ok()
+                });
+            if alive {
+                found.push(name);
+            } else {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(found)
+    }
+}

@@ -1,0 +1,279 @@
+//! Deployments: read, list, the log as text, and the live log WebSocket (SPEC §4.4, §11).
+
+use axum::Json;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::sandboxes::{ListParams, cursor, list_query};
+use super::{AppState, rfc3339};
+use crate::db::DeploymentRow;
+use crate::error::ApiError;
+use crate::logs::{Frame, Line, Logs};
+
+#[derive(Serialize)]
+pub struct DeploymentView {
+    id: String,
+    sandbox_id: String,
+    requested_by: String,
+    state: String,
+    error: Option<String>,
+    created_at: String,
+    finished_at: Option<String>,
+    /// The micro agent that ran it.
+    agent: Option<String>,
+    services: Vec<DeploymentServiceView>,
+    /// Every step with its start and end, in order (only in `GET /api/deployments/{id}`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    steps: Option<Vec<StepView>>,
+}
+
+#[derive(Serialize)]
+struct StepView {
+    service: Option<String>,
+    step: String,
+    state: String,
+    started_at: String,
+    ended_at: Option<String>,
+}
+
+#[derive(Serialize)]
+struct DeploymentServiceView {
+    service: String,
+    branch: String,
+    commit: Option<String>,
+    step: String,
+    state: String,
+}
+
+pub(crate) fn deployment_view(row: DeploymentRow) -> DeploymentView {
+    DeploymentView {
+        id: row.id,
+        sandbox_id: row.sandbox_id,
+        requested_by: row.requested_by,
+        state: row.state,
+        error: row.error,
+        created_at: rfc3339(row.created_at),
+        finished_at: row.finished_at.map(rfc3339),
+        agent: row.agent,
+        steps: None,
+        services: row
+            .services
+            .into_iter()
+            .map(|s| DeploymentServiceView {
+                service: s.service,
+                branch: s.branch,
+                commit: s.commit,
+                step: s.step,
+                state: s.state,
+            })
+            .collect(),
+    }
+}
+
+async fn load(state: &AppState, id: &str) -> Result<DeploymentRow, ApiError> {
+    state.db.deployment(id).await?.ok_or_else(|| {
+        ApiError::not_found(
+            "unknown_deployment",
+            format!(
+                "there is no deployment {:?}",
+                id.chars().take(80).collect::<String>()
+            ),
+        )
+    })
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<DeploymentView>, ApiError> {
+    let mut view = deployment_view(load(&state, &id).await?);
+    let steps = state.db.steps(&id).await?;
+    view.steps = Some(
+        steps
+            .into_iter()
+            .map(|(service, step, state, started, ended)| StepView {
+                service: Some(service).filter(|s| !s.is_empty()),
+                step,
+                state,
+                started_at: rfc3339(started),
+                ended_at: ended.map(rfc3339),
+            })
+            .collect(),
+    );
+    Ok(Json(view))
+}
+
+const DEPLOYMENT_STATES: &[&str] = &["queued", "running", "ready", "failed", "cancelled"];
+
+pub async fn list(
+    State(state): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let q = list_query(params, DEPLOYMENT_STATES)?;
+    let rows = state.db.list_deployments(&q).await?;
+    let next = (rows.len() == q.limit as usize)
+        .then(|| rows.last().map(|r| cursor(r.created_at, &r.id)))
+        .flatten();
+    let items: Vec<DeploymentView> = rows.into_iter().map(deployment_view).collect();
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+/// One frame as a line for people.
+fn render(frame: &Frame) -> String {
+    match frame {
+        Frame::Log {
+            ts,
+            service,
+            stream,
+            line,
+            ..
+        } => format!(
+            "{ts} [{}/{stream}] {line}",
+            service.as_deref().unwrap_or("sdp")
+        ),
+        Frame::Step {
+            ts,
+            service,
+            step,
+            state,
+            ..
+        } => format!(
+            "{ts} [{}] step {step}: {state}",
+            service.as_deref().unwrap_or("sdp")
+        ),
+        Frame::End {
+            ts, state, error, ..
+        } => match error {
+            Some(e) => format!("{ts} deployment {state}: {e}"),
+            None => format!("{ts} deployment {state}"),
+        },
+    }
+}
+
+pub async fn logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    load(&state, &id).await?;
+    let lines = state
+        .deployments
+        .logs
+        .read_from(&id, 0)
+        .await
+        .map_err(|e| ApiError::internal("read log", &e))?;
+    let mut text = String::new();
+    for line in lines {
+        if let Ok(frame) = serde_json::from_str::<Frame>(&line.json) {
+            text.push_str(&render(&frame));
+            text.push('\n');
+        }
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+}
+
+#[derive(Deserialize)]
+pub struct SocketParams {
+    from: Option<u64>,
+}
+
+pub async fn socket(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<Query<SocketParams>, QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    load(&state, &id).await?;
+    let Ok(upgrade) = upgrade else {
+        return Ok(super::websocket_required());
+    };
+    let from = params.from.unwrap_or(1).max(1);
+    let connections = state.connections.clone();
+    Ok(upgrade.on_upgrade(move |socket| {
+        connections.track_future(async move {
+            let logs = &state.deployments.logs;
+            if let Err(reason) = stream_log(logs, &id, from, socket, &state.shutdown).await {
+                tracing::debug!(deployment = %id, %reason, "log viewer left");
+            }
+        })
+    }))
+}
+
+/// Replays the stored frames from `from`, then the live ones, up to and including the end
+/// frame. A viewer that falls behind the live channel reads the file again from where it
+/// was, so it sees every frame once, in order.
+async fn stream_log(
+    logs: &Logs,
+    id: &str,
+    from: u64,
+    mut socket: WebSocket,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Result<(), String> {
+    let mut next = from;
+    // Sends the stored frames from `next` on; true once the end frame went out.
+    async fn replay(
+        logs: &Logs,
+        id: &str,
+        next: &mut u64,
+        socket: &mut WebSocket,
+    ) -> Result<bool, String> {
+        for line in logs.read_from(id, *next).await.map_err(|e| e.to_string())? {
+            socket.send(frame(&line)).await.map_err(|e| e.to_string())?;
+            *next = line.seq + 1;
+            if line.end {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+    // A finished deployment is all in its file; only a running one needs the live channel.
+    if replay(logs, id, &mut next, &mut socket).await? {
+        let _ = socket.send(Message::Close(None)).await;
+        return Ok(());
+    }
+    let mut live = logs.subscribe(id);
+    loop {
+        // Subscribed first, so whatever was written meanwhile is in the file.
+        if replay(logs, id, &mut next, &mut socket).await? {
+            let _ = socket.send(Message::Close(None)).await;
+            return Ok(());
+        }
+        loop {
+            let received = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = live.recv() => r,
+            };
+            match received {
+                Ok(line) if line.seq < next => continue,
+                Ok(line) if line.seq == next => {
+                    socket.send(frame(&line)).await.map_err(|e| e.to_string())?;
+                    next += 1;
+                    if line.end {
+                        let _ = socket.send(Message::Close(None)).await;
+                        return Ok(());
+                    }
+                }
+                // A frame is missing (we lagged behind the bounded channel): back to the file.
+                Ok(_) | Err(RecvError::Lagged(_)) => break,
+                Err(RecvError::Closed) => {
+                    live = logs.subscribe(id);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn frame(line: &Line) -> Message {
+    Message::Text(line.json.clone().into())
+}

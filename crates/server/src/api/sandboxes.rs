@@ -1,0 +1,524 @@
+//! Sandboxes: create, redeploy, read, list, delete, extend (SPEC §4.3, §4.6, §11).
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use axum::Extension;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use sdp_protocol::{BranchName, SandboxName, ServiceSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use time::OffsetDateTime;
+
+use super::deployments::{DeploymentView, deployment_view};
+use super::{AppState, CurrentSession, rfc3339};
+use crate::db::{ListQuery, SandboxRow, Selection, WriteError};
+use crate::error::{ApiError, ApiJson};
+
+/// At most this many services in one request.
+pub const MAX_SERVICES: usize = 16;
+/// The longest a sandbox may be given at once.
+pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectionRequest {
+    service: String,
+    branch: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    name: String,
+    services: Vec<SelectionRequest>,
+    ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedeployRequest {
+    services: Vec<SelectionRequest>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtendRequest {
+    ttl: String,
+}
+
+#[derive(Serialize)]
+pub struct SandboxView {
+    id: String,
+    name: String,
+    owner: String,
+    state: String,
+    url: String,
+    created_at: String,
+    expires_at: String,
+    services: Vec<SandboxServiceView>,
+}
+
+#[derive(Serialize)]
+struct SandboxServiceView {
+    service: String,
+    branch: String,
+    commit: Option<String>,
+    state: String,
+    upstream: Option<String>,
+}
+
+/// `<scheme>://<sandbox>.<base_domain>[:port]` of the gateway's public URL.
+fn sandbox_url(state: &AppState, name: &str) -> String {
+    let gateway = &state.config.gateway;
+    match url::Url::parse(&gateway.public_url) {
+        Ok(u) => {
+            let port = u.port().map(|p| format!(":{p}")).unwrap_or_default();
+            format!("{}://{name}.{}{port}", u.scheme(), gateway.base_domain)
+        }
+        Err(_) => format!("http://{name}.{}", gateway.base_domain),
+    }
+}
+
+pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> SandboxView {
+    SandboxView {
+        url: sandbox_url(state, &row.name),
+        id: row.id,
+        name: row.name,
+        owner: row.owner,
+        state: row.state,
+        created_at: rfc3339(row.created_at),
+        expires_at: rfc3339(row.expires_at),
+        services: row
+            .services
+            .into_iter()
+            .map(|s| SandboxServiceView {
+                service: s.service,
+                branch: s.branch,
+                commit: s.commit,
+                state: s.state,
+                upstream: s.upstream,
+            })
+            .collect(),
+    }
+}
+
+fn parse_ttl(raw: &str) -> Result<Duration, ApiError> {
+    let ttl = raw
+        .parse::<sdp_config::ConfigDuration>()
+        .map(|d| d.get())
+        .map_err(|_| {
+            ApiError::bad_request(
+                "invalid_ttl",
+                format!(
+                    "ttl {:?} is not a duration like \"2h\" or \"3d\"",
+                    raw.chars().take(40).collect::<String>()
+                ),
+            )
+        })?;
+    if ttl.is_zero() || ttl > MAX_TTL {
+        return Err(ApiError::bad_request(
+            "invalid_ttl",
+            "ttl must be longer than zero and at most 30 days",
+        ));
+    }
+    Ok(ttl)
+}
+
+/// Checks the requested services against the catalog and git's rules, into deploy specs.
+fn specs(state: &AppState, services: &[SelectionRequest]) -> Result<Vec<ServiceSpec>, ApiError> {
+    if services.is_empty() {
+        return Err(ApiError::bad_request(
+            "no_services",
+            "choose at least one service and branch",
+        ));
+    }
+    if services.len() > MAX_SERVICES {
+        return Err(ApiError::bad_request(
+            "too_many_services",
+            format!("at most {MAX_SERVICES} services can be deployed at once"),
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(services.len());
+    for s in services {
+        let service = state.config.service(&s.service).ok_or_else(|| {
+            ApiError::bad_request(
+                "unknown_service",
+                format!(
+                    "there is no service {:?} in the catalog",
+                    s.service.chars().take(80).collect::<String>()
+                ),
+            )
+        })?;
+        if !seen.insert(service.name.as_str()) {
+            return Err(ApiError::bad_request(
+                "duplicate_service",
+                format!("service {} is listed twice", service.name),
+            ));
+        }
+        let branch = BranchName::parse(s.branch.clone())
+            .map_err(|e| ApiError::bad_request("invalid_branch", e.to_string()))?;
+        out.push(ServiceSpec {
+            service: service.name.clone(),
+            repo: service.repo.clone(),
+            branch,
+            build: service.build.clone(),
+            run: service.run.clone(),
+            port: service.port,
+            health: service.health.clone(),
+            env: service.env.clone(),
+        })
+    }
+    Ok(out)
+}
+
+fn selections(specs: &[ServiceSpec]) -> Vec<Selection> {
+    specs
+        .iter()
+        .map(|s| Selection {
+            service: s.service.to_string(),
+            branch: s.branch.to_string(),
+        })
+        .collect()
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+async fn load(state: &AppState, key: &str) -> Result<SandboxRow, ApiError> {
+    state.db.sandbox(key).await?.ok_or_else(|| {
+        ApiError::not_found(
+            "unknown_sandbox",
+            format!(
+                "there is no sandbox {:?}",
+                key.chars().take(80).collect::<String>()
+            ),
+        )
+    })
+}
+
+fn ended(row: &SandboxRow) -> bool {
+    matches!(row.state.as_str(), "deleted" | "expired")
+}
+
+/// Owners act on their own sandboxes; everyone can read.
+fn require_owner(row: &SandboxRow, session: &CurrentSession) -> Result<(), ApiError> {
+    if row.owner != session.username.as_str() {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not_owner",
+            format!(
+                "sandbox {} belongs to {}; only its owner can change it",
+                row.name, row.owner
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn require_live(row: &SandboxRow) -> Result<(), ApiError> {
+    if ended(row) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "sandbox_ended",
+            format!("sandbox {} is {}; create it again", row.name, row.state),
+        ));
+    }
+    Ok(())
+}
+
+async fn accepted(
+    state: &AppState,
+    sandbox_id: &str,
+    deployment_id: &str,
+) -> Result<Response, ApiError> {
+    let sandbox = load(state, sandbox_id).await?;
+    let deployment: Option<DeploymentView> = state
+        .db
+        .deployment(deployment_id)
+        .await?
+        .map(deployment_view);
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"sandbox": sandbox_view(state, sandbox), "deployment": deployment})),
+    )
+        .into_response())
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    Extension(session): Extension<CurrentSession>,
+    ApiJson(req): ApiJson<CreateRequest>,
+) -> Result<Response, ApiError> {
+    let name = SandboxName::parse(req.name)
+        .map_err(|e| ApiError::bad_request("invalid_sandbox_name", e.to_string()))?;
+    let specs = specs(&state, &req.services)?;
+    let ttl = match &req.ttl {
+        Some(raw) => parse_ttl(raw)?,
+        None => state.config.sandbox_ttl.get(),
+    };
+    let credentials = state
+        .vault
+        .credentials(&session.token_hash, OffsetDateTime::now_utc())
+        .ok_or_else(super::catalog::reauth_required)?;
+
+    let now = OffsetDateTime::now_utc();
+    let (sandbox_id, deployment_id) = (new_id("sbx"), new_id("dep"));
+    match state
+        .db
+        .create_sandbox(
+            &sandbox_id,
+            name.as_str(),
+            session.username.as_str(),
+            now + ttl,
+            &deployment_id,
+            &selections(&specs),
+            now,
+        )
+        .await
+    {
+        Ok(()) => {}
+        Err(WriteError::NameTaken) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "sandbox_exists",
+                format!(
+                    "a sandbox named {name} exists; redeploy it with POST /api/sandboxes/{name}/deploy"
+                ),
+            ));
+        }
+        Err(WriteError::Busy) => unreachable!("a new sandbox has no deployment"),
+        Err(WriteError::Db(e)) => return Err(e.into()),
+    }
+    let detail = serde_json::to_string(
+        &req.services
+            .iter()
+            .map(|s| format!("{}@{}", s.service, s.branch))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_default();
+    state
+        .db
+        .audit(
+            session.username.as_str(),
+            "create_sandbox",
+            name.as_str(),
+            &detail,
+        )
+        .await?;
+    tracing::info!(sandbox = %name, deployment = %deployment_id, user = %session.username, "sandbox created");
+    let deployments = state.deployments.clone();
+    let (d, s) = (deployment_id.clone(), sandbox_id.clone());
+    tokio::spawn(async move {
+        deployments
+            .schedule(d, s, name, None, credentials, specs)
+            .await;
+    });
+    accepted(&state, &sandbox_id, &deployment_id).await
+}
+
+pub async fn redeploy(
+    State(state): State<AppState>,
+    Extension(session): Extension<CurrentSession>,
+    Path(key): Path<String>,
+    ApiJson(req): ApiJson<RedeployRequest>,
+) -> Result<Response, ApiError> {
+    let sandbox = load(&state, &key).await?;
+    require_owner(&sandbox, &session)?;
+    require_live(&sandbox)?;
+    let specs = specs(&state, &req.services)?;
+    let credentials = state
+        .vault
+        .credentials(&session.token_hash, OffsetDateTime::now_utc())
+        .ok_or_else(super::catalog::reauth_required)?;
+    let name = SandboxName::parse(sandbox.name.clone())
+        .map_err(|e| ApiError::internal("sandbox name", &e))?;
+    let deployment_id = new_id("dep");
+    match state
+        .db
+        .create_redeploy(
+            &sandbox.id,
+            session.username.as_str(),
+            &deployment_id,
+            &selections(&specs),
+            OffsetDateTime::now_utc(),
+        )
+        .await
+    {
+        Ok(()) => {}
+        Err(WriteError::Busy) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "deployment_in_progress",
+                format!(
+                    "a deployment of {name} is in progress; wait for it to end, then deploy again"
+                ),
+            ));
+        }
+        Err(WriteError::NameTaken) => unreachable!("a redeploy creates no sandbox"),
+        Err(WriteError::Db(e)) => return Err(e.into()),
+    }
+    let detail = serde_json::to_string(
+        &req.services
+            .iter()
+            .map(|s| format!("{}@{}", s.service, s.branch))
+            .collect::<Vec<_>>(),
+    )
+    .unwrap_or_default();
+    state
+        .db
+        .audit(
+            session.username.as_str(),
+            "redeploy",
+            name.as_str(),
+            &detail,
+        )
+        .await?;
+    let deployments = state.deployments.clone();
+    let (d, s, agent) = (
+        deployment_id.clone(),
+        sandbox.id.clone(),
+        sandbox.agent.clone(),
+    );
+    tokio::spawn(async move {
+        deployments
+            .schedule(d, s, name, agent, credentials, specs)
+            .await;
+    });
+    accepted(&state, &sandbox.id, &deployment_id).await
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let row = load(&state, &key).await?;
+    Ok(Json(sandbox_view(&state, row)))
+}
+
+#[derive(Deserialize)]
+pub struct ListParams {
+    owner: Option<String>,
+    state: Option<String>,
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+const SANDBOX_STATES: &[&str] = &["deploying", "ready", "failed", "expired", "deleted"];
+
+/// Checks listing parameters into a query; `states` are the values `state` may take.
+pub(crate) fn list_query(params: ListParams, states: &[&str]) -> Result<ListQuery, ApiError> {
+    if let Some(s) = &params.state
+        && !states.contains(&s.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_state",
+            format!("state must be one of {}", states.join(", ")),
+        ));
+    }
+    let limit = params.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be between 1 and 200",
+        ));
+    }
+    let after = match params.cursor {
+        None => None,
+        Some(c) => Some(parse_cursor(&c).ok_or_else(|| {
+            ApiError::bad_request("invalid_cursor", "cursor is not one this server gave out")
+        })?),
+    };
+    Ok(ListQuery {
+        owner: params.owner,
+        state: params.state,
+        limit,
+        after,
+    })
+}
+
+pub(crate) fn cursor(created_at: OffsetDateTime, id: &str) -> String {
+    format!("{}.{id}", crate::db::to_millis(created_at))
+}
+
+fn parse_cursor(raw: &str) -> Option<(i64, String)> {
+    let (t, id) = raw.split_once('.')?;
+    let valid_id = !id.is_empty()
+        && id.len() <= 64
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    Some((t.parse().ok()?, id.to_owned())).filter(|_| valid_id)
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let q = list_query(params, SANDBOX_STATES)?;
+    let rows = state.db.list_sandboxes(&q).await?;
+    let next = (rows.len() == q.limit as usize)
+        .then(|| rows.last().map(|r| cursor(r.created_at, &r.id)))
+        .flatten();
+    let items: Vec<SandboxView> = rows.into_iter().map(|r| sandbox_view(&state, r)).collect();
+    Ok(Json(json!({"items": items, "next": next})))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(session): Extension<CurrentSession>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let sandbox = load(&state, &key).await?;
+    require_owner(&sandbox, &session)?;
+    require_live(&sandbox)?;
+    let name = SandboxName::parse(sandbox.name.clone())
+        .map_err(|e| ApiError::internal("sandbox name", &e))?;
+    state
+        .db
+        .audit(
+            session.username.as_str(),
+            "delete_sandbox",
+            name.as_str(),
+            "",
+        )
+        .await?;
+    state.deployments.end_sandbox(&sandbox.id, "deleted").await;
+    let deployments = state.deployments.clone();
+    let agent = sandbox.agent.clone();
+    tokio::spawn(async move {
+        if let Some(agent) = agent {
+            deployments.remove_on_agent(&name, &agent).await;
+        }
+    });
+    let row = load(&state, &sandbox.id).await?;
+    Ok((StatusCode::ACCEPTED, Json(sandbox_view(&state, row))).into_response())
+}
+
+pub async fn extend(
+    State(state): State<AppState>,
+    Extension(session): Extension<CurrentSession>,
+    Path(key): Path<String>,
+    ApiJson(req): ApiJson<ExtendRequest>,
+) -> Result<Json<SandboxView>, ApiError> {
+    let sandbox = load(&state, &key).await?;
+    require_owner(&sandbox, &session)?;
+    require_live(&sandbox)?;
+    let ttl = parse_ttl(&req.ttl)?;
+    let expires_at = OffsetDateTime::now_utc() + ttl;
+    state.db.extend_sandbox(&sandbox.id, expires_at).await?;
+    state
+        .db
+        .audit(
+            session.username.as_str(),
+            "extend_sandbox",
+            &sandbox.name,
+            &req.ttl,
+        )
+        .await?;
+    let row = load(&state, &sandbox.id).await?;
+    Ok(Json(sandbox_view(&state, row)))
+}

@@ -1,0 +1,357 @@
+//! Deployments on the control plane's side: scheduling on a micro agent, storing the events
+//! the agent reports, ending deployments, tearing sandboxes down, and expiry.
+//!
+//! A deployment's log is written by the agent (its events carry the agent's `seq`) until the
+//! agent's `outcome`; only then does the control plane append frames of its own (the end
+//! frame), so the two never race for a `seq`. A deployment that fails before reaching an agent
+//! is logged by the control plane alone.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sdp_protocol::{
+    Credentials, DeployJob, Event, EventBody, JobKind, JobOutput, Role, SandboxName, ServiceSpec,
+};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::db::Db;
+use crate::hub::{CallError, Hub};
+use crate::logs::{Appended, Frame, Logs};
+
+pub struct Deployments {
+    pub db: Db,
+    pub logs: Logs,
+    pub hub: Arc<Hub>,
+    /// How long to wait for an agent to take a job.
+    pub job_timeout: Duration,
+    /// How long an agent may be gone before its deployments fail.
+    pub agent_timeout: Duration,
+    /// Given to services as `SDP_GATEWAY_URL`.
+    pub gateway_url: String,
+}
+
+fn now_rfc3339() -> String {
+    OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+/// What the connection of an agent answers to an event.
+pub enum Ack {
+    /// Stored (or stored before): acknowledge up to this `seq`.
+    Upto(u64),
+    /// Not stored; the agent sends it again later.
+    No,
+}
+
+impl Deployments {
+    /// Sends a deploy job to `agent` (or the least busy micro agent) and records who runs it;
+    /// fails the deployment at once when no agent can take it.
+    pub async fn schedule(
+        &self,
+        deployment: String,
+        sandbox_id: String,
+        sandbox: SandboxName,
+        agent: Option<String>,
+        credentials: Credentials,
+        services: Vec<ServiceSpec>,
+    ) {
+        let job = JobKind::Deploy(DeployJob {
+            deployment: deployment.clone(),
+            sandbox,
+            credentials,
+            gateway_url: self.gateway_url.clone(),
+            services,
+        });
+        let result = match &agent {
+            Some(name) => self.hub.call_agent(name, job, self.job_timeout).await,
+            None => self.hub.call(Role::Micro, job, self.job_timeout).await,
+        };
+        let reason = match result {
+            Ok((agent, JobOutput::Accepted)) => {
+                if let Err(e) = self
+                    .db
+                    .set_deployment_running(&deployment, &sandbox_id, &agent)
+                    .await
+                {
+                    tracing::error!(%deployment, error = %e, "cannot record the deployment's agent");
+                }
+                tracing::info!(%deployment, %agent, "deployment started");
+                return;
+            }
+            Ok((agent, JobOutput::Failed(e))) => {
+                format!("agent {agent} refused the deployment: {}", e.message)
+            }
+            Ok((agent, other)) => format!("agent {agent} answered the deploy job with {other:?}"),
+            Err(CallError::NoAgent(_)) => match agent {
+                Some(name) => format!(
+                    "agent {name}, which runs this sandbox, is not connected; start it again or delete the sandbox"
+                ),
+                None => "no micro agent is connected to run it; start `sdp agent --role micro`"
+                    .to_owned(),
+            },
+            Err(e) => e.to_string(),
+        };
+        self.fail(&deployment, &reason).await;
+    }
+
+    /// Ends a deployment as failed, with a system line and the end frame saying why.
+    pub async fn fail(&self, deployment: &str, reason: &str) {
+        tracing::warn!(%deployment, %reason, "deployment failed");
+        let line = format!("deployment failed: {reason}");
+        if let Err(e) = self
+            .logs
+            .append_own(deployment, |seq| Frame::Log {
+                seq,
+                ts: now_rfc3339(),
+                service: None,
+                stream: "system".into(),
+                line,
+            })
+            .await
+        {
+            tracing::error!(%deployment, error = %e, "cannot write the deployment log");
+        }
+        self.finish(deployment, false, Some(reason.to_owned()), &[])
+            .await;
+    }
+
+    async fn finish(
+        &self,
+        deployment: &str,
+        ok: bool,
+        error: Option<String>,
+        outcomes: &[(String, Option<String>, Option<String>)],
+    ) {
+        let now = OffsetDateTime::now_utc();
+        if let Err(e) = self
+            .db
+            .finish_deployment(deployment, ok, error.as_deref(), outcomes, now)
+            .await
+        {
+            tracing::error!(%deployment, error = %e, "cannot record the end of a deployment");
+        }
+        let state = if ok { "ready" } else { "failed" };
+        self.end_log(deployment, state, error).await;
+    }
+
+    async fn end_log(&self, deployment: &str, state: &str, error: Option<String>) {
+        let state = state.to_owned();
+        if let Err(e) = self
+            .logs
+            .append_own(deployment, |seq| Frame::End {
+                seq,
+                ts: now_rfc3339(),
+                state,
+                error,
+            })
+            .await
+        {
+            tracing::error!(%deployment, error = %e, "cannot write the end of the deployment log");
+        }
+    }
+
+    /// Stores an event of `agent`: the log line first, then what it changes in SQLite.
+    pub async fn ingest(&self, agent: &str, event: Event) -> Ack {
+        let deployment = event.deployment.clone();
+        let seq = event.seq;
+        let ts = event.ts.format(&Rfc3339).unwrap_or_default();
+        let frame = match &event.body {
+            EventBody::Log {
+                service,
+                stream,
+                line,
+            } => Frame::Log {
+                seq,
+                ts: ts.clone(),
+                service: service.as_ref().map(ToString::to_string),
+                stream: serde_json::to_value(stream)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                line: line.clone(),
+            },
+            EventBody::Step {
+                service,
+                step,
+                state,
+            } => Frame::Step {
+                seq,
+                ts: ts.clone(),
+                service: service.as_ref().map(ToString::to_string),
+                step: step.as_str().to_owned(),
+                state: state.as_str().to_owned(),
+            },
+            EventBody::Outcome { ok, error, .. } => Frame::Log {
+                seq,
+                ts: ts.clone(),
+                service: None,
+                stream: "system".into(),
+                line: match (ok, error) {
+                    (true, _) => format!("agent {agent}: every service is healthy"),
+                    (false, Some(e)) => format!("agent {agent}: {e}"),
+                    (false, None) => format!("agent {agent}: the deployment failed"),
+                },
+            },
+        };
+        match self.logs.append_agent(&deployment, &frame).await {
+            Ok(Appended::Stored) => {}
+            Ok(Appended::Duplicate | Appended::Ended) => return Ack::Upto(seq),
+            Ok(Appended::Gap { expected }) => {
+                tracing::warn!(%deployment, seq, expected, "event out of order; waiting for the missing ones");
+                return Ack::No;
+            }
+            Err(e) => {
+                tracing::error!(%deployment, error = %e, "cannot write the deployment log");
+                return Ack::No;
+            }
+        }
+        match event.body {
+            EventBody::Log { .. } => {}
+            EventBody::Step {
+                service,
+                step,
+                state,
+            } => {
+                let service = service.map(|s| s.to_string()).unwrap_or_default();
+                if let Err(e) = self
+                    .db
+                    .record_step(
+                        &deployment,
+                        &service,
+                        step.as_str(),
+                        state.as_str(),
+                        event.ts,
+                    )
+                    .await
+                {
+                    tracing::error!(%deployment, error = %e, "cannot record a step");
+                }
+            }
+            EventBody::Outcome {
+                ok,
+                error,
+                services,
+            } => {
+                let outcomes: Vec<_> = services
+                    .into_iter()
+                    .map(|s| (s.service.to_string(), s.commit, s.upstream))
+                    .collect();
+                self.finish(&deployment, ok, error, &outcomes).await;
+            }
+        }
+        Ack::Upto(seq)
+    }
+
+    /// An agent said hello: deployments recorded as running there but unknown to it were lost
+    /// with its previous run.
+    pub async fn agent_connected(&self, agent: &str, in_progress: &[String]) {
+        match self.db.active_deployments_on(agent).await {
+            Ok(active) => {
+                for deployment in active.iter().filter(|d| !in_progress.contains(d)) {
+                    self.fail(deployment, &format!("agent {agent} restarted and lost it"))
+                        .await;
+                }
+            }
+            Err(e) => tracing::error!(%agent, error = %e, "cannot read the agent's deployments"),
+        }
+    }
+
+    /// An agent's connection ended: if it is not back within the heartbeat timeout, its
+    /// deployments in progress fail.
+    pub fn agent_disconnected(self: &Arc<Self>, agent: String) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(this.agent_timeout).await;
+            if this.hub.is_connected(&agent) {
+                return;
+            }
+            match this.db.active_deployments_on(&agent).await {
+                Ok(active) => {
+                    for deployment in active {
+                        this.fail(&deployment, &format!("agent {agent} went offline"))
+                            .await;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(%agent, error = %e, "cannot read the agent's deployments")
+                }
+            }
+        });
+    }
+
+    /// Records a sandbox ended (`deleted` or `expired`): a deployment in progress is
+    /// cancelled, with an end frame that says why.
+    pub async fn end_sandbox(&self, sandbox_id: &str, state: &str) {
+        if let Ok(Some(latest)) = self.db.latest_active_deployment(sandbox_id).await {
+            self.end_log(
+                &latest,
+                "cancelled",
+                Some(format!("the sandbox was {state}")),
+            )
+            .await;
+        }
+        if let Err(e) = self
+            .db
+            .end_sandbox(sandbox_id, state, OffsetDateTime::now_utc())
+            .await
+        {
+            tracing::error!(sandbox = %sandbox_id, error = %e, "cannot record the end of a sandbox");
+        }
+    }
+
+    /// Stops and removes everything of a sandbox on its agent. An agent that is not
+    /// connected removes it when it comes back (it reports what it runs in its hello).
+    pub async fn remove_on_agent(&self, name: &SandboxName, agent: &str) {
+        let job = JobKind::Teardown {
+            sandbox: name.clone(),
+        };
+        match self.hub.call_agent(agent, job, TEARDOWN_TIMEOUT).await {
+            Ok((_, JobOutput::TornDown)) => {
+                tracing::info!(sandbox = %name, %agent, "sandbox removed from its agent");
+            }
+            Ok((_, other)) => {
+                tracing::warn!(sandbox = %name, %agent, ?other, "teardown failed; the agent removes leftovers when it reconnects");
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %name, %agent, error = %e, "teardown not done now; the agent removes leftovers when it reconnects");
+            }
+        }
+    }
+
+    /// Tears down the sandboxes whose expiry has passed, every few seconds.
+    pub async fn sweep_expired(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let expired = match self.db.expired_sandboxes(OffsetDateTime::now_utc()).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read expired sandboxes");
+                    continue;
+                }
+            };
+            for id in expired {
+                let Ok(Some(sandbox)) = self.db.sandbox(&id).await else {
+                    continue;
+                };
+                let Ok(name) = SandboxName::parse(sandbox.name.clone()) else {
+                    continue;
+                };
+                tracing::info!(sandbox = %name, "sandbox expired");
+                let _ = self.db.audit("sdp", "expire", name.as_str(), "").await;
+                self.end_sandbox(&id, "expired").await;
+                if let Some(agent) = &sandbox.agent {
+                    self.remove_on_agent(&name, agent).await;
+                }
+            }
+        }
+    }
+}
+
+/// Stopping containers can take a while; longer than a git call.
+const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(60);

@@ -1,0 +1,249 @@
+//! Deployment logs: `<data>/logs/<deploymentId>.log`, append-only, one JSON frame a line, in
+//! exactly the form `/ws/deployments/{id}` sends (SPEC §11), and a live fan-out to viewers.
+//!
+//! Each event is appended to the file before it is fanned out, so the file is the whole
+//! truth: a viewer that falls behind the bounded live channel catches up from the file, and
+//! the agent is never slowed by a viewer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::broadcast;
+
+/// Live frames kept for slow viewers before they have to read the file.
+const LIVE_BUFFER: usize = 4096;
+
+/// One line of a log file and one frame of the WebSocket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Frame {
+    Log {
+        seq: u64,
+        ts: String,
+        service: Option<String>,
+        stream: String,
+        line: String,
+    },
+    Step {
+        seq: u64,
+        ts: String,
+        service: Option<String>,
+        step: String,
+        state: String,
+    },
+    /// The last frame: the deployment's final state.
+    End {
+        seq: u64,
+        ts: String,
+        state: String,
+        error: Option<String>,
+    },
+}
+
+impl Frame {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Frame::Log { seq, .. } | Frame::Step { seq, .. } | Frame::End { seq, .. } => *seq,
+        }
+    }
+}
+
+/// A stored frame, serialized once for every viewer.
+#[derive(Debug)]
+pub struct Line {
+    pub seq: u64,
+    pub json: String,
+    pub end: bool,
+}
+
+/// What became of an agent's event.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    Stored,
+    /// Already stored (sent again after a reconnect): acknowledge, do nothing.
+    Duplicate,
+    /// Not the next one: an earlier event is missing, so this one is not acknowledged.
+    Gap {
+        expected: u64,
+    },
+    /// The deployment already ended.
+    Ended,
+}
+
+struct Writer {
+    last_seq: u64,
+    ended: bool,
+    file: Option<tokio::fs::File>,
+}
+
+struct Stream {
+    writer: tokio::sync::Mutex<Writer>,
+    live: broadcast::Sender<Arc<Line>>,
+}
+
+pub struct Logs {
+    dir: PathBuf,
+    streams: Mutex<HashMap<String, Arc<Stream>>>,
+}
+
+#[derive(Deserialize)]
+struct SeqOnly {
+    seq: u64,
+    #[serde(rename = "type")]
+    kind: String,
+}
+
+impl Logs {
+    pub fn new(dir: PathBuf) -> std::io::Result<Logs> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Logs {
+            dir,
+            streams: Mutex::default(),
+        })
+    }
+
+    pub fn path(&self, deployment: &str) -> PathBuf {
+        self.dir.join(format!("{deployment}.log"))
+    }
+
+    fn stream(&self, deployment: &str) -> Arc<Stream> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .entry(deployment.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Stream {
+                    writer: tokio::sync::Mutex::new(Writer {
+                        last_seq: 0,
+                        ended: false,
+                        file: None,
+                    }),
+                    live: broadcast::channel(LIVE_BUFFER).0,
+                })
+            })
+            .clone()
+    }
+
+    /// Opens the file on first use, learning from it where the log stands (after a restart).
+    async fn open(&self, deployment: &str, writer: &mut Writer) -> std::io::Result<()> {
+        if writer.file.is_some() {
+            return Ok(());
+        }
+        let path = self.path(deployment);
+        if let Some(last) = read_lines(&path, 0).await?.last() {
+            writer.last_seq = last.seq;
+            writer.ended = last.end;
+        }
+        writer.file = Some(
+            tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .await?,
+        );
+        Ok(())
+    }
+
+    async fn write(stream: &Stream, writer: &mut Writer, frame: &Frame) -> std::io::Result<()> {
+        let json = serde_json::to_string(frame).expect("frames serialize");
+        let file = writer.file.as_mut().expect("opened before writing");
+        file.write_all(format!("{json}\n").as_bytes()).await?;
+        file.flush().await?;
+        writer.last_seq = frame.seq();
+        let end = matches!(frame, Frame::End { .. });
+        writer.ended = end;
+        // No viewer is fine; a slow one lags and reads the file.
+        let _ = stream.live.send(Arc::new(Line {
+            seq: frame.seq(),
+            json,
+            end,
+        }));
+        Ok(())
+    }
+
+    /// Appends an agent's event, whose `seq` the agent chose.
+    pub async fn append_agent(&self, deployment: &str, frame: &Frame) -> std::io::Result<Appended> {
+        let stream = self.stream(deployment);
+        let mut writer = stream.writer.lock().await;
+        self.open(deployment, &mut writer).await?;
+        let seq = frame.seq();
+        if seq <= writer.last_seq {
+            return Ok(Appended::Duplicate);
+        }
+        if writer.ended {
+            return Ok(Appended::Ended);
+        }
+        if seq != writer.last_seq + 1 {
+            return Ok(Appended::Gap {
+                expected: writer.last_seq + 1,
+            });
+        }
+        Self::write(&stream, &mut writer, frame).await?;
+        Ok(Appended::Stored)
+    }
+
+    /// Appends a frame of the control plane's own, with the next `seq`; `None` if the log
+    /// has already ended.
+    pub async fn append_own(
+        &self,
+        deployment: &str,
+        make: impl FnOnce(u64) -> Frame,
+    ) -> std::io::Result<Option<u64>> {
+        let stream = self.stream(deployment);
+        let mut writer = stream.writer.lock().await;
+        self.open(deployment, &mut writer).await?;
+        if writer.ended {
+            return Ok(None);
+        }
+        let frame = make(writer.last_seq + 1);
+        Self::write(&stream, &mut writer, &frame).await?;
+        let seq = frame.seq();
+        if writer.ended {
+            drop(writer);
+            // Ended logs are only read from now on; the live channel closes with the stream
+            // once its viewers are gone.
+            self.streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(deployment);
+        }
+        Ok(Some(seq))
+    }
+
+    /// The live frames of a deployment from now on. Subscribe before reading the file, so
+    /// that nothing falls between the two.
+    pub fn subscribe(&self, deployment: &str) -> broadcast::Receiver<Arc<Line>> {
+        self.stream(deployment).live.subscribe()
+    }
+
+    /// The stored frames with `seq >= from`.
+    pub async fn read_from(&self, deployment: &str, from: u64) -> std::io::Result<Vec<Line>> {
+        read_lines(&self.path(deployment), from).await
+    }
+}
+
+async fn read_lines(path: &Path, from: u64) -> std::io::Result<Vec<Line>> {
+    let file = match tokio::fs::File::open(path).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let mut lines = BufReader::new(file).lines();
+    let mut out = Vec::new();
+    while let Some(json) = lines.next_line().await? {
+        // A line cut short by a crash mid-write is skipped, not fatal.
+        let Ok(head) = serde_json::from_str::<SeqOnly>(&json) else {
+            continue;
+        };
+        if head.seq >= from {
+            out.push(Line {
+                seq: head.seq,
+                end: head.kind == "end",
+                json,
+            });
+        }
+    }
+    Ok(out)
+}
