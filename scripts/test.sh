@@ -2,8 +2,9 @@
 # Runs every test of SDP. It first installs what the tests need, so it works on a fresh
 # machine with only the Rust toolchain: git (with git http-backend, for the test git server),
 # python3 (the tests read the server's SQLite file with it), Go (the deploy tests build a
-# real Go service), and Chromium with chromedriver (the dashboard is tested in a real
-# browser).
+# real Go service), busybox-static (the offline image the docker tests run services in), and
+# Chromium with chromedriver (the dashboard is tested in a real browser). The docker tests
+# need a running Docker Engine; with CI=true its absence fails them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,7 @@ missing=()
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 command -v go >/dev/null 2>&1 || missing+=(golang-go)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then

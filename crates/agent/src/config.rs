@@ -55,6 +55,9 @@ pub struct DockerConfig {
     pub memory: String,
     #[serde(default = "default_cpus", deserialize_with = "number_or_string")]
     pub cpus: f64,
+    /// The most processes a container may run.
+    #[serde(default = "default_pids", deserialize_with = "number_or_string")]
+    pub pids: f64,
 }
 
 impl Default for DockerConfig {
@@ -63,6 +66,7 @@ impl Default for DockerConfig {
             image: default_image(),
             memory: default_memory(),
             cpus: default_cpus(),
+            pids: default_pids(),
         }
     }
 }
@@ -99,6 +103,9 @@ fn default_memory() -> String {
 fn default_cpus() -> f64 {
     1.0
 }
+fn default_pids() -> f64 {
+    512.0
+}
 
 /// Environment variables are strings; a number key accepts `SDP_DOCKER__CPUS=0.5` too.
 fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
@@ -134,11 +141,9 @@ impl AgentConfig {
                 return Err(format!("`{key}` must be longer than zero"));
             }
         }
-        if self.role == Role::Micro && self.runtime == Runtime::Docker {
-            return Err(
-                "the docker runtime is not available in this build yet; set `runtime = \"process\"`"
-                    .into(),
-            );
+        parse_bytes(&self.docker.memory)?;
+        if self.docker.pids < 1.0 || self.docker.pids.fract() != 0.0 {
+            return Err("`docker.pids` must be a whole number above zero".into());
         }
         parse_port_range(&self.port_range)?;
         if !self.docker.cpus.is_finite() || self.docker.cpus <= 0.0 {
@@ -161,4 +166,38 @@ pub fn parse_port_range(raw: &str) -> Result<(u16, u16), String> {
         return Err(err());
     }
     Ok((lo, hi))
+}
+
+/// `"512m"`, `"2g"`, `"65536k"` or a number of bytes.
+pub fn parse_bytes(raw: &str) -> Result<i64, String> {
+    let err = || format!("`docker.memory` must look like \"512m\" or \"2g\", not {raw:?}");
+    let lower = raw.trim().to_ascii_lowercase();
+    let lower = lower.trim_end_matches('b');
+    let (digits, factor) = match lower.chars().last() {
+        Some('k') => (&lower[..lower.len() - 1], 1i64 << 10),
+        Some('m') => (&lower[..lower.len() - 1], 1 << 20),
+        Some('g') => (&lower[..lower.len() - 1], 1 << 30),
+        _ => (lower, 1),
+    };
+    let n: i64 = digits.trim().parse().map_err(|_| err())?;
+    n.checked_mul(factor)
+        .filter(|b| *b >= 6 << 20)
+        .ok_or_else(|| {
+            format!("`docker.memory` must be at least 6m (Docker's minimum), not {raw:?}")
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_sizes_are_read_like_docker_reads_them() {
+        assert_eq!(parse_bytes("512m"), Ok(512 << 20));
+        assert_eq!(parse_bytes("2g"), Ok(2 << 30));
+        assert_eq!(parse_bytes("8388608"), Ok(8 << 20));
+        assert_eq!(parse_bytes("64MB"), Ok(64 << 20));
+        assert!(parse_bytes("lots").is_err());
+        assert!(parse_bytes("1k").is_err());
+    }
 }

@@ -39,6 +39,22 @@ const BUILD_PASS_THROUGH: &[&str] = &[
     "GOTOOLCHAIN",
 ];
 
+/// The longest a healthy service's startup output is waited for.
+const OUTPUT_GRACE: Duration = Duration::from_millis(300);
+/// Output is taken as settled after this long without a new line.
+const OUTPUT_QUIET: Duration = Duration::from_millis(50);
+
+/// Docker's log stream lags the container a little: lets the startup lines in before the
+/// deployment's log ends, that is until the output has been quiet for a moment after its
+/// first line, but never longer than [`OUTPUT_GRACE`] for a quiet service.
+async fn settle(mut lines: tokio::sync::watch::Receiver<u64>) {
+    let settled = async {
+        let _ = lines.wait_for(|n| *n > 0).await;
+        while let Ok(Ok(())) = tokio::time::timeout(OUTPUT_QUIET, lines.changed()).await {}
+    };
+    let _ = tokio::time::timeout(OUTPUT_GRACE, settled).await;
+}
+
 pub struct Deployer {
     pub git: Git,
     pub runtime: Arc<dyn Runtime>,
@@ -188,6 +204,9 @@ impl Deployer {
                 .await;
             let _ = self.runtime.stop_service(&job.sandbox, service).await;
             return Err(Failure(format!("{service} {reason}")));
+        }
+        if let Some(lines) = instance.output_lines {
+            settle(lines).await;
         }
         out.step(d, service, Step::Healthy, StepState::Done).await;
         Ok(ServiceOutcome {

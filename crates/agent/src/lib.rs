@@ -31,11 +31,13 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
 
-pub use config::{AgentConfig, DockerConfig, GatewayConfig, Runtime, parse_port_range};
+pub use config::{
+    AgentConfig, DockerConfig, GatewayConfig, Runtime, parse_bytes, parse_port_range,
+};
 use deploy::Deployer;
 use events::Outbox;
 pub use git::Git;
-use runtime::ProcessRuntime;
+use runtime::{DockerLimits, DockerRuntime, ProcessRuntime};
 
 /// How long to wait for the TCP and WebSocket handshake, and then for `welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -100,14 +102,40 @@ impl Agent {
             timeout: config.git_timeout.get(),
         };
         let events = Arc::new(Outbox::default());
-        let deployer = (config.role == Role::Micro).then(|| {
-            let (lo, hi) = parse_port_range(&config.port_range).expect("validated");
-            let runtime: Arc<dyn runtime::Runtime> = Arc::new(ProcessRuntime::new(
-                &config.work_dir,
-                (lo, hi),
-                &config.advertise_host,
-            ));
-            Arc::new(Deployer {
+        let deployer = if config.role == Role::Micro {
+            let ports = parse_port_range(&config.port_range).map_err(AgentError::Config)?;
+            let runtime: Arc<dyn runtime::Runtime> = match config.runtime {
+                Runtime::Process => Arc::new(ProcessRuntime::new(
+                    &config.work_dir,
+                    ports,
+                    &config.advertise_host,
+                )),
+                Runtime::Docker => {
+                    let limits = DockerLimits {
+                        memory_bytes: parse_bytes(&config.docker.memory)
+                            .map_err(AgentError::Config)?,
+                        cpus: config.docker.cpus,
+                        pids: config.docker.pids as i64,
+                    };
+                    // Published where the gateway reaches them: the advertised address when it
+                    // is one, else every address.
+                    let publish_ip = match config.advertise_host.parse::<std::net::IpAddr>() {
+                        Ok(ip) => ip.to_string(),
+                        Err(_) => "0.0.0.0".to_owned(),
+                    };
+                    Arc::new(
+                        DockerRuntime::new(
+                            name.as_str(),
+                            &config.docker.image,
+                            limits,
+                            ports,
+                            &publish_ip,
+                        )
+                        .map_err(|e| AgentError::Config(e.to_string()))?,
+                    )
+                }
+            };
+            Some(Arc::new(Deployer {
                 git: git.clone(),
                 runtime,
                 outbox: events.clone(),
@@ -116,8 +144,10 @@ impl Agent {
                 build_timeout: config.build_timeout.get(),
                 health_timeout: config.health_timeout.get(),
                 http: reqwest::Client::new(),
-            })
-        });
+            }))
+        } else {
+            None
+        };
         Ok(Self {
             config,
             name,

@@ -24,7 +24,7 @@ pub struct LineSink {
 }
 
 impl LineSink {
-    async fn emit(&self, line: String) {
+    pub async fn emit(&self, line: String) {
         let line = match &self.mask {
             Some(credentials) => mask(&line, credentials),
             None => line,

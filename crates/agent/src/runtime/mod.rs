@@ -1,6 +1,7 @@
 //! Where services run. Two runtimes keep one contract: the Docker Engine (containers) and
 //! plain supervised process groups (hosts without Docker, and `sdp dev`).
 
+mod docker;
 mod process;
 
 use std::collections::BTreeMap;
@@ -9,6 +10,7 @@ use std::sync::Arc;
 
 use sdp_protocol::{SandboxName, ServiceName};
 
+pub use docker::{DockerLimits, DockerRuntime};
 pub use process::ProcessRuntime;
 
 use crate::events::Outbox;
@@ -34,6 +36,9 @@ pub struct StartRequest {
 pub struct Instance {
     /// The host port the gateway reaches it on.
     pub host_port: u16,
+    /// Counts the output lines that reached the deployment's log, for runtimes whose output
+    /// arrives late (Docker's log stream); `None` where it is immediate.
+    pub output_lines: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 #[derive(Debug, thiserror::Error)]

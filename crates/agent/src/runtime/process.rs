@@ -208,7 +208,10 @@ impl Runtime for ProcessRuntime {
                     .await;
             }
         });
-        Ok(Instance { host_port: port })
+        Ok(Instance {
+            host_port: port,
+            output_lines: None,
+        })
     }
 
     async fn stop_service(

@@ -11,5 +11,6 @@ mod canary;
 mod cli;
 mod deploy;
 mod dev_smoke;
+mod docker;
 mod input;
 mod login;

@@ -147,6 +147,8 @@ pub struct Options {
     pub health_timeout: &'static str,
     pub sandbox_ttl: &'static str,
     pub micro_agents: usize,
+    /// `process`, or `docker` (with the test image, see [`docker_image`]).
+    pub runtime: &'static str,
     /// `RUST_LOG` of the server and agents.
     pub log: &'static str,
 }
@@ -161,6 +163,7 @@ impl Default for Options {
             health_timeout: "20s",
             sandbox_ttl: "1h",
             micro_agents: 1,
+            runtime: "process",
             log: DEFAULT_LOG,
         }
     }
@@ -312,6 +315,8 @@ impl Api {
 }
 
 pub struct TestEnv {
+    /// Names of the micro agents `start` started.
+    pub micro: Vec<String>,
     pub dir: tempfile::TempDir,
     pub git: GitServer,
     pub server: Option<Proc>,
@@ -329,6 +334,12 @@ impl std::ops::Deref for TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        if self.opts.runtime == "docker" {
+            // Containers outlive the agent that started them: remove this test's own.
+            for name in &self.micro {
+                docker_cleanup(name);
+            }
+        }
         if std::thread::panicking() {
             eprintln!(
                 "==== test environment in {} ====",
@@ -353,7 +364,13 @@ impl TestEnv {
         let env = TestEnv::without_agents(opts.clone()).await;
         let mut env = env;
         for i in 0..opts.micro_agents {
-            env.start_agent(&format!("micro-{i}"), "micro", AGENT_TOKEN);
+            // Agents of docker tests share one engine: their names scope their containers.
+            let name = match opts.runtime {
+                "docker" => format!("dock-{:08x}-{i}", rand::random::<u32>()),
+                _ => format!("micro-{i}"),
+            };
+            env.start_agent(&name, "micro", AGENT_TOKEN);
+            env.micro.push(name);
         }
         env.wait_for_agents(opts.micro_agents).await;
         env
@@ -372,6 +389,7 @@ impl TestEnv {
         git.create_repo("payments", &["main"]);
         git.create_repo("stuck", &["main"]);
         let mut env = TestEnv {
+            micro: Vec::new(),
             dir,
             git,
             server: None,
@@ -449,16 +467,22 @@ impl TestEnv {
     pub fn start_agent(&mut self, name: &str, role: &str, token: &str) {
         let path = self.dir.path().join(format!("agent-{name}.toml"));
         let gateway = if role == "gateway" {
-            "\n[gateway]\nlisten = \"127.0.0.1:0\"\n"
+            "\n[gateway]\nlisten = \"127.0.0.1:0\"\n".to_owned()
+        } else if self.opts.runtime == "docker" {
+            format!(
+                "\n[docker]\nimage = \"{}\"\nmemory = \"256m\"\ncpus = 0.5\npids = 128\n",
+                docker_image()
+            )
         } else {
-            ""
+            String::new()
         };
         std::fs::write(
             &path,
             format!(
-                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"process\"\ngit_timeout = \"{}\"\nhealth_timeout = \"{}\"\nport_range = \"{}\"\n{gateway}",
+                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"{}\"\ngit_timeout = \"{}\"\nhealth_timeout = \"{}\"\nport_range = \"{}\"\n{gateway}",
                 self.ws_url(),
                 self.agent_work_dir(name).display(),
+                self.opts.runtime,
                 self.opts.git_timeout,
                 self.opts.health_timeout,
                 free_port_range(),
@@ -543,6 +567,86 @@ impl TestEnv {
         );
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     }
+}
+
+/// The image docker tests run services in, made offline: Debian's static busybox in an
+/// otherwise empty root filesystem, imported once per machine. When no engine answers, docker
+/// tests are skipped, except in CI (`CI=true`), where that is a failure.
+pub fn docker_image() -> &'static str {
+    const TAG: &str = "sdp-test/busybox:1";
+    static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    READY.get_or_init(|| {
+        let present = Command::new("docker")
+            .args(["image", "inspect", TAG])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if present {
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let bin = root.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
+        for applet in [
+            "sh", "ls", "cat", "echo", "env", "sleep", "wget", "ps", "id",
+        ] {
+            std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
+        }
+        std::fs::create_dir_all(root.path().join("tmp")).unwrap();
+        let script = format!(
+            "tar -C '{}' -c . | docker import - {TAG}",
+            root.path().display()
+        );
+        let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "docker import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+    TAG
+}
+
+/// Whether docker tests can run; in CI a missing engine fails the test instead.
+pub fn docker_available() -> bool {
+    let answers = Command::new("docker")
+        .args(["info", "--format", "{{.ServerVersion}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !answers {
+        assert!(
+            std::env::var("CI").is_err(),
+            "no Docker Engine answers, and docker tests may not be skipped in CI"
+        );
+        eprintln!("skipping: no Docker Engine answers");
+    }
+    answers
+}
+
+/// Removes the containers and networks agent `name` left.
+fn docker_cleanup(name: &str) {
+    let script = format!(
+        "docker ps -aq --filter label=sdp.agent={name} | xargs -r docker rm -f >/dev/null; \
+         docker network ls -q --filter label=sdp.agent={name} | xargs -r docker network rm >/dev/null"
+    );
+    let _ = Command::new("sh").args(["-c", &script]).status();
+}
+
+/// What `docker inspect` says of `what`, as JSON.
+pub fn docker_inspect(what: &str) -> Option<Value> {
+    let out = Command::new("docker")
+        .args(["inspect", what])
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let list: Value = serde_json::from_slice(&out.stdout).ok()?;
+    list.get(0).cloned()
 }
 
 fn selection_list(selections: &[&str]) -> Value {

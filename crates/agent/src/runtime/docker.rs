@@ -1,0 +1,339 @@
+//! The Docker runtime: each instance is a container of the configured image, with the
+//! checkout bind-mounted read-only at `/src` as its working directory, `sh -c <run>` as its
+//! command, the service's port published on a host port of `port_range`, resource limits,
+//! the labels `sdp.sandbox`, `sdp.service` and `sdp.deployment`, on one network per
+//! sandbox. Everything is found again by label, so a restarted agent loses nothing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
+    RemoveContainerOptionsBuilder,
+};
+use futures_util::StreamExt;
+use sdp_protocol::{LogStream, SandboxName, ServiceName};
+
+use super::{Instance, Runtime, RuntimeError, StartRequest};
+use crate::lines::{LineSink, Splitter};
+
+pub const LABEL_SANDBOX: &str = "sdp.sandbox";
+pub const LABEL_SERVICE: &str = "sdp.service";
+pub const LABEL_DEPLOYMENT: &str = "sdp.deployment";
+/// The agent that started it: agents sharing an engine never touch each other's containers.
+pub const LABEL_AGENT: &str = "sdp.agent";
+
+pub struct DockerRuntime {
+    docker: Docker,
+    agent: String,
+    image: String,
+    memory: i64,
+    nano_cpus: i64,
+    pids: i64,
+    ports: (u16, u16),
+    /// The host address ports are published on.
+    publish_ip: String,
+    in_use: Mutex<HashSet<u16>>,
+    /// The host port of each container started by this run, to free it on removal.
+    published: Mutex<HashMap<String, u16>>,
+}
+
+fn err(context: &str, e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError(format!("{context}: {e}"))
+}
+
+fn container_name(sandbox: &str, service: &str) -> String {
+    format!("sdp-{sandbox}-{service}")
+}
+
+fn network_name(sandbox: &str) -> String {
+    format!("sdp-{sandbox}")
+}
+
+/// Whether a Docker error is the engine saying "no such thing" or "already there".
+fn status_is(e: &bollard::errors::Error, codes: &[u16]) -> bool {
+    matches!(e, bollard::errors::Error::DockerResponseServerError { status_code, .. } if codes.contains(status_code))
+}
+
+pub struct DockerLimits {
+    pub memory_bytes: i64,
+    pub cpus: f64,
+    pub pids: i64,
+}
+
+impl DockerRuntime {
+    pub fn new(
+        agent: &str,
+        image: &str,
+        limits: DockerLimits,
+        ports: (u16, u16),
+        publish_ip: &str,
+    ) -> Result<DockerRuntime, RuntimeError> {
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|e| err("cannot reach the Docker Engine", e))?;
+        Ok(DockerRuntime {
+            docker,
+            agent: agent.to_owned(),
+            image: image.to_owned(),
+            memory: limits.memory_bytes,
+            nano_cpus: (limits.cpus * 1e9) as i64,
+            pids: limits.pids,
+            ports,
+            publish_ip: publish_ip.to_owned(),
+            in_use: Mutex::default(),
+            published: Mutex::default(),
+        })
+    }
+
+    fn allocate_port(&self) -> Result<u16, RuntimeError> {
+        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        for port in self.ports.0..=self.ports.1 {
+            if in_use.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind((self.publish_ip.as_str(), port)).is_ok() {
+                in_use.insert(port);
+                return Ok(port);
+            }
+        }
+        Err(RuntimeError(format!(
+            "no free port left in {}-{}",
+            self.ports.0, self.ports.1
+        )))
+    }
+
+    /// This agent's containers (running or not) carrying all of `labels`.
+    async fn containers(
+        &self,
+        labels: &[String],
+    ) -> Result<Vec<(String, HashMap<String, String>)>, RuntimeError> {
+        let mut labels = labels.to_vec();
+        labels.push(format!("{LABEL_AGENT}={}", self.agent));
+        let filters = HashMap::from([("label".to_owned(), labels)]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|e| err("cannot list containers", e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| Some((c.id?, c.labels.unwrap_or_default())))
+            .collect())
+    }
+
+    async fn remove(&self, labels: &[String]) -> Result<(), RuntimeError> {
+        for (id, found) in self.containers(labels).await? {
+            let options = RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build();
+            match self.docker.remove_container(&id, Some(options)).await {
+                Ok(()) => {}
+                Err(e) if status_is(&e, &[404, 409]) => {}
+                Err(e) => return Err(err("cannot remove a container", e)),
+            }
+            if let (Some(sandbox), Some(service)) =
+                (found.get(LABEL_SANDBOX), found.get(LABEL_SERVICE))
+            {
+                let port = self
+                    .published
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&container_name(sandbox, service));
+                if let Some(port) = port {
+                    self.release(port);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn ensure_network(&self, sandbox: &str) -> Result<(), RuntimeError> {
+        let request = NetworkCreateRequest {
+            name: network_name(sandbox),
+            labels: Some(HashMap::from([
+                (LABEL_SANDBOX.to_owned(), sandbox.to_owned()),
+                (LABEL_AGENT.to_owned(), self.agent.clone()),
+            ])),
+            ..Default::default()
+        };
+        match self.docker.create_network(request).await {
+            Ok(_) => Ok(()),
+            Err(e) if status_is(&e, &[409]) => Ok(()),
+            Err(e) => Err(err("cannot create the sandbox's network", e)),
+        }
+    }
+
+    /// Follows a container's output into log lines of its deployment.
+    fn follow_logs(
+        &self,
+        name: String,
+        sink_out: LineSink,
+        sink_err: LineSink,
+        lines: tokio::sync::watch::Sender<u64>,
+    ) {
+        let docker = self.docker.clone();
+        tokio::spawn(async move {
+            let options = LogsOptionsBuilder::default()
+                .follow(true)
+                .stdout(true)
+                .stderr(true)
+                .build();
+            let mut stream = docker.logs(&name, Some(options));
+            let (mut out, mut errs) = (Splitter::default(), Splitter::default());
+            while let Some(Ok(chunk)) = stream.next().await {
+                match chunk {
+                    bollard::container::LogOutput::StdErr { message } => {
+                        for line in errs.push(&message) {
+                            sink_err.emit(line).await;
+                            lines.send_modify(|n| *n += 1);
+                        }
+                    }
+                    bollard::container::LogOutput::StdOut { message }
+                    | bollard::container::LogOutput::Console { message } => {
+                        for line in out.push(&message) {
+                            sink_out.emit(line).await;
+                            lines.send_modify(|n| *n += 1);
+                        }
+                    }
+                    bollard::container::LogOutput::StdIn { .. } => {}
+                }
+            }
+            if let Some(line) = out.finish() {
+                sink_out.emit(line).await;
+            }
+            if let Some(line) = errs.finish() {
+                sink_err.emit(line).await;
+            }
+        });
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for DockerRuntime {
+    async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
+        let (sandbox, service) = (req.sandbox.as_str(), req.service.as_str());
+        let name = container_name(sandbox, service);
+        self.ensure_network(sandbox).await?;
+        self.stop_service(&req.sandbox, &req.service).await?;
+        let host_port = self.allocate_port()?;
+        let container_port = format!("{}/tcp", req.port);
+        let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("PORT={}", req.port));
+        let labels = HashMap::from([
+            (LABEL_SANDBOX.to_owned(), sandbox.to_owned()),
+            (LABEL_SERVICE.to_owned(), service.to_owned()),
+            (LABEL_DEPLOYMENT.to_owned(), req.deployment.clone()),
+            (LABEL_AGENT.to_owned(), self.agent.clone()),
+        ]);
+        let body = ContainerCreateBody {
+            image: Some(self.image.clone()),
+            cmd: Some(vec!["sh".into(), "-c".into(), req.run.clone()]),
+            working_dir: Some("/src".into()),
+            env: Some(env),
+            labels: Some(labels),
+            exposed_ports: Some(vec![container_port.clone()]),
+            host_config: Some(HostConfig {
+                binds: Some(vec![format!("{}:/src:ro", req.checkout.display())]),
+                port_bindings: Some(HashMap::from([(
+                    container_port,
+                    Some(vec![PortBinding {
+                        host_ip: Some(self.publish_ip.clone()),
+                        host_port: Some(host_port.to_string()),
+                    }]),
+                )])),
+                memory: Some(self.memory),
+                nano_cpus: Some(self.nano_cpus),
+                pids_limit: Some(self.pids),
+                network_mode: Some(network_name(sandbox)),
+                init: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let options = CreateContainerOptionsBuilder::default().name(&name).build();
+        let created = self.docker.create_container(Some(options), body).await;
+        if let Err(e) = created {
+            self.release(host_port);
+            return Err(err(&format!("cannot create container {name}"), e));
+        }
+        if let Err(e) = self.docker.start_container(&name, None).await {
+            self.release(host_port);
+            return Err(err(&format!("cannot start container {name}"), e));
+        }
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), host_port);
+        let sink = |stream| LineSink {
+            outbox: req.output.clone(),
+            deployment: req.deployment.clone(),
+            service: req.service.clone(),
+            stream,
+            mask: None,
+        };
+        let (lines, output_lines) = tokio::sync::watch::channel(0);
+        self.follow_logs(
+            name,
+            sink(LogStream::Stdout),
+            sink(LogStream::Stderr),
+            lines,
+        );
+        Ok(Instance {
+            host_port,
+            output_lines: Some(output_lines),
+        })
+    }
+
+    async fn stop_service(
+        &self,
+        sandbox: &SandboxName,
+        service: &ServiceName,
+    ) -> Result<(), RuntimeError> {
+        self.remove(&[
+            format!("{LABEL_SANDBOX}={sandbox}"),
+            format!("{LABEL_SERVICE}={service}"),
+        ])
+        .await
+    }
+
+    async fn stop_sandbox(&self, sandbox: &SandboxName) -> Result<(), RuntimeError> {
+        self.remove(&[format!("{LABEL_SANDBOX}={sandbox}")]).await?;
+        match self
+            .docker
+            .remove_network(&network_name(sandbox.as_str()))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if status_is(&e, &[404]) => Ok(()),
+            Err(e) => Err(err("cannot remove the sandbox's network", e)),
+        }
+    }
+
+    async fn sandboxes(&self) -> Result<Vec<SandboxName>, RuntimeError> {
+        let mut names: Vec<SandboxName> = self
+            .containers(&[LABEL_SANDBOX.to_owned()])
+            .await?
+            .into_iter()
+            .filter_map(|(_, labels)| SandboxName::parse(labels.get(LABEL_SANDBOX)?.clone()).ok())
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+}
+
+impl DockerRuntime {
+    fn release(&self, port: u16) {
+        self.in_use
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&port);
+    }
+}

@@ -1,0 +1,175 @@
+//! The deploy pipeline with the Docker runtime, against this machine's real Docker Engine:
+//! the Go service is built on the host and runs in a container of an image made offline.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Options, TestEnv, docker_available, docker_inspect};
+
+fn docker_options() -> Options {
+    Options {
+        runtime: "docker",
+        ..Options::default()
+    }
+}
+
+/// A sandbox name no other test on this engine uses.
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_everything() {
+    if !docker_available() {
+        return;
+    }
+    let env = TestEnv::start(docker_options()).await;
+    let token = env.login().await;
+    let name = unique("dock");
+    let (sandbox, deployment) = env.deploy(&token, &name, &["orders@feature/x"]).await;
+    assert_eq!(deployment["state"], "ready", "{deployment}");
+    let upstream = sandbox["services"][0]["upstream"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let body = env
+        .http
+        .get(format!("http://{upstream}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, format!("orders on feature/x in {name}\n"));
+
+    let container = docker_inspect(&format!("sdp-{name}-orders")).expect("the container exists");
+    let labels = &container["Config"]["Labels"];
+    assert_eq!(labels["sdp.sandbox"], name.as_str());
+    assert_eq!(labels["sdp.service"], "orders");
+    assert_eq!(labels["sdp.deployment"], deployment["id"]);
+    let host = &container["HostConfig"];
+    assert_eq!(host["Memory"], 256 << 20);
+    assert_eq!(host["NanoCpus"], 500_000_000);
+    assert_eq!(host["PidsLimit"], 128);
+    assert_eq!(host["NetworkMode"], format!("sdp-{name}"));
+    let mount = &container["Mounts"][0];
+    assert_eq!(mount["Destination"], "/src");
+    assert_eq!(mount["RW"], false);
+    assert_eq!(container["Config"]["WorkingDir"], "/src");
+    let env_vars: Vec<&str> = container["Config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for expected in ["PORT=8080", "SDP_SERVICE=orders", "GREETING=hi"] {
+        assert!(
+            env_vars.contains(&expected),
+            "{expected} missing from {env_vars:?}"
+        );
+    }
+    assert!(env_vars.contains(&format!("SDP_SANDBOX={name}").as_str()));
+    assert!(
+        docker_inspect(&format!("sdp-{name}")).is_some(),
+        "the sandbox's network exists"
+    );
+
+    let id = deployment["id"].as_str().unwrap();
+    let text = env
+        .get(&format!("/api/deployments/{id}/logs"), Some(&token))
+        .await
+        .body;
+    assert!(
+        text.contains("[orders/stdout] orders listening on 8080"),
+        "{text}"
+    );
+    assert!(
+        text.contains("[orders/stderr] orders says hello on stderr"),
+        "{text}"
+    );
+
+    let reply = env
+        .http
+        .delete(format!("{}/api/sandboxes/{name}", env.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 202);
+    let checkout = env
+        .agent_work_dir(&env.micro[0])
+        .join("checkouts")
+        .join(&name);
+    wait_until("the container is removed", || {
+        docker_inspect(&format!("sdp-{name}-orders")).is_none()
+    })
+    .await;
+    wait_until("the network is removed", || {
+        docker_inspect(&format!("sdp-{name}")).is_none()
+    })
+    .await;
+    wait_until("the checkout is deleted", || !checkout.exists()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unhealthy_container_fails_at_starting_and_is_removed() {
+    if !docker_available() {
+        return;
+    }
+    let env = TestEnv::start(Options {
+        health_timeout: "3s",
+        ..docker_options()
+    })
+    .await;
+    let token = env.login().await;
+    let name = unique("sick");
+    let (_, deployment) = env.deploy(&token, &name, &["orders@unhealthy"]).await;
+    assert_eq!(deployment["state"], "failed", "{deployment}");
+    assert_eq!(deployment["services"][0]["step"], "starting");
+    wait_until("the container is removed", || {
+        docker_inspect(&format!("sdp-{name}-orders")).is_none()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_finds_its_containers_at_start_and_leftovers_of_ended_sandboxes_are_removed() {
+    if !docker_available() {
+        return;
+    }
+    let mut env = TestEnv::without_agents(docker_options()).await;
+    let agent = format!("dock-{:08x}-0", rand::random::<u32>());
+    env.micro.push(agent.clone());
+    // A container this agent started in an earlier life, of a sandbox no longer known.
+    let ghost = unique("ghost");
+    let image = crate::harness::docker_image();
+    let out = Command::new("docker")
+        .args(["run", "-d", "--name", &format!("sdp-{ghost}-orders")])
+        .args(["--label", &format!("sdp.sandbox={ghost}")])
+        .args(["--label", "sdp.service=orders"])
+        .args(["--label", &format!("sdp.agent={agent}")])
+        .args([image, "sleep", "600"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    env.start_agent(&agent, "micro", crate::harness::AGENT_TOKEN);
+    env.wait_for_agents(1).await;
+    wait_until("the leftover container is removed", || {
+        docker_inspect(&format!("sdp-{ghost}-orders")).is_none()
+    })
+    .await;
+}
