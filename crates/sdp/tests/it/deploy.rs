@@ -638,3 +638,50 @@ async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_control_plane_restart_mid_deployment_loses_no_log_line_and_the_deployment_finishes() {
+    let mut env = TestEnv::start(Options::default()).await;
+    let token = env.login().await;
+    let reply = env
+        .create_sandbox(&token, "restart", &["orders@main"])
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Restart while the agent builds (the Go build takes seconds), on the same address.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = env
+            .get(&format!("/api/deployments/{id}"), Some(&token))
+            .await
+            .json();
+        if d["services"][0]["step"] == "building" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never reached building: {d}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let addr = env.url.trim_start_matches("http://").to_owned();
+    env.stop_server();
+    env.start_server(&addr);
+    env.wait_for_agents(1).await;
+
+    let d = env.wait_deployment(&token, &id).await;
+    assert_eq!(d["state"], "ready", "{d}");
+    let frames = env.log_frames(&token, &id, 1).await;
+    let n = frames.len() as u64;
+    assert_eq!(seqs(&frames), (1..=n).collect::<Vec<_>>());
+    let lines: Vec<&str> = frames.iter().filter_map(|f| f["line"].as_str()).collect();
+    assert!(
+        lines.iter().any(|l| l.contains("building orders")),
+        "{lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("orders listening on")),
+        "{lines:?}"
+    );
+    assert_eq!(frames.last().unwrap()["type"], "end");
+}
