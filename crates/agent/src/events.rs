@@ -115,12 +115,25 @@ impl Outbox {
         state.closed.insert(deployment.to_owned());
     }
 
-    /// The next event to send on this connection, if any.
-    pub fn next_unsent(&self) -> Option<Event> {
+    /// The next events to send on this connection: at most `max_events`, and no more once
+    /// their lines add up to `max_bytes`.
+    pub fn next_batch(&self, max_events: usize, max_bytes: usize) -> Vec<Event> {
         let mut state = self.lock();
-        let event = state.queue.get(state.sent).cloned()?;
-        state.sent += 1;
-        Some(event)
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while batch.len() < max_events && bytes < max_bytes {
+            let Some(event) = state.queue.get(state.sent).cloned() else {
+                break;
+            };
+            bytes += 128
+                + match &event.body {
+                    EventBody::Log { line, .. } => line.len(),
+                    _ => 256,
+                };
+            state.sent += 1;
+            batch.push(event);
+        }
+        batch
     }
 
     /// Waits until an event is queued.
@@ -176,14 +189,19 @@ mod tests {
         for d in ["a", "b", "a"] {
             outbox.system(d, None, "x".into()).await;
         }
-        let seqs: Vec<(String, u64)> = std::iter::from_fn(|| outbox.next_unsent())
+        let seqs: Vec<(String, u64)> = outbox
+            .next_batch(2, usize::MAX)
+            .into_iter()
+            .chain(outbox.next_batch(10, usize::MAX))
             .map(|e| (e.deployment, e.seq))
             .collect();
         assert_eq!(seqs, [("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]);
         outbox.ack("a", 1);
-        assert!(outbox.next_unsent().is_none());
+        assert!(outbox.next_batch(10, usize::MAX).is_empty());
         outbox.rewind();
-        let resent: Vec<(String, u64)> = std::iter::from_fn(|| outbox.next_unsent())
+        let resent: Vec<(String, u64)> = outbox
+            .next_batch(10, usize::MAX)
+            .into_iter()
             .map(|e| (e.deployment, e.seq))
             .collect();
         assert_eq!(resent, [("b".into(), 1), ("a".into(), 2)]);

@@ -257,44 +257,34 @@ impl Agent {
         let silence_limit = interval * 3;
         let mut last_heard = tokio::time::Instant::now();
         let mut beat = tokio::time::interval(interval);
-        let (outbox, mut replies) = mpsc::channel::<AgentMessage>(OUTBOX);
+        let (outbox, replies) = mpsc::channel::<AgentMessage>(OUTBOX);
         let connection_done = CancellationToken::new();
         let _stop_jobs = connection_done.clone().drop_guard();
         let events = self.worker.events.clone();
         // Whatever the control plane has not acknowledged goes out again on this connection.
         events.rewind();
-        loop {
-            while let Some(event) = events.next_unsent() {
-                if let Err(e) = send(
-                    &mut sink,
-                    Message::Text(encode(&AgentMessage::Event(event)).into()),
-                )
-                .await
-                {
-                    return End::Lost(format!("cannot send: {e}"));
-                }
-            }
-            let outgoing = tokio::select! {
-                _ = events.wait() => continue,
-                _ = shutdown.cancelled() => {
-                    let _ = send(&mut sink, Message::Close(None)).await;
-                    return End::Shutdown;
-                }
+        // Reading and writing run apart, so that a flood of events going out never keeps the
+        // acknowledgements coming in from being read.
+        let stop_writing = CancellationToken::new();
+        let writer = tokio::spawn(write_frames(sink, replies, events, stop_writing.clone()));
+        let end = loop {
+            let answer = tokio::select! {
+                _ = shutdown.cancelled() => break End::Shutdown,
+                _ = stop_writing.cancelled() => break End::Lost(String::new()),
                 _ = beat.tick() => {
                     if last_heard.elapsed() > silence_limit {
-                        return End::Lost("the control plane fell silent".into());
+                        break End::Lost("the control plane fell silent".into());
                     }
                     AgentMessage::Heartbeat(Heartbeat {
                         load: self.in_flight.load(Ordering::Relaxed),
                         running: u32::try_from(self.worker.lock_active().len()).unwrap_or(u32::MAX),
                     })
                 }
-                Some(reply) = replies.recv() => reply,
                 frame = stream.next() => {
                     let frame = match frame {
                         Some(Ok(frame)) => frame,
-                        Some(Err(e)) => return End::Lost(format!("connection failed: {e}")),
-                        None => return End::Lost("the control plane closed the connection".into()),
+                        Some(Err(e)) => break End::Lost(format!("connection failed: {e}")),
+                        None => break End::Lost("the control plane closed the connection".into()),
                     };
                     last_heard = tokio::time::Instant::now();
                     match frame {
@@ -309,14 +299,23 @@ impl Agent {
                             }
                         },
                         Message::Binary(_) => AgentMessage::Error(FrameError::Binary.to_protocol_error()),
-                        Message::Close(_) => return End::Lost("the control plane closed the connection".into()),
+                        Message::Close(_) => break End::Lost("the control plane closed the connection".into()),
                         _ => continue,
                     }
                 }
             };
-            if let Err(e) = send(&mut sink, Message::Text(encode(&outgoing).into())).await {
-                return End::Lost(format!("cannot send: {e}"));
+            if tokio::time::timeout(HANDSHAKE_TIMEOUT, outbox.send(answer))
+                .await
+                .is_err()
+            {
+                break End::Lost("the control plane stopped reading".into());
             }
+        };
+        stop_writing.cancel();
+        let write_error = writer.await.unwrap_or_default();
+        match end {
+            End::Lost(reason) if reason.is_empty() => End::Lost(write_error),
+            end => end,
         }
     }
 
@@ -483,6 +482,57 @@ fn unsupported(message: &str) -> JobOutput {
         code: JobErrorCode::Unsupported,
         message: message.to_owned(),
     })
+}
+
+/// Events sent in one frame at most, and their rough size at most: a frame stays far below
+/// the 1 MiB limit.
+const BATCH_EVENTS: usize = 512;
+const BATCH_BYTES: usize = 256 * 1024;
+
+/// Writes the connection's frames: replies and heartbeats first, then batches of unsent
+/// events; when stopped, closes the socket. A failed write stops the reader too, through
+/// `stop`, and is returned as the reason.
+async fn write_frames<S>(
+    mut sink: S,
+    mut replies: mpsc::Receiver<AgentMessage>,
+    events: Arc<Outbox>,
+    stop: CancellationToken,
+) -> String
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let result: Result<(), String> = async {
+        loop {
+            while let Ok(msg) = replies.try_recv() {
+                send(&mut sink, Message::Text(encode(&msg).into())).await?;
+            }
+            let batch = events.next_batch(BATCH_EVENTS, BATCH_BYTES);
+            if !batch.is_empty() {
+                let frame = encode(&AgentMessage::Events { events: batch });
+                send(&mut sink, Message::Text(frame.into())).await?;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {
+                    let _ = send(&mut sink, Message::Close(None)).await;
+                    return Ok(());
+                }
+                Some(msg) = replies.recv() => {
+                    send(&mut sink, Message::Text(encode(&msg).into())).await?;
+                }
+                _ = events.wait() => {}
+            }
+        }
+    }
+    .await;
+    match result {
+        Ok(()) => String::new(),
+        Err(e) => {
+            stop.cancel();
+            format!("cannot send: {e}")
+        }
+    }
 }
 
 /// Writes one frame, giving up after [`HANDSHAKE_TIMEOUT`]: a control plane that stops

@@ -23,7 +23,11 @@ pub enum AgentMessage {
     Hello(Hello),
     Heartbeat(Heartbeat),
     Reply(Reply),
-    Event(Event),
+    /// Events in the order they happened, of one or more deployments. Batched so that a
+    /// flood of log lines costs few frames and few acknowledgements.
+    Events {
+        events: Vec<Event>,
+    },
     /// The agent could not read a frame of the control plane.
     Error(ProtocolError),
 }
@@ -309,6 +313,16 @@ pub enum LogStream {
     System,
 }
 
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::System => "system",
+        }
+    }
+}
+
 /// A step event says a step began (`running`), was skipped (`skipped`, e.g. no rebuild of an
 /// unchanged commit), was reached for good (`done`, for `healthy`) or failed (`failed`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -440,40 +454,44 @@ mod tests {
                     message: "the git server refused the credentials".into(),
                 }),
             }),
-            AgentMessage::Event(Event {
-                deployment: "d-1".into(),
-                seq: 1,
-                ts: ts(),
-                body: EventBody::Log {
-                    service: Some(ServiceName::parse("orders").unwrap()),
-                    stream: LogStream::Stdout,
-                    line: "listening on :8080".into(),
-                },
-            }),
-            AgentMessage::Event(Event {
-                deployment: "d-1".into(),
-                seq: 2,
-                ts: ts(),
-                body: EventBody::Step {
-                    service: Some(ServiceName::parse("orders").unwrap()),
-                    step: Step::Building,
-                    state: StepState::Running,
-                },
-            }),
-            AgentMessage::Event(Event {
-                deployment: "d-1".into(),
-                seq: 3,
-                ts: ts(),
-                body: EventBody::Outcome {
-                    ok: true,
-                    error: None,
-                    services: vec![ServiceOutcome {
-                        service: ServiceName::parse("orders").unwrap(),
-                        commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
-                        upstream: Some("127.0.0.1:20001".into()),
-                    }],
-                },
-            }),
+            AgentMessage::Events {
+                events: vec![
+                    Event {
+                        deployment: "d-1".into(),
+                        seq: 1,
+                        ts: ts(),
+                        body: EventBody::Log {
+                            service: Some(ServiceName::parse("orders").unwrap()),
+                            stream: LogStream::Stdout,
+                            line: "listening on :8080".into(),
+                        },
+                    },
+                    Event {
+                        deployment: "d-1".into(),
+                        seq: 2,
+                        ts: ts(),
+                        body: EventBody::Step {
+                            service: Some(ServiceName::parse("orders").unwrap()),
+                            step: Step::Building,
+                            state: StepState::Running,
+                        },
+                    },
+                    Event {
+                        deployment: "d-1".into(),
+                        seq: 3,
+                        ts: ts(),
+                        body: EventBody::Outcome {
+                            ok: true,
+                            error: None,
+                            services: vec![ServiceOutcome {
+                                service: ServiceName::parse("orders").unwrap(),
+                                commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                                upstream: Some("127.0.0.1:20001".into()),
+                            }],
+                        },
+                    },
+                ],
+            },
             AgentMessage::Reply(Reply {
                 id: RequestId(10),
                 output: JobOutput::Accepted,

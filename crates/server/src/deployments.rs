@@ -17,7 +17,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::db::Db;
 use crate::hub::{CallError, Hub};
-use crate::logs::{Appended, Frame, Logs};
+use crate::logs::{Frame, Logs};
 
 pub struct Deployments {
     pub db: Db,
@@ -37,12 +37,45 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
-/// What the connection of an agent answers to an event.
-pub enum Ack {
-    /// Stored (or stored before): acknowledge up to this `seq`.
-    Upto(u64),
-    /// Not stored; the agent sends it again later.
-    No,
+/// An agent's event as a frame of the log.
+fn frame_of(agent: &str, event: &Event) -> Frame {
+    let seq = event.seq;
+    let ts = event.ts.format(&Rfc3339).unwrap_or_default();
+    match &event.body {
+        EventBody::Log {
+            service,
+            stream,
+            line,
+        } => Frame::Log {
+            seq,
+            ts,
+            service: service.as_ref().map(ToString::to_string),
+            stream: stream.as_str().to_owned(),
+            line: line.clone(),
+        },
+        EventBody::Step {
+            service,
+            step,
+            state,
+        } => Frame::Step {
+            seq,
+            ts,
+            service: service.as_ref().map(ToString::to_string),
+            step: step.as_str().to_owned(),
+            state: state.as_str().to_owned(),
+        },
+        EventBody::Outcome { ok, error, .. } => Frame::Log {
+            seq,
+            ts,
+            service: None,
+            stream: "system".into(),
+            line: match (ok, error) {
+                (true, _) => format!("agent {agent}: every service is healthy"),
+                (false, Some(e)) => format!("agent {agent}: {e}"),
+                (false, None) => format!("agent {agent}: the deployment failed"),
+            },
+        },
+    }
 }
 
 impl Deployments {
@@ -152,73 +185,52 @@ impl Deployments {
         }
     }
 
-    /// Stores an event of `agent`: the log line first, then what it changes in SQLite.
-    pub async fn ingest(&self, agent: &str, event: Event) -> Ack {
-        let deployment = event.deployment.clone();
-        let seq = event.seq;
-        let ts = event.ts.format(&Rfc3339).unwrap_or_default();
-        let frame = match &event.body {
-            EventBody::Log {
-                service,
-                stream,
-                line,
-            } => Frame::Log {
-                seq,
-                ts: ts.clone(),
-                service: service.as_ref().map(ToString::to_string),
-                stream: serde_json::to_value(stream)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_owned))
-                    .unwrap_or_default(),
-                line: line.clone(),
-            },
-            EventBody::Step {
-                service,
-                step,
-                state,
-            } => Frame::Step {
-                seq,
-                ts: ts.clone(),
-                service: service.as_ref().map(ToString::to_string),
-                step: step.as_str().to_owned(),
-                state: state.as_str().to_owned(),
-            },
-            EventBody::Outcome { ok, error, .. } => Frame::Log {
-                seq,
-                ts: ts.clone(),
-                service: None,
-                stream: "system".into(),
-                line: match (ok, error) {
-                    (true, _) => format!("agent {agent}: every service is healthy"),
-                    (false, Some(e)) => format!("agent {agent}: {e}"),
-                    (false, None) => format!("agent {agent}: the deployment failed"),
-                },
-            },
-        };
-        match self.logs.append_agent(&deployment, &frame).await {
-            Ok(Appended::Stored) => {}
-            Ok(Appended::Duplicate | Appended::Ended) => return Ack::Upto(seq),
-            Ok(Appended::Gap { expected }) => {
-                tracing::warn!(%deployment, seq, expected, "event out of order; waiting for the missing ones");
-                return Ack::No;
+    /// Stores a batch of `agent`'s events: the log lines first, then what they change in
+    /// SQLite. Returns what to acknowledge: per deployment, the `seq` its log now holds.
+    pub async fn ingest(&self, agent: &str, events: Vec<Event>) -> Vec<(String, u64)> {
+        let mut acks = Vec::new();
+        let mut rest = events.as_slice();
+        while let Some(first) = rest.first() {
+            // A run of consecutive events of one deployment is written at once.
+            let run = rest
+                .iter()
+                .take_while(|e| e.deployment == first.deployment)
+                .count();
+            let (batch, tail) = rest.split_at(run);
+            rest = tail;
+            let deployment = first.deployment.clone();
+            let frames: Vec<Frame> = batch.iter().map(|e| frame_of(agent, e)).collect();
+            let (ack, stored) = match self.logs.append_agent(&deployment, &frames).await {
+                Ok(result) => result,
+                Err(e) => {
+                    tracing::error!(%deployment, error = %e, "cannot write the deployment log");
+                    continue;
+                }
+            };
+            for i in stored {
+                self.apply(&deployment, &batch[i]).await;
             }
-            Err(e) => {
-                tracing::error!(%deployment, error = %e, "cannot write the deployment log");
-                return Ack::No;
+            if let Some(seq) = ack {
+                acks.push((deployment, seq));
             }
         }
-        match event.body {
+        acks
+    }
+
+    /// What a stored event changes in SQLite.
+    async fn apply(&self, deployment: &str, event: &Event) {
+        match &event.body {
             EventBody::Log { .. } => {}
             EventBody::Step {
                 service,
                 step,
                 state,
             } => {
-                let service = service.map(|s| s.to_string()).unwrap_or_default();
+                let service = service.as_ref().map(|s| s.to_string()).unwrap_or_default();
                 if let Err(e) = self
                     .db
                     .record_step(
-                        &deployment,
+                        deployment,
                         &service,
                         step.as_str(),
                         state.as_str(),
@@ -235,13 +247,12 @@ impl Deployments {
                 services,
             } => {
                 let outcomes: Vec<_> = services
-                    .into_iter()
-                    .map(|s| (s.service.to_string(), s.commit, s.upstream))
+                    .iter()
+                    .map(|s| (s.service.to_string(), s.commit.clone(), s.upstream.clone()))
                     .collect();
-                self.finish(&deployment, ok, error, &outcomes).await;
+                self.finish(deployment, *ok, error.clone(), &outcomes).await;
             }
         }
-        Ack::Upto(seq)
     }
 
     /// An agent said hello: deployments recorded as running there but unknown to it were lost

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Db;
-use crate::deployments::{Ack, Deployments};
+use crate::deployments::Deployments;
 
 /// How long a new connection has to say `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -290,7 +290,7 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
     };
 
     let now = OffsetDateTime::now_utc();
-    let (outbox, mut jobs) = mpsc::channel(OUTBOX);
+    let (outbox, jobs) = mpsc::channel(OUTBOX);
     let conn = Arc::new(AgentConn {
         conn_id: ctx.hub.next_conn.fetch_add(1, Ordering::Relaxed),
         name: hello.name.clone(),
@@ -335,13 +335,22 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
         heartbeat_interval_ms: (ctx.agent_timeout / 3).as_millis() as u64,
     });
     let mut reason = "closed by the agent".to_owned();
-    if send_frame(&mut sink, &welcome, limit).await.is_ok() {
+    let welcomed = send_frame(&mut sink, &welcome, limit).await.is_ok();
+    // Reading and writing run apart: a reader that waited for its writes to go out while the
+    // agent waited for its own would deadlock under a flood of events.
+    let stop_writing = CancellationToken::new();
+    let writer = tokio::spawn(write_frames(sink, jobs, limit, stop_writing.clone()));
+    if welcomed {
         let mut last_heard = tokio::time::Instant::now();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
-            let outgoing = tokio::select! {
+            let replies = tokio::select! {
                 _ = ctx.shutdown.cancelled() => { reason = "server shutting down".into(); break }
                 _ = conn.closed.cancelled() => { reason = "replaced by a new connection".into(); break }
+                _ = stop_writing.cancelled() => {
+                    reason = "the socket failed or the agent stopped reading".into();
+                    break;
+                }
                 _ = tick.tick() => {
                     if last_heard.elapsed() > ctx.agent_timeout {
                         reason = "silent past the heartbeat timeout".into();
@@ -349,10 +358,6 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
                     }
                     continue;
                 }
-                job = jobs.recv() => match job {
-                    Some(msg) => msg,
-                    None => break,
-                },
                 frame = stream.next() => {
                     let frame = match frame {
                         Some(Ok(frame)) => frame,
@@ -363,29 +368,33 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
                                 code: "unreadable_frame".into(),
                                 message: format!("{e}; frames are limited to {MAX_FRAME_BYTES} bytes"),
                             });
-                            let _ = send_frame(&mut sink, &error, limit).await;
+                            let _ = tokio::time::timeout(limit, conn.outbox.send(error)).await;
                             break;
                         }
                         None => break,
                     };
                     last_heard = tokio::time::Instant::now();
                     match frame {
-                        Message::Text(text) => match handle_frame(&conn, &ctx.deployments, &text).await {
-                            Some(reply) => reply,
-                            None => continue,
-                        },
-                        Message::Binary(_) => ServerMessage::Error(FrameError::Binary.to_protocol_error()),
+                        Message::Text(text) => handle_frame(&conn, &ctx.deployments, &text).await,
+                        Message::Binary(_) => vec![ServerMessage::Error(FrameError::Binary.to_protocol_error())],
                         Message::Close(_) => break,
                         Message::Ping(_) | Message::Pong(_) => continue,
                     }
                 }
             };
-            if send_frame(&mut sink, &outgoing, limit).await.is_err() {
-                reason = "the socket failed or the agent stopped reading".into();
-                break;
+            for reply in replies {
+                if !matches!(
+                    tokio::time::timeout(limit, conn.outbox.send(reply)).await,
+                    Ok(Ok(()))
+                ) {
+                    reason = "the agent stopped reading".into();
+                    break;
+                }
             }
         }
     }
+    stop_writing.cancel();
+    let _ = writer.await;
 
     // Closing first makes new calls fail at once; dropping the pending senders wakes every
     // caller still waiting on this agent.
@@ -409,6 +418,33 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
     }
     if current {
         ctx.deployments.agent_disconnected(conn.name.to_string());
+    }
+}
+
+/// Writes the frames queued for an agent until told to stop (then flushes what is queued and
+/// closes) or a write fails (then tells the reader, through `stop`).
+async fn write_frames(
+    mut sink: Sink,
+    mut queue: mpsc::Receiver<ServerMessage>,
+    limit: Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            biased;
+            msg = queue.recv() => msg,
+            _ = stop.cancelled() => None,
+        };
+        let Some(msg) = msg else { break };
+        if send_frame(&mut sink, &msg, limit).await.is_err() {
+            stop.cancel();
+            return;
+        }
+    }
+    while let Ok(msg) = queue.try_recv() {
+        if send_frame(&mut sink, &msg, limit).await.is_err() {
+            return;
+        }
     }
     let _ = tokio::time::timeout(limit, sink.close()).await;
 }
@@ -486,17 +522,17 @@ async fn first_hello(
     }
 }
 
-/// Handles one text frame of a registered agent; returns the frame to answer with, if any.
+/// Handles one text frame of a registered agent; returns the frames to answer with.
 async fn handle_frame(
     conn: &AgentConn,
     deployments: &Deployments,
     text: &str,
-) -> Option<ServerMessage> {
+) -> Vec<ServerMessage> {
     let msg = match decode_agent_frame(text) {
         Ok(msg) => msg,
         Err(e) => {
             tracing::warn!(agent = %conn.name, error = %e, "unreadable frame from agent");
-            return Some(ServerMessage::Error(e.to_protocol_error()));
+            return vec![ServerMessage::Error(e.to_protocol_error())];
         }
     };
     match msg {
@@ -505,7 +541,7 @@ async fn handle_frame(
                 heartbeat,
                 last_seen: OffsetDateTime::now_utc(),
             };
-            Some(ServerMessage::Heartbeat)
+            vec![ServerMessage::Heartbeat]
         }
         AgentMessage::Reply(reply) => {
             conn.lock_status().last_seen = OffsetDateTime::now_utc();
@@ -517,22 +553,21 @@ async fn handle_frame(
                     tracing::debug!(agent = %conn.name, id = %reply.id, "reply to a job nobody waits for any more");
                 }
             }
-            None
+            Vec::new()
         }
-        AgentMessage::Hello(_) => Some(ServerMessage::Error(ProtocolError {
+        AgentMessage::Hello(_) => vec![ServerMessage::Error(ProtocolError {
             code: "unexpected_hello".into(),
             message: "hello was already received on this connection".into(),
-        })),
-        AgentMessage::Event(event) => {
-            let deployment = event.deployment.clone();
-            match deployments.ingest(conn.name.as_str(), event).await {
-                Ack::Upto(seq) => Some(ServerMessage::Ack { deployment, seq }),
-                Ack::No => None,
-            }
-        }
+        })],
+        AgentMessage::Events { events } => deployments
+            .ingest(conn.name.as_str(), events)
+            .await
+            .into_iter()
+            .map(|(deployment, seq)| ServerMessage::Ack { deployment, seq })
+            .collect(),
         AgentMessage::Error(e) => {
             tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");
-            None
+            Vec::new()
         }
     }
 }

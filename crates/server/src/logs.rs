@@ -9,8 +9,11 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use std::io::Write;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::broadcast;
 
 /// Live frames kept for slow viewers before they have to read the file.
@@ -51,32 +54,20 @@ impl Frame {
     }
 }
 
-/// A stored frame, serialized once for every viewer.
+/// A stored frame, serialized once for every viewer: cloning its text is a reference count.
 #[derive(Debug)]
 pub struct Line {
     pub seq: u64,
-    pub json: String,
+    pub json: Utf8Bytes,
     pub end: bool,
-}
-
-/// What became of an agent's event.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Appended {
-    Stored,
-    /// Already stored (sent again after a reconnect): acknowledge, do nothing.
-    Duplicate,
-    /// Not the next one: an earlier event is missing, so this one is not acknowledged.
-    Gap {
-        expected: u64,
-    },
-    /// The deployment already ended.
-    Ended,
 }
 
 struct Writer {
     last_seq: u64,
     ended: bool,
-    file: Option<tokio::fs::File>,
+    /// A plain file: appending a few lines lands in the page cache at once, so it is written
+    /// in place rather than through the blocking pool, which would add a hop to every event.
+    file: Option<std::fs::File>,
 }
 
 struct Stream {
@@ -137,11 +128,10 @@ impl Logs {
             writer.ended = last.end;
         }
         writer.file = Some(
-            tokio::fs::OpenOptions::new()
+            std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)
-                .await?,
+                .open(&path)?,
         );
         Ok(())
     }
@@ -149,39 +139,70 @@ impl Logs {
     async fn write(stream: &Stream, writer: &mut Writer, frame: &Frame) -> std::io::Result<()> {
         let json = serde_json::to_string(frame).expect("frames serialize");
         let file = writer.file.as_mut().expect("opened before writing");
-        file.write_all(format!("{json}\n").as_bytes()).await?;
-        file.flush().await?;
+        file.write_all(format!("{json}\n").as_bytes())?;
         writer.last_seq = frame.seq();
         let end = matches!(frame, Frame::End { .. });
         writer.ended = end;
         // No viewer is fine; a slow one lags and reads the file.
         let _ = stream.live.send(Arc::new(Line {
             seq: frame.seq(),
-            json,
+            json: json.into(),
             end,
         }));
         Ok(())
     }
 
-    /// Appends an agent's event, whose `seq` the agent chose.
-    pub async fn append_agent(&self, deployment: &str, frame: &Frame) -> std::io::Result<Appended> {
+    /// Appends a run of one deployment's events, whose `seq`s the agent chose, in one write.
+    /// Returns the `seq` up to which the log now holds them (to acknowledge), and which of
+    /// `frames` were stored now (the others were stored before, or the log has ended, or an
+    /// earlier event is missing).
+    pub async fn append_agent(
+        &self,
+        deployment: &str,
+        frames: &[Frame],
+    ) -> std::io::Result<(Option<u64>, Vec<usize>)> {
         let stream = self.stream(deployment);
         let mut writer = stream.writer.lock().await;
         self.open(deployment, &mut writer).await?;
-        let seq = frame.seq();
-        if seq <= writer.last_seq {
-            return Ok(Appended::Duplicate);
+        let mut buffer = String::new();
+        let mut staged = Vec::new();
+        let mut ack = None;
+        let mut next = writer.last_seq + 1;
+        for (i, frame) in frames.iter().enumerate() {
+            let seq = frame.seq();
+            // Stored before (sent again after a reconnect), or the log has ended and the
+            // event is dropped: either way the agent may forget it.
+            if seq < next || writer.ended {
+                ack = Some(ack.unwrap_or(0).max(seq));
+                continue;
+            }
+            if seq != next {
+                tracing::warn!(%deployment, seq, expected = next, "event out of order; waiting for the missing ones");
+                break;
+            }
+            let json = serde_json::to_string(frame).expect("frames serialize");
+            buffer.push_str(&json);
+            buffer.push('\n');
+            staged.push((i, json));
+            next += 1;
         }
-        if writer.ended {
-            return Ok(Appended::Ended);
+        if staged.is_empty() {
+            return Ok((ack, Vec::new()));
         }
-        if seq != writer.last_seq + 1 {
-            return Ok(Appended::Gap {
-                expected: writer.last_seq + 1,
-            });
+        let file = writer.file.as_mut().expect("opened before writing");
+        file.write_all(buffer.as_bytes())?;
+        writer.last_seq = next - 1;
+        let mut stored = Vec::with_capacity(staged.len());
+        for (i, json) in staged {
+            // No viewer is fine; a slow one lags and reads the file.
+            let _ = stream.live.send(Arc::new(Line {
+                seq: frames[i].seq(),
+                json: json.into(),
+                end: false,
+            }));
+            stored.push(i);
         }
-        Self::write(&stream, &mut writer, frame).await?;
-        Ok(Appended::Stored)
+        Ok((Some(writer.last_seq), stored))
     }
 
     /// Appends a frame of the control plane's own, with the next `seq`; `None` if the log
@@ -241,7 +262,7 @@ async fn read_lines(path: &Path, from: u64) -> std::io::Result<Vec<Line>> {
             out.push(Line {
                 seq: head.seq,
                 end: head.kind == "end",
-                json,
+                json: json.into(),
             });
         }
     }

@@ -38,7 +38,7 @@ async fn the_service_list_is_the_catalog() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["orders", "payments", "stuck"]);
+    assert_eq!(names, ["orders", "payments", "stuck", "chatty", "steady"]);
     assert_eq!(services[0]["repo"], env.git.url("orders"));
     assert_eq!(services[0]["routes"], serde_json::json!(["/orders"]));
     assert_eq!(services[0]["baseline"], "http://127.0.0.1:9/orders");

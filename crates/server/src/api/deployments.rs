@@ -7,9 +7,10 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use super::sandboxes::{ListParams, cursor, list_query};
 use super::{AppState, rfc3339};
@@ -211,7 +212,8 @@ pub async fn socket(
 
 /// Replays the stored frames from `from`, then the live ones, up to and including the end
 /// frame. A viewer that falls behind the live channel reads the file again from where it
-/// was, so it sees every frame once, in order.
+/// was, so it sees every frame once, in order. Frames are written in bursts and flushed once
+/// per burst: a flood of lines costs a few writes, not one per line.
 async fn stream_log(
     logs: &Logs,
     id: &str,
@@ -220,60 +222,73 @@ async fn stream_log(
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> Result<(), String> {
     let mut next = from;
-    // Sends the stored frames from `next` on; true once the end frame went out.
-    async fn replay(
-        logs: &Logs,
-        id: &str,
-        next: &mut u64,
-        socket: &mut WebSocket,
-    ) -> Result<bool, String> {
-        for line in logs.read_from(id, *next).await.map_err(|e| e.to_string())? {
-            socket.send(frame(&line)).await.map_err(|e| e.to_string())?;
-            *next = line.seq + 1;
-            if line.end {
-                return Ok(true);
-            }
-        }
-        Ok(false)
-    }
     // A finished deployment is all in its file; only a running one needs the live channel.
     if replay(logs, id, &mut next, &mut socket).await? {
-        let _ = socket.send(Message::Close(None)).await;
-        return Ok(());
+        return close(socket).await;
     }
     let mut live = logs.subscribe(id);
     loop {
         // Subscribed first, so whatever was written meanwhile is in the file.
         if replay(logs, id, &mut next, &mut socket).await? {
-            let _ = socket.send(Message::Close(None)).await;
-            return Ok(());
+            return close(socket).await;
         }
+        let mut received = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = live.recv() => r.map_err(|e| match e {
+                RecvError::Lagged(n) => TryRecvError::Lagged(n),
+                RecvError::Closed => TryRecvError::Closed,
+            }),
+        };
         loop {
-            let received = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
-                r = live.recv() => r,
-            };
             match received {
-                Ok(line) if line.seq < next => continue,
+                Ok(line) if line.seq < next => {}
                 Ok(line) if line.seq == next => {
-                    socket.send(frame(&line)).await.map_err(|e| e.to_string())?;
+                    socket.feed(frame(&line)).await.map_err(|e| e.to_string())?;
                     next += 1;
                     if line.end {
-                        let _ = socket.send(Message::Close(None)).await;
-                        return Ok(());
+                        socket.flush().await.map_err(|e| e.to_string())?;
+                        return close(socket).await;
                     }
                 }
                 // A frame is missing (we lagged behind the bounded channel): back to the file.
-                Ok(_) | Err(RecvError::Lagged(_)) => break,
-                Err(RecvError::Closed) => {
+                Ok(_) | Err(TryRecvError::Lagged(_)) => break,
+                Err(TryRecvError::Closed) => {
                     live = logs.subscribe(id);
                     break;
                 }
+                Err(TryRecvError::Empty) => break,
             }
+            received = live.try_recv();
         }
+        socket.flush().await.map_err(|e| e.to_string())?;
     }
 }
 
+/// Sends the stored frames from `next` on; true once the end frame went out.
+async fn replay(
+    logs: &Logs,
+    id: &str,
+    next: &mut u64,
+    socket: &mut WebSocket,
+) -> Result<bool, String> {
+    let mut ended = false;
+    for line in logs.read_from(id, *next).await.map_err(|e| e.to_string())? {
+        socket.feed(frame(&line)).await.map_err(|e| e.to_string())?;
+        *next = line.seq + 1;
+        if line.end {
+            ended = true;
+            break;
+        }
+    }
+    socket.flush().await.map_err(|e| e.to_string())?;
+    Ok(ended)
+}
+
+async fn close(mut socket: WebSocket) -> Result<(), String> {
+    let _ = socket.send(Message::Close(None)).await;
+    Ok(())
+}
+
 fn frame(line: &Line) -> Message {
-    Message::Text(line.json.clone().into())
+    Message::Text(line.json.clone())
 }

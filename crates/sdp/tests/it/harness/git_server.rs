@@ -257,6 +257,20 @@ func main() {{
     ]
 }
 
+/// Prints `rate` lines a second for `seconds` seconds, in bursts of 100.
+pub const STEADY_EMITTER: &str = r#"import sys, time
+rate, seconds = int(sys.argv[1]), float(sys.argv[2])
+start = time.monotonic()
+for i in range(int(rate * seconds)):
+    sys.stdout.write(f"line {i} of a steady build\n")
+    if i % 100 == 99:
+        sys.stdout.flush()
+        delay = start + (i + 1) / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+sys.stdout.flush()
+"#;
+
 /// Repositories under this name never answer, like a git server that hangs.
 pub const STUCK_REPO: &str = "stuck";
 

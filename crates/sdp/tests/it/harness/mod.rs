@@ -388,6 +388,11 @@ impl TestEnv {
         );
         git.create_repo("payments", &["main"]);
         git.create_repo("stuck", &["main"]);
+        for name in ["chatty", "steady"] {
+            git.create_repo_with(name, &["main"], |_| {
+                vec![("emit.py".into(), git_server::STEADY_EMITTER.into())]
+            });
+        }
         let mut env = TestEnv {
             micro: Vec::new(),
             dir,
@@ -418,7 +423,7 @@ impl TestEnv {
             )
         };
         format!(
-            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n{}{}{}",
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n{}{}{}{}{}",
             self.server_data_dir().display(),
             o.session_ttl,
             o.sandbox_ttl,
@@ -433,6 +438,14 @@ impl TestEnv {
             ),
             service("payments", "true", "true"),
             service("stuck", "true", "true"),
+            // For the log pipeline benchmark: a build that prints as fast as it can, and one
+            // that prints 10,000 lines a second for 5 seconds.
+            service(
+                "chatty",
+                "seq -f 'line %g of the chatty build' 1 100000",
+                "true",
+            ),
+            service("steady", "python3 emit.py 10000 5", "true"),
         )
     }
 
