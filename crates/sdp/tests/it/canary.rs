@@ -6,8 +6,9 @@ use base64::Engine;
 use crate::harness::{Options, TestEnv, files_containing};
 
 /// Reads every process's command line until told to stop; returns the ones holding
-/// `canary` and how many git ls-remote command lines it saw (to show it looked while git ran).
-fn sample_cmdlines(canary: Vec<u8>, stop: Arc<AtomicBool>) -> (Vec<String>, usize) {
+/// `canary` and how many command lines of git's HTTP helper it saw (to show it looked while
+/// git talked to the server).
+pub fn sample_cmdlines(canary: Vec<u8>, stop: Arc<AtomicBool>) -> (Vec<String>, usize) {
     let mut hits = Vec::new();
     let mut git_seen = 0;
     while !stop.load(Ordering::Relaxed) {
@@ -24,7 +25,7 @@ fn sample_cmdlines(canary: Vec<u8>, stop: Arc<AtomicBool>) -> (Vec<String>, usiz
             {
                 hits.push(String::from_utf8_lossy(&cmdline).replace('\0', " "));
             }
-            if cmdline.windows(9).any(|w| w == b"ls-remote") {
+            if cmdline.windows(11).any(|w| w == b"remote-http") {
                 git_seen += 1;
             }
         }

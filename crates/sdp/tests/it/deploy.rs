@@ -685,3 +685,53 @@ async fn a_control_plane_restart_mid_deployment_loses_no_log_line_and_the_deploy
     );
     assert_eq!(frames.last().unwrap()["type"], "end");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_viewer_that_stops_reading_slows_nothing_and_still_gets_every_frame() {
+    let env = TestEnv::start(Options {
+        health_timeout: "2s",
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    let reply = env.create_sandbox(&token, "flood", &["chatty@main"]).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // This viewer connects, then reads nothing until the deployment is over.
+    let url = format!(
+        "{}/ws/deployments/{id}?from=1",
+        env.url.replacen("http://", "ws://", 1)
+    );
+    let mut req =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+            .unwrap();
+    req.headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (mut asleep, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let awake = env.log_frames(&token, &id, 1);
+    let (awake, d) = tokio::join!(awake, env.wait_deployment(&token, &id));
+    // The build printed its 100,000 lines and the deployment ended without waiting for the
+    // sleeping viewer (chatty's run command exits at once, so it ends failed at starting).
+    assert_eq!(d["state"], "failed", "{d}");
+    assert_eq!(d["services"][0]["step"], "starting", "{d}");
+    let n = awake.len() as u64;
+    assert!(n > 100_000, "{n}");
+    assert_eq!(seqs(&awake), (1..=n).collect::<Vec<_>>());
+
+    let mut seen = Vec::new();
+    while let Some(Ok(msg)) = futures_util::StreamExt::next(&mut asleep).await {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            seen.push(v["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(
+        seen,
+        (1..=n).collect::<Vec<_>>(),
+        "the slow viewer lost or doubled frames"
+    );
+}

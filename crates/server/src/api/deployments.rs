@@ -251,7 +251,11 @@ async fn stream_log(
                     }
                 }
                 // A frame is missing (we lagged behind the bounded channel): back to the file.
-                Ok(_) | Err(TryRecvError::Lagged(_)) => break,
+                Ok(_) => break,
+                Err(TryRecvError::Lagged(missed)) => {
+                    tracing::debug!(deployment = %id, missed, "log viewer lagged; catching up from the file");
+                    break;
+                }
                 Err(TryRecvError::Closed) => {
                     live = logs.subscribe(id);
                     break;
