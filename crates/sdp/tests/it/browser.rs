@@ -160,7 +160,7 @@ impl Drop for Browser {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_user_logs_in_sees_branches_and_logs_out_in_a_real_browser() {
+async fn a_user_logs_in_sees_branches_deploys_watches_the_log_and_logs_out_in_a_real_browser() {
     let Some(browser) = Browser::start().await else {
         return;
     };
@@ -223,6 +223,42 @@ async fn a_user_logs_in_sees_branches_and_logs_out_in_a_real_browser() {
             "{commit} missing from:\n{shown}"
         );
     }
+
+    // Deploy a branch from the page and watch its log to the end.
+    browser.type_into("#sandbox-name", "web").await;
+    browser.click("[data-deploy-service=\"orders\"]").await;
+    browser
+        .wait_for(
+            "the branches of orders in the deploy form",
+            "var s = document.querySelector('[data-deploy-branch=\"orders\"]'); return s && s.options.length > 1 && !s.disabled",
+        )
+        .await;
+    browser
+        .eval("var s = document.querySelector('[data-deploy-branch=\"orders\"]'); s.value = 'feature/x'; s.dispatchEvent(new Event('change')); return true")
+        .await;
+    browser.click("#deploy-submit").await;
+    let end = browser
+        .wait_for(
+            "the end of the deployment log",
+            "return document.getElementById('log-status').getAttribute('data-end-state')",
+        )
+        .await;
+    assert_eq!(end, json!("ready"));
+    let log = browser
+        .eval("return document.getElementById('log-lines').textContent")
+        .await;
+    let log = log.as_str().unwrap();
+    assert!(log.contains("building orders"), "{log}");
+    assert!(log.contains("orders listening on"), "{log}");
+    let state = browser
+        .wait_for(
+            "the sandbox listed as ready",
+            "var c = document.querySelector('[data-sandbox=\"web\"] [data-sandbox-state]'); return c && c.textContent.trim() === 'ready' && c.textContent.trim()",
+        )
+        .await;
+    assert_eq!(state, json!("ready"));
+    let sandbox = env.get("/api/sandboxes/web", None).await;
+    assert_eq!(sandbox.status, 401, "the page's session is its own");
 
     browser.click("#logout").await;
     browser

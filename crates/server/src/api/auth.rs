@@ -126,3 +126,12 @@ pub async fn logout(
     let clear = format!("{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, clear)]).into_response())
 }
+
+/// Who the session belongs to, and until when: for pages and clients that hold a session but
+/// not its user (a new tab).
+pub async fn session(Extension(session): Extension<CurrentSession>) -> Json<serde_json::Value> {
+    Json(json!({
+        "user": session.username.as_str(),
+        "expires_at": session.expires_at.format(&Rfc3339).unwrap_or_default(),
+    }))
+}

@@ -87,6 +87,7 @@ fn endpoints() -> Vec<Endpoint> {
         endpoint(Method::GET, "/api/health", Public, health),
         endpoint(Method::POST, "/api/login", Public, auth::login),
         endpoint(Method::POST, "/api/logout", Session, auth::logout),
+        endpoint(Method::GET, "/api/session", Session, auth::session),
         endpoint(Method::GET, "/api/services", Session, catalog::services),
         endpoint(
             Method::GET,
@@ -264,6 +265,7 @@ async fn dashboard() -> axum::response::Html<&'static str> {
 pub(crate) struct CurrentSession {
     pub token_hash: String,
     pub username: Username,
+    pub expires_at: OffsetDateTime,
 }
 
 /// The session token a request carries: `Authorization: Bearer` first, then the cookie.
@@ -312,6 +314,7 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentSe
     Ok(CurrentSession {
         token_hash,
         username,
+        expires_at: row.expires_at,
     })
 }
 
