@@ -155,6 +155,20 @@ impl DockerRuntime {
     }
 
     async fn ensure_network(&self, sandbox: &str) -> Result<(), RuntimeError> {
+        // The engine accepts a second network of the same name, and then refuses to attach
+        // containers to either: look before creating.
+        match self
+            .docker
+            .inspect_network(
+                &network_name(sandbox),
+                None::<bollard::query_parameters::InspectNetworkOptions>,
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if status_is(&e, &[404]) => {}
+            Err(e) => return Err(err("cannot look up the sandbox's network", e)),
+        }
         let request = NetworkCreateRequest {
             name: network_name(sandbox),
             labels: Some(HashMap::from([

@@ -30,5 +30,25 @@ async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
     let listed = api.branches("hello", &token).await;
     assert_eq!(listed, heads_of(&data.join("repos/hello.git")));
     assert!(listed.iter().any(|(name, _)| name == "feature/x"));
+
+    // A newcomer's first deploy: a branch of a demo service, running at once.
+    let (sandbox, deployment) = api.deploy(&token, "first", &["hello@feature/x"]).await;
+    assert_eq!(
+        deployment["state"],
+        "ready",
+        "{deployment}\n{}",
+        dev.log_text()
+    );
+    let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
+    let answer = api
+        .http
+        .get(format!("http://{upstream}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(answer, "Hello from feature/x: a new greeting.\n");
     dev.stop();
 }

@@ -32,7 +32,12 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
         return;
     }
     let env = TestEnv::start(docker_options()).await;
-    let token = env.login().await;
+    let canary = format!("canary-{:032x}", rand::random::<u128>());
+    env.git.add_user("dora", &canary);
+    let token = env.login_as("dora", &canary).await.json()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let name = unique("dock");
     let (sandbox, deployment) = env.deploy(&token, &name, &["orders@feature/x"]).await;
     assert_eq!(deployment["state"], "ready", "{deployment}");
@@ -97,6 +102,32 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
         "{text}"
     );
 
+    let frames = env.log_frames(&token, id, 1).await;
+    let seqs: Vec<u64> = frames.iter().map(|f| f["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert_eq!(frames.last().unwrap()["type"], "end");
+
+    // The same commit again: no rebuild, a new container.
+    let reply = env.redeploy(&token, &name, &["orders@feature/x"]).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let again = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let again = env.wait_deployment(&token, &again).await;
+    assert_eq!(again["state"], "ready", "{again}");
+    let building = again["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "building")
+        .unwrap()
+        .clone();
+    assert_eq!(building["state"], "skipped", "{again}");
+    let container =
+        docker_inspect(&format!("sdp-{name}-orders")).expect("the new container exists");
+    assert_eq!(container["Config"]["Labels"]["sdp.deployment"], again["id"]);
+
     let reply = env
         .http
         .delete(format!("{}/api/sandboxes/{name}", env.url))
@@ -118,6 +149,15 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
     })
     .await;
     wait_until("the checkout is deleted", || !checkout.exists()).await;
+    let files = crate::harness::files_containing(env.dir.path(), canary.as_bytes());
+    assert!(files.is_empty(), "the password is in {files:?}");
+    for proc in env.server.iter().chain(env.agents.iter()) {
+        assert!(
+            !proc.log_text().contains(&canary),
+            "the password is in the log of {}",
+            proc.label
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
