@@ -156,7 +156,6 @@ async fn log_pipeline(env: &TestEnv, token: &str, service: &str, viewers: usize,
 
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes --bench; nothing to filter here.
     let env = TestEnv::start(Options {
         log: "warn,sdp_server=info",
         job_timeout: "60s",
@@ -168,10 +167,21 @@ async fn main() {
     let (_, warm) = env.deploy(&token, "warmup", &["orders@main"]).await;
     assert_eq!(warm["state"], "ready", "{warm}");
 
-    deploy_overhead(&env, &token, 10).await;
+    // `cargo bench -p sdp --bench pipeline -- steady` runs only what names it.
+    let only: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let wanted = |what: &str| only.is_empty() || only.iter().any(|o| what.contains(o.as_str()));
+    if wanted("overhead") {
+        deploy_overhead(&env, &token, 10).await;
+    }
     let mut round = 0;
     for service in ["chatty", "steady"] {
         for viewers in [1, 100] {
+            if !wanted(&format!("{service}-{viewers}")) {
+                continue;
+            }
             log_pipeline(&env, &token, service, viewers, round).await;
             round += 1;
         }

@@ -13,11 +13,11 @@ use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, BufReader};
 use tokio::sync::broadcast;
 
-/// Live frames kept for slow viewers before they have to read the file.
-const LIVE_BUFFER: usize = 4096;
+/// Live batches kept for slow viewers before they have to read the file.
+const LIVE_BUFFER: usize = 128;
 
 /// One line of a log file and one frame of the WebSocket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +65,11 @@ pub struct Line {
 struct Writer {
     last_seq: u64,
     ended: bool,
+    /// Where each line starts: the line of `seq` n at `offsets[n - 1]`. A viewer catching up
+    /// reads from there, not the whole file again.
+    offsets: Vec<u64>,
+    /// The file's length.
+    len: u64,
     /// A plain file: appending a few lines lands in the page cache at once, so it is written
     /// in place rather than through the blocking pool, which would add a hop to every event.
     file: Option<std::fs::File>,
@@ -72,13 +77,18 @@ struct Writer {
 
 struct Stream {
     writer: tokio::sync::Mutex<Writer>,
-    live: broadcast::Sender<Arc<Line>>,
+    /// Frames go out in the batches they were stored in: a viewer wakes once per batch, not
+    /// once per line.
+    live: broadcast::Sender<Arc<Vec<Line>>>,
 }
 
 pub struct Logs {
     dir: PathBuf,
     streams: Mutex<HashMap<String, Arc<Stream>>>,
 }
+
+/// How an end frame's line starts: the frame's tag is serialized first.
+const END_PREFIX: &str = "{\"type\":\"end\"";
 
 #[derive(Deserialize)]
 struct SeqOnly {
@@ -109,6 +119,8 @@ impl Logs {
                     writer: tokio::sync::Mutex::new(Writer {
                         last_seq: 0,
                         ended: false,
+                        offsets: Vec::new(),
+                        len: 0,
                         file: None,
                     }),
                     live: broadcast::channel(LIVE_BUFFER).0,
@@ -123,9 +135,11 @@ impl Logs {
             return Ok(());
         }
         let path = self.path(deployment);
-        if let Some(last) = read_lines(&path, 0).await?.last() {
-            writer.last_seq = last.seq;
-            writer.ended = last.end;
+        for line in read_lines(&path, 0).await? {
+            writer.offsets.push(writer.len);
+            writer.len += line.json.len() as u64 + 1;
+            writer.last_seq = line.seq;
+            writer.ended = line.end;
         }
         writer.file = Some(
             std::fs::OpenOptions::new()
@@ -140,15 +154,17 @@ impl Logs {
         let json = serde_json::to_string(frame).expect("frames serialize");
         let file = writer.file.as_mut().expect("opened before writing");
         file.write_all(format!("{json}\n").as_bytes())?;
+        writer.offsets.push(writer.len);
+        writer.len += json.len() as u64 + 1;
         writer.last_seq = frame.seq();
         let end = matches!(frame, Frame::End { .. });
         writer.ended = end;
         // No viewer is fine; a slow one lags and reads the file.
-        let _ = stream.live.send(Arc::new(Line {
+        let _ = stream.live.send(Arc::new(vec![Line {
             seq: frame.seq(),
             json: json.into(),
             end,
-        }));
+        }]));
         Ok(())
     }
 
@@ -191,17 +207,23 @@ impl Logs {
         }
         let file = writer.file.as_mut().expect("opened before writing");
         file.write_all(buffer.as_bytes())?;
+        for (_, json) in &staged {
+            let at = writer.len;
+            writer.offsets.push(at);
+            writer.len += json.len() as u64 + 1;
+        }
         writer.last_seq = next - 1;
-        let mut stored = Vec::with_capacity(staged.len());
-        for (i, json) in staged {
-            // No viewer is fine; a slow one lags and reads the file.
-            let _ = stream.live.send(Arc::new(Line {
+        let stored = staged.iter().map(|(i, _)| *i).collect();
+        let lines = staged
+            .into_iter()
+            .map(|(i, json)| Line {
                 seq: frames[i].seq(),
                 json: json.into(),
                 end: false,
-            }));
-            stored.push(i);
-        }
+            })
+            .collect();
+        // No viewer is fine; a slow one lags and reads the file.
+        let _ = stream.live.send(Arc::new(lines));
         Ok((Some(writer.last_seq), stored))
     }
 
@@ -235,13 +257,51 @@ impl Logs {
 
     /// The live frames of a deployment from now on. Subscribe before reading the file, so
     /// that nothing falls between the two.
-    pub fn subscribe(&self, deployment: &str) -> broadcast::Receiver<Arc<Line>> {
+    pub fn subscribe(&self, deployment: &str) -> broadcast::Receiver<Arc<Vec<Line>>> {
         self.stream(deployment).live.subscribe()
     }
 
     /// The stored frames with `seq >= from`.
     pub async fn read_from(&self, deployment: &str, from: u64) -> std::io::Result<Vec<Line>> {
-        read_lines(&self.path(deployment), from).await
+        let path = self.path(deployment);
+        let active = self
+            .streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(deployment)
+            .cloned();
+        let Some(stream) = active else {
+            // An ended log (or one not written since a restart): read whole, once per viewer.
+            return read_lines(&path, from).await;
+        };
+        let (start, end) = {
+            let mut writer = stream.writer.lock().await;
+            self.open(deployment, &mut writer).await?;
+            let from = from.max(1);
+            if from > writer.last_seq {
+                return Ok(Vec::new());
+            }
+            (writer.offsets[(from - 1) as usize], writer.len)
+        };
+        let mut file = tokio::fs::File::open(&path).await?;
+        file.seek(std::io::SeekFrom::Start(start)).await?;
+        let mut bytes = vec![0; (end - start) as usize];
+        file.read_exact(&mut bytes).await?;
+        let first = from.max(1);
+        let out = bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .zip(first..)
+            .map(|(raw, seq)| {
+                let json = String::from_utf8_lossy(raw).into_owned();
+                Line {
+                    seq,
+                    end: json.starts_with(END_PREFIX),
+                    json: json.into(),
+                }
+            })
+            .collect();
+        Ok(out)
     }
 }
 
@@ -267,4 +327,78 @@ async fn read_lines(path: &Path, from: u64) -> std::io::Result<Vec<Line>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log(seq: u64) -> Frame {
+        Frame::Log {
+            seq,
+            ts: "2026-11-26T12:00:00Z".into(),
+            service: Some("orders".into()),
+            stream: "stdout".into(),
+            line: format!("line {seq}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_is_read_back_from_any_seq_and_knows_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::new(dir.path().to_owned()).unwrap();
+        let (ack, stored) = logs
+            .append_agent("d", &[log(1), log(2), log(3)])
+            .await
+            .unwrap();
+        assert_eq!((ack, stored), (Some(3), vec![0, 1, 2]));
+        // Sent again after a reconnect, with one new: only the new one is stored.
+        let (ack, stored) = logs
+            .append_agent("d", &[log(2), log(3), log(4)])
+            .await
+            .unwrap();
+        assert_eq!((ack, stored), (Some(4), vec![2]));
+        // A gap is not stored and not acknowledged.
+        let (ack, stored) = logs.append_agent("d", &[log(6)]).await.unwrap();
+        assert_eq!((ack, stored), (None, vec![]));
+        let end = logs
+            .append_own("d", |seq| Frame::End {
+                seq,
+                ts: "2026-11-26T12:00:01Z".into(),
+                state: "ready".into(),
+                error: None,
+            })
+            .await
+            .unwrap();
+        assert_eq!(end, Some(5));
+
+        let seqs = |lines: Vec<Line>| lines.iter().map(|l| (l.seq, l.end)).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(logs.read_from("d", 3).await.unwrap()),
+            [(3, false), (4, false), (5, true)]
+        );
+        // A new server reads the file alone.
+        let again = Logs::new(dir.path().to_owned()).unwrap();
+        assert_eq!(seqs(again.read_from("d", 5).await.unwrap()), [(5, true)]);
+        let line: Frame =
+            serde_json::from_str(&again.read_from("d", 2).await.unwrap()[0].json).unwrap();
+        assert_eq!(line, log(2));
+    }
+
+    #[tokio::test]
+    async fn a_running_log_is_read_from_its_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::new(dir.path().to_owned()).unwrap();
+        let frames: Vec<Frame> = (1..=50).map(log).collect();
+        logs.append_agent("r", &frames[..20]).await.unwrap();
+        logs.append_agent("r", &frames[20..]).await.unwrap();
+        let tail = logs.read_from("r", 42).await.unwrap();
+        assert_eq!(
+            tail.iter().map(|l| l.seq).collect::<Vec<_>>(),
+            (42..=50).collect::<Vec<_>>()
+        );
+        let frame: Frame = serde_json::from_str(&tail[0].json).unwrap();
+        assert_eq!(frame, log(42));
+        assert!(logs.read_from("r", 51).await.unwrap().is_empty());
+    }
 }

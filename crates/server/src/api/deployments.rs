@@ -241,17 +241,28 @@ async fn stream_log(
         };
         loop {
             match received {
-                Ok(line) if line.seq < next => {}
-                Ok(line) if line.seq == next => {
-                    socket.feed(frame(&line)).await.map_err(|e| e.to_string())?;
-                    next += 1;
-                    if line.end {
-                        socket.flush().await.map_err(|e| e.to_string())?;
-                        return close(socket).await;
+                Ok(batch) => {
+                    let mut gap = false;
+                    for line in batch.iter() {
+                        if line.seq < next {
+                            continue;
+                        }
+                        if line.seq > next {
+                            // A frame is missing (written before we subscribed): to the file.
+                            gap = true;
+                            break;
+                        }
+                        socket.feed(frame(line)).await.map_err(|e| e.to_string())?;
+                        next += 1;
+                        if line.end {
+                            socket.flush().await.map_err(|e| e.to_string())?;
+                            return close(socket).await;
+                        }
+                    }
+                    if gap {
+                        break;
                     }
                 }
-                // A frame is missing (we lagged behind the bounded channel): back to the file.
-                Ok(_) => break,
                 Err(TryRecvError::Lagged(missed)) => {
                     tracing::debug!(deployment = %id, missed, "log viewer lagged; catching up from the file");
                     break;
