@@ -227,7 +227,8 @@ impl Agent {
         let limits = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(limits), false);
+        // `true`: TCP_NODELAY, so that small event frames are not held back by Nagle.
+        let connect = tokio_tungstenite::connect_async_with_config(request, Some(limits), true);
         let socket = tokio::select! {
             _ = shutdown.cancelled() => return End::Shutdown,
             r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect) => match r {

@@ -142,6 +142,13 @@ impl Server {
             stop.cancelled().await;
             stopping.cancel();
         });
+        // Log frames are small and many: without TCP_NODELAY, Nagle's algorithm and delayed
+        // ACKs hold some back for tens of milliseconds.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.clone().cancelled_owned())
             .await
