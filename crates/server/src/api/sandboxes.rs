@@ -269,7 +269,7 @@ pub async fn create(
 
     let now = OffsetDateTime::now_utc();
     let (sandbox_id, deployment_id) = (new_id("sbx"), new_id("dep"));
-    match state
+    state
         .db
         .create_sandbox(
             &sandbox_id,
@@ -281,45 +281,16 @@ pub async fn create(
             now,
         )
         .await
-    {
-        Ok(()) => {}
-        Err(WriteError::NameTaken) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "sandbox_exists",
-                format!(
-                    "a sandbox named {name} exists; redeploy it with POST /api/sandboxes/{name}/deploy"
-                ),
-            ));
-        }
-        Err(WriteError::Busy) => unreachable!("a new sandbox has no deployment"),
-        Err(WriteError::Db(e)) => return Err(e.into()),
-    }
-    let detail = serde_json::to_string(
-        &req.services
-            .iter()
-            .map(|s| format!("{}@{}", s.service, s.branch))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap_or_default();
-    state
-        .db
-        .audit(
-            session.username.as_str(),
-            "create_sandbox",
-            name.as_str(),
-            &detail,
-        )
-        .await?;
+        .map_err(|e| write_error(e, &name))?;
     tracing::info!(sandbox = %name, deployment = %deployment_id, user = %session.username, "sandbox created");
-    let deployments = state.deployments.clone();
-    let (d, s) = (deployment_id.clone(), sandbox_id.clone());
-    tokio::spawn(async move {
-        deployments
-            .schedule(d, s, name, None, credentials, specs)
-            .await;
-    });
-    accepted(&state, &sandbox_id, &deployment_id).await
+    let started = Started {
+        action: "create_sandbox",
+        sandbox_id,
+        name,
+        deployment_id,
+        agent: None,
+    };
+    start(&state, &session, &req.services, started, credentials, specs).await
 }
 
 pub async fn redeploy(
@@ -339,7 +310,7 @@ pub async fn redeploy(
     let name = SandboxName::parse(sandbox.name.clone())
         .map_err(|e| ApiError::internal("sandbox name", &e))?;
     let deployment_id = new_id("dep");
-    match state
+    state
         .db
         .create_redeploy(
             &sandbox.id,
@@ -349,48 +320,82 @@ pub async fn redeploy(
             OffsetDateTime::now_utc(),
         )
         .await
-    {
-        Ok(()) => {}
-        Err(WriteError::Busy) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "deployment_in_progress",
-                format!(
-                    "a deployment of {name} is in progress; wait for it to end, then deploy again"
-                ),
-            ));
-        }
-        Err(WriteError::NameTaken) => unreachable!("a redeploy creates no sandbox"),
-        Err(WriteError::Db(e)) => return Err(e.into()),
-    }
-    let detail = serde_json::to_string(
-        &req.services
-            .iter()
-            .map(|s| format!("{}@{}", s.service, s.branch))
-            .collect::<Vec<_>>(),
-    )
-    .unwrap_or_default();
+        .map_err(|e| write_error(e, &name))?;
+    let started = Started {
+        action: "redeploy",
+        sandbox_id: sandbox.id.clone(),
+        name,
+        deployment_id,
+        agent: sandbox.agent.clone(),
+    };
+    start(&state, &session, &req.services, started, credentials, specs).await
+}
+
+/// A deployment just recorded, to audit and schedule.
+struct Started {
+    action: &'static str,
+    sandbox_id: String,
+    name: SandboxName,
+    deployment_id: String,
+    /// The agent that runs the sandbox already, if any.
+    agent: Option<String>,
+}
+
+/// Audits a recorded deployment, schedules it in the background and answers 202.
+async fn start(
+    state: &AppState,
+    session: &CurrentSession,
+    requested: &[SelectionRequest],
+    started: Started,
+    credentials: sdp_protocol::Credentials,
+    specs: Vec<ServiceSpec>,
+) -> Result<Response, ApiError> {
+    let detail: Vec<String> = requested
+        .iter()
+        .map(|s| format!("{}@{}", s.service, s.branch))
+        .collect();
     state
         .db
         .audit(
             session.username.as_str(),
-            "redeploy",
-            name.as_str(),
-            &detail,
+            started.action,
+            started.name.as_str(),
+            &detail.join(" "),
         )
         .await?;
     let deployments = state.deployments.clone();
-    let (d, s, agent) = (
-        deployment_id.clone(),
-        sandbox.id.clone(),
-        sandbox.agent.clone(),
-    );
+    let Started {
+        sandbox_id,
+        name,
+        deployment_id,
+        agent,
+        ..
+    } = started;
+    let (d, s) = (deployment_id.clone(), sandbox_id.clone());
     tokio::spawn(async move {
         deployments
             .schedule(d, s, name, agent, credentials, specs)
             .await;
     });
-    accepted(&state, &sandbox.id, &deployment_id).await
+    accepted(state, &sandbox_id, &deployment_id).await
+}
+
+fn write_error(e: WriteError, name: &SandboxName) -> ApiError {
+    match e {
+        WriteError::NameTaken => ApiError::new(
+            StatusCode::CONFLICT,
+            "sandbox_exists",
+            format!(
+                "a sandbox named {name} exists; redeploy it with POST /api/sandboxes/{name}/deploy"
+            ),
+        ),
+        WriteError::Busy => ApiError::new(
+            StatusCode::CONFLICT,
+            "deployment_in_progress",
+            format!("a deployment of {name} is in progress; wait for it to end, then deploy again"),
+        ),
+        WriteError::Db(e) => e.into(),
+    }
 }
 
 pub async fn get(
