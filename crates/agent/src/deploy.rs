@@ -155,7 +155,7 @@ impl Deployer {
             .await;
         } else {
             let _ = std::fs::remove_file(&marker);
-            if let Err(e) = self.git.switch(&checkout, &commit, &job.credentials).await {
+            if let Err(e) = self.git.switch(&checkout, &commit).await {
                 out.step(d, service, Step::Fetching, StepState::Failed)
                     .await;
                 return Err(Failure(format!("checking out {commit}: {}", e.message)));
@@ -199,7 +199,10 @@ impl Deployer {
                 return Err(Failure(format!("starting {service}: {e}")));
             }
         };
-        if let Err(Failure(reason)) = self.wait_healthy(instance.host_port, &spec.health).await {
+        if let Err(Failure(reason)) = self
+            .wait_healthy(&instance.health_host, instance.host_port, &spec.health)
+            .await
+        {
             out.step(d, service, Step::Starting, StepState::Failed)
                 .await;
             let _ = self.runtime.stop_service(&job.sandbox, service).await;
@@ -293,8 +296,13 @@ impl Deployer {
     }
 
     /// Polls `health` until it answers 200, or the health timeout passes.
-    async fn wait_healthy(&self, port: u16, health: &str) -> Result<(), Failure> {
-        let url = format!("http://127.0.0.1:{port}{health}");
+    async fn wait_healthy(&self, host: &str, port: u16, health: &str) -> Result<(), Failure> {
+        let host = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let url = format!("http://{host}:{port}{health}");
         let deadline = tokio::time::Instant::now() + self.health_timeout;
         let mut last = String::from("no answer");
         while tokio::time::Instant::now() < deadline {

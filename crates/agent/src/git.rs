@@ -52,7 +52,9 @@ struct Output {
 }
 
 impl Git {
-    fn command(&self, credentials: &Credentials) -> Command {
+    /// git with a clean environment; `credentials` only for commands that talk to the
+    /// server, so that local ones (checkout, clean, rev-parse) never carry the password.
+    fn command(&self, credentials: Option<&Credentials>) -> Command {
         let mut cmd = Command::new("git");
         cmd.env_clear();
         for key in PASS_THROUGH {
@@ -71,25 +73,27 @@ impl Git {
             .env("GIT_CONFIG_KEY_0", "credential.helper")
             .env("GIT_CONFIG_VALUE_0", "")
             .env("GIT_ASKPASS", &self.askpass)
-            .env(askpass::MODE_VAR, "1")
-            .env(askpass::USERNAME_VAR, credentials.username.as_str())
-            .env(askpass::PASSWORD_VAR, credentials.password.expose())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
             .process_group(0);
+        if let Some(credentials) = credentials {
+            cmd.env(askpass::MODE_VAR, "1")
+                .env(askpass::USERNAME_VAR, credentials.username.as_str())
+                .env(askpass::PASSWORD_VAR, credentials.password.expose());
+        }
         cmd
     }
 
     async fn run(&self, credentials: &Credentials, args: &[OsString]) -> Result<Output, JobError> {
-        self.run_in(None, credentials, args).await
+        self.run_in(None, Some(credentials), args).await
     }
 
     async fn run_in(
         &self,
         dir: Option<&Path>,
-        credentials: &Credentials,
+        credentials: Option<&Credentials>,
         args: &[OsString],
     ) -> Result<Output, JobError> {
         std::fs::create_dir_all(&self.home).map_err(|e| JobError {
@@ -123,7 +127,10 @@ impl Git {
             Ok(Ok((status, out, err))) => Ok(Output {
                 status,
                 stdout: String::from_utf8_lossy(&out).into_owned(),
-                stderr: mask(&String::from_utf8_lossy(&err), credentials),
+                stderr: match credentials {
+                    Some(c) => mask(&String::from_utf8_lossy(&err), c),
+                    None => String::from_utf8_lossy(&err).into_owned(),
+                },
             }),
             Ok(Err(e)) => Err(JobError {
                 code: JobErrorCode::Failed,
@@ -207,7 +214,7 @@ impl Git {
                 repo.as_str().into(),
                 checkout.into(),
             ];
-            self.expect_success(None, credentials, &args).await?;
+            self.expect_success(None, Some(credentials), &args).await?;
         }
         let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
         let args: Vec<OsString> = vec![
@@ -218,7 +225,7 @@ impl Git {
             "origin".into(),
             refspec.into(),
         ];
-        self.expect_success(Some(checkout), credentials, &args)
+        self.expect_success(Some(checkout), Some(credentials), &args)
             .await
             .map_err(|mut e| {
                 if e.message.contains("couldn't find remote ref") {
@@ -233,9 +240,7 @@ impl Git {
             "--quiet".into(),
             format!("refs/remotes/origin/{branch}^{{commit}}").into(),
         ];
-        let out = self
-            .expect_success(Some(checkout), credentials, &args)
-            .await?;
+        let out = self.expect_success(Some(checkout), None, &args).await?;
         let commit = out.stdout.trim().to_owned();
         if commit.len() < 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(failed(format!(
@@ -246,12 +251,7 @@ impl Git {
     }
 
     /// Puts the working tree of `checkout` at `commit`, with nothing else in it.
-    pub async fn switch(
-        &self,
-        checkout: &Path,
-        commit: &str,
-        credentials: &Credentials,
-    ) -> Result<(), JobError> {
+    pub async fn switch(&self, checkout: &Path, commit: &str) -> Result<(), JobError> {
         let checkout_args: Vec<OsString> = vec![
             "checkout".into(),
             "--quiet".into(),
@@ -259,18 +259,17 @@ impl Git {
             "--detach".into(),
             commit.into(),
         ];
-        self.expect_success(Some(checkout), credentials, &checkout_args)
+        self.expect_success(Some(checkout), None, &checkout_args)
             .await?;
         let clean: Vec<OsString> = vec!["clean".into(), "-ffdxq".into()];
-        self.expect_success(Some(checkout), credentials, &clean)
-            .await?;
+        self.expect_success(Some(checkout), None, &clean).await?;
         Ok(())
     }
 
     async fn expect_success(
         &self,
         dir: Option<&Path>,
-        credentials: &Credentials,
+        credentials: Option<&Credentials>,
         args: &[OsString],
     ) -> Result<Output, JobError> {
         let out = self.run_in(dir, credentials, args).await?;

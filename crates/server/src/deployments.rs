@@ -37,6 +37,12 @@ fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// Whether `id` is one of ours (`dep_` and 16 hex digits).
+pub fn is_deployment_id(id: &str) -> bool {
+    id.strip_prefix("dep_")
+        .is_some_and(|hex| hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// An agent's event as a frame of the log.
 fn frame_of(agent: &str, event: &Event) -> Frame {
     let seq = event.seq;
@@ -90,6 +96,7 @@ impl Deployments {
         credentials: Credentials,
         services: Vec<ServiceSpec>,
     ) {
+        let sandbox_name = sandbox.clone();
         let job = JobKind::Deploy(DeployJob {
             deployment: deployment.clone(),
             sandbox,
@@ -103,14 +110,21 @@ impl Deployments {
         };
         let reason = match result {
             Ok((agent, JobOutput::Accepted)) => {
-                if let Err(e) = self
+                match self
                     .db
                     .set_deployment_running(&deployment, &sandbox_id, &agent)
                     .await
                 {
-                    tracing::error!(%deployment, error = %e, "cannot record the deployment's agent");
+                    Ok(true) => tracing::info!(%deployment, %agent, "deployment started"),
+                    Ok(false) => {
+                        // The sandbox ended while the job was on its way: undo it.
+                        tracing::info!(%deployment, %agent, "deployment taken after its sandbox ended; removing it");
+                        self.remove_on_agent(&sandbox_name, &agent).await;
+                    }
+                    Err(e) => {
+                        tracing::error!(%deployment, error = %e, "cannot record the deployment's agent")
+                    }
                 }
-                tracing::info!(%deployment, %agent, "deployment started");
                 return;
             }
             Ok((agent, JobOutput::Failed(e))) => {
@@ -199,6 +213,11 @@ impl Deployments {
             let (batch, tail) = rest.split_at(run);
             rest = tail;
             let deployment = first.deployment.clone();
+            if !is_deployment_id(&deployment) {
+                // It becomes a file name: never let an agent choose a path.
+                tracing::warn!(%agent, "events of a malformed deployment id dropped");
+                continue;
+            }
             let frames: Vec<Frame> = batch.iter().map(|e| frame_of(agent, e)).collect();
             let (ack, stored) = match self.logs.append_agent(&deployment, &frames).await {
                 Ok(result) => result,
@@ -252,6 +271,31 @@ impl Deployments {
                     .collect();
                 self.finish(deployment, *ok, error.clone(), &outcomes).await;
             }
+        }
+    }
+
+    /// After a restart of the control plane: queued deployments never reached an agent and
+    /// fail; the agents of running ones get the usual time to come back.
+    pub async fn recover(self: &Arc<Self>) {
+        match self.db.queued_deployments().await {
+            Ok(queued) => {
+                for deployment in queued {
+                    self.fail(
+                        &deployment,
+                        "the control plane restarted before an agent took it",
+                    )
+                    .await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read queued deployments"),
+        }
+        match self.db.agents_with_running_deployments().await {
+            Ok(agents) => {
+                for agent in agents {
+                    self.agent_disconnected(agent);
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read running deployments"),
         }
     }
 

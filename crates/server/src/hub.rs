@@ -84,8 +84,11 @@ impl AgentConn {
         self.status.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Jobs in flight and deployments running: a deploy job is answered at once, so the
+    /// deployments it started count too.
     fn busyness(&self) -> u32 {
-        self.in_flight.load(Ordering::Relaxed) + self.lock_status().heartbeat.load
+        let heartbeat = self.lock_status().heartbeat;
+        self.in_flight.load(Ordering::Relaxed) + heartbeat.load + heartbeat.running
     }
 }
 

@@ -134,6 +134,7 @@ impl Server {
             shutdown,
         } = self;
         tracing::info!(addr = %listener.local_addr().map_err(ServerError::Serve)?, public_url = %state.public_url, "listening");
+        state.deployments.recover().await;
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
         let expiry = tokio::spawn(state.deployments.clone().sweep_expired(shutdown.clone()));
         let app = api::router(state.clone());

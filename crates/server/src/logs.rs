@@ -135,11 +135,34 @@ impl Logs {
             return Ok(());
         }
         let path = self.path(deployment);
-        for line in read_lines(&path, 0).await? {
-            writer.offsets.push(writer.len);
-            writer.len += line.json.len() as u64 + 1;
-            writer.last_seq = line.seq;
-            writer.ended = line.end;
+        // Learn each line's offset from the file itself, and cut off whatever a crash left
+        // after the last whole, in-order line, so that new lines never glue onto it.
+        let bytes = match tokio::fs::read(&path).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e),
+        };
+        let mut at = 0usize;
+        while let Some(newline) = bytes[at..].iter().position(|b| *b == b'\n') {
+            let line = &bytes[at..at + newline];
+            let Ok(head) = serde_json::from_slice::<SeqOnly>(line) else {
+                break;
+            };
+            if head.seq != writer.last_seq + 1 {
+                break;
+            }
+            writer.offsets.push(at as u64);
+            writer.last_seq = head.seq;
+            writer.ended = head.kind == "end";
+            at += newline + 1;
+        }
+        writer.len = at as u64;
+        if at < bytes.len() {
+            tracing::warn!(%deployment, kept = at, dropped = bytes.len() - at, "log file ended in a broken line; cut it off");
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)?
+                .set_len(writer.len)?;
         }
         writer.file = Some(
             std::fs::OpenOptions::new()
@@ -152,8 +175,13 @@ impl Logs {
 
     async fn write(stream: &Stream, writer: &mut Writer, frame: &Frame) -> std::io::Result<()> {
         let json = serde_json::to_string(frame).expect("frames serialize");
+        let len = writer.len;
         let file = writer.file.as_mut().expect("opened before writing");
-        file.write_all(format!("{json}\n").as_bytes())?;
+        if let Err(e) = file.write_all(format!("{json}\n").as_bytes()) {
+            // Leave no half line behind for the next one to glue onto.
+            let _ = file.set_len(len);
+            return Err(e);
+        }
         writer.offsets.push(writer.len);
         writer.len += json.len() as u64 + 1;
         writer.last_seq = frame.seq();
@@ -205,8 +233,12 @@ impl Logs {
         if staged.is_empty() {
             return Ok((ack, Vec::new()));
         }
+        let len = writer.len;
         let file = writer.file.as_mut().expect("opened before writing");
-        file.write_all(buffer.as_bytes())?;
+        if let Err(e) = file.write_all(buffer.as_bytes()) {
+            let _ = file.set_len(len);
+            return Err(e);
+        }
         for (_, json) in &staged {
             let at = writer.len;
             writer.offsets.push(at);
@@ -278,10 +310,10 @@ impl Logs {
             let mut writer = stream.writer.lock().await;
             self.open(deployment, &mut writer).await?;
             let from = from.max(1);
-            if from > writer.last_seq {
-                return Ok(Vec::new());
+            match writer.offsets.get((from - 1) as usize) {
+                Some(start) if from <= writer.last_seq => (*start, writer.len),
+                _ => return Ok(Vec::new()),
             }
-            (writer.offsets[(from - 1) as usize], writer.len)
         };
         let mut file = tokio::fs::File::open(&path).await?;
         file.seek(std::io::SeekFrom::Start(start)).await?;
@@ -383,6 +415,26 @@ mod tests {
         let line: Frame =
             serde_json::from_str(&again.read_from("d", 2).await.unwrap()[0].json).unwrap();
         assert_eq!(line, log(2));
+    }
+
+    #[tokio::test]
+    async fn a_broken_last_line_is_cut_off_before_new_lines_are_appended() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::new(dir.path().to_owned()).unwrap();
+        logs.append_agent("c", &[log(1), log(2)]).await.unwrap();
+        let path = logs.path("c");
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("{\"type\":\"log\",\"seq\":3,\"ts\":\"2026");
+        std::fs::write(&path, text).unwrap();
+
+        let restarted = Logs::new(dir.path().to_owned()).unwrap();
+        let (ack, stored) = restarted.append_agent("c", &[log(3)]).await.unwrap();
+        assert_eq!((ack, stored), (Some(3), vec![0]));
+        let lines = restarted.read_from("c", 1).await.unwrap();
+        assert_eq!(lines.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        for line in &lines {
+            serde_json::from_str::<Frame>(&line.json).unwrap();
+        }
     }
 
     #[tokio::test]

@@ -299,8 +299,13 @@ impl Runtime for DockerRuntime {
             sink(LogStream::Stderr),
             lines,
         );
+        let health_host = match self.publish_ip.as_str() {
+            "0.0.0.0" => "127.0.0.1".to_owned(),
+            ip => ip.to_owned(),
+        };
         Ok(Instance {
             host_port,
+            health_host,
             output_lines: Some(output_lines),
         })
     }

@@ -36,6 +36,8 @@ pub struct StartRequest {
 pub struct Instance {
     /// The host port the gateway reaches it on.
     pub host_port: u16,
+    /// The address the agent checks its health on: where the port is published.
+    pub health_host: String,
     /// Counts the output lines that reached the deployment's log, for runtimes whose output
     /// arrives late (Docker's log stream); `None` where it is immediate.
     pub output_lines: Option<tokio::sync::watch::Receiver<u64>>,

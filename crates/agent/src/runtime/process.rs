@@ -210,6 +210,7 @@ impl Runtime for ProcessRuntime {
         });
         Ok(Instance {
             host_port: port,
+            health_host: "127.0.0.1".to_owned(),
             output_lines: None,
         })
     }

@@ -622,8 +622,32 @@ async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
         .as_str()
         .unwrap()
         .to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (canary, stop) = (canary.clone().into_bytes(), stop.clone());
+        std::thread::spawn(move || crate::canary::sample_cmdlines(canary, stop))
+    };
     let (_, d) = env.deploy(&token, "secret", &["orders@feature/x"]).await;
     assert_eq!(d["state"], "ready", "{d}");
+    // A second deploy of a new commit fetches (not clones) with the credentials.
+    env.git.push_change("orders", "feature/x", "fetch again\n");
+    let reply = env.redeploy(&token, "secret", &["orders@feature/x"]).await;
+    let id = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let again = env.wait_deployment(&token, &id).await;
+    assert_eq!(again["state"], "ready", "{again}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (hits, git_seen) = sampler.join().unwrap();
+    assert!(
+        git_seen > 0,
+        "the sampler never saw git talk to the server, so it proves nothing"
+    );
+    assert!(
+        hits.is_empty(),
+        "the password is on a command line: {hits:?}"
+    );
     let git_config = env
         .agent_work_dir("micro-0")
         .join("checkouts/secret/orders/.git/config");
@@ -734,4 +758,51 @@ async fn a_viewer_that_stops_reading_slows_nothing_and_still_gets_every_frame() 
         (1..=n).collect::<Vec<_>>(),
         "the slow viewer lost or doubled frames"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_input_to_a_redeploy_is_refused_with_400_and_creates_nothing() {
+    let mut env = TestEnv::without_agents(Options::default()).await;
+    env.start_agent("micro-0", "micro", crate::harness::AGENT_TOKEN);
+    env.wait_for_agents(1).await;
+    let token = env.login().await;
+    env.agents.clear();
+    env.wait_for_agents(0).await;
+    // Without an agent the first deployment fails at once: the sandbox exists, idle.
+    let reply = env.create_sandbox(&token, "target", &["orders@main"]).await;
+    let id = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(env.wait_deployment(&token, &id).await["state"], "failed");
+
+    let cases = [
+        (
+            json!({"services": [{"service": "orders", "branch": "--upload-pack=touch /tmp/pwned"}]}),
+            "invalid_branch",
+        ),
+        (
+            json!({"services": [{"service": "orders", "branch": "a..b"}]}),
+            "invalid_branch",
+        ),
+        (
+            json!({"services": [{"service": "nope", "branch": "main"}]}),
+            "unknown_service",
+        ),
+        (json!({"services": []}), "no_services"),
+        (
+            json!({"services": [{"service": "orders", "branch": "main"}], "extra": 1}),
+            "invalid_request",
+        ),
+    ];
+    for (body, code) in cases {
+        let reply = env
+            .post_json("/api/sandboxes/target/deploy", Some(&token), body.clone())
+            .await;
+        assert_eq!(reply.status, 400, "{body}: {}", reply.body);
+        assert_eq!(reply.error_code(), code, "{body}");
+    }
+    let reply = env.redeploy(&token, "nothing-here", &["orders@main"]).await;
+    assert_eq!(reply.status, 404, "{}", reply.body);
+    assert_eq!(env.count_rows("deployments"), 1);
 }

@@ -185,8 +185,12 @@ impl Db {
         now: OffsetDateTime,
     ) -> Result<(), WriteError> {
         let now = to_millis(now);
-        let mut tx = self.pool.begin().await?;
-        let busy: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM deployments WHERE sandbox_id = ?1 AND state IN ('queued', 'running')")
+        // IMMEDIATE: take the write lock before reading, so that two racing redeploys queue
+        // here instead of one failing on a stale snapshot.
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let busy: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deployments WHERE sandbox_id = ?1 AND state IN ('queued', 'running')",
+        )
         .bind(sandbox_id)
         .fetch_one(&mut *tx)
         .await?;
@@ -197,7 +201,7 @@ impl Db {
             .bind(sandbox_id)
             .execute(&mut *tx)
             .await?;
-        insert_deployment(
+        match insert_deployment(
             &mut tx,
             deployment_id,
             sandbox_id,
@@ -205,7 +209,11 @@ impl Db {
             selections,
             now,
         )
-        .await?;
+        .await
+        {
+            Err(e) if is_unique_violation(&e) => return Err(WriteError::Busy),
+            other => other?,
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -328,24 +336,50 @@ impl Db {
         Ok(out)
     }
 
+    /// Records that `agent` took the deployment; false when it is no longer queued (the
+    /// sandbox ended meanwhile), so that the caller undoes the agent's work.
     pub async fn set_deployment_running(
         &self,
         deployment_id: &str,
         sandbox_id: &str,
         agent: &str,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE deployments SET state = 'running', agent = ?2 WHERE id = ?1")
-            .bind(deployment_id)
-            .bind(agent)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE sandboxes SET agent = ?2 WHERE id = ?1")
-            .bind(sandbox_id)
-            .bind(agent)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        let taken = sqlx::query(
+            "UPDATE deployments SET state = 'running', agent = ?2 WHERE id = ?1 AND state = 'queued'",
+        )
+        .bind(deployment_id)
+        .bind(agent)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        sqlx::query(
+            "UPDATE sandboxes SET agent = ?2 WHERE id = ?1 AND state NOT IN ('expired', 'deleted')",
+        )
+        .bind(sandbox_id)
+        .bind(agent)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(taken)
+    }
+
+    /// Deployments still queued: after a restart of the control plane none of them will
+    /// reach an agent.
+    pub async fn queued_deployments(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar("SELECT id FROM deployments WHERE state = 'queued'")
+            .fetch_all(&self.pool)
+            .await
+    }
+
+    /// Agents with deployments in progress.
+    pub async fn agents_with_running_deployments(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT agent FROM deployments WHERE state = 'running' AND agent IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await
     }
 
     /// Records a step change of a service (`service` is '' for the whole deployment): the
