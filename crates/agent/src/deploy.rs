@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::Outbox;
 use crate::git::Git;
+use crate::group::GroupGuard;
 use crate::lines::{LineSink, pump};
 use crate::runtime::{Runtime, StartRequest};
 
@@ -255,7 +256,7 @@ impl Deployer {
             .process_group(0)
             .spawn()
             .map_err(|e| Failure(format!("cannot run the build of {}: {e}", spec.service)))?;
-        let pid = child.id();
+        let mut group = GroupGuard::new(child.id());
         let sink = |stream: LogStream| LineSink {
             outbox: self.outbox.clone(),
             deployment: job.deployment.clone(),
@@ -269,7 +270,12 @@ impl Deployer {
             let (_, _, status) = tokio::join!(stdout, stderr, child.wait());
             status
         };
-        match tokio::time::timeout(self.build_timeout, run).await {
+        let result = tokio::time::timeout(self.build_timeout, run).await;
+        if result.is_ok() {
+            // The build ended by itself; only a timeout or a cancellation ends its group.
+            group.disarm();
+        }
+        match result {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(Ok(status)) => Err(Failure(match status.code() {
                 Some(code) => format!("the build of {} failed with exit code {code}", spec.service),
@@ -280,12 +286,7 @@ impl Deployer {
                 spec.service
             ))),
             Err(_) => {
-                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+                group.kill();
                 Err(Failure(format!(
                     "the build of {} did not finish within {}s",
                     spec.service,

@@ -16,6 +16,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 use crate::askpass;
+use crate::group::GroupGuard;
 
 /// Variables passed through from the agent's environment: what git needs to find itself and
 /// to reach a server through a corporate proxy or CA. Nothing else leaks in.
@@ -109,7 +110,7 @@ impl Git {
             code: JobErrorCode::Failed,
             message: format!("cannot run git: {e}"),
         })?;
-        let pid = child.id();
+        let mut group = GroupGuard::new(child.id());
         let mut stdout = child.stdout.take().expect("piped").take(MAX_OUTPUT as u64);
         let mut stderr = child.stderr.take().expect("piped").take(MAX_OUTPUT as u64);
         let work = async {
@@ -123,7 +124,11 @@ impl Git {
             a.and(b)?;
             Ok::<_, std::io::Error>((status?, out, err))
         };
-        match tokio::time::timeout(self.timeout, work).await {
+        let result = tokio::time::timeout(self.timeout, work).await;
+        if result.is_ok() {
+            group.disarm();
+        }
+        match result {
             Ok(Ok((status, out, err))) => Ok(Output {
                 status,
                 stdout: String::from_utf8_lossy(&out).into_owned(),
@@ -137,13 +142,8 @@ impl Git {
                 message: format!("git failed to run: {e}"),
             }),
             Err(_) => {
-                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                    // git leaves helpers (git-remote-https) behind; end the whole group.
-                    let _ = nix::sys::signal::killpg(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+                // git leaves helpers (git-remote-https) behind; end the whole group.
+                group.kill();
                 Err(JobError {
                     code: JobErrorCode::Timeout,
                     message: format!("git did not finish within {}s", self.timeout.as_secs()),

@@ -9,6 +9,7 @@ mod config;
 mod deploy;
 mod events;
 mod git;
+mod group;
 mod lines;
 mod runtime;
 

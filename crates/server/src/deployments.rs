@@ -200,9 +200,12 @@ impl Deployments {
     }
 
     /// Stores a batch of `agent`'s events: the log lines first, then what they change in
-    /// SQLite. Returns what to acknowledge: per deployment, the `seq` its log now holds.
-    pub async fn ingest(&self, agent: &str, events: Vec<Event>) -> Vec<(String, u64)> {
+    /// SQLite. Returns what to acknowledge (per deployment, the `seq` its log now holds), and
+    /// whether an event could not be stored (a gap, or a failed write): the connection is
+    /// then closed, so that the agent sends everything unacknowledged again.
+    pub async fn ingest(&self, agent: &str, events: Vec<Event>) -> (Vec<(String, u64)>, bool) {
         let mut acks = Vec::new();
+        let mut missing = false;
         let mut rest = events.as_slice();
         while let Some(first) = rest.first() {
             // A run of consecutive events of one deployment is written at once.
@@ -223,17 +226,28 @@ impl Deployments {
                 Ok(result) => result,
                 Err(e) => {
                     tracing::error!(%deployment, error = %e, "cannot write the deployment log");
+                    missing = true;
                     continue;
                 }
             };
-            for i in stored {
-                self.apply(&deployment, &batch[i]).await;
+            let acked = ack.unwrap_or(0);
+            if batch.iter().any(|e| e.seq > acked) {
+                missing = true;
+            }
+            for (i, event) in batch.iter().enumerate() {
+                if stored.contains(&i) {
+                    self.apply(&deployment, event).await;
+                } else if event.seq <= acked && matches!(event.body, EventBody::Outcome { .. }) {
+                    // Stored before, but perhaps not applied (a crash between the file and
+                    // SQLite): ending a deployment twice changes nothing.
+                    self.apply(&deployment, event).await;
+                }
             }
             if let Some(seq) = ack {
                 acks.push((deployment, seq));
             }
         }
-        acks
+        (acks, missing)
     }
 
     /// What a stored event changes in SQLite.

@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 use crate::db::Db;
 use crate::deployments::Deployments;
 
+/// The error that asks an agent to reconnect and resend its unacknowledged events.
+const RESEND_CODE: &str = "resend";
+
 /// How long a new connection has to say `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting to be written to one agent; a full queue makes senders wait.
@@ -562,12 +565,22 @@ async fn handle_frame(
             code: "unexpected_hello".into(),
             message: "hello was already received on this connection".into(),
         })],
-        AgentMessage::Events { events } => deployments
-            .ingest(conn.name.as_str(), events)
-            .await
-            .into_iter()
-            .map(|(deployment, seq)| ServerMessage::Ack { deployment, seq })
-            .collect(),
+        AgentMessage::Events { events } => {
+            let (acks, missing) = deployments.ingest(conn.name.as_str(), events).await;
+            let mut replies: Vec<ServerMessage> = acks
+                .into_iter()
+                .map(|(deployment, seq)| ServerMessage::Ack { deployment, seq })
+                .collect();
+            if missing {
+                // The agent resends what is unacknowledged after a reconnect: force one.
+                replies.push(ServerMessage::Error(ProtocolError {
+                    code: RESEND_CODE.into(),
+                    message: "some events could not be stored; reconnect and send them again"
+                        .into(),
+                }));
+            }
+            replies
+        }
         AgentMessage::Error(e) => {
             tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");
             Vec::new()
