@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Options, TestEnv, files_containing};
+use crate::harness::{Options, TestEnv, files_containing, step_state, wait_until};
 
 /// The upstream's answer to `GET /`.
 async fn answer(env: &TestEnv, upstream: &str) -> String {
@@ -34,14 +34,6 @@ fn processes_under(dir: &Path) -> Vec<String> {
             })
         })
         .collect()
-}
-
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !check() {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn seqs(frames: &[Value]) -> Vec<u64> {
@@ -166,22 +158,12 @@ async fn a_redeploy_of_the_same_commit_does_not_rebuild_and_a_new_commit_does() 
     let (_, first) = env.deploy(&token, "again", &["orders@main"]).await;
     assert_eq!(first["state"], "ready", "{first}");
 
-    let reply = env.redeploy(&token, "again", &["orders@main"]).await;
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let id = reply.json()["deployment"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let second = env.wait_deployment(&token, &id).await;
+    let second = env
+        .redeploy_and_wait(&token, "again", &["orders@main"])
+        .await;
     assert_eq!(second["state"], "ready", "{second}");
-    let building = second["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "building")
-        .unwrap()
-        .clone();
-    assert_eq!(building["state"], "skipped", "{second}");
+    assert_eq!(step_state(&second, "building"), "skipped", "{second}");
+    let id = second["id"].as_str().unwrap();
     let text = env
         .get(&format!("/api/deployments/{id}/logs"), Some(&token))
         .await
@@ -190,20 +172,10 @@ async fn a_redeploy_of_the_same_commit_does_not_rebuild_and_a_new_commit_does() 
     assert!(!text.contains("building orders"), "{text}");
 
     env.git.push_change("orders", "main", "a new commit\n");
-    let reply = env.redeploy(&token, "again", &["orders@main"]).await;
-    let id = reply.json()["deployment"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let third = env.wait_deployment(&token, &id).await;
-    let building = third["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "building")
-        .unwrap()
-        .clone();
-    assert_eq!(building["state"], "done", "{third}");
+    let third = env
+        .redeploy_and_wait(&token, "again", &["orders@main"])
+        .await;
+    assert_eq!(step_state(&third, "building"), "done", "{third}");
     let sandbox = env.get("/api/sandboxes/again", Some(&token)).await.json();
     let tip = env
         .git
@@ -631,12 +603,9 @@ async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
     assert_eq!(d["state"], "ready", "{d}");
     // A second deploy of a new commit fetches (not clones) with the credentials.
     env.git.push_change("orders", "feature/x", "fetch again\n");
-    let reply = env.redeploy(&token, "secret", &["orders@feature/x"]).await;
-    let id = reply.json()["deployment"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let again = env.wait_deployment(&token, &id).await;
+    let again = env
+        .redeploy_and_wait(&token, "secret", &["orders@feature/x"])
+        .await;
     assert_eq!(again["state"], "ready", "{again}");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (hits, git_seen) = sampler.join().unwrap();

@@ -2,9 +2,8 @@
 //! the Go service is built on the host and runs in a container of an image made offline.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use crate::harness::{Options, TestEnv, docker_available, docker_inspect};
+use crate::harness::{Options, TestEnv, docker_available, docker_inspect, step_state, wait_until};
 
 fn docker_options() -> Options {
     Options {
@@ -16,14 +15,6 @@ fn docker_options() -> Options {
 /// A sandbox name no other test on this engine uses.
 fn unique(prefix: &str) -> String {
     format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff)
-}
-
-async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !check() {
-        assert!(Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -108,22 +99,11 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
     assert_eq!(frames.last().unwrap()["type"], "end");
 
     // The same commit again: no rebuild, a new container.
-    let reply = env.redeploy(&token, &name, &["orders@feature/x"]).await;
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let again = reply.json()["deployment"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let again = env.wait_deployment(&token, &again).await;
+    let again = env
+        .redeploy_and_wait(&token, &name, &["orders@feature/x"])
+        .await;
     assert_eq!(again["state"], "ready", "{again}");
-    let building = again["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "building")
-        .unwrap()
-        .clone();
-    assert_eq!(building["state"], "skipped", "{again}");
+    assert_eq!(step_state(&again, "building"), "skipped", "{again}");
     let container =
         docker_inspect(&format!("sdp-{name}-orders")).expect("the new container exists");
     assert_eq!(container["Config"]["Labels"]["sdp.deployment"], again["id"]);

@@ -231,6 +231,17 @@ impl Api {
         .await
     }
 
+    /// `POST /api/sandboxes/{name}/deploy`, then waits for that deployment to end.
+    pub async fn redeploy_and_wait(&self, token: &str, name: &str, selections: &[&str]) -> Value {
+        let reply = self.redeploy(token, name, selections).await;
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        let id = reply.json()["deployment"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.wait_deployment(token, &id).await
+    }
+
     /// Waits until deployment `id` ends, and returns it.
     pub async fn wait_deployment(&self, token: &str, id: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -660,6 +671,25 @@ pub fn docker_inspect(what: &str) -> Option<Value> {
     }
     let list: Value = serde_json::from_slice(&out.stdout).ok()?;
     list.get(0).cloned()
+}
+
+/// The state of step `name` in a deployment from `GET /api/deployments/{id}`.
+pub fn step_state(deployment: &Value, name: &str) -> String {
+    deployment["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s["step"] == name))
+        .and_then(|s| s["state"].as_str())
+        .unwrap_or_else(|| panic!("no step {name} in {deployment}"))
+        .to_owned()
+}
+
+/// Polls `check` until it holds, for at most 30 s.
+pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn selection_list(selections: &[&str]) -> Value {
