@@ -6,19 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Options, TestEnv, files_containing, step_state, wait_until};
-
-/// The upstream's answer to `GET /`.
-async fn answer(env: &TestEnv, upstream: &str) -> String {
-    env.http
-        .get(format!("http://{upstream}/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
+use crate::harness::{Options, TestEnv, step_state, wait_until};
 
 /// Processes whose working directory is under `dir`.
 fn processes_under(dir: &Path) -> Vec<String> {
@@ -55,10 +43,7 @@ async fn a_branch_is_fetched_built_run_and_answers_from_that_branch() {
     assert_eq!(service["commit"], tip.as_str(), "{sandbox}");
     assert_eq!(deployment["services"][0]["commit"], tip.as_str());
     let upstream = service["upstream"].as_str().unwrap();
-    assert_eq!(
-        answer(&env, upstream).await,
-        "orders on feature/x in feat\n"
-    );
+    assert_eq!(env.answer(upstream).await, "orders on feature/x in feat\n");
 
     let steps: Vec<(&str, &str)> = deployment["steps"]
         .as_array()
@@ -621,15 +606,7 @@ async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
         .agent_work_dir("micro-0")
         .join("checkouts/secret/orders/.git/config");
     assert!(git_config.exists());
-    let files = files_containing(env.dir.path(), canary.as_bytes());
-    assert!(files.is_empty(), "the password is in {files:?}");
-    for proc in env.server.iter().chain(env.agents.iter()) {
-        assert!(
-            !proc.log_text().contains(&canary),
-            "the password is in the log of {}",
-            proc.label
-        );
-    }
+    env.assert_secret_nowhere(&canary);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -40,15 +40,9 @@ async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
         dev.log_text()
     );
     let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
-    let answer = api
-        .http
-        .get(format!("http://{upstream}/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(answer, "Hello from feature/x: a new greeting.\n");
+    assert_eq!(
+        api.answer(upstream).await,
+        "Hello from feature/x: a new greeting.\n"
+    );
     dev.stop();
 }

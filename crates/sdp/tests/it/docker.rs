@@ -36,16 +36,10 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
         .as_str()
         .unwrap()
         .to_owned();
-    let body = env
-        .http
-        .get(format!("http://{upstream}/"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert_eq!(body, format!("orders on feature/x in {name}\n"));
+    assert_eq!(
+        env.answer(&upstream).await,
+        format!("orders on feature/x in {name}\n")
+    );
 
     let container = docker_inspect(&format!("sdp-{name}-orders")).expect("the container exists");
     let labels = &container["Config"]["Labels"];
@@ -129,15 +123,7 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
     })
     .await;
     wait_until("the checkout is deleted", || !checkout.exists()).await;
-    let files = crate::harness::files_containing(env.dir.path(), canary.as_bytes());
-    assert!(files.is_empty(), "the password is in {files:?}");
-    for proc in env.server.iter().chain(env.agents.iter()) {
-        assert!(
-            !proc.log_text().contains(&canary),
-            "the password is in the log of {}",
-            proc.label
-        );
-    }
+    env.assert_secret_nowhere(&canary);
 }
 
 #[tokio::test(flavor = "multi_thread")]

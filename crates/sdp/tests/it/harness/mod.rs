@@ -211,6 +211,18 @@ impl Api {
         .await
     }
 
+    /// A service instance's answer to `GET /` at `upstream` (`host:port`).
+    pub async fn answer(&self, upstream: &str) -> String {
+        self.http
+            .get(format!("http://{upstream}/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// `POST /api/sandboxes` with `SERVICE@BRANCH` selections.
     pub async fn create_sandbox(&self, token: &str, name: &str, selections: &[&str]) -> Reply {
         self.post_json(
@@ -553,6 +565,20 @@ impl TestEnv {
         let reply = self.login_as(USER, PASSWORD).await;
         assert_eq!(reply.status, 200, "login failed: {}", reply.body);
         reply.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// Asserts that `secret` is in no file under the test's directory and in no log of the
+    /// processes it started.
+    pub fn assert_secret_nowhere(&self, secret: &str) {
+        let files = files_containing(self.dir.path(), secret.as_bytes());
+        assert!(files.is_empty(), "the secret is in {files:?}");
+        for proc in self.server.iter().chain(self.agents.iter()) {
+            assert!(
+                !proc.log_text().contains(secret),
+                "the secret is in the log of {}",
+                proc.label
+            );
+        }
     }
 
     /// The server database's journal mode, read as `count_rows` reads.
