@@ -44,5 +44,29 @@ async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
         api.answer(upstream).await,
         "Hello from feature/x: a new greeting.\n"
     );
+    // Instances outlive `sdp dev` (its next start finds them again): delete the sandbox so
+    // that the test leaves nothing running.
+    let reply = api
+        .http
+        .delete(format!("{url}/api/sandboxes/first"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 202);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while api
+        .http
+        .get(format!("http://{upstream}/"))
+        .send()
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the demo instance still answers"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     dev.stop();
 }

@@ -357,6 +357,9 @@ impl std::ops::Deref for TestEnv {
 
 impl Drop for TestEnv {
     fn drop(&mut self) {
+        // Service instances run in process groups of their own and outlive the agent: end
+        // whatever still works in this test's directory.
+        kill_processes_under(self.dir.path());
         if self.opts.runtime == "docker" {
             // Containers outlive the agent that started them: remove this test's own.
             for name in &self.micro {
@@ -675,6 +678,25 @@ pub fn docker_available() -> bool {
         eprintln!("skipping: no Docker Engine answers");
     }
     answers
+}
+
+/// Kills every process whose working directory is under `dir`.
+fn kill_processes_under(dir: &Path) {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_owned());
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&dir)) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
 }
 
 /// Removes the containers and networks agent `name` left.
