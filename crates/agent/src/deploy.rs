@@ -17,22 +17,14 @@ use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Outbox;
-use crate::git::Git;
+use crate::git::{BASE_PASS_THROUGH, Git};
 use crate::group::GroupGuard;
 use crate::lines::{LineSink, pump};
 use crate::runtime::{Runtime, StartRequest};
 
-/// Variables a build sees of the agent's environment: the toolchain's and the proxies'.
+/// A build's own variables on top of [`BASE_PASS_THROUGH`]: the locale and Go's.
 const BUILD_PASS_THROUGH: &[&str] = &[
-    "PATH",
-    "TMPDIR",
     "LANG",
-    "http_proxy",
-    "https_proxy",
-    "no_proxy",
-    "HTTP_PROXY",
-    "HTTPS_PROXY",
-    "NO_PROXY",
     "GOPROXY",
     "GOFLAGS",
     "GOPRIVATE",
@@ -229,7 +221,7 @@ impl Deployer {
         checkout: &Path,
     ) -> Result<(), Failure> {
         let mut env = BTreeMap::new();
-        for key in BUILD_PASS_THROUGH {
+        for key in BASE_PASS_THROUGH.iter().chain(BUILD_PASS_THROUGH) {
             if let Ok(v) = std::env::var(key) {
                 env.insert((*key).to_owned(), v);
             }

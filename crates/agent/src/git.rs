@@ -18,9 +18,9 @@ use tokio::process::Command;
 use crate::askpass;
 use crate::group::GroupGuard;
 
-/// Variables passed through from the agent's environment: what git needs to find itself and
-/// to reach a server through a corporate proxy or CA. Nothing else leaks in.
-const PASS_THROUGH: &[&str] = &[
+/// What every child of the agent (git, builds) may see of the agent's environment: where
+/// programs are, and how to reach servers through a corporate proxy or CA.
+pub const BASE_PASS_THROUGH: &[&str] = &[
     "PATH",
     "TMPDIR",
     "http_proxy",
@@ -31,8 +31,10 @@ const PASS_THROUGH: &[&str] = &[
     "NO_PROXY",
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
-    "GIT_SSL_CAINFO",
 ];
+
+/// git's own on top of [`BASE_PASS_THROUGH`]. Nothing else leaks in.
+const GIT_PASS_THROUGH: &[&str] = &["GIT_SSL_CAINFO"];
 
 /// Output kept from a git command; more is cut off.
 const MAX_OUTPUT: usize = 16 << 20;
@@ -58,7 +60,7 @@ impl Git {
     fn command(&self, credentials: Option<&Credentials>) -> Command {
         let mut cmd = Command::new("git");
         cmd.env_clear();
-        for key in PASS_THROUGH {
+        for key in BASE_PASS_THROUGH.iter().chain(GIT_PASS_THROUGH) {
             if let Some(value) = std::env::var_os(key) {
                 cmd.env(key, value);
             }
