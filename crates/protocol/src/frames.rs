@@ -6,7 +6,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
-use crate::{AgentName, BranchName, Credentials, RepoUrl, SandboxName, ServiceName};
+use crate::{
+    AgentName, BranchName, Credentials, RepoUrl, RouteDecision, RouteTable, SandboxName,
+    ServiceName,
+};
 
 /// Bumped on any change an older peer would misread. The agent states it in `hello`; the
 /// control plane refuses an agent that speaks another version.
@@ -154,6 +157,11 @@ pub enum JobKind {
     Deploy(DeployJob),
     /// Stop and remove everything of `sandbox` on this agent, and delete its checkouts.
     Teardown { sandbox: SandboxName },
+    /// Gateway agents: route by this table from now on. Answered with `routes_applied` once
+    /// new requests use it.
+    Routes(RouteTable),
+    /// Gateway agents: the router's last decisions for `sandbox`, newest first.
+    Requests { sandbox: SandboxName },
 }
 
 impl JobKind {
@@ -163,6 +171,8 @@ impl JobKind {
             JobKind::ListBranches { .. } => "list_branches",
             JobKind::Deploy(_) => "deploy",
             JobKind::Teardown { .. } => "teardown",
+            JobKind::Routes(_) => "routes",
+            JobKind::Requests { .. } => "requests",
         }
     }
 }
@@ -197,7 +207,7 @@ pub struct Reply {
     pub output: JobOutput,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum JobOutput {
     CredentialsAccepted,
@@ -207,6 +217,10 @@ pub enum JobOutput {
     /// A deploy job was taken; its events follow.
     Accepted,
     TornDown,
+    RoutesApplied,
+    Requests {
+        requests: Vec<RouteDecision>,
+    },
     Failed(JobError),
 }
 
@@ -500,6 +514,25 @@ mod tests {
                 id: RequestId(11),
                 output: JobOutput::TornDown,
             }),
+            AgentMessage::Reply(Reply {
+                id: RequestId(12),
+                output: JobOutput::RoutesApplied,
+            }),
+            AgentMessage::Reply(Reply {
+                id: RequestId(13),
+                output: JobOutput::Requests {
+                    requests: vec![crate::RouteDecision {
+                        time: ts(),
+                        method: "GET".into(),
+                        path: "/orders/1".into(),
+                        service: Some(ServiceName::parse("orders").unwrap()),
+                        route: crate::RouteKind::Sandbox,
+                        upstream: Some("127.0.0.1:20001".into()),
+                        status: 200,
+                        duration_ms: 1.5,
+                    }],
+                },
+            }),
             AgentMessage::Error(ProtocolError {
                 code: "malformed_frame".into(),
                 message: "expected value at line 1 column 1".into(),
@@ -557,6 +590,30 @@ mod tests {
             ServerMessage::Job(Job {
                 id: RequestId(4),
                 job: JobKind::Teardown {
+                    sandbox: SandboxName::parse("pay-42").unwrap(),
+                },
+            }),
+            ServerMessage::Job(Job {
+                id: RequestId(5),
+                job: JobKind::Routes(RouteTable {
+                    base_domain: "sandbox.example.com".into(),
+                    services: vec![crate::ServiceRoutes {
+                        service: ServiceName::parse("orders").unwrap(),
+                        routes: vec!["/orders".into()],
+                        baseline: "https://orders.apps.ocp.example.com".into(),
+                    }],
+                    sandboxes: vec![crate::SandboxRoutes {
+                        sandbox: SandboxName::parse("pay-42").unwrap(),
+                        upstreams: BTreeMap::from([(
+                            ServiceName::parse("orders").unwrap(),
+                            "127.0.0.1:20001".into(),
+                        )]),
+                    }],
+                }),
+            }),
+            ServerMessage::Job(Job {
+                id: RequestId(6),
+                job: JobKind::Requests {
                     sandbox: SandboxName::parse("pay-42").unwrap(),
                 },
             }),

@@ -8,6 +8,7 @@
 mod credentials;
 mod frames;
 mod names;
+mod routes;
 
 pub use credentials::{Credentials, InvalidPassword, Password};
 pub use frames::{
@@ -17,3 +18,4 @@ pub use frames::{
     StepState, Welcome, decode_agent_frame, decode_server_frame, encode,
 };
 pub use names::{AgentName, BranchName, InvalidName, RepoUrl, SandboxName, ServiceName, Username};
+pub use routes::{RouteDecision, RouteKind, RouteTable, SandboxRoutes, ServiceRoutes};

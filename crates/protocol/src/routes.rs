@@ -1,0 +1,73 @@
+//! What the control plane tells the gateway agent to route, and what the router reports of
+//! the requests it routed.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{SandboxName, ServiceName};
+
+/// Everything the router needs, whole: it replaces the previous table at once.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    /// `Host: <sandbox>.<base_domain>` names a sandbox.
+    pub base_domain: String,
+    /// The catalog: which path prefixes go to which service, and its baseline.
+    pub services: Vec<ServiceRoutes>,
+    /// Every live sandbox, also those with nothing running yet: a sandbox missing here is
+    /// unknown, and requests naming it get a 404.
+    pub sandboxes: Vec<SandboxRoutes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRoutes {
+    pub service: ServiceName,
+    /// Path prefixes, each starting with `/`.
+    pub routes: Vec<String>,
+    /// The shared environment's URL of the service (`http://` or `https://`).
+    pub baseline: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRoutes {
+    pub sandbox: SandboxName,
+    /// The services this sandbox runs, and where (`host:port`).
+    pub upstreams: BTreeMap<ServiceName, String>,
+}
+
+/// Where a request went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RouteKind {
+    Sandbox,
+    Baseline,
+}
+
+impl RouteKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Sandbox => "sandbox",
+            RouteKind::Baseline => "baseline",
+        }
+    }
+}
+
+/// One request the router routed for a sandbox, as the route inspector shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteDecision {
+    #[serde(with = "time::serde::rfc3339")]
+    pub time: OffsetDateTime,
+    pub method: String,
+    /// The path without its query, which may hold secrets.
+    pub path: String,
+    /// The service whose route matched; none when no route did.
+    pub service: Option<ServiceName>,
+    pub route: RouteKind,
+    /// Where it was sent; none when the router answered itself.
+    pub upstream: Option<String>,
+    /// The status the client got.
+    pub status: u16,
+    /// Until the response's head was back.
+    pub duration_ms: f64,
+}

@@ -1,0 +1,594 @@
+//! A route table compiled for lookups: which sandbox a request names, which service its path
+//! belongs to, and where it goes. Pure functions, no IO.
+
+use std::collections::HashMap;
+
+use hyper::HeaderMap;
+use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use sdp_protocol::{RouteKind, RouteTable, ServiceName};
+
+/// The header that names a sandbox, and that the router passes upstream.
+pub const SANDBOX_HEADER: &str = "x-sdp-sandbox";
+/// The W3C baggage member that names a sandbox.
+pub const BAGGAGE_KEY: &str = "sdp-sandbox";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    #[error("service {service}: route {route:?} must start with '/'")]
+    BadRoute { service: String, route: String },
+    #[error("route {route:?} is claimed by both {first} and {second}")]
+    DuplicateRoute {
+        route: String,
+        first: String,
+        second: String,
+    },
+    #[error("service {service}: baseline {url:?}: {reason}")]
+    BadBaseline {
+        service: String,
+        url: String,
+        reason: String,
+    },
+    #[error("sandbox {sandbox}: service {service} is not in the catalog")]
+    UnknownService { sandbox: String, service: String },
+    #[error("sandbox {sandbox}: upstream {upstream:?} of {service} is not host:port")]
+    BadUpstream {
+        sandbox: String,
+        service: String,
+        upstream: String,
+    },
+}
+
+/// Where requests can be sent: scheme, authority and a base path to put before theirs.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    scheme: Scheme,
+    authority: Authority,
+    /// Empty, or a path without a trailing `/`.
+    base_path: String,
+    /// How errors and the inspector name it.
+    label: String,
+}
+
+impl Upstream {
+    /// A baseline URL: `http(s)://host[:port][/base]`, nothing else.
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("not a URL ({e})"))?;
+        let scheme = uri
+            .scheme()
+            .filter(|s| **s == Scheme::HTTP || **s == Scheme::HTTPS)
+            .ok_or("the scheme must be http or https")?
+            .clone();
+        let authority = uri.authority().ok_or("no host")?.clone();
+        if authority.as_str().contains('@') {
+            return Err("credentials do not belong in a baseline URL".into());
+        }
+        if uri.query().is_some() {
+            return Err("a baseline URL has no query".into());
+        }
+        Ok(Self {
+            scheme,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+            label: url.to_owned(),
+        })
+    }
+
+    /// An instance's `host:port`, reached over plain HTTP.
+    pub fn from_host_port(address: &str) -> Result<Self, String> {
+        let authority: Authority = address.parse().map_err(|e| format!("{e}"))?;
+        if authority.port_u16().is_none() || authority.as_str().contains('@') {
+            return Err("not host:port".into());
+        }
+        Ok(Self {
+            scheme: Scheme::HTTP,
+            authority,
+            base_path: String::new(),
+            label: address.to_owned(),
+        })
+    }
+
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn is_https(&self) -> bool {
+        self.scheme == Scheme::HTTPS
+    }
+
+    pub fn authority(&self) -> &Authority {
+        &self.authority
+    }
+
+    /// The URI to request `path_and_query` of this upstream at.
+    pub fn uri_for(
+        &self,
+        path_and_query: Option<&PathAndQuery>,
+    ) -> Result<Uri, hyper::http::Error> {
+        let tail = path_and_query.map_or("/", PathAndQuery::as_str);
+        let path: PathAndQuery = if self.base_path.is_empty() {
+            match path_and_query {
+                Some(pq) => pq.clone(),
+                None => PathAndQuery::from_static("/"),
+            }
+        } else {
+            format!("{}{tail}", self.base_path).parse()?
+        };
+        Uri::builder()
+            .scheme(self.scheme.clone())
+            .authority(self.authority.clone())
+            .path_and_query(path)
+            .build()
+    }
+}
+
+#[derive(Debug)]
+pub struct Service {
+    pub name: ServiceName,
+    pub baseline: Upstream,
+}
+
+#[derive(Debug, Default)]
+struct Sandbox {
+    /// By service index.
+    upstreams: HashMap<usize, Upstream>,
+}
+
+/// How the request named its sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Host,
+    Header,
+    Baggage,
+}
+
+/// What the table says of one request.
+#[derive(Debug)]
+pub enum Route<'t> {
+    /// It names a sandbox the table does not hold.
+    UnknownSandbox,
+    /// No service's route matches its path.
+    NoRoute,
+    To {
+        service: &'t Service,
+        upstream: &'t Upstream,
+        kind: RouteKind,
+    },
+}
+
+#[derive(Debug, Default)]
+pub struct Table {
+    base_domain: String,
+    /// Normalized prefix (no trailing `/`, except the root `/`) to service index.
+    prefixes: HashMap<String, usize>,
+    services: Vec<Service>,
+    sandboxes: HashMap<String, Sandbox>,
+}
+
+/// `/orders/` and `/orders` are one prefix.
+fn normalize_prefix(route: &str) -> &str {
+    match route.trim_end_matches('/') {
+        "" => "/",
+        trimmed => trimmed,
+    }
+}
+
+impl Table {
+    pub fn compile(table: &RouteTable) -> Result<Self, TableError> {
+        let mut compiled = Table {
+            base_domain: table.base_domain.trim_matches('.').to_ascii_lowercase(),
+            ..Table::default()
+        };
+        let mut index = HashMap::new();
+        for entry in &table.services {
+            let i = compiled.services.len();
+            let baseline =
+                Upstream::from_url(&entry.baseline).map_err(|reason| TableError::BadBaseline {
+                    service: entry.service.to_string(),
+                    url: entry.baseline.clone(),
+                    reason,
+                })?;
+            for route in &entry.routes {
+                if !route.starts_with('/') {
+                    return Err(TableError::BadRoute {
+                        service: entry.service.to_string(),
+                        route: route.clone(),
+                    });
+                }
+                let prefix = normalize_prefix(route).to_owned();
+                if let Some(&other) = compiled.prefixes.get(&prefix)
+                    && other != i
+                {
+                    return Err(TableError::DuplicateRoute {
+                        route: prefix,
+                        first: compiled.services[other].name.to_string(),
+                        second: entry.service.to_string(),
+                    });
+                }
+                compiled.prefixes.insert(prefix, i);
+            }
+            index.insert(entry.service.clone(), i);
+            compiled.services.push(Service {
+                name: entry.service.clone(),
+                baseline,
+            });
+        }
+        for sandbox in &table.sandboxes {
+            let mut upstreams = HashMap::new();
+            for (service, address) in &sandbox.upstreams {
+                let &i = index
+                    .get(service)
+                    .ok_or_else(|| TableError::UnknownService {
+                        sandbox: sandbox.sandbox.to_string(),
+                        service: service.to_string(),
+                    })?;
+                let upstream =
+                    Upstream::from_host_port(address).map_err(|_| TableError::BadUpstream {
+                        sandbox: sandbox.sandbox.to_string(),
+                        service: service.to_string(),
+                        upstream: address.clone(),
+                    })?;
+                upstreams.insert(i, upstream);
+            }
+            compiled
+                .sandboxes
+                .insert(sandbox.sandbox.to_string(), Sandbox { upstreams });
+        }
+        Ok(compiled)
+    }
+
+    pub fn has_sandbox(&self, name: &str) -> bool {
+        self.sandboxes.contains_key(name)
+    }
+
+    /// The service whose longest route prefix matches `path` on a segment boundary:
+    /// `/orders` matches `/orders`, `/orders/` and `/orders/1`, never `/ordersx`.
+    pub fn service_for(&self, path: &str) -> Option<&Service> {
+        self.service_index(path).map(|i| &self.services[i])
+    }
+
+    fn service_index(&self, path: &str) -> Option<usize> {
+        // Walks up the path one segment at a time: as many lookups as the path has segments,
+        // however many routes there are.
+        let mut candidate = path.trim_end_matches('/');
+        loop {
+            if candidate.is_empty() {
+                break;
+            }
+            if let Some(&i) = self.prefixes.get(candidate) {
+                return Some(i);
+            }
+            match candidate.rfind('/') {
+                Some(slash) => candidate = candidate[..slash].trim_end_matches('/'),
+                None => break,
+            }
+        }
+        self.prefixes.get("/").copied()
+    }
+
+    /// The sandbox a request names, first match wins: the `Host` (`<sandbox>.<base_domain>`),
+    /// the `X-SDP-Sandbox` header, the baggage member `sdp-sandbox`.
+    pub fn sandbox_of(&self, host: Option<&str>, headers: &HeaderMap) -> Option<(String, Source)> {
+        if let Some(name) = host.and_then(|h| self.sandbox_of_host(h)) {
+            return Some((name, Source::Host));
+        }
+        if let Some(name) = headers
+            .get(SANDBOX_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
+            return Some((name.to_ascii_lowercase(), Source::Header));
+        }
+        headers
+            .get_all("baggage")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(baggage_sandbox)
+            .map(|name| (name.to_ascii_lowercase(), Source::Baggage))
+    }
+
+    fn sandbox_of_host(&self, host: &str) -> Option<String> {
+        if self.base_domain.is_empty() || host.starts_with('[') {
+            return None;
+        }
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let label = host.strip_suffix(&self.base_domain)?.strip_suffix('.')?;
+        (!label.is_empty()).then(|| label.to_owned())
+    }
+
+    /// Where a request for `path`, naming `sandbox` or none, goes.
+    pub fn route(&self, sandbox: Option<&str>, path: &str) -> Route<'_> {
+        let sandbox = match sandbox {
+            Some(name) => match self.sandboxes.get(name) {
+                Some(s) => Some(s),
+                None => return Route::UnknownSandbox,
+            },
+            None => None,
+        };
+        let Some(i) = self.service_index(path) else {
+            return Route::NoRoute;
+        };
+        let service = &self.services[i];
+        match sandbox.and_then(|s| s.upstreams.get(&i)) {
+            Some(upstream) => Route::To {
+                service,
+                upstream,
+                kind: RouteKind::Sandbox,
+            },
+            None => Route::To {
+                service,
+                upstream: &service.baseline,
+                kind: RouteKind::Baseline,
+            },
+        }
+    }
+}
+
+/// The `sdp-sandbox` member of one `baggage` header value (W3C Baggage: comma-separated
+/// `key=value;properties`, whitespace allowed around each, values percent-encoded).
+pub fn baggage_sandbox(value: &str) -> Option<String> {
+    value.split(',').find_map(|member| {
+        let pair = member.split(';').next()?;
+        let (key, value) = pair.split_once('=')?;
+        if key.trim() != BAGGAGE_KEY {
+            return None;
+        }
+        let value = percent_decode(value.trim())?;
+        (!value.is_empty()).then_some(value)
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use hyper::header::HeaderValue;
+    use proptest::prelude::*;
+    use sdp_protocol::{SandboxName, SandboxRoutes, ServiceRoutes};
+
+    use super::*;
+
+    fn service(name: &str, routes: &[&str]) -> ServiceRoutes {
+        ServiceRoutes {
+            service: ServiceName::parse(name).unwrap(),
+            routes: routes.iter().map(|r| r.to_string()).collect(),
+            baseline: format!("http://{name}.baseline.test"),
+        }
+    }
+
+    fn table() -> Table {
+        Table::compile(&RouteTable {
+            base_domain: "sandbox.example.com".into(),
+            services: vec![
+                service("orders", &["/orders"]),
+                service("items", &["/orders/items/"]),
+                service("web", &["/"]),
+            ],
+            sandboxes: vec![SandboxRoutes {
+                sandbox: SandboxName::parse("pay-42").unwrap(),
+                upstreams: BTreeMap::from([(
+                    ServiceName::parse("orders").unwrap(),
+                    "127.0.0.1:20001".into(),
+                )]),
+            }],
+        })
+        .unwrap()
+    }
+
+    fn served_by(table: &Table, path: &str) -> Option<String> {
+        table.service_for(path).map(|s| s.name.to_string())
+    }
+
+    #[test]
+    fn a_prefix_matches_on_segment_boundaries_only() {
+        let t = table();
+        assert_eq!(served_by(&t, "/orders").as_deref(), Some("orders"));
+        assert_eq!(served_by(&t, "/orders/").as_deref(), Some("orders"));
+        assert_eq!(served_by(&t, "/orders/1").as_deref(), Some("orders"));
+        assert_eq!(served_by(&t, "/ordersx").as_deref(), Some("web"));
+        assert_eq!(served_by(&t, "/orders/items").as_deref(), Some("items"));
+        assert_eq!(served_by(&t, "/orders/items/9").as_deref(), Some("items"));
+        assert_eq!(served_by(&t, "/orders/itemsx").as_deref(), Some("orders"));
+        assert_eq!(served_by(&t, "/").as_deref(), Some("web"));
+        assert_eq!(served_by(&t, "").as_deref(), Some("web"));
+    }
+
+    #[test]
+    fn without_a_root_route_an_unmatched_path_has_no_service() {
+        let t = Table::compile(&RouteTable {
+            services: vec![service("orders", &["/orders"])],
+            ..RouteTable::default()
+        })
+        .unwrap();
+        assert_eq!(served_by(&t, "/payments"), None);
+        assert_eq!(served_by(&t, "/"), None);
+        assert_eq!(served_by(&t, "*"), None);
+    }
+
+    #[test]
+    fn the_host_names_the_sandbox_before_the_header_and_the_baggage() {
+        let t = table();
+        let mut headers = HeaderMap::new();
+        headers.insert("x-sdp-sandbox", HeaderValue::from_static("from-header"));
+        headers.insert(
+            "baggage",
+            HeaderValue::from_static("a=1, sdp-sandbox = from-baggage ;p"),
+        );
+        assert_eq!(
+            t.sandbox_of(Some("Pay-42.Sandbox.Example.com:8081"), &headers),
+            Some(("pay-42".into(), Source::Host))
+        );
+        assert_eq!(
+            t.sandbox_of(Some("sandbox.example.com"), &headers),
+            Some(("from-header".into(), Source::Header))
+        );
+        headers.remove("x-sdp-sandbox");
+        assert_eq!(
+            t.sandbox_of(Some("elsewhere.test"), &headers),
+            Some(("from-baggage".into(), Source::Baggage))
+        );
+        headers.remove("baggage");
+        assert_eq!(t.sandbox_of(Some("[::1]:8081"), &headers), None);
+        assert_eq!(t.sandbox_of(None, &headers), None);
+    }
+
+    #[test]
+    fn baggage_members_are_parsed_as_the_w3c_format_says() {
+        assert_eq!(baggage_sandbox("sdp-sandbox=a%2Db").as_deref(), Some("a-b"));
+        assert_eq!(
+            baggage_sandbox("k=v,sdp-sandbox=x;ttl=1").as_deref(),
+            Some("x")
+        );
+        assert_eq!(baggage_sandbox("not-sdp-sandbox=x"), None);
+        assert_eq!(baggage_sandbox("sdp-sandbox="), None);
+        assert_eq!(baggage_sandbox("sdp-sandbox=%zz"), None);
+    }
+
+    #[test]
+    fn a_sandbox_gets_its_own_services_and_the_baseline_for_the_rest() {
+        let t = table();
+        match t.route(Some("pay-42"), "/orders/1") {
+            Route::To { upstream, kind, .. } => {
+                assert_eq!(kind, RouteKind::Sandbox);
+                assert_eq!(upstream.label(), "127.0.0.1:20001");
+            }
+            other => panic!("{other:?}"),
+        }
+        match t.route(Some("pay-42"), "/orders/items/1") {
+            Route::To { upstream, kind, .. } => {
+                assert_eq!(kind, RouteKind::Baseline);
+                assert_eq!(upstream.label(), "http://items.baseline.test");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            t.route(Some("nope"), "/orders"),
+            Route::UnknownSandbox
+        ));
+        match t.route(None, "/orders/1") {
+            Route::To { kind, .. } => assert_eq!(kind, RouteKind::Baseline),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_tables_are_refused_with_the_reason() {
+        let dup = RouteTable {
+            services: vec![service("a", &["/x/"]), service("b", &["/x"])],
+            ..RouteTable::default()
+        };
+        assert_eq!(
+            Table::compile(&dup).unwrap_err().to_string(),
+            "route \"/x\" is claimed by both a and b"
+        );
+        let mut bad = service("a", &["/x"]);
+        bad.baseline = "ftp://x".into();
+        let err = Table::compile(&RouteTable {
+            services: vec![bad],
+            ..RouteTable::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("http or https"), "{err}");
+    }
+
+    #[test]
+    fn a_baseline_with_a_base_path_keeps_it_before_the_request_path() {
+        let up = Upstream::from_url("https://ocp.test/shop/").unwrap();
+        let pq: PathAndQuery = "/orders/1?x=2".parse().unwrap();
+        assert_eq!(
+            up.uri_for(Some(&pq)).unwrap().to_string(),
+            "https://ocp.test/shop/orders/1?x=2"
+        );
+        let up = Upstream::from_host_port("127.0.0.1:20001").unwrap();
+        assert_eq!(
+            up.uri_for(Some(&pq)).unwrap().to_string(),
+            "http://127.0.0.1:20001/orders/1?x=2"
+        );
+        assert!(Upstream::from_host_port("127.0.0.1").is_err());
+        assert!(Upstream::from_url("http://user:pw@ocp.test").is_err());
+    }
+
+    /// The longest route that is the path itself or a prefix of it ending at a `/`: the
+    /// definition, written the slow way.
+    fn longest_match<'a>(routes: &'a [String], path: &str) -> Option<&'a String> {
+        routes
+            .iter()
+            .filter(|r| {
+                let r = normalize_prefix(r);
+                r == "/"
+                    || path.trim_end_matches('/') == r
+                    || (path.starts_with(r) && path.as_bytes().get(r.len()) == Some(&b'/'))
+            })
+            .max_by_key(|r| normalize_prefix(r).len())
+    }
+
+    fn segment() -> impl Strategy<Value = String> {
+        prop_oneof!["[a-c]{1,3}", Just("a".to_owned()), Just("ab".to_owned())]
+    }
+
+    fn path() -> impl Strategy<Value = String> {
+        (prop::collection::vec(segment(), 0..5), any::<bool>()).prop_map(|(segs, slash)| {
+            let mut p = format!("/{}", segs.join("/"));
+            if slash && p.len() > 1 {
+                p.push('/');
+            }
+            p
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn matching_picks_the_longest_prefix_on_a_segment_boundary(
+            routes in prop::collection::btree_set(path(), 1..40),
+            requests in prop::collection::vec(path(), 1..40),
+        ) {
+            // One service per distinct normalized route.
+            let mut seen = std::collections::BTreeSet::new();
+            let routes: Vec<String> = routes
+                .into_iter()
+                .filter(|r| seen.insert(normalize_prefix(r).to_owned()))
+                .collect();
+            let services = routes
+                .iter()
+                .enumerate()
+                .map(|(i, r)| service(&format!("s{i}"), &[r]))
+                .collect();
+            let t = Table::compile(&RouteTable { services, ..RouteTable::default() }).unwrap();
+            for request in &requests {
+                let expected = longest_match(&routes, request)
+                    .map(|r| format!("s{}", routes.iter().position(|x| x == r).unwrap()));
+                prop_assert_eq!(served_by(&t, request), expected, "path {}", request);
+            }
+        }
+
+        #[test]
+        fn a_prefix_never_matches_a_longer_segment(name in "[a-z]{1,8}", extra in "[a-z0-9]{1,8}") {
+            let t = Table::compile(&RouteTable {
+                services: vec![service("s", &[&format!("/{name}")])],
+                ..RouteTable::default()
+            }).unwrap();
+            let path = format!("/{name}{extra}");
+            prop_assert!(t.service_for(&path).is_none());
+            let path = format!("/{name}/{extra}");
+            prop_assert!(t.service_for(&path).is_some());
+        }
+    }
+}
