@@ -73,7 +73,32 @@ impl Default for DockerConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GatewayConfig {
+    /// Where the sandbox router listens.
     pub listen: SocketAddr,
+    /// To open a connection to an upstream; past it the client gets a 502.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: ConfigDuration,
+    /// For an upstream's response head; past it the client gets a 504. Bodies and WebSockets
+    /// stream for as long as they last.
+    #[serde(default = "default_upstream_timeout")]
+    pub upstream_timeout: ConfigDuration,
+}
+
+impl GatewayConfig {
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            connect_timeout: default_connect_timeout(),
+            upstream_timeout: default_upstream_timeout(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(5)
+}
+fn default_upstream_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(60)
 }
 
 fn default_work_dir() -> PathBuf {
@@ -149,8 +174,19 @@ impl AgentConfig {
         if !self.docker.cpus.is_finite() || self.docker.cpus <= 0.0 {
             return Err("`docker.cpus` must be above zero".into());
         }
-        if self.role == Role::Gateway && self.gateway.is_none() {
-            return Err("a gateway agent needs a [gateway] table with `listen`".into());
+        match (&self.gateway, self.role) {
+            (None, Role::Gateway) => {
+                return Err("a gateway agent needs a [gateway] table with `listen`".into());
+            }
+            (Some(g), _)
+                if g.connect_timeout.get().is_zero() || g.upstream_timeout.get().is_zero() =>
+            {
+                return Err(
+                    "`gateway.connect_timeout` and `gateway.upstream_timeout` must be longer than zero"
+                        .into(),
+                );
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -8,6 +8,7 @@ pub mod askpass;
 mod config;
 mod deploy;
 mod events;
+mod gateway;
 mod git;
 mod group;
 mod lines;
@@ -37,6 +38,7 @@ pub use config::{
 };
 use deploy::Deployer;
 use events::Outbox;
+use gateway::Gateway;
 pub use git::Git;
 use runtime::{DockerLimits, DockerRuntime, ProcessRuntime};
 
@@ -51,11 +53,18 @@ const OUTBOX: usize = 64;
 pub enum AgentError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("the router cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 pub struct Agent {
     config: AgentConfig,
     name: AgentName,
+    /// Bound by [`Agent::bind_router`].
+    router_listener: Option<tokio::net::TcpListener>,
     worker: Arc<Worker>,
     in_flight: Arc<AtomicU32>,
 }
@@ -65,6 +74,8 @@ struct Worker {
     git: Git,
     /// Micro agents only.
     deployer: Option<Arc<Deployer>>,
+    /// Gateway agents only.
+    gateway: Option<Arc<Gateway>>,
     events: Arc<Outbox>,
     /// Deployments running here, by sandbox, so that a teardown can stop its deployment.
     active: Mutex<HashMap<SandboxName, Running>>,
@@ -149,12 +160,20 @@ impl Agent {
         } else {
             None
         };
+        let gateway = match (&config.gateway, config.role) {
+            (Some(gateway), Role::Gateway) => {
+                Some(Arc::new(Gateway::new(gateway, &config.work_dir)))
+            }
+            _ => None,
+        };
         Ok(Self {
             config,
             name,
+            router_listener: None,
             worker: Arc::new(Worker {
                 git,
                 deployer,
+                gateway,
                 events,
                 active: Mutex::default(),
             }),
@@ -166,15 +185,52 @@ impl Agent {
         &self.name
     }
 
-    /// Connects, serves, and reconnects until `shutdown` is cancelled.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Gateway agents: routes on `listener` instead of binding `gateway.listen`, for a caller
+    /// that needs the address before the agent exists (`sdp dev`).
+    pub fn use_router_listener(&mut self, listener: tokio::net::TcpListener) {
+        self.router_listener = Some(listener);
+    }
+
+    /// Gateway agents: binds the router's listener, so that a taken port is an error before
+    /// anything runs. Returns where it listens.
+    pub async fn bind_router(&mut self) -> Result<Option<std::net::SocketAddr>, AgentError> {
+        let Some(gateway) = &self.worker.gateway else {
+            return Ok(None);
+        };
+        if self.router_listener.is_none() {
+            let listener = gateway.bind().await.map_err(|source| AgentError::Listen {
+                addr: self
+                    .config
+                    .gateway
+                    .as_ref()
+                    .map_or(([0, 0, 0, 0], 0).into(), |g| g.listen),
+                source,
+            })?;
+            self.router_listener = Some(listener);
+        }
+        Ok(self
+            .router_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok()))
+    }
+
+    /// Connects, serves, and reconnects until `shutdown` is cancelled. A gateway agent routes
+    /// all along, by the last table it has, whether the control plane is there or not.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), AgentError> {
+        self.bind_router().await?;
+        if let (Some(gateway), Some(listener)) =
+            (self.worker.gateway.clone(), self.router_listener.take())
+        {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { gateway.serve(listener, shutdown).await });
+        }
         let mut attempt: u32 = 0;
         loop {
             let end = self.connection(&shutdown).await;
             let reason = match end {
                 End::Shutdown => {
                     tracing::info!(agent = %self.name, "agent stopped");
-                    return;
+                    return Ok(());
                 }
                 End::Lost(reason) => {
                     attempt = 0;
@@ -186,7 +242,7 @@ impl Agent {
             attempt = attempt.saturating_add(1);
             tracing::warn!(agent = %self.name, %reason, retry_in_ms = delay.as_millis() as u64, "not connected to the control plane");
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => return Ok(()),
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -413,6 +469,14 @@ impl Worker {
             }
             JobKind::Deploy(job) => self.start_deploy(job),
             JobKind::Teardown { sandbox } => self.teardown(sandbox).await,
+            JobKind::Routes(table) => match &self.gateway {
+                Some(gateway) => gateway.install(&table),
+                None => unsupported("only gateway agents route"),
+            },
+            JobKind::Requests { sandbox } => match &self.gateway {
+                Some(gateway) => gateway.requests(&sandbox),
+                None => unsupported("only gateway agents route"),
+            },
         }
     }
 

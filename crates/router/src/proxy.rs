@@ -156,6 +156,23 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, peer: SocketAddr)
                 RouteKind::Baseline,
             );
         }
+        Route::NoBaseline { service } => {
+            pending.record(
+                Some(&service.name),
+                RouteKind::Baseline,
+                None,
+                StatusCode::SERVICE_UNAVAILABLE,
+            );
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_baseline",
+                &format!(
+                    "service {} has no baseline: only a sandbox that runs it can answer; name one",
+                    service.name
+                ),
+                RouteKind::Baseline,
+            );
+        }
         Route::To {
             service,
             upstream,

@@ -124,7 +124,8 @@ impl Upstream {
 #[derive(Debug)]
 pub struct Service {
     pub name: ServiceName,
-    pub baseline: Upstream,
+    /// None: only sandboxes serve it (`sdp dev`'s demo services, say).
+    pub baseline: Option<Upstream>,
 }
 
 #[derive(Debug, Default)]
@@ -148,6 +149,8 @@ pub enum Route<'t> {
     UnknownSandbox,
     /// No service's route matches its path.
     NoRoute,
+    /// The service is not in the sandbox, and has no baseline.
+    NoBaseline { service: &'t Service },
     To {
         service: &'t Service,
         upstream: &'t Upstream,
@@ -181,12 +184,16 @@ impl Table {
         let mut index = HashMap::new();
         for entry in &table.services {
             let i = compiled.services.len();
-            let baseline =
-                Upstream::from_url(&entry.baseline).map_err(|reason| TableError::BadBaseline {
-                    service: entry.service.to_string(),
-                    url: entry.baseline.clone(),
-                    reason,
-                })?;
+            let baseline = match entry.baseline.trim() {
+                "" => None,
+                url => Some(
+                    Upstream::from_url(url).map_err(|reason| TableError::BadBaseline {
+                        service: entry.service.to_string(),
+                        url: entry.baseline.clone(),
+                        reason,
+                    })?,
+                ),
+            };
             for route in &entry.routes {
                 if !route.starts_with('/') {
                     return Err(TableError::BadRoute {
@@ -316,10 +323,13 @@ impl Table {
                 upstream,
                 kind: RouteKind::Sandbox,
             },
-            None => Route::To {
-                service,
-                upstream: &service.baseline,
-                kind: RouteKind::Baseline,
+            None => match &service.baseline {
+                Some(upstream) => Route::To {
+                    service,
+                    upstream,
+                    kind: RouteKind::Baseline,
+                },
+                None => Route::NoBaseline { service },
             },
         }
     }

@@ -60,6 +60,14 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
         .iter()
         .map(|demo| service(&repos, demo, &exe))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    // The router's port is needed before the server starts: it is in the sandboxes' URLs.
+    let gateway_port = if port == 0 { 0 } else { port.saturating_add(1) };
+    let router_listener = tokio::net::TcpListener::bind(("127.0.0.1", gateway_port))
+        .await
+        .with_context(|| {
+            format!("the router cannot listen on 127.0.0.1:{gateway_port}; choose another port with --port N (the router takes N+1)")
+        })?;
+    let gateway_url = format!("http://{}", router_listener.local_addr()?);
     let probe_repo = RepoUrl::parse(repo_path(&repos, DEMOS[0].name).display().to_string())?;
     let server_config = ServerConfig {
         listen: ([127, 0, 0, 1], port).into(),
@@ -71,7 +79,10 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
         agent_timeout: ConfigDuration::from_secs(30),
         job_timeout: ConfigDuration::from_secs(20),
         git: GitConfig { probe_repo },
-        gateway: Default::default(),
+        gateway: sdp_server::GatewayConfig {
+            public_url: gateway_url.clone(),
+            ..Default::default()
+        },
         services,
     };
     let server = Server::bind_with(server_config.clone(), true)
@@ -99,9 +110,8 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             build_timeout: ConfigDuration::from_secs(600),
             health_timeout: ConfigDuration::from_secs(30),
             docker: DockerConfig::default(),
-            gateway: (role == Role::Gateway).then(|| GatewayConfig {
-                listen: ([127, 0, 0, 1], 0).into(),
-            }),
+            gateway: (role == Role::Gateway)
+                .then(|| GatewayConfig::new(([127, 0, 0, 1], gateway_port).into())),
         })
     };
     let micro = agent_config(Role::Micro, "dev-micro")?;
@@ -110,17 +120,23 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
     write_config(&data.join("agent-micro.toml"), &micro)?;
     write_config(&data.join("agent-gateway.toml"), &gateway)?;
 
-    let agents = [
-        Agent::new(micro, crate::askpass_program()?)?,
-        Agent::new(gateway, crate::askpass_program()?)?,
-    ];
+    let mut gateway = Agent::new(gateway, crate::askpass_program()?)?;
+    gateway.use_router_listener(router_listener);
+    let agents = [Agent::new(micro, crate::askpass_program()?)?, gateway];
     let mut tasks = Vec::new();
     for agent in agents {
-        tasks.push(tokio::spawn(agent.run(stop.clone())));
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = agent.run(stop.clone()).await {
+                tracing::error!(error = %e, "agent stopped");
+                stop.cancel();
+            }
+        }));
     }
 
     println!("SDP dev is running.");
     println!("  Dashboard and API: {url}");
+    println!("  Sandbox router: {gateway_url} (a sandbox's own URL is in its page)");
     println!("  Dev mode accepts any username and password: the demo repositories are local.");
     println!(
         "  Demo services: {}",

@@ -182,8 +182,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let config: AgentConfig = load(config.as_deref(), &extra)?;
             let askpass =
                 std::env::current_exe().context("cannot find the sdp binary for git's askpass")?;
-            let agent = Agent::new(config, askpass).map_err(usage)?;
-            agent.run(stop_on_signal()).await;
+            let mut agent = Agent::new(config, askpass).map_err(usage)?;
+            agent.bind_router().await?;
+            agent.run(stop_on_signal()).await?;
             Ok(())
         }
         Command::Dev { data, port } => dev::run(&data, port, stop_on_signal()).await,

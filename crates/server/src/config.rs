@@ -126,7 +126,33 @@ impl ServerConfig {
         parse_http_url(&self.gateway.public_url)
             .map_err(|e| format!("`gateway.public_url`: {e}"))?;
         let mut names = HashSet::new();
+        // Route prefixes as the router compares them: `/orders/` is `/orders`.
+        let mut prefixes: std::collections::HashMap<&str, &str> = Default::default();
         for s in &self.services {
+            for route in &s.routes {
+                let prefix = match route.trim_end_matches('/') {
+                    "" => "/",
+                    p => p,
+                };
+                if let Some(other) = prefixes.insert(prefix, s.name.as_str())
+                    && other != s.name.as_str()
+                {
+                    return Err(format!(
+                        "route {prefix:?} is claimed by both `{other}` and `{}`; each prefix goes to one service",
+                        s.name
+                    ));
+                }
+            }
+            if !s.baseline.is_empty() {
+                let url = parse_http_url(&s.baseline)
+                    .map_err(|e| format!("service `{}`: `baseline`: {e}", s.name))?;
+                if !url.username().is_empty() || url.password().is_some() || url.query().is_some() {
+                    return Err(format!(
+                        "service `{}`: `baseline` must be scheme, host, port and path only",
+                        s.name
+                    ));
+                }
+            }
             if !names.insert(s.name.as_str()) {
                 return Err(format!("service `{}` is listed twice", s.name));
             }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use sdp_protocol::{
     Credentials, DeployJob, Event, EventBody, JobKind, JobOutput, Role, SandboxName, ServiceSpec,
+    Step, StepState,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -18,6 +19,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::db::Db;
 use crate::hub::{CallError, Hub};
 use crate::logs::{Frame, Logs};
+use crate::routes::Routes;
 
 pub struct Deployments {
     pub db: Db,
@@ -29,6 +31,7 @@ pub struct Deployments {
     pub agent_timeout: Duration,
     /// Given to services as `SDP_GATEWAY_URL`.
     pub gateway_url: String,
+    pub routes: Arc<Routes>,
 }
 
 fn now_rfc3339() -> String {
@@ -172,15 +175,70 @@ impl Deployments {
         outcomes: &[(String, Option<String>, Option<String>)],
     ) {
         let now = OffsetDateTime::now_utc();
-        if let Err(e) = self
+        match self
             .db
             .finish_deployment(deployment, ok, error.as_deref(), outcomes, now)
             .await
         {
-            tracing::error!(%deployment, error = %e, "cannot record the end of a deployment");
+            Ok(true) => {
+                let state = if ok { "ready" } else { "failed" };
+                self.end_log(deployment, state, error).await;
+            }
+            // Ended before (cancelled by a delete, say): its log has its end frame.
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(%deployment, error = %e, "cannot record the end of a deployment")
+            }
         }
-        let state = if ok { "ready" } else { "failed" };
-        self.end_log(deployment, state, error).await;
+    }
+
+    /// A deployment's `routing` step: every service is healthy; the gateways get the new
+    /// table, and the deployment is ready once they have applied it.
+    async fn route(&self, deployment: &str) {
+        match self.db.deployment(deployment).await {
+            Ok(Some(d)) if d.state == "running" || d.state == "queued" => {}
+            // Ended meanwhile (its sandbox was deleted), or routed already.
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(%deployment, error = %e, "cannot read the deployment");
+                return;
+            }
+        }
+        self.routing_step(deployment, StepState::Running).await;
+        match self.routes.publish().await {
+            Ok(()) => {
+                self.routing_step(deployment, StepState::Done).await;
+                self.finish(deployment, true, None, &[]).await;
+            }
+            Err(reason) => {
+                self.routing_step(deployment, StepState::Failed).await;
+                self.fail(deployment, &reason).await;
+            }
+        }
+    }
+
+    async fn routing_step(&self, deployment: &str, state: StepState) {
+        let now = OffsetDateTime::now_utc();
+        if let Err(e) = self
+            .db
+            .record_step(deployment, "", Step::Routing.as_str(), state.as_str(), now)
+            .await
+        {
+            tracing::error!(%deployment, error = %e, "cannot record a step");
+        }
+        if let Err(e) = self
+            .logs
+            .append_own(deployment, |seq| Frame::Step {
+                seq,
+                ts: now.format(&Rfc3339).unwrap_or_default(),
+                service: None,
+                step: Step::Routing.as_str().to_owned(),
+                state: state.as_str().to_owned(),
+            })
+            .await
+        {
+            tracing::error!(%deployment, error = %e, "cannot write the deployment log");
+        }
     }
 
     async fn end_log(&self, deployment: &str, state: &str, error: Option<String>) {
@@ -203,7 +261,11 @@ impl Deployments {
     /// SQLite. Returns what to acknowledge (per deployment, the `seq` its log now holds), and
     /// whether an event could not be stored (a gap, or a failed write): the connection is
     /// then closed, so that the agent sends everything unacknowledged again.
-    pub async fn ingest(&self, agent: &str, events: Vec<Event>) -> (Vec<(String, u64)>, bool) {
+    pub async fn ingest(
+        self: &Arc<Self>,
+        agent: &str,
+        events: Vec<Event>,
+    ) -> (Vec<(String, u64)>, bool) {
         let mut acks = Vec::new();
         let mut missing = false;
         let mut rest = events.as_slice();
@@ -251,7 +313,7 @@ impl Deployments {
     }
 
     /// What a stored event changes in SQLite.
-    async fn apply(&self, deployment: &str, event: &Event) {
+    async fn apply(self: &Arc<Self>, deployment: &str, event: &Event) {
         match &event.body {
             EventBody::Log { .. } => {}
             EventBody::Step {
@@ -283,7 +345,22 @@ impl Deployments {
                     .iter()
                     .map(|s| (s.service.to_string(), s.commit.clone(), s.upstream.clone()))
                     .collect();
-                self.finish(deployment, *ok, error.clone(), &outcomes).await;
+                let this = self.clone();
+                let deployment = deployment.to_owned();
+                if *ok {
+                    if let Err(e) = self.db.record_outcomes(&deployment, &outcomes).await {
+                        tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
+                    }
+                    // Waiting for the gateways here would hold up this agent's other events.
+                    tokio::spawn(async move { this.route(&deployment).await });
+                } else {
+                    self.finish(&deployment, false, error.clone(), &outcomes)
+                        .await;
+                    // Services that came up before the failure have new upstreams.
+                    tokio::spawn(
+                        async move { this.routes.publish_logged("a deployment failed").await },
+                    );
+                }
             }
         }
     }
@@ -414,6 +491,8 @@ impl Deployments {
                 tracing::info!(sandbox = %name, "sandbox expired");
                 let _ = self.db.audit("sdp", "expire", name.as_str(), "").await;
                 self.end_sandbox(&id, "expired").await;
+                // Routes go first: no request reaches an instance being stopped.
+                self.routes.publish_logged("a sandbox expired").await;
                 if let Some(agent) = &sandbox.agent {
                     self.remove_on_agent(&name, agent).await;
                 }

@@ -151,6 +151,18 @@ impl Hub {
         Self::exchange(agent, job, timeout).await
     }
 
+    /// The connected agents of `role`, by name.
+    pub fn names_of(&self, role: Role) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lock()
+            .values()
+            .filter(|a| a.role == role)
+            .map(|a| a.name.to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
     pub fn is_connected(&self, name: &str) -> bool {
         self.lock().contains_key(name)
     }
@@ -463,6 +475,16 @@ fn reconcile(ctx: &ConnectionContext, hello: &Hello) {
     let agent = hello.name.to_string();
     let in_progress = hello.deployments.clone();
     let reported = hello.sandboxes.clone();
+    if hello.role == Role::Gateway {
+        // A gateway that just started (or whose control plane did) gets the table now.
+        let deployments = deployments.clone();
+        tokio::spawn(async move {
+            deployments
+                .routes
+                .publish_logged("a gateway agent connected")
+                .await
+        });
+    }
     tokio::spawn(async move {
         deployments.agent_connected(&agent, &in_progress).await;
         let live = match deployments.db.live_sandbox_names().await {
@@ -531,7 +553,7 @@ async fn first_hello(
 /// Handles one text frame of a registered agent; returns the frames to answer with.
 async fn handle_frame(
     conn: &AgentConn,
-    deployments: &Deployments,
+    deployments: &Arc<Deployments>,
     text: &str,
 ) -> Vec<ServerMessage> {
     let msg = match decode_agent_frame(text) {

@@ -11,6 +11,7 @@ mod deployments;
 mod error;
 mod hub;
 mod logs;
+mod routes;
 mod sessions;
 
 use std::net::SocketAddr;

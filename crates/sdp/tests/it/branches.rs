@@ -38,10 +38,13 @@ async fn the_service_list_is_the_catalog() {
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["orders", "payments", "stuck", "chatty", "steady"]);
+    assert_eq!(
+        names,
+        ["orders", "billing", "payments", "stuck", "chatty", "steady"]
+    );
     assert_eq!(services[0]["repo"], env.git.url("orders"));
     assert_eq!(services[0]["routes"], serde_json::json!(["/orders"]));
-    assert_eq!(services[0]["baseline"], "http://127.0.0.1:9/orders");
+    assert_eq!(services[0]["baseline"], env.baseline.url().as_str());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -57,7 +57,8 @@ async fn a_branch_is_fetched_built_run_and_answers_from_that_branch() {
             ("fetching", "done"),
             ("building", "done"),
             ("starting", "done"),
-            ("healthy", "done")
+            ("healthy", "done"),
+            ("routing", "done")
         ]
     );
     for step in deployment["steps"].as_array().unwrap() {

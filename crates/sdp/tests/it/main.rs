@@ -14,3 +14,4 @@ mod dev_smoke;
 mod docker;
 mod input;
 mod login;
+mod router;

@@ -18,7 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Json, Router};
-use sdp_protocol::Username;
+use sdp_protocol::{ServiceRoutes, Username};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
@@ -30,6 +30,7 @@ use crate::deployments::Deployments;
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::logs::Logs;
+use crate::routes::Routes;
 use crate::sessions::{self, PasswordVault};
 
 /// The largest request body accepted.
@@ -117,6 +118,12 @@ fn endpoints() -> Vec<Endpoint> {
             Session,
             sandboxes::extend,
         ),
+        endpoint(
+            Method::GET,
+            "/api/sandboxes/{id}/requests",
+            Session,
+            sandboxes::requests,
+        ),
         endpoint(Method::GET, "/api/deployments", Session, deployments::list),
         endpoint(
             Method::GET,
@@ -180,6 +187,22 @@ impl AppState {
     ) -> std::io::Result<Self> {
         let agent_token_digest = digest(config.agent_token.expose());
         let hub = Arc::new(Hub::default());
+        let catalog = config
+            .services
+            .iter()
+            .map(|s| ServiceRoutes {
+                service: s.name.clone(),
+                routes: s.routes.clone(),
+                baseline: s.baseline.clone(),
+            })
+            .collect();
+        let routes = Arc::new(Routes::new(
+            db.clone(),
+            hub.clone(),
+            config.gateway.base_domain.clone(),
+            catalog,
+            config.job_timeout.get(),
+        ));
         let deployments = Arc::new(Deployments {
             db: db.clone(),
             logs: Logs::new(config.data_dir.join("logs"))?,
@@ -187,6 +210,7 @@ impl AppState {
             job_timeout: config.job_timeout.get(),
             agent_timeout: config.agent_timeout.get(),
             gateway_url: config.gateway.public_url.clone(),
+            routes,
         });
         Ok(Self(Arc::new(Inner {
             config,

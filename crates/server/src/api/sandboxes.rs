@@ -372,6 +372,10 @@ async fn start(
         ..
     } = started;
     let (d, s) = (deployment_id.clone(), sandbox_id.clone());
+    // A new sandbox is known to the router at once: requests naming it reach the baseline
+    // until its own services are up, instead of a 404.
+    let routes = deployments.routes.clone();
+    tokio::spawn(async move { routes.publish_logged("a deployment started").await });
     tokio::spawn(async move {
         deployments
             .schedule(d, s, name, agent, credentials, specs)
@@ -404,6 +408,46 @@ pub async fn get(
 ) -> Result<Json<SandboxView>, ApiError> {
     let row = load(&state, &key).await?;
     Ok(Json(sandbox_view(&state, row)))
+}
+
+/// The route inspector: the gateway's last routing decisions for the sandbox, newest first.
+pub async fn requests(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+) -> Result<Json<Vec<sdp_protocol::RouteDecision>>, ApiError> {
+    let row = load(&state, &key).await?;
+    if ended(&row) {
+        // The router forgot it with its routes.
+        return Ok(Json(Vec::new()));
+    }
+    let Ok(sandbox) = sdp_protocol::SandboxName::parse(row.name) else {
+        return Ok(Json(Vec::new()));
+    };
+    let job = sdp_protocol::JobKind::Requests { sandbox };
+    let timeout = state.config.job_timeout.get();
+    let output = match state
+        .hub
+        .call(sdp_protocol::Role::Gateway, job, timeout)
+        .await
+    {
+        Ok((_, output)) => output,
+        Err(crate::hub::CallError::NoAgent(_)) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_agent",
+                "no gateway agent is connected, so there are no routing decisions to show; start `sdp agent --role gateway`",
+            ));
+        }
+        Err(e) => return Err(super::catalog::call_error(e)),
+    };
+    match output {
+        sdp_protocol::JobOutput::Requests { requests } => Ok(Json(requests)),
+        other => Err(ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            format!("the gateway agent answered with {other:?}"),
+        )),
+    }
 }
 
 #[derive(Deserialize)]
@@ -495,6 +539,11 @@ pub async fn delete(
     let deployments = state.deployments.clone();
     let agent = sandbox.agent.clone();
     tokio::spawn(async move {
+        // Routes go first: no request reaches an instance being stopped.
+        deployments
+            .routes
+            .publish_logged("a sandbox was deleted")
+            .await;
         if let Some(agent) = agent {
             deployments.remove_on_agent(&name, &agent).await;
         }

@@ -476,7 +476,7 @@ impl Db {
         error: Option<&str>,
         outcomes: &[(String, Option<String>, Option<String>)],
         at: OffsetDateTime,
-    ) -> Result<(), sqlx::Error> {
+    ) -> Result<bool, sqlx::Error> {
         let at = to_millis(at);
         let state = if ok { "ready" } else { "failed" };
         let mut tx = self.pool.begin().await?;
@@ -491,8 +491,8 @@ impl Db {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(sandbox_id) = sandbox_id else {
-            // Already finished: nothing to do twice.
-            return Ok(());
+            // Already finished (or cancelled): nothing to do twice.
+            return Ok(false);
         };
         sqlx::query(
             "UPDATE deployment_steps SET ended_at = ?2,
@@ -504,27 +504,7 @@ impl Db {
         .bind(if ok { "done" } else { "failed" })
         .execute(&mut *tx)
         .await?;
-        for (service, commit, upstream) in outcomes {
-            sqlx::query(
-                "UPDATE deployment_services SET commit_sha = COALESCE(?3, commit_sha) WHERE deployment_id = ?1 AND service = ?2",
-            )
-            .bind(deployment_id)
-            .bind(service)
-            .bind(commit)
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query(
-                "UPDATE sandbox_services SET commit_sha = COALESCE(?3, commit_sha), upstream = ?4,
-                   state = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'running' END
-                 WHERE sandbox_id = ?1 AND service = ?2",
-            )
-            .bind(&sandbox_id)
-            .bind(service)
-            .bind(commit)
-            .bind(upstream)
-            .execute(&mut *tx)
-            .await?;
-        }
+        store_outcomes(&mut tx, deployment_id, &sandbox_id, outcomes).await?;
         if !ok {
             // The services of this deployment that did not come up.
             sqlx::query(
@@ -541,7 +521,8 @@ impl Db {
         .bind(state)
         .execute(&mut *tx)
         .await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// The deployment of a sandbox in progress, if any.
@@ -626,4 +607,70 @@ impl Db {
             .fetch_all(&self.pool)
             .await
     }
+
+    /// Every live sandbox with each of its services' upstream; a sandbox with no service row
+    /// comes once with `None`s.
+    pub async fn live_upstreams(
+        &self,
+    ) -> Result<Vec<(String, Option<String>, Option<String>)>, sqlx::Error> {
+        sqlx::query_as(
+            "SELECT s.name, ss.service, ss.upstream FROM sandboxes s
+               LEFT JOIN sandbox_services ss ON ss.sandbox_id = s.id AND ss.upstream IS NOT NULL
+             WHERE s.state NOT IN ('expired', 'deleted') ORDER BY s.name",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// What a deployment's agent reported of each service, recorded before routing so that
+    /// the route table holds the new upstreams. Nothing changes once the deployment ended.
+    pub async fn record_outcomes(
+        &self,
+        deployment_id: &str,
+        outcomes: &[(String, Option<String>, Option<String>)],
+    ) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let sandbox_id: Option<String> = sqlx::query_scalar(
+            "SELECT sandbox_id FROM deployments WHERE id = ?1 AND state IN ('queued', 'running')",
+        )
+        .bind(deployment_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(sandbox_id) = sandbox_id else {
+            return Ok(());
+        };
+        store_outcomes(&mut tx, deployment_id, &sandbox_id, outcomes).await?;
+        tx.commit().await
+    }
+}
+
+/// Each service's commit and upstream, on the deployment and on its sandbox.
+async fn store_outcomes(
+    tx: &mut sqlx::SqliteConnection,
+    deployment_id: &str,
+    sandbox_id: &str,
+    outcomes: &[(String, Option<String>, Option<String>)],
+) -> Result<(), sqlx::Error> {
+    for (service, commit, upstream) in outcomes {
+        sqlx::query(
+            "UPDATE deployment_services SET commit_sha = COALESCE(?3, commit_sha) WHERE deployment_id = ?1 AND service = ?2",
+        )
+        .bind(deployment_id)
+        .bind(service)
+        .bind(commit)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "UPDATE sandbox_services SET commit_sha = COALESCE(?3, commit_sha), upstream = ?4,
+               state = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'running' END
+             WHERE sandbox_id = ?1 AND service = ?2",
+        )
+        .bind(sandbox_id)
+        .bind(service)
+        .bind(commit)
+        .bind(upstream)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
 }

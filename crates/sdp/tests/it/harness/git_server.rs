@@ -211,8 +211,11 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Option<String> {
 }
 
 /// The files of a real Go service for branch `branch`: it answers every path with
-/// `<name> on <branch>` and its sandbox, and `/healthz` with ok. Branch `broken` does not
-/// compile, and branch `unhealthy` answers 500 on `/healthz`.
+/// `<name> on <branch> in <sandbox>`, and `/healthz` with ok. Under its route `/<name>` it
+/// also has `headers` (what it was sent, as JSON), `slow?ms=N`, `upload` (the body's size and
+/// SHA-256), `download?mb=N`, and `call?path=P` (GET P through the gateway, passing on
+/// `X-SDP-Sandbox` as a service in a sandbox should). Branch `broken` does not compile, and
+/// branch `unhealthy` answers 500 on `/healthz`.
 pub fn go_service(name: &str, branch: &str) -> Vec<(String, String)> {
     let health_status = if branch == "unhealthy" { 500 } else { 200 };
     let broken = if branch == "broken" {
@@ -224,9 +227,14 @@ pub fn go_service(name: &str, branch: &str) -> Vec<(String, String)> {
         r#"package main
 
 import (
+	"crypto/sha256"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
+	"strconv"
+	"time"
 )
 
 {broken}
@@ -234,6 +242,49 @@ func main() {{
 	http.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {{
 		w.WriteHeader({health_status})
 		fmt.Fprintln(w, "health")
+	}})
+	http.HandleFunc("/{name}/headers", func(w http.ResponseWriter, r *http.Request) {{
+		json.NewEncoder(w).Encode(map[string]interface{{}}{{"from": "{name} on {branch}", "host": r.Host, "headers": r.Header}})
+	}})
+	http.HandleFunc("/{name}/slow", func(w http.ResponseWriter, r *http.Request) {{
+		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
+		time.Sleep(time.Duration(ms) * time.Millisecond)
+		fmt.Fprintf(w, "{name} on {branch} after %dms\n", ms)
+	}})
+	http.HandleFunc("/{name}/upload", func(w http.ResponseWriter, r *http.Request) {{
+		h := sha256.New()
+		n, err := io.Copy(h, r.Body)
+		if err != nil {{
+			w.WriteHeader(500)
+			fmt.Fprintln(w, err)
+			return
+		}}
+		fmt.Fprintf(w, "%d %x\n", n, h.Sum(nil))
+	}})
+	http.HandleFunc("/{name}/download", func(w http.ResponseWriter, r *http.Request) {{
+		mb, _ := strconv.Atoi(r.URL.Query().Get("mb"))
+		chunk := make([]byte, 1<<20)
+		for i := range chunk {{
+			chunk[i] = byte(i % 251)
+		}}
+		for i := 0; i < mb; i++ {{
+			w.Write(chunk)
+		}}
+	}})
+	http.HandleFunc("/{name}/call", func(w http.ResponseWriter, r *http.Request) {{
+		req, _ := http.NewRequest("GET", os.Getenv("SDP_GATEWAY_URL")+r.URL.Query().Get("path"), nil)
+		if s := r.Header.Get("X-SDP-Sandbox"); s != "" {{
+			req.Header.Set("X-SDP-Sandbox", s)
+		}}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {{
+			w.WriteHeader(502)
+			fmt.Fprintln(w, err)
+			return
+		}}
+		defer resp.Body.Close()
+		w.Header().Set("X-Inner-Route", resp.Header.Get("X-SDP-Route"))
+		io.Copy(w, resp.Body)
 	}})
 	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {{
 		fmt.Fprintf(w, "{name} on {branch} in %s\n", os.Getenv("SDP_SANDBOX"))

@@ -4,6 +4,7 @@
 //! When a test fails, dropping the [`TestEnv`] prints every process's command line and log,
 //! so a red test says why without a rerun.
 
+pub mod baseline;
 pub mod git_server;
 
 use std::io::{BufRead, BufReader};
@@ -17,11 +18,14 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+pub use baseline::Baseline;
 pub use git_server::GitServer;
 
 pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
 pub const USER: &str = "alice";
 pub const PASSWORD: &str = "correct horse battery staple";
+/// Sandboxes are `<name>.sdp.test` on the router (`.test` never resolves outside).
+pub const BASE_DOMAIN: &str = "sdp.test";
 
 /// The log level of the processes a test starts: ours at debug.
 pub const DEFAULT_LOG: &str = "info,sdp=debug,sdp_server=debug,sdp_agent=debug";
@@ -78,6 +82,10 @@ impl Proc {
             child,
             log,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn log_text(&self) -> String {
@@ -145,8 +153,13 @@ pub struct Options {
     pub agent_timeout: &'static str,
     pub git_timeout: &'static str,
     pub health_timeout: &'static str,
+    /// The router's wait for an upstream's response head.
+    pub upstream_timeout: &'static str,
     pub sandbox_ttl: &'static str,
     pub micro_agents: usize,
+    /// Whether `start` starts a gateway agent (named `gateway`), as deployments need one to
+    /// become ready.
+    pub gateway: bool,
     /// `process`, or `docker` (with the test image, see [`docker_image`]).
     pub runtime: &'static str,
     /// `RUST_LOG` of the server and agents.
@@ -161,8 +174,10 @@ impl Default for Options {
             agent_timeout: "10s",
             git_timeout: "20s",
             health_timeout: "20s",
+            upstream_timeout: "10s",
             sandbox_ttl: "1h",
             micro_agents: 1,
+            gateway: true,
             runtime: "process",
             log: DEFAULT_LOG,
         }
@@ -344,6 +359,12 @@ pub struct TestEnv {
     pub git: GitServer,
     pub server: Option<Proc>,
     pub agents: Vec<Proc>,
+    /// The gateway agent, apart from `agents` so that tests can drop the others.
+    pub gateway: Option<Proc>,
+    /// Chosen before the server starts: the sandboxes' URLs and `SDP_GATEWAY_URL` hold it.
+    pub gateway_port: u16,
+    /// What the catalog's `orders` and `billing` fall back to.
+    pub baseline: Baseline,
     pub api: Api,
     pub opts: Options,
 }
@@ -371,7 +392,12 @@ impl Drop for TestEnv {
                 "==== test environment in {} ====",
                 self.dir.path().display()
             );
-            for p in self.server.iter().chain(self.agents.iter()) {
+            for p in self
+                .server
+                .iter()
+                .chain(self.gateway.iter())
+                .chain(self.agents.iter())
+            {
                 eprintln!(
                     "---- {} ----\ncommand: {}\n{}",
                     p.label,
@@ -387,8 +413,10 @@ impl TestEnv {
     /// A git server with repositories `probe` and `orders`, the control plane, and
     /// `opts.micro_agents` micro agents, all connected.
     pub async fn start(opts: Options) -> TestEnv {
-        let env = TestEnv::without_agents(opts.clone()).await;
-        let mut env = env;
+        let mut env = TestEnv::without_agents(opts.clone()).await;
+        if opts.gateway {
+            env.start_gateway();
+        }
         for i in 0..opts.micro_agents {
             // Agents of docker tests share one engine: their names scope their containers.
             let name = match opts.runtime {
@@ -412,6 +440,9 @@ impl TestEnv {
             &["main", "feature/x", "release/1.0", "broken", "unhealthy"],
             |branch| git_server::go_service("orders", branch),
         );
+        git.create_repo_with("billing", &["main", "feature/y"], |branch| {
+            git_server::go_service("billing", branch)
+        });
         git.create_repo("payments", &["main"]);
         git.create_repo("stuck", &["main"]);
         for name in ["chatty", "steady"] {
@@ -419,12 +450,20 @@ impl TestEnv {
                 vec![("emit.py".into(), git_server::STEADY_EMITTER.into())]
             });
         }
+        let gateway_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let mut env = TestEnv {
             micro: Vec::new(),
             dir,
             git,
             server: None,
             agents: Vec::new(),
+            gateway: None,
+            gateway_port,
+            baseline: Baseline::start().await,
             api: Api::new(""),
             opts,
         };
@@ -443,23 +482,35 @@ impl TestEnv {
     fn server_config(&self, listen: &str) -> String {
         let o = &self.opts;
         let service = |name: &str, build: &str, run: &str| {
+            // The two Go services fall back to the local baseline; the others to a port
+            // where nothing listens.
+            let baseline = match name {
+                "orders" | "billing" => self.baseline.url(),
+                _ => "http://127.0.0.1:9".to_owned(),
+            };
             format!(
-                "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"{build}\"\nrun = \"{run}\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"http://127.0.0.1:9/{name}\"\nenv = {{ GREETING = \"hi\" }}\n\n",
+                "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"{build}\"\nrun = \"{run}\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"{baseline}\"\nenv = {{ GREETING = \"hi\" }}\n\n",
                 self.git.url(name)
             )
         };
         format!(
-            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n{}{}{}{}{}",
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}",
             self.server_data_dir().display(),
             o.session_ttl,
             o.sandbox_ttl,
             o.job_timeout,
             o.agent_timeout,
             self.git.url("probe"),
-            // A real Go service; the echo shows the build's output in the log.
+            self.router_url(),
+            // Real Go services; the echo shows the build's output in the log.
             service(
                 "orders",
                 "echo building $SDP_SERVICE && CGO_ENABLED=0 go build -o .sdp/bin/app .",
+                "./.sdp/bin/app",
+            ),
+            service(
+                "billing",
+                "CGO_ENABLED=0 go build -o .sdp/bin/app .",
                 "./.sdp/bin/app",
             ),
             service("payments", "true", "true"),
@@ -503,9 +554,41 @@ impl TestEnv {
         format!("{}/ws/agent", self.url.replacen("http://", "ws://", 1))
     }
 
+    /// The sandbox router's URL.
+    pub fn router_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.gateway_port)
+    }
+
+    /// Starts (or restarts) the gateway agent `gateway` on [`TestEnv::gateway_port`], and
+    /// waits until its router listens.
+    pub fn start_gateway(&mut self) {
+        let proc = self.spawn_agent("gateway", "gateway", AGENT_TOKEN);
+        let mut proc = proc;
+        proc.wait_for_line("the router listening", |l| l.contains("router listening"));
+        self.gateway = Some(proc);
+    }
+
+    /// Stops the gateway agent, keeping its log for a failure report.
+    pub fn stop_gateway(&mut self) {
+        if let Some(mut p) = self.gateway.take() {
+            p.stop();
+            self.agents.push(p);
+        }
+    }
+
     pub fn start_agent(&mut self, name: &str, role: &str, token: &str) {
+        let proc = self.spawn_agent(name, role, token);
+        self.agents.push(proc);
+    }
+
+    fn spawn_agent(&mut self, name: &str, role: &str, token: &str) -> Proc {
         let path = self.dir.path().join(format!("agent-{name}.toml"));
-        let gateway = if role == "gateway" {
+        let gateway = if name == "gateway" {
+            format!(
+                "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nupstream_timeout = \"{}\"\n",
+                self.gateway_port, self.opts.upstream_timeout
+            )
+        } else if role == "gateway" {
             "\n[gateway]\nlisten = \"127.0.0.1:0\"\n".to_owned()
         } else if self.opts.runtime == "docker" {
             format!(
@@ -533,7 +616,7 @@ impl TestEnv {
             .arg(&path)
             .env("SDP_TOKEN", token)
             .env("RUST_LOG", self.opts.log);
-        self.agents.push(Proc::spawn(&format!("agent {name}"), cmd));
+        Proc::spawn(&format!("agent {name}"), cmd)
     }
 
     pub async fn health(&self) -> Value {
@@ -547,8 +630,9 @@ impl TestEnv {
             .unwrap()
     }
 
-    /// Waits until exactly `n` agents are connected.
+    /// Waits until exactly `n` agents are connected, besides the gateway agent when it runs.
     pub async fn wait_for_agents(&self, n: usize) {
+        let n = n + usize::from(self.gateway.is_some());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let health = self.health().await;

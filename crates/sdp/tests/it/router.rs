@@ -1,0 +1,422 @@
+//! The sandbox router end to end: the real `sdp` gateway agent routing to a real Go service
+//! deployed in a sandbox and to a local baseline server, fed by the real control plane.
+
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::harness::{BASE_DOMAIN, Options, Reply, TestEnv, wait_until};
+
+/// A client that resolves `<sandbox>.sdp.test` to the router, as wildcard DNS would.
+fn client(env: &TestEnv, sandboxes: &[&str]) -> reqwest::Client {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], env.gateway_port));
+    let mut builder = reqwest::Client::builder().timeout(Duration::from_secs(60));
+    for name in sandboxes {
+        builder = builder.resolve(&format!("{name}.{BASE_DOMAIN}"), addr);
+    }
+    builder.build().unwrap()
+}
+
+async fn send(req: reqwest::RequestBuilder) -> Reply {
+    Reply::from(req.send().await.unwrap()).await
+}
+
+fn route(reply: &Reply) -> &str {
+    reply
+        .headers
+        .get("x-sdp-route")
+        .map_or("<none>", |v| v.to_str().unwrap())
+}
+
+/// What the baseline was sent: a header's values, by lower-case name.
+fn seen(reply: &Reply, name: &str) -> Vec<String> {
+    reply.json()["headers"][name]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+async fn requests(env: &TestEnv, token: &str, sandbox: &str) -> Vec<Value> {
+    let reply = env
+        .get(&format!("/api/sandboxes/{sandbox}/requests"), Some(token))
+        .await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    reply.json().as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_the_rest() {
+    let env = TestEnv::start(Options {
+        upstream_timeout: "2s",
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    let (sandbox, deployment) = env.deploy(&token, "feat", &["orders@feature/x"]).await;
+    assert_eq!(deployment["state"], "ready", "{deployment}");
+    let url = format!("http://feat.{BASE_DOMAIN}:{}", env.gateway_port);
+    assert_eq!(sandbox["url"], url.as_str());
+    let http = client(&env, &["feat"]);
+    let router = env.router_url();
+    let in_sandbox = "orders on feature/x in feat\n";
+
+    // Each way of naming the sandbox reaches its instance.
+    let by_host = send(http.get(format!("{url}/orders/1"))).await;
+    assert_eq!((by_host.status, by_host.body.as_str()), (200, in_sandbox));
+    assert_eq!(route(&by_host), "sandbox");
+    let by_header = send(
+        http.get(format!("{router}/orders/1"))
+            .header("X-SDP-Sandbox", "feat"),
+    )
+    .await;
+    assert_eq!(
+        (by_header.status, by_header.body.as_str()),
+        (200, in_sandbox)
+    );
+    assert_eq!(route(&by_header), "sandbox");
+    let by_baggage = send(
+        http.get(format!("{router}/orders/1"))
+            .header("baggage", "userId=7, sdp-sandbox=feat;ttl=1"),
+    )
+    .await;
+    assert_eq!(
+        (by_baggage.status, by_baggage.body.as_str()),
+        (200, in_sandbox)
+    );
+    assert_eq!(route(&by_baggage), "sandbox");
+    // The Host wins over the header.
+    let both = send(
+        http.get(format!("{url}/orders/1"))
+            .header("X-SDP-Sandbox", "someone-else"),
+    )
+    .await;
+    assert_eq!(both.body, in_sandbox);
+
+    // A service the sandbox does not run goes to the baseline, with the sandbox passed on
+    // and the forwarding fields set; hop-by-hop fields stay behind.
+    let billing = send(
+        http.get(format!("{url}/billing/invoices?page=2"))
+            .header("baggage", "sdp-sandbox=feat")
+            .header("Connection", "X-Hop")
+            .header("X-Hop", "private")
+            .header("X-End-To-End", "kept"),
+    )
+    .await;
+    assert_eq!(billing.status, 200, "{}", billing.body);
+    assert_eq!(route(&billing), "baseline");
+    let seen_by_baseline = billing.json();
+    assert_eq!(seen_by_baseline["from"], "baseline");
+    assert_eq!(seen_by_baseline["path"], "/billing/invoices");
+    assert_eq!(seen_by_baseline["query"], "page=2");
+    assert_eq!(seen(&billing, "x-sdp-sandbox"), ["feat"]);
+    assert_eq!(seen(&billing, "baggage"), ["sdp-sandbox=feat"]);
+    assert_eq!(seen(&billing, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(seen(&billing, "x-forwarded-proto"), ["http"]);
+    assert_eq!(
+        seen(&billing, "x-forwarded-host"),
+        [format!("feat.{BASE_DOMAIN}:{}", env.gateway_port)]
+    );
+    assert_eq!(seen(&billing, "host"), [env.baseline.addr.to_string()]);
+    assert_eq!(seen(&billing, "x-end-to-end"), ["kept"]);
+    assert!(seen(&billing, "x-hop").is_empty(), "{seen_by_baseline}");
+
+    // No sandbox named: plain baseline routing.
+    let plain = send(http.get(format!("{router}/orders/1"))).await;
+    assert_eq!(plain.status, 200);
+    assert_eq!(route(&plain), "baseline");
+    assert_eq!(plain.json()["path"], "/orders/1");
+    assert!(seen(&plain, "x-sdp-sandbox").is_empty());
+
+    // A sandbox the router does not know, by header or by Host.
+    let unknown = send(
+        http.get(format!("{router}/orders/1"))
+            .header("X-SDP-Sandbox", "nope"),
+    )
+    .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    assert_eq!(unknown.error_code(), "unknown_sandbox");
+    assert!(unknown.body.contains("\\\"nope\\\""), "{}", unknown.body);
+    let unknown_host = send(client(&env, &["ghost"]).get(format!(
+        "http://ghost.{BASE_DOMAIN}:{}/orders",
+        env.gateway_port
+    )))
+    .await;
+    assert_eq!(unknown_host.error_code(), "unknown_sandbox");
+
+    // Nothing routes this path.
+    let nothing = send(http.get(format!("{router}/nothing/here"))).await;
+    assert_eq!(nothing.status, 404);
+    assert_eq!(nothing.error_code(), "no_route");
+    let prefix_only = send(http.get(format!("{router}/ordersx"))).await;
+    assert_eq!(prefix_only.error_code(), "no_route");
+
+    // A baseline where nothing listens: 502 naming it.
+    let down = send(http.get(format!("{router}/payments/1"))).await;
+    assert_eq!(down.status, 502, "{}", down.body);
+    assert_eq!(down.error_code(), "upstream_unreachable");
+    assert!(down.body.contains("http://127.0.0.1:9"), "{}", down.body);
+
+    // An instance slower than the upstream timeout: 504 naming it.
+    let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
+    let slow = send(http.get(format!("{url}/orders/slow?ms=4000"))).await;
+    assert_eq!(slow.status, 504, "{}", slow.body);
+    assert_eq!(slow.error_code(), "upstream_timeout");
+    assert!(slow.body.contains(upstream), "{}", slow.body);
+
+    // The routing key travels on: the instance calls the gateway with the header it was
+    // given (the router added it, the request named the sandbox by Host), and stays inside.
+    let nested = send(http.get(format!("{url}/orders/call?path=/orders/headers"))).await;
+    assert_eq!(nested.status, 200, "{}", nested.body);
+    assert_eq!(nested.headers["x-inner-route"], "sandbox");
+    assert_eq!(nested.json()["from"], "orders on feature/x");
+    assert_eq!(nested.json()["headers"]["X-Sdp-Sandbox"][0], "feat");
+    let out = send(http.get(format!("{url}/orders/call?path=/billing/x"))).await;
+    assert_eq!(out.headers["x-inner-route"], "baseline");
+    assert_eq!(out.json()["headers"]["x-sdp-sandbox"][0], "feat");
+
+    // The inspector shows this sandbox's decisions, newest answer first (an outer call after
+    // the inner one it waited for), without query strings.
+    let decisions = requests(&env, &token, "feat").await;
+    let paths: Vec<&str> = decisions
+        .iter()
+        .map(|d| d["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths[..2], ["/orders/call", "/billing/x"], "{decisions:?}");
+    let inner = &decisions[1];
+    assert_eq!(inner["route"], "baseline");
+    assert_eq!(inner["service"], "billing");
+    assert_eq!(inner["upstream"], env.baseline.url().as_str());
+    let timed_out = decisions
+        .iter()
+        .find(|d| d["path"] == "/orders/slow")
+        .expect("the slow request is listed");
+    assert_eq!(timed_out["status"], 504);
+    assert_eq!(timed_out["route"], "sandbox");
+    assert_eq!(timed_out["upstream"], upstream);
+    assert!(timed_out["duration_ms"].as_f64().unwrap() >= 2000.0);
+    let first = decisions.last().unwrap();
+    assert_eq!(
+        (
+            first["method"].as_str(),
+            first["path"].as_str(),
+            first["status"].as_u64()
+        ),
+        (Some("GET"), Some("/orders/1"), Some(200))
+    );
+    assert!(first["time"].as_str().unwrap().contains('T'));
+    assert!(
+        decisions
+            .iter()
+            .all(|d| d["path"] != "/billing/invoices?page=2")
+    );
+    // Requests that named no sandbox are in no sandbox's list.
+    assert!(decisions.iter().all(|d| d["path"] != "/payments/1"));
+    let unknown = env.get("/api/sandboxes/nope/requests", Some(&token)).await;
+    assert_eq!(unknown.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_stream_through_both_ways_websockets_pass_and_a_route_change_drops_nothing() {
+    let env = TestEnv::start(Options::default()).await;
+    let token = env.login().await;
+    let (_, deployment) = env.deploy(&token, "big", &["orders@main"]).await;
+    assert_eq!(deployment["state"], "ready", "{deployment}");
+    let http = client(&env, &["big"]);
+    let url = format!("http://big.{BASE_DOMAIN}:{}", env.gateway_port);
+
+    // 50 MB up and 50 MB down.
+    const SIZE: usize = 50 << 20;
+    let body: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+    let digest = hex(&Sha256::digest(&body));
+    let up = send(http.post(format!("{url}/orders/upload")).body(body)).await;
+    assert_eq!(up.status, 200, "{}", up.body);
+    assert_eq!(up.body.trim(), format!("{SIZE} {digest}"));
+    let mut down = http
+        .get(format!("{url}/orders/download?mb=50"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(down.status(), 200);
+    let mut hasher = Sha256::new();
+    let mut received = 0usize;
+    while let Some(chunk) = down.chunk().await.unwrap() {
+        received += chunk.len();
+        hasher.update(&chunk);
+    }
+    assert_eq!(received, SIZE);
+    let expected: Vec<u8> = (0..SIZE).map(|i| ((i % (1 << 20)) % 251) as u8).collect();
+    assert_eq!(hex(&hasher.finalize()), hex(&Sha256::digest(&expected)));
+    // Streamed, not held: the router's process never held a body's worth of memory.
+    let peak = peak_rss_kib(env.gateway.as_ref().unwrap().pid());
+    assert!(peak < 40 * 1024, "the gateway agent peaked at {peak} KiB");
+
+    // A WebSocket through the router, to the baseline's echo.
+    let mut request = format!("ws://127.0.0.1:{}/billing/ws", env.gateway_port)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("x-sdp-sandbox", "big".parse().unwrap());
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers()["x-sdp-route"], "baseline");
+    for text in ["hello", "through the router"] {
+        socket.send(Message::Text(text.into())).await.unwrap();
+        let answer = socket.next().await.unwrap().unwrap();
+        assert_eq!(
+            answer.into_text().unwrap().as_str(),
+            format!("baseline echo: {text}")
+        );
+    }
+    socket.close(None).await.unwrap();
+
+    // A request in flight while the table changes finishes on the table it started with.
+    let slow = {
+        let http = http.clone();
+        let url = url.clone();
+        tokio::spawn(async move { send(http.get(format!("{url}/orders/slow?ms=5000"))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reply = env
+        .create_sandbox(&token, "other", &["billing@feature/y"])
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let other = || {
+        send(
+            http.get(format!("{}/billing/1", env.router_url()))
+                .header("X-SDP-Sandbox", "other"),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(4);
+    while other().await.status == 404 {
+        assert!(Instant::now() < deadline, "the new table never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !slow.is_finished(),
+        "the table changed too late to test anything"
+    );
+    let slow = slow.await.unwrap();
+    assert_eq!(
+        (slow.status, slow.body.as_str()),
+        (200, "orders on main after 5000ms\n")
+    );
+    assert_eq!(route(&slow), "sandbox");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_go_before_instances_at_teardown_and_the_last_table_outlives_restarts() {
+    let mut env = TestEnv::start(Options::default()).await;
+    let token = env.login().await;
+    for name in ["keep", "drop"] {
+        let (_, d) = env.deploy(&token, name, &["orders@feature/x"]).await;
+        assert_eq!(d["state"], "ready", "{d}");
+    }
+    let http = client(&env, &["keep", "drop"]);
+    let port = env.gateway_port;
+    let get = |name: &str| http.get(format!("http://{name}.{BASE_DOMAIN}:{port}/orders"));
+    assert_eq!(
+        send(get("drop")).await.body,
+        "orders on feature/x in drop\n"
+    );
+
+    // Teardown: the router forgets the sandbox before its instance is stopped.
+    let reply = env
+        .http
+        .delete(format!("{}/api/sandboxes/drop", env.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 202);
+    let mut gone = send(get("drop")).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while gone.status != 404 {
+        assert!(Instant::now() < deadline, "still routed: {}", gone.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gone = send(get("drop")).await;
+    }
+    assert_eq!(gone.error_code(), "unknown_sandbox");
+    let micro = &env.agents[0];
+    wait_until("the instance is torn down", || {
+        micro.log_text().contains("sandbox torn down")
+    })
+    .await;
+    let gateway_log = env.gateway.as_ref().unwrap().log_text();
+    let unrouted = last_time_of(&gateway_log, "route table applied");
+    let stopped = last_time_of(&micro.log_text(), "sandbox torn down");
+    assert!(
+        unrouted < stopped,
+        "routes removed at {unrouted}, instance stopped at {stopped}"
+    );
+
+    // The control plane stops: the router keeps routing by the last table.
+    env.stop_server();
+    assert_eq!(
+        send(get("keep")).await.body,
+        "orders on feature/x in keep\n"
+    );
+    // The gateway agent restarts too: it routes by the table it saved.
+    env.stop_gateway();
+    env.start_gateway();
+    let after = send(get("keep")).await;
+    assert_eq!(after.body, "orders on feature/x in keep\n");
+    assert_eq!(route(&after), "sandbox");
+    assert_eq!(send(get("drop")).await.error_code(), "unknown_sandbox");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_gateway_agent_a_deployment_fails_at_routing_saying_so() {
+    let env = TestEnv::start(Options {
+        gateway: false,
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    let (sandbox, deployment) = env.deploy(&token, "lost", &["orders@main"]).await;
+    assert_eq!(deployment["state"], "failed", "{deployment}");
+    assert!(
+        deployment["error"]
+            .as_str()
+            .unwrap()
+            .contains("no gateway agent is connected"),
+        "{deployment}"
+    );
+    let routing = deployment["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "routing")
+        .expect("a routing step");
+    assert_eq!(routing["state"], "failed");
+    assert_eq!(sandbox["state"], "failed");
+    let inspector = env.get("/api/sandboxes/lost/requests", Some(&token)).await;
+    assert_eq!(inspector.status, 503, "{}", inspector.body);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The process's peak resident memory (`VmHWM`), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// The timestamp of the last JSON log line whose message is `message`.
+fn last_time_of(log: &str, message: &str) -> String {
+    log.lines()
+        .rev()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["message"] == message)
+        .and_then(|v| v["timestamp"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| panic!("no {message:?} in\n{log}"))
+}
