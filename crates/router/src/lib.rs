@@ -13,6 +13,7 @@
 //! knows nothing of the database or the control plane: the gateway agent feeds it.
 
 mod inspector;
+mod pool;
 mod proxy;
 pub mod table;
 
@@ -24,9 +25,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sdp_protocol::{RouteDecision, RouteTable};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -47,6 +46,8 @@ pub struct RouterConfig {
     pub idle_timeout: Duration,
     /// For a client to send a request's head.
     pub header_read_timeout: Duration,
+    /// Threads that serve connections; 0 means one per CPU.
+    pub threads: usize,
 }
 
 impl Default for RouterConfig {
@@ -56,38 +57,42 @@ impl Default for RouterConfig {
             response_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
+            threads: 0,
         }
     }
 }
 
-/// A cheap handle: clones share one table, pool and inspector.
+/// A cheap handle: clones share one table and inspector.
 #[derive(Clone)]
 pub struct Router {
-    inner: Arc<Inner>,
+    shared: Arc<Shared>,
 }
 
-struct Inner {
+/// What every serving thread reads.
+struct Shared {
     table: ArcSwap<Table>,
     inspector: inspector::Inspector,
-    client: Client<HttpConnector, hyper::body::Incoming>,
     config: RouterConfig,
 }
+
+/// One serving thread's view: the shared table, and its own upstream pool. A connection and
+/// the upstream connections it uses live on one thread, so a request never waits for a
+/// wake-up from another thread.
+struct Inner {
+    shared: Arc<Shared>,
+    pool: Arc<pool::Pool>,
+}
+
+/// Accepted connections waiting for their thread; a full queue slows accepting.
+const HANDOFF: usize = 256;
 
 impl Router {
     /// A router with an empty table: every request gets a 404 until [`Router::install`].
     pub fn new(config: RouterConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.idle_timeout)
-            .pool_timer(TokioTimer::new())
-            .build(connector);
         Self {
-            inner: Arc::new(Inner {
+            shared: Arc::new(Shared {
                 table: ArcSwap::from_pointee(Table::default()),
                 inspector: inspector::Inspector::default(),
-                client,
                 config,
             }),
         }
@@ -97,21 +102,43 @@ impl Router {
     /// started with. A table that does not compile changes nothing.
     pub fn install(&self, table: &RouteTable) -> Result<(), TableError> {
         let compiled = Table::compile(table)?;
-        self.inner
+        self.shared
             .inspector
             .retain(|name| compiled.has_sandbox(name));
-        self.inner.table.store(Arc::new(compiled));
+        self.shared.table.store(Arc::new(compiled));
         Ok(())
     }
 
     /// The last decisions for `sandbox`, newest first.
     pub fn requests(&self, sandbox: &str) -> Vec<RouteDecision> {
-        self.inner.inspector.recent(sandbox)
+        self.shared.inspector.recent(sandbox)
     }
 
-    /// Serves HTTP/1.1 on `listener` until `shutdown`; connections open then run to their
-    /// end.
+    /// Serves HTTP/1.1 on `listener` until `shutdown`. Connections are handed round-robin to
+    /// serving threads, each a single-threaded runtime (the way nginx runs one event loop per
+    /// worker): on a proxy's hot path, wake-ups across threads cost more than the work.
     pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let threads = match self.shared.config.threads {
+            0 => std::thread::available_parallelism().map_or(1, usize::from),
+            n => n,
+        };
+        let mut workers = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF);
+            let shared = self.shared.clone();
+            let stop = shutdown.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("sdp-router-{i}"))
+                .spawn(move || serve_thread(shared, rx, stop));
+            match spawned {
+                Ok(_) => workers.push(tx),
+                Err(e) => tracing::error!(error = %e, "cannot start a router thread"),
+            }
+        }
+        if workers.is_empty() {
+            return;
+        }
+        let mut next = 0usize;
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -126,17 +153,74 @@ impl Router {
                 },
             };
             let _ = stream.set_nodelay(true);
-            let inner = self.inner.clone();
-            tokio::spawn(serve_connection(inner, stream, peer));
+            let Ok(stream) = stream.into_std() else {
+                continue;
+            };
+            next = (next + 1) % workers.len();
+            if workers[next].send((stream, peer)).await.is_err() {
+                tracing::error!("a router thread stopped");
+                return;
+            }
         }
     }
 }
 
+/// One serving thread: its runtime, its upstream pool, the connections handed to it.
+fn serve_thread(
+    shared: Arc<Shared>,
+    mut connections: tokio::sync::mpsc::Receiver<(std::net::TcpStream, SocketAddr)>,
+    shutdown: CancellationToken,
+) {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start a router runtime");
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let pool = Arc::new(pool::Pool::new(
+            shared.config.connect_timeout,
+            shared.config.idle_timeout,
+        ));
+        let sweeper = pool.clone();
+        let idle_timeout = shared.config.idle_timeout;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle_timeout / 2);
+            loop {
+                tick.tick().await;
+                sweeper.sweep();
+            }
+        });
+        let inner = Arc::new(Inner { shared, pool });
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                next = connections.recv() => match next {
+                    Some(next) => next,
+                    None => return,
+                },
+            };
+            match tokio::net::TcpStream::from_std(stream) {
+                Ok(stream) => {
+                    tokio::spawn(serve_connection(inner.clone(), stream, peer));
+                }
+                Err(e) => tracing::warn!(error = %e, "router cannot take a connection"),
+            }
+        }
+    });
+}
+
 async fn serve_connection(inner: Arc<Inner>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    let header_read_timeout = inner.config.header_read_timeout;
+    let header_read_timeout = inner.shared.config.header_read_timeout;
+    let client = Arc::new(proxy::Client::new(peer));
     let service = service_fn(move |req| {
         let inner = inner.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(&inner, req, peer).await) }
+        let client = client.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(&inner, req, &client).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())

@@ -13,28 +13,37 @@ use sdp_protocol::{RouteDecision, RouteKind, ServiceName};
 use time::OffsetDateTime;
 
 use crate::Inner;
+use crate::pool::PooledBody;
 use crate::table::{Route, SANDBOX_HEADER};
 
-pub type Body = Either<Incoming, Full<Bytes>>;
+pub type Body = Either<PooledBody, Full<Bytes>>;
 
-const ROUTE_HEADER: &str = "x-sdp-route";
+// Names made once: parsing a name on every request shows in the router's profile.
+const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-sdp-route");
+const SANDBOX: HeaderName = HeaderName::from_static(SANDBOX_HEADER);
+const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const VIA: HeaderValue = HeaderValue::from_static("1.1 sdp-router");
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1, plus `Proxy-Connection` still sent by old clients):
 /// they describe one connection and are never forwarded. Fields named in `Connection` are
 /// dropped too.
-const HOP_BY_HOP: [&str; 6] = [
-    "connection",
-    "proxy-connection",
-    "keep-alive",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Removes the hop-by-hop fields; returns the `Upgrade` value when the connection asked for
 /// one (`Connection: upgrade`).
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    if !HOP_BY_HOP.iter().any(|name| headers.contains_key(name)) {
+        return None;
+    }
     let mut upgrade = false;
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
@@ -55,7 +64,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
     upgrade
@@ -74,14 +83,19 @@ fn json_error(status: StatusCode, code: &str, message: &str, route: RouteKind) -
     response
 }
 
-/// What the inspector is told once the response's head is known.
+/// What the inspector is told once the response's head is known. Only requests naming a
+/// sandbox the table holds are recorded; the others pay nothing for it.
 struct Pending<'a> {
     inner: &'a Inner,
-    sandbox: Option<&'a str>,
+    recording: Option<Recording<'a>>,
+}
+
+struct Recording<'a> {
+    sandbox: &'a str,
     started: Instant,
     time: OffsetDateTime,
-    method: &'a str,
-    path: &'a str,
+    method: String,
+    path: String,
 }
 
 impl Pending<'_> {
@@ -92,50 +106,65 @@ impl Pending<'_> {
         upstream: Option<&str>,
         status: StatusCode,
     ) {
-        let Some(sandbox) = self.sandbox else {
+        let Some(r) = &self.recording else {
             return;
         };
-        self.inner.inspector.record(
-            sandbox,
+        self.inner.shared.inspector.record(
+            r.sandbox,
             RouteDecision {
-                time: self.time,
-                method: self.method.to_owned(),
-                path: self.path.to_owned(),
+                time: r.time,
+                method: r.method.clone(),
+                path: r.path.clone(),
                 service: service.cloned(),
                 route,
                 upstream: upstream.map(str::to_owned),
                 status: status.as_u16(),
-                duration_ms: self.started.elapsed().as_secs_f64() * 1000.0,
+                duration_ms: r.started.elapsed().as_secs_f64() * 1000.0,
             },
         );
     }
 }
 
-pub async fn handle(inner: &Inner, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-    let started = Instant::now();
+/// What a connection's requests share: made once per connection, not per request.
+pub struct Client {
+    /// The peer's address, as `X-Forwarded-For` carries it.
+    pub ip: HeaderValue,
+}
+
+impl Client {
+    pub fn new(peer: SocketAddr) -> Self {
+        Self {
+            ip: HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown")),
+        }
+    }
+}
+
+pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) -> Response<Body> {
     // Held until this request has its answer: a table installed meanwhile is for the next.
-    let table = inner.table.load_full();
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().authority().map(ToString::to_string));
-    let named = table.sandbox_of(host.as_deref(), req.headers());
+    let table = inner.shared.table.load_full();
+    let host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let named = table.sandbox_of(host.as_ref().and_then(|h| h.to_str().ok()), req.headers());
     let sandbox = named.as_ref().map(|(name, _)| name.as_str());
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    let path = req.uri().path();
     let pending = Pending {
         inner,
-        // Only a sandbox the table holds has an inspector log.
-        sandbox: sandbox.filter(|s| table.has_sandbox(s)),
-        started,
-        time: OffsetDateTime::now_utc(),
-        method: method.as_str(),
-        path: &path,
+        recording: sandbox
+            .filter(|s| table.has_sandbox(s))
+            .map(|sandbox| Recording {
+                sandbox,
+                started: Instant::now(),
+                time: OffsetDateTime::now_utc(),
+                method: req.method().to_string(),
+                path: path.to_owned(),
+            }),
     };
 
-    let (service, upstream, kind) = match table.route(sandbox, &path) {
+    let (service, upstream, kind) = match table.route(sandbox, path) {
         Route::UnknownSandbox => {
             let name = sandbox.unwrap_or_default();
             return json_error(
@@ -180,7 +209,7 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, peer: SocketAddr)
         } => (service, upstream, kind),
     };
 
-    let uri = match upstream.uri_for(req.uri().path_and_query()) {
+    let target = match upstream.target(req.uri().path_and_query()) {
         Ok(uri) => uri,
         Err(e) => {
             return json_error(
@@ -192,21 +221,26 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, peer: SocketAddr)
         }
     };
     // Taken before the request is consumed: resolves once the client has our 101.
-    let client_upgrade = strip_and_prepare(&mut req, peer, host.as_deref(), sandbox)
+    let client_upgrade = strip_and_prepare(&mut req, client, host, sandbox)
         .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+    let headers = req.headers_mut();
     if let Some((protocol, _)) = &client_upgrade {
-        let headers = req.headers_mut();
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, protocol.clone());
     }
-    *req.uri_mut() = uri;
+    headers.insert(header::HOST, upstream.host().clone());
+    *req.uri_mut() = target;
     *req.version_mut() = Version::HTTP_11;
 
-    let sent = tokio::time::timeout(inner.config.response_timeout, inner.client.request(req)).await;
+    let sent = tokio::time::timeout(
+        inner.shared.config.response_timeout,
+        inner.pool.send(upstream, req),
+    )
+    .await;
     let mut response = match sent {
         Ok(Ok(response)) => response,
         Ok(Err(e)) => {
-            let reason = error_chain(&e);
+            let reason = e.to_string();
             tracing::debug!(upstream = upstream.label(), service = %service.name, reason, "upstream failed");
             pending.record(
                 Some(&service.name),
@@ -239,7 +273,7 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, peer: SocketAddr)
                     "upstream {} of service {} did not answer within {}s",
                     upstream.label(),
                     service.name,
-                    inner.config.response_timeout.as_secs_f32()
+                    inner.shared.config.response_timeout.as_secs_f32()
                 ),
                 kind,
             );
@@ -283,52 +317,39 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, peer: SocketAddr)
 /// fields in, the sandbox passed on. Returns the protocol asked for by an upgrade.
 fn strip_and_prepare(
     req: &mut Request<Incoming>,
-    peer: SocketAddr,
-    host: Option<&str>,
+    client: &Client,
+    host: Option<HeaderValue>,
     sandbox: Option<&str>,
 ) -> Option<HeaderValue> {
     let headers = req.headers_mut();
     let upgrade = strip_hop_by_hop(headers);
-    // The client sets `Host` from the upstream's URI: OpenShift routes by it.
-    headers.remove(header::HOST);
-    let client_ip = peer.ip().to_string();
-    let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {client_ip}"),
-        None => client_ip,
+    let forwarded_for = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(earlier) => {
+            let both = format!("{earlier}, {}", client.ip.to_str().unwrap_or_default());
+            HeaderValue::from_str(&both).ok()
+        }
+        None => Some(client.ip.clone()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
-        headers.insert("x-forwarded-for", value);
+    if let Some(value) = forwarded_for {
+        headers.insert(FORWARDED_FOR, value);
     }
     // A proxy in front (nginx for TLS) knows the original scheme and host better: theirs
     // are kept.
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if !headers.contains_key(&FORWARDED_PROTO) {
+        headers.insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
     }
-    if !headers.contains_key("x-forwarded-host")
-        && let Some(value) = host.and_then(|h| HeaderValue::from_str(h).ok())
+    if !headers.contains_key(&FORWARDED_HOST)
+        && let Some(value) = host
     {
-        headers.insert("x-forwarded-host", value);
+        headers.insert(FORWARDED_HOST, value);
     }
     // Named by Host or baggage, the sandbox still travels as the header, so that a service
     // calling others through the gateway with it stays inside its sandbox.
     if let Some(value) = sandbox.and_then(|s| HeaderValue::from_str(s).ok()) {
-        headers.insert(SANDBOX_HEADER, value);
+        headers.insert(SANDBOX, value);
     }
     headers.append(header::VIA, VIA);
     upgrade
-}
-
-/// An error and its causes, for a person: "client error (Connect): tcp connect error:
-/// Connection refused (os error 111)".
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use hyper::HeaderMap;
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use sdp_protocol::{RouteKind, RouteTable, ServiceName};
 
@@ -47,6 +47,10 @@ pub struct Upstream {
     base_path: String,
     /// How errors and the inspector name it.
     label: String,
+    /// `scheme://authority`: requests with the same key share connections.
+    key: String,
+    /// The `Host` it is sent: OpenShift routes by it.
+    host: HeaderValue,
 }
 
 impl Upstream {
@@ -66,6 +70,8 @@ impl Upstream {
             return Err("a baseline URL has no query".into());
         }
         Ok(Self {
+            key: format!("{scheme}://{authority}"),
+            host: host_value(&authority)?,
             scheme,
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
@@ -80,6 +86,8 @@ impl Upstream {
             return Err("not host:port".into());
         }
         Ok(Self {
+            key: format!("http://{authority}"),
+            host: host_value(&authority)?,
             scheme: Scheme::HTTP,
             authority,
             base_path: String::new(),
@@ -95,30 +103,39 @@ impl Upstream {
         self.scheme == Scheme::HTTPS
     }
 
-    pub fn authority(&self) -> &Authority {
-        &self.authority
+    pub fn key(&self) -> &str {
+        &self.key
     }
 
-    /// The URI to request `path_and_query` of this upstream at.
-    pub fn uri_for(
-        &self,
-        path_and_query: Option<&PathAndQuery>,
-    ) -> Result<Uri, hyper::http::Error> {
-        let tail = path_and_query.map_or("/", PathAndQuery::as_str);
-        let path: PathAndQuery = if self.base_path.is_empty() {
-            match path_and_query {
-                Some(pq) => pq.clone(),
-                None => PathAndQuery::from_static("/"),
-            }
-        } else {
-            format!("{}{tail}", self.base_path).parse()?
-        };
-        Uri::builder()
-            .scheme(self.scheme.clone())
-            .authority(self.authority.clone())
-            .path_and_query(path)
-            .build()
+    pub fn host(&self) -> &HeaderValue {
+        &self.host
     }
+
+    /// `host:port` to connect to, the scheme's port when the URL names none.
+    pub fn socket_address(&self) -> String {
+        let port = self
+            .authority
+            .port_u16()
+            .unwrap_or(if self.is_https() { 443 } else { 80 });
+        format!("{}:{port}", self.authority.host())
+    }
+
+    /// The origin-form target (`/base/path?query`) to request `path_and_query` at.
+    pub fn target(&self, path_and_query: Option<&PathAndQuery>) -> Result<Uri, hyper::http::Error> {
+        let path = match (self.base_path.is_empty(), path_and_query) {
+            (true, Some(pq)) => pq.clone(),
+            (true, None) => PathAndQuery::from_static("/"),
+            (false, pq) => {
+                let tail = pq.map_or("/", PathAndQuery::as_str);
+                format!("{}{tail}", self.base_path).parse()?
+            }
+        };
+        Ok(Uri::from(path))
+    }
+}
+
+fn host_value(authority: &Authority) -> Result<HeaderValue, String> {
+    HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())
 }
 
 #[derive(Debug)]
@@ -524,14 +541,15 @@ mod tests {
         let up = Upstream::from_url("https://ocp.test/shop/").unwrap();
         let pq: PathAndQuery = "/orders/1?x=2".parse().unwrap();
         assert_eq!(
-            up.uri_for(Some(&pq)).unwrap().to_string(),
-            "https://ocp.test/shop/orders/1?x=2"
+            up.target(Some(&pq)).unwrap().to_string(),
+            "/shop/orders/1?x=2"
         );
+        assert_eq!(up.host(), "ocp.test");
+        assert_eq!(up.socket_address(), "ocp.test:443");
+        assert_eq!(up.key(), "https://ocp.test");
         let up = Upstream::from_host_port("127.0.0.1:20001").unwrap();
-        assert_eq!(
-            up.uri_for(Some(&pq)).unwrap().to_string(),
-            "http://127.0.0.1:20001/orders/1?x=2"
-        );
+        assert_eq!(up.target(Some(&pq)).unwrap().to_string(), "/orders/1?x=2");
+        assert_eq!(up.socket_address(), "127.0.0.1:20001");
         assert!(Upstream::from_host_port("127.0.0.1").is_err());
         assert!(Upstream::from_url("http://user:pw@ocp.test").is_err());
     }

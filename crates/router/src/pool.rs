@@ -1,0 +1,223 @@
+//! Keep-alive connections to upstreams, one pool per serving thread.
+//!
+//! A connection goes back to the pool the moment its response body has been read to the
+//! end, without a task of its own watching it (the reason this is not `hyper-util`'s pooled
+//! client: that spawns one per request, which showed in the router's profile). A pooled
+//! connection the upstream closed meanwhile hands the unsent request back, and it goes out on
+//! a new connection.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use crate::table::Upstream;
+
+/// Idle connections kept per upstream and thread; more are closed when they come back.
+const MAX_IDLE: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+struct Idle {
+    sender: SendRequest<Incoming>,
+    since: Instant,
+}
+
+pub struct Pool {
+    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+        Self {
+            idle: Mutex::default(),
+            connect_timeout,
+            idle_timeout,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle>>> {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `req` (origin-form URI, `Host` set) to `upstream`.
+    pub async fn send(
+        self: &Arc<Self>,
+        upstream: &Upstream,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let key = upstream.key();
+        while let Some(mut sender) = self.take(key) {
+            match sender.try_send_request(req).await {
+                Ok(response) => return Ok(self.wrap(response, key, sender)),
+                Err(mut e) => match e.take_message() {
+                    // Never written: the connection was closed or busy.
+                    Some(unsent) => req = unsent,
+                    None => return Err(UpstreamError::Failed(error_chain(&e.into_error()))),
+                },
+            }
+        }
+        let mut sender = self.connect(upstream).await?;
+        match sender.send_request(req).await {
+            Ok(response) => Ok(self.wrap(response, key, sender)),
+            Err(e) => Err(UpstreamError::Failed(error_chain(&e))),
+        }
+    }
+
+    fn take(&self, key: &str) -> Option<SendRequest<Incoming>> {
+        let mut idle = self.lock();
+        let list = idle.get_mut(key)?;
+        while let Some(entry) = list.pop() {
+            if entry.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, key: &str, sender: SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        let list = match idle.get_mut(key) {
+            Some(list) => list,
+            None => idle.entry(key.to_owned()).or_default(),
+        };
+        if list.len() < MAX_IDLE {
+            list.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes the connections idle too long, and forgets closed ones.
+    pub fn sweep(&self) {
+        let mut idle = self.lock();
+        for list in idle.values_mut() {
+            list.retain(|e| !e.sender.is_closed() && e.since.elapsed() < self.idle_timeout);
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+
+    fn wrap(
+        self: &Arc<Self>,
+        response: Response<Incoming>,
+        key: &str,
+        sender: SendRequest<Incoming>,
+    ) -> Response<PooledBody> {
+        // An upgraded connection belongs to the upgrade, never to the pool.
+        let back = (response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| (self.clone(), key.to_owned(), sender));
+        response.map(|inner| {
+            let mut body = PooledBody { inner, back };
+            if body.inner.is_end_stream() {
+                body.release();
+            }
+            body
+        })
+    }
+
+    async fn connect(&self, upstream: &Upstream) -> Result<SendRequest<Incoming>, UpstreamError> {
+        if upstream.is_https() {
+            return Err(UpstreamError::Connect(
+                "https upstreams are not supported yet; use an http:// baseline".into(),
+            ));
+        }
+        let address = upstream.socket_address();
+        let stream = tokio::time::timeout(
+            self.connect_timeout,
+            tokio::net::TcpStream::connect(&address),
+        )
+        .await
+        .map_err(|_| {
+            UpstreamError::Connect(format!(
+                "no connection within {}s",
+                self.connect_timeout.as_secs_f32()
+            ))
+        })?
+        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// A response body that puts its connection back in the pool once read to the end.
+pub struct PooledBody {
+    inner: Incoming,
+    back: Option<(Arc<Pool>, String, SendRequest<Incoming>)>,
+}
+
+impl PooledBody {
+    fn release(&mut self) {
+        if let Some((pool, key, sender)) = self.back.take() {
+            pool.give_back(&key, sender);
+        }
+    }
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.release(),
+            // The server stops polling once the body says it has ended.
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
+            // A broken body's connection is not reused.
+            Poll::Ready(Some(Err(_))) => this.back = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An error and its causes, for a person: "connection closed before message completed".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
