@@ -260,6 +260,32 @@ async fn a_user_logs_in_sees_branches_deploys_watches_the_log_and_logs_out_in_a_
     let sandbox = env.get("/api/sandboxes/web", None).await;
     assert_eq!(sandbox.status, 401, "the page's session is its own");
 
+    // A request through the router shows in the sandbox's route inspector.
+    let routed = env
+        .http
+        .get(format!(
+            "{}/orders/from-the-browser-test?secret=1",
+            env.router_url()
+        ))
+        .header("X-SDP-Sandbox", "web")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(routed.headers()["x-sdp-route"], "sandbox");
+    browser
+        .click("[data-sandbox=\"web\"] [data-action=\"requests\"]")
+        .await;
+    let row = browser
+        .wait_for(
+            "the request in the inspector",
+            "var r = document.querySelector('#requests [data-route=\"sandbox\"]'); return r && r.innerText",
+        )
+        .await;
+    let row = row.as_str().unwrap();
+    assert!(row.contains("/orders/from-the-browser-test"), "{row}");
+    assert!(!row.contains("secret"), "{row}");
+    assert!(row.contains("200"), "{row}");
+
     browser.click("#logout").await;
     browser
         .wait_for(

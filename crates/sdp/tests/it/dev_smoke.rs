@@ -44,6 +44,27 @@ async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
         api.answer(upstream).await,
         "Hello from feature/x: a new greeting.\n"
     );
+    // Through the router it prints, at the sandbox's URL (`*.localhost` is this machine).
+    let router = dev.wait_for_line("the router's URL", |l| l.contains("Sandbox router:"));
+    let router = router.split_whitespace().nth(2).unwrap().to_owned();
+    let sandbox_url = sandbox["url"].as_str().unwrap();
+    let port = router.rsplit(':').next().unwrap();
+    assert_eq!(
+        sandbox_url,
+        format!("http://first.sandbox.localhost:{port}")
+    );
+    let routed = api
+        .http
+        .get(format!("{router}/hello"))
+        .header("X-SDP-Sandbox", "first")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(routed.headers()["x-sdp-route"], "sandbox");
+    assert_eq!(
+        routed.text().await.unwrap(),
+        "Hello from feature/x: a new greeting.\n"
+    );
     // Instances outlive `sdp dev` (its next start finds them again): delete the sandbox so
     // that the test leaves nothing running.
     let reply = api
