@@ -208,7 +208,7 @@ impl Deployer {
         Ok(ServiceOutcome {
             service: service.clone(),
             commit: Some(commit),
-            upstream: Some(format!("{}:{}", self.advertise_host, instance.host_port)),
+            upstream: Some(upstream_address(&self.advertise_host, instance.host_port)),
         })
     }
 
@@ -331,5 +331,13 @@ impl Deployer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(format!("cannot delete {}: {e}", dir.display())),
         }
+    }
+}
+
+/// `host:port` as the router reads it: an IPv6 address goes in brackets.
+fn upstream_address(host: &str, port: u16) -> String {
+    match host.parse::<std::net::Ipv6Addr>() {
+        Ok(ip) => format!("[{ip}]:{port}"),
+        Err(_) => format!("{host}:{port}"),
     }
 }

@@ -17,8 +17,9 @@ pub struct Gateway {
     listen: SocketAddr,
     /// `<work_dir>/routes.json`.
     saved: PathBuf,
-    /// One table at a time is installed and saved, so the file is the table in use.
-    installing: Mutex<()>,
+    /// One table at a time is installed and saved, so the file is the table in use. Holds
+    /// the generation last applied on this connection to the control plane.
+    installing: Mutex<u64>,
 }
 
 impl Gateway {
@@ -56,7 +57,7 @@ impl Gateway {
             router,
             listen: config.listen,
             saved,
-            installing: Mutex::new(()),
+            installing: Mutex::new(0),
         }
     }
 
@@ -70,9 +71,24 @@ impl Gateway {
         self.router.serve(listener, shutdown).await;
     }
 
-    /// Routes by `table` from now on, and saves it.
+    /// A new connection to the control plane: its tables count from the start again (it may
+    /// be a restarted control plane).
+    pub fn connected(&self) {
+        *self.installing.lock().unwrap_or_else(|e| e.into_inner()) = 0;
+    }
+
+    /// Routes by `table` from now on, and saves it; an older table than the one applied on
+    /// this connection is stale and changes nothing.
     pub fn install(&self, table: &RouteTable) -> JobOutput {
-        let _one_at_a_time = self.installing.lock().unwrap_or_else(|e| e.into_inner());
+        let mut applied = self.installing.lock().unwrap_or_else(|e| e.into_inner());
+        if table.generation < *applied {
+            tracing::info!(
+                generation = table.generation,
+                applied = *applied,
+                "stale route table ignored"
+            );
+            return JobOutput::RoutesApplied;
+        }
         if let Err(e) = self.router.install(table) {
             tracing::error!(error = %e, "route table refused");
             return JobOutput::Failed(JobError {
@@ -82,6 +98,7 @@ impl Gateway {
         }
         // Routing already uses it: a table that cannot be saved is still applied, and the
         // control plane sends it again when it next connects.
+        *applied = table.generation;
         if let Err(e) = save(&self.saved, table) {
             tracing::error!(path = %self.saved.display(), error = %e, "cannot save the route table");
         }
@@ -100,12 +117,16 @@ impl Gateway {
     }
 }
 
-/// Written aside and renamed over: a crash leaves the old table or the new one, never half.
+/// Written aside, flushed to disk and renamed over: a crash or a power cut leaves the old
+/// table or the new one, never half of one.
 fn save(path: &Path, table: &RouteTable) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec(table)?)?;
-    std::fs::rename(&tmp, path)
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(&serde_json::to_vec(table)?)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(dir)?.sync_all()
 }

@@ -309,6 +309,9 @@ impl Agent {
             Err(_) => return End::Failed("no welcome from the control plane".into()),
         };
         tracing::info!(agent = %self.name, role = %self.config.role, server = %self.config.server, "connected to the control plane");
+        if let Some(gateway) = &self.worker.gateway {
+            gateway.connected();
+        }
 
         // The control plane answers every heartbeat; three intervals of silence mean it is
         // gone even if TCP has not noticed.

@@ -13,7 +13,7 @@ use crate::{
 
 /// Bumped on any change an older peer would misread. The agent states it in `hello`; the
 /// control plane refuses an agent that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// No frame in either direction may be larger than this.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
@@ -596,6 +596,7 @@ mod tests {
             ServerMessage::Job(Job {
                 id: RequestId(5),
                 job: JobKind::Routes(RouteTable {
+                    generation: 7,
                     base_domain: "sandbox.example.com".into(),
                     services: vec![crate::ServiceRoutes {
                         service: ServiceName::parse("orders").unwrap(),

@@ -11,6 +11,10 @@ use crate::{SandboxName, ServiceName};
 /// Everything the router needs, whole: it replaces the previous table at once.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RouteTable {
+    /// Grows with each table a control plane sends: jobs run side by side on an agent, and
+    /// an older table arriving after a newer one on the same connection is ignored.
+    #[serde(default)]
+    pub generation: u64,
     /// `Host: <sandbox>.<base_domain>` names a sandbox.
     pub base_domain: String,
     /// The catalog: which path prefixes go to which service, and its baseline.

@@ -101,11 +101,16 @@ impl Router {
     /// Routes new requests by `table` from now on; requests in flight finish on the table they
     /// started with. A table that does not compile changes nothing.
     pub fn install(&self, table: &RouteTable) -> Result<(), TableError> {
-        let compiled = Table::compile(table)?;
+        let compiled = Arc::new(Table::compile(table)?);
+        for skipped in &compiled.skipped {
+            tracing::warn!(reason = %skipped, "route left out of the table");
+        }
+        self.shared.table.store(compiled.clone());
+        // After the swap: a request still on the old table records into a sandbox that is
+        // then forgotten, not into a new one of the same name.
         self.shared
             .inspector
             .retain(|name| compiled.has_sandbox(name));
-        self.shared.table.store(Arc::new(compiled));
         Ok(())
     }
 

@@ -32,7 +32,7 @@ pub enum UpstreamError {
 }
 
 struct Idle {
-    sender: SendRequest<Incoming>,
+    sender: SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -59,7 +59,7 @@ impl Pool {
     pub async fn send(
         self: &Arc<Self>,
         upstream: &Upstream,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let key = upstream.key();
         while let Some(mut sender) = self.take(key) {
@@ -79,7 +79,7 @@ impl Pool {
         }
     }
 
-    fn take(&self, key: &str) -> Option<SendRequest<Incoming>> {
+    fn take(&self, key: &str) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.lock();
         let list = idle.get_mut(key)?;
         while let Some(entry) = list.pop() {
@@ -90,7 +90,7 @@ impl Pool {
         None
     }
 
-    fn give_back(&self, key: &str, sender: SendRequest<Incoming>) {
+    fn give_back(&self, key: &str, sender: SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
@@ -120,7 +120,7 @@ impl Pool {
         self: &Arc<Self>,
         response: Response<Incoming>,
         key: &str,
-        sender: SendRequest<Incoming>,
+        sender: SendRequest<RequestBody>,
     ) -> Response<PooledBody> {
         // An upgraded connection belongs to the upgrade, never to the pool.
         let back = (response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS)
@@ -134,7 +134,10 @@ impl Pool {
         })
     }
 
-    async fn connect(&self, upstream: &Upstream) -> Result<SendRequest<Incoming>, UpstreamError> {
+    async fn connect(
+        &self,
+        upstream: &Upstream,
+    ) -> Result<SendRequest<RequestBody>, UpstreamError> {
         if upstream.is_https() {
             return Err(UpstreamError::Connect(
                 "https upstreams are not supported yet; use an http:// baseline".into(),
@@ -166,10 +169,64 @@ impl Pool {
     }
 }
 
+/// A request body that tells when it has been sent whole: the wait for the response starts
+/// then, so that an upload takes as long as it takes.
+pub struct RequestBody {
+    inner: Incoming,
+    sent: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl RequestBody {
+    /// The body, and what resolves once it is sent (none when there is nothing to send).
+    pub fn new(inner: Incoming) -> (Self, Option<tokio::sync::oneshot::Receiver<()>>) {
+        if inner.is_end_stream() {
+            return (Self { inner, sent: None }, None);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (
+            Self {
+                inner,
+                sent: Some(tx),
+            },
+            Some(rx),
+        )
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let ended = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            _ => false,
+        };
+        if ended && let Some(sent) = this.sent.take() {
+            let _ = sent.send(());
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A response body that puts its connection back in the pool once read to the end.
 pub struct PooledBody {
     inner: Incoming,
-    back: Option<(Arc<Pool>, String, SendRequest<Incoming>)>,
+    back: Option<(Arc<Pool>, String, SendRequest<RequestBody>)>,
 }
 
 impl PooledBody {

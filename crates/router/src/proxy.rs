@@ -13,7 +13,7 @@ use sdp_protocol::{RouteDecision, RouteKind, ServiceName};
 use time::OffsetDateTime;
 
 use crate::Inner;
-use crate::pool::PooledBody;
+use crate::pool::{PooledBody, RequestBody};
 use crate::table::{Route, SANDBOX_HEADER};
 
 pub type Body = Either<PooledBody, Full<Bytes>>;
@@ -232,14 +232,25 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) 
     *req.uri_mut() = target;
     *req.version_mut() = Version::HTTP_11;
 
-    let sent = tokio::time::timeout(
-        inner.shared.config.response_timeout,
-        inner.pool.send(upstream, req),
-    )
+    let (parts, body) = req.into_parts();
+    let (body, body_sent) = RequestBody::new(body);
+    let send = inner.pool.send(upstream, Request::from_parts(parts, body));
+    let timeout = inner.shared.config.response_timeout;
+    let sent = async {
+        tokio::pin!(send);
+        if let Some(body_sent) = body_sent {
+            // The wait for the answer starts once the body is sent whole.
+            tokio::select! {
+                answer = &mut send => return Some(answer),
+                _ = body_sent => {}
+            }
+        }
+        tokio::time::timeout(timeout, send).await.ok()
+    }
     .await;
     let mut response = match sent {
-        Ok(Ok(response)) => response,
-        Ok(Err(e)) => {
+        Some(Ok(response)) => response,
+        Some(Err(e)) => {
             let reason = e.to_string();
             tracing::debug!(upstream = upstream.label(), service = %service.name, reason, "upstream failed");
             pending.record(
@@ -259,7 +270,7 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) 
                 kind,
             );
         }
-        Err(_) => {
+        None => {
             pending.record(
                 Some(&service.name),
                 kind,
@@ -283,7 +294,7 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) 
     let status = response.status();
     let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     match client_upgrade {
-        Some((protocol, client)) if switching => {
+        Some((asked, client)) if switching => {
             let upstream_side = hyper::upgrade::on(&mut response);
             tokio::spawn(async move {
                 match tokio::try_join!(client, upstream_side) {
@@ -298,7 +309,8 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) 
                 }
             });
             let headers = response.headers_mut();
-            strip_hop_by_hop(headers);
+            // The protocol the upstream switched to, which may be one of several asked for.
+            let protocol = strip_hop_by_hop(headers).unwrap_or(asked);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
             headers.insert(header::UPGRADE, protocol);
         }
@@ -323,12 +335,20 @@ fn strip_and_prepare(
 ) -> Option<HeaderValue> {
     let headers = req.headers_mut();
     let upgrade = strip_hop_by_hop(headers);
-    let forwarded_for = match headers.get(&FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => {
-            let both = format!("{earlier}, {}", client.ip.to_str().unwrap_or_default());
-            HeaderValue::from_str(&both).ok()
-        }
-        None => Some(client.ip.clone()),
+    let earlier: Vec<&str> = headers
+        .get_all(&FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let forwarded_for = if earlier.is_empty() {
+        Some(client.ip.clone())
+    } else {
+        let all = format!(
+            "{}, {}",
+            earlier.join(", "),
+            client.ip.to_str().unwrap_or_default()
+        );
+        HeaderValue::from_str(&all).ok()
     };
     if let Some(value) = forwarded_for {
         headers.insert(FORWARDED_FOR, value);

@@ -182,6 +182,8 @@ pub struct Table {
     prefixes: HashMap<String, usize>,
     services: Vec<Service>,
     sandboxes: HashMap<String, Sandbox>,
+    /// Sandbox entries left out, for the log.
+    pub skipped: Vec<TableError>,
 }
 
 /// `/orders/` and `/orders` are one prefix.
@@ -199,6 +201,8 @@ impl Table {
             ..Table::default()
         };
         let mut index = HashMap::new();
+        // The catalog is checked whole: it comes from the control plane's validated config,
+        // and a route that cannot be served is an error there.
         for entry in &table.services {
             let i = compiled.services.len();
             let baseline = match entry.baseline.trim() {
@@ -239,19 +243,25 @@ impl Table {
         for sandbox in &table.sandboxes {
             let mut upstreams = HashMap::new();
             for (service, address) in &sandbox.upstreams {
-                let &i = index
-                    .get(service)
-                    .ok_or_else(|| TableError::UnknownService {
+                // One bad entry must not cost every other sandbox its routes: it is left out,
+                // and its requests go to the baseline.
+                let Some(&i) = index.get(service) else {
+                    compiled.skipped.push(TableError::UnknownService {
                         sandbox: sandbox.sandbox.to_string(),
                         service: service.to_string(),
-                    })?;
-                let upstream =
-                    Upstream::from_host_port(address).map_err(|_| TableError::BadUpstream {
+                    });
+                    continue;
+                };
+                match Upstream::from_host_port(address) {
+                    Ok(upstream) => {
+                        upstreams.insert(i, upstream);
+                    }
+                    Err(_) => compiled.skipped.push(TableError::BadUpstream {
                         sandbox: sandbox.sandbox.to_string(),
                         service: service.to_string(),
                         upstream: address.clone(),
-                    })?;
-                upstreams.insert(i, upstream);
+                    }),
+                }
             }
             compiled
                 .sandboxes
@@ -403,6 +413,7 @@ mod tests {
 
     fn table() -> Table {
         Table::compile(&RouteTable {
+            generation: 1,
             base_domain: "sandbox.example.com".into(),
             services: vec![
                 service("orders", &["/orders"]),
@@ -512,6 +523,47 @@ mod tests {
         ));
         match t.route(None, "/orders/1") {
             Route::To { kind, .. } => assert_eq!(kind, RouteKind::Baseline),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bad_sandbox_entry_is_left_out_and_the_rest_is_routed() {
+        let t = Table::compile(&RouteTable {
+            services: vec![
+                service("orders", &["/orders"]),
+                service("items", &["/items"]),
+            ],
+            sandboxes: vec![SandboxRoutes {
+                sandbox: SandboxName::parse("pay-42").unwrap(),
+                upstreams: BTreeMap::from([
+                    (
+                        ServiceName::parse("orders").unwrap(),
+                        "fd00::5:20001".into(),
+                    ),
+                    (
+                        ServiceName::parse("items").unwrap(),
+                        "[fd00::5]:20002".into(),
+                    ),
+                    (ServiceName::parse("gone").unwrap(), "127.0.0.1:1".into()),
+                ]),
+            }],
+            ..RouteTable::default()
+        })
+        .unwrap();
+        assert_eq!(t.skipped.len(), 2, "{:?}", t.skipped);
+        assert!(matches!(
+            t.route(Some("pay-42"), "/orders"),
+            Route::To {
+                kind: RouteKind::Baseline,
+                ..
+            }
+        ));
+        match t.route(Some("pay-42"), "/items") {
+            Route::To { upstream, kind, .. } => {
+                assert_eq!(kind, RouteKind::Sandbox);
+                assert_eq!(upstream.socket_address(), "[fd00::5]:20002");
+            }
             other => panic!("{other:?}"),
         }
     }

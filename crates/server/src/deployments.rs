@@ -134,7 +134,7 @@ impl Deployments {
                 format!("agent {agent} refused the deployment: {}", e.message)
             }
             Ok((agent, other)) => format!("agent {agent} answered the deploy job with {other:?}"),
-            Err(CallError::NoAgent(_)) => match agent {
+            Err(CallError::NoAgent(_) | CallError::NotConnected(_)) => match agent {
                 Some(name) => format!(
                     "agent {name}, which runs this sandbox, is not connected; start it again or delete the sandbox"
                 ),
@@ -193,18 +193,18 @@ impl Deployments {
     }
 
     /// A deployment's `routing` step: every service is healthy; the gateways get the new
-    /// table, and the deployment is ready once they have applied it.
+    /// table, and the deployment is ready once they have applied it. The step was recorded
+    /// as running before (see [`Deployments::apply`]).
     async fn route(&self, deployment: &str) {
         match self.db.deployment(deployment).await {
-            Ok(Some(d)) if d.state == "running" || d.state == "queued" => {}
-            // Ended meanwhile (its sandbox was deleted), or routed already.
+            Ok(Some(d)) if d.state == "running" => {}
+            // Ended meanwhile (its sandbox was deleted).
             Ok(_) => return,
             Err(e) => {
                 tracing::error!(%deployment, error = %e, "cannot read the deployment");
                 return;
             }
         }
-        self.routing_step(deployment, StepState::Running).await;
         match self.routes.publish().await {
             Ok(()) => {
                 self.routing_step(deployment, StepState::Done).await;
@@ -348,9 +348,16 @@ impl Deployments {
                 let this = self.clone();
                 let deployment = deployment.to_owned();
                 if *ok {
+                    // An outcome sent again (after a reconnect) routes nothing twice.
+                    if matches!(self.db.routing_begun(&deployment).await, Ok(true)) {
+                        return;
+                    }
                     if let Err(e) = self.db.record_outcomes(&deployment, &outcomes).await {
                         tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
                     }
+                    // From here the deployment is the control plane's: its agent may go and
+                    // come back without failing it.
+                    self.routing_step(&deployment, StepState::Running).await;
                     // Waiting for the gateways here would hold up this agent's other events.
                     tokio::spawn(async move { this.route(&deployment).await });
                 } else {
@@ -387,6 +394,15 @@ impl Deployments {
                 }
             }
             Err(e) => tracing::error!(error = %e, "cannot read running deployments"),
+        }
+        match self.db.deployments_in_routing().await {
+            Ok(routing) => {
+                for deployment in routing {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.route(&deployment).await });
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "cannot read deployments being routed"),
         }
     }
 

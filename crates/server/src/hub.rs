@@ -70,6 +70,8 @@ pub struct AgentSnapshot {
 pub enum CallError {
     #[error("no {0} agent is connected")]
     NoAgent(Role),
+    #[error("agent {0} is not connected")]
+    NotConnected(String),
     #[error("agent {agent} did not answer within {}s", .after.as_secs_f32())]
     Timeout { agent: String, after: Duration },
     #[error("agent {agent} disconnected before answering")]
@@ -147,7 +149,7 @@ impl Hub {
             .lock()
             .get(name)
             .cloned()
-            .ok_or(CallError::NoAgent(Role::Micro))?;
+            .ok_or_else(|| CallError::NotConnected(name.to_owned()))?;
         Self::exchange(agent, job, timeout).await
     }
 

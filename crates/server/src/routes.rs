@@ -19,9 +19,8 @@ pub struct Routes {
     pub catalog: Vec<ServiceRoutes>,
     /// How long a gateway agent has to apply a table.
     pub timeout: Duration,
-    /// One table goes out at a time, and in order: a gateway never gets an older table after
-    /// a newer one.
-    publishing: tokio::sync::Mutex<()>,
+    /// One table goes out at a time, and in order; it holds the last generation sent.
+    publishing: tokio::sync::Mutex<u64>,
 }
 
 impl Routes {
@@ -38,7 +37,7 @@ impl Routes {
             base_domain,
             catalog,
             timeout,
-            publishing: tokio::sync::Mutex::new(()),
+            publishing: tokio::sync::Mutex::new(0),
         }
     }
 
@@ -56,6 +55,7 @@ impl Routes {
             }
         }
         Ok(RouteTable {
+            generation: 0,
             base_domain: self.base_domain.clone(),
             services: self.catalog.clone(),
             sandboxes: sandboxes
@@ -73,11 +73,13 @@ impl Routes {
     /// Sends the current table to every connected gateway agent and waits until each has
     /// applied it. The error says, for a person, which gateway did not.
     pub async fn publish(&self) -> Result<(), String> {
-        let _in_order = self.publishing.lock().await;
-        let table = self
+        let mut generation = self.publishing.lock().await;
+        let mut table = self
             .table()
             .await
             .map_err(|e| format!("cannot read the routes: {e}"))?;
+        *generation += 1;
+        table.generation = *generation;
         let gateways = self.hub.names_of(Role::Gateway);
         if gateways.is_empty() {
             return Err(

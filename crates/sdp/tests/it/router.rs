@@ -103,6 +103,7 @@ async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_
             .header("baggage", "sdp-sandbox=feat")
             .header("Connection", "X-Hop")
             .header("X-Hop", "private")
+            .header("X-Forwarded-For", "203.0.113.7")
             .header("X-End-To-End", "kept"),
     )
     .await;
@@ -114,7 +115,10 @@ async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_
     assert_eq!(seen_by_baseline["query"], "page=2");
     assert_eq!(seen(&billing, "x-sdp-sandbox"), ["feat"]);
     assert_eq!(seen(&billing, "baggage"), ["sdp-sandbox=feat"]);
-    assert_eq!(seen(&billing, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(
+        seen(&billing, "x-forwarded-for"),
+        ["203.0.113.7, 127.0.0.1"]
+    );
     assert_eq!(seen(&billing, "x-forwarded-proto"), ["http"]);
     assert_eq!(
         seen(&billing, "x-forwarded-host"),

@@ -100,7 +100,7 @@ pub(crate) fn call_error(e: CallError) -> ApiError {
             "agent_timeout",
             format!("{e}; try again"),
         ),
-        CallError::Disconnected { .. } => ApiError::new(
+        CallError::Disconnected { .. } | CallError::NotConnected(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "agent_disconnected",
             format!("{e}; try again"),

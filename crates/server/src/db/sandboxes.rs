@@ -525,6 +525,27 @@ impl Db {
         Ok(true)
     }
 
+    /// Running deployments whose routing step has begun, and not ended: after a restart of
+    /// the control plane, their routing starts again.
+    pub async fn deployments_in_routing(&self) -> Result<Vec<String>, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT d.id FROM deployments d JOIN deployment_steps s ON s.deployment_id = d.id
+             WHERE d.state = 'running' AND s.step = 'routing' AND s.state = 'running'",
+        )
+        .fetch_all(&self.pool)
+        .await
+    }
+
+    /// Whether the deployment's routing step was recorded already.
+    pub async fn routing_begun(&self, deployment_id: &str) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM deployment_steps WHERE deployment_id = ?1 AND step = 'routing')",
+        )
+        .bind(deployment_id)
+        .fetch_one(&self.pool)
+        .await
+    }
+
     /// The deployment of a sandbox in progress, if any.
     pub async fn latest_active_deployment(
         &self,
@@ -540,9 +561,13 @@ impl Db {
     }
 
     /// Deployments in progress on `agent`.
+    /// Deployments still in the hands of `agent`: those whose routing has begun are done
+    /// with it (its outcome is stored) and are the control plane's alone.
     pub async fn active_deployments_on(&self, agent: &str) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(
-            "SELECT id FROM deployments WHERE agent = ?1 AND state IN ('queued', 'running')",
+            "SELECT id FROM deployments d WHERE agent = ?1 AND state IN ('queued', 'running')
+               AND NOT EXISTS (SELECT 1 FROM deployment_steps s
+                               WHERE s.deployment_id = d.id AND s.step = 'routing')",
         )
         .bind(agent)
         .fetch_all(&self.pool)

@@ -585,7 +585,7 @@ impl TestEnv {
         let path = self.dir.path().join(format!("agent-{name}.toml"));
         let gateway = if name == "gateway" {
             format!(
-                "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nupstream_timeout = \"{}\"\n",
+                "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nconnect_timeout = \"1s\"\nupstream_timeout = \"{}\"\n",
                 self.gateway_port, self.opts.upstream_timeout
             )
         } else if role == "gateway" {
