@@ -73,6 +73,7 @@ struct Shared {
     table: ArcSwap<Table>,
     inspector: inspector::Inspector,
     config: RouterConfig,
+    tls: Arc<pool::Tls>,
 }
 
 /// One serving thread's view: the shared table, and its own upstream pool. A connection and
@@ -94,6 +95,7 @@ impl Router {
                 table: ArcSwap::from_pointee(Table::default()),
                 inspector: inspector::Inspector::default(),
                 config,
+                tls: Arc::default(),
             }),
         }
     }
@@ -190,6 +192,7 @@ fn serve_thread(
         let pool = Arc::new(pool::Pool::new(
             shared.config.connect_timeout,
             shared.config.idle_timeout,
+            shared.tls.clone(),
         ));
         let sweeper = pool.clone();
         let idle_timeout = shared.config.idle_timeout;

@@ -40,14 +40,47 @@ pub struct Pool {
     idle: Mutex<HashMap<String, Vec<Idle>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
+    tls: Arc<Tls>,
+}
+
+/// TLS to `https://` upstreams, verified against the system's trusted certificates (or
+/// `SSL_CERT_FILE`), made on first use and shared by every thread.
+#[derive(Default)]
+pub struct Tls(std::sync::OnceLock<tokio_rustls::TlsConnector>);
+
+impl Tls {
+    fn connector(&self) -> &tokio_rustls::TlsConnector {
+        self.0.get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            for error in &found.errors {
+                tracing::warn!(%error, "cannot read some trusted certificates");
+            }
+            let mut roots = rustls::RootCertStore::empty();
+            let (added, ignored) = roots.add_parsable_certificates(found.certs);
+            tracing::info!(
+                added,
+                ignored,
+                "trusted certificates loaded for https upstreams"
+            );
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("ring supports the default TLS versions")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+        })
+    }
 }
 
 impl Pool {
-    pub fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration, idle_timeout: Duration, tls: Arc<Tls>) -> Self {
         Self {
             idle: Mutex::default(),
             connect_timeout,
             idle_timeout,
+            tls,
         }
     }
 
@@ -134,39 +167,55 @@ impl Pool {
         })
     }
 
+    /// A new connection (TCP, and TLS for `https://`) within `connect_timeout`.
     async fn connect(
         &self,
         upstream: &Upstream,
     ) -> Result<SendRequest<RequestBody>, UpstreamError> {
-        if upstream.is_https() {
-            return Err(UpstreamError::Connect(
-                "https upstreams are not supported yet; use an http:// baseline".into(),
-            ));
-        }
-        let address = upstream.socket_address();
-        let stream = tokio::time::timeout(
-            self.connect_timeout,
-            tokio::net::TcpStream::connect(&address),
-        )
-        .await
-        .map_err(|_| {
-            UpstreamError::Connect(format!(
-                "no connection within {}s",
-                self.connect_timeout.as_secs_f32()
-            ))
-        })?
-        .map_err(|e| UpstreamError::Connect(e.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        tokio::time::timeout(self.connect_timeout, self.open(upstream))
             .await
-            .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.with_upgrades().await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+            .map_err(|_| {
+                UpstreamError::Connect(format!(
+                    "no connection within {}s",
+                    self.connect_timeout.as_secs_f32()
+                ))
+            })?
     }
+
+    async fn open(&self, upstream: &Upstream) -> Result<SendRequest<RequestBody>, UpstreamError> {
+        let stream = tokio::net::TcpStream::connect(upstream.socket_address())
+            .await
+            .map_err(|e| UpstreamError::Connect(e.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        if !upstream.is_https() {
+            return handshake(stream).await;
+        }
+        let name = rustls::pki_types::ServerName::try_from(upstream.host_name().to_owned())
+            .map_err(|e| UpstreamError::Connect(format!("not a TLS server name: {e}")))?;
+        let stream = self
+            .tls
+            .connector()
+            .connect(name, stream)
+            .await
+            .map_err(|e| UpstreamError::Connect(format!("TLS: {}", error_chain(&e))))?;
+        handshake(stream).await
+    }
+}
+
+/// HTTP/1.1 over `io`; the connection runs in a task of this thread.
+async fn handshake<T>(io: T) -> Result<SendRequest<RequestBody>, UpstreamError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| UpstreamError::Connect(error_chain(&e)))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(error = %e, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// A request body that tells when it has been sent whole: the wait for the response starts

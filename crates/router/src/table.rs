@@ -103,6 +103,15 @@ impl Upstream {
         self.scheme == Scheme::HTTPS
     }
 
+    /// The host, without the brackets of an IPv6 address: what TLS checks the certificate
+    /// against.
+    pub fn host_name(&self) -> &str {
+        self.authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+    }
+
     pub fn key(&self) -> &str {
         &self.key
     }

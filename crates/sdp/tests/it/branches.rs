@@ -40,7 +40,16 @@ async fn the_service_list_is_the_catalog() {
         .collect();
     assert_eq!(
         names,
-        ["orders", "billing", "payments", "stuck", "chatty", "steady"]
+        [
+            "orders",
+            "billing",
+            "payments",
+            "stuck",
+            "chatty",
+            "steady",
+            "secure",
+            "untrusted"
+        ]
     );
     assert_eq!(services[0]["repo"], env.git.url("orders"));
     assert_eq!(services[0]["routes"], serde_json::json!(["/orders"]));

@@ -164,6 +164,19 @@ async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_
     assert_eq!(down.error_code(), "upstream_unreachable");
     assert!(down.body.contains("http://127.0.0.1:9"), "{}", down.body);
 
+    // An https baseline: its certificate checked against the trusted ones.
+    let secure = send(http.get(format!("{router}/secure/x"))).await;
+    assert_eq!(secure.status, 200, "{}", secure.body);
+    assert_eq!(secure.json()["from"], "tls baseline");
+    assert_eq!(secure.json()["path"], "/secure/x");
+    assert_eq!(
+        secure.json()["host"],
+        format!("localhost:{}", env.tls_baseline.addr.port())
+    );
+    let untrusted = send(http.get(format!("{router}/untrusted/x"))).await;
+    assert_eq!(untrusted.status, 502, "{}", untrusted.body);
+    assert!(untrusted.body.contains("TLS"), "{}", untrusted.body);
+
     // An instance slower than the upstream timeout: 504 naming it.
     let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
     let slow = send(http.get(format!("{url}/orders/slow?ms=4000"))).await;

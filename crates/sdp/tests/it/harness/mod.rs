@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-pub use baseline::Baseline;
+pub use baseline::{Baseline, TlsBaseline};
 pub use git_server::GitServer;
 
 pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
@@ -365,6 +365,9 @@ pub struct TestEnv {
     pub gateway_port: u16,
     /// What the catalog's `orders` and `billing` fall back to.
     pub baseline: Baseline,
+    /// What `secure` falls back to (`https://localhost:<port>`); `untrusted` names the same
+    /// server by an address its certificate does not cover.
+    pub tls_baseline: TlsBaseline,
     pub api: Api,
     pub opts: Options,
 }
@@ -450,6 +453,7 @@ impl TestEnv {
                 vec![("emit.py".into(), git_server::STEADY_EMITTER.into())]
             });
         }
+        let tls_baseline = TlsBaseline::start(dir.path()).await;
         let gateway_port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -464,6 +468,7 @@ impl TestEnv {
             gateway: None,
             gateway_port,
             baseline: Baseline::start().await,
+            tls_baseline,
             api: Api::new(""),
             opts,
         };
@@ -486,6 +491,8 @@ impl TestEnv {
             // where nothing listens.
             let baseline = match name {
                 "orders" | "billing" => self.baseline.url(),
+                "secure" => format!("https://localhost:{}", self.tls_baseline.addr.port()),
+                "untrusted" => format!("https://{}", self.tls_baseline.addr),
                 _ => "http://127.0.0.1:9".to_owned(),
             };
             format!(
@@ -494,7 +501,7 @@ impl TestEnv {
             )
         };
         format!(
-            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}",
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}",
             self.server_data_dir().display(),
             o.session_ttl,
             o.sandbox_ttl,
@@ -523,6 +530,9 @@ impl TestEnv {
                 "true",
             ),
             service("steady", "python3 emit.py 10000 5", "true"),
+            // Never deployed: their baselines are the HTTPS one.
+            service("secure", "true", "true"),
+            service("untrusted", "true", "true"),
         )
     }
 
@@ -615,7 +625,9 @@ impl TestEnv {
         cmd.args(["--log-format", "json", "agent", "--config"])
             .arg(&path)
             .env("SDP_TOKEN", token)
-            .env("RUST_LOG", self.opts.log);
+            .env("RUST_LOG", self.opts.log)
+            // The trust store of https upstreams: the test CA only.
+            .env("SSL_CERT_FILE", &self.tls_baseline.ca_file);
         Proc::spawn(&format!("agent {name}"), cmd)
     }
 
