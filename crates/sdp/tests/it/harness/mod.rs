@@ -926,7 +926,7 @@ impl FakeAgent {
         );
         let (socket, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         let (mut sink, mut stream) = socket.split();
-        let hello = json!({"type": "hello", "protocol": 1, "name": name, "role": "micro",
+        let hello = json!({"type": "hello", "protocol": sdp_protocol::PROTOCOL_VERSION, "name": name, "role": "micro",
             "version": "fake", "host": host, "capabilities": ["git"]});
         sink.send(Message::Text(hello.to_string().into()))
             .await
