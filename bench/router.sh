@@ -7,15 +7,15 @@
 # control plane running). wrk loads each in turn, alternating, ROUNDS times; the script prints
 # the median requests/s and p50/p99 latency of each, their ratios, and the router's peak RSS.
 #
-#   bench/router.sh                 # ROUNDS=3 DURATION=10s CONNECTIONS=50
-#   ROUNDS=5 DURATION=20s bench/router.sh
+#   bench/router.sh                 # ROUNDS=6 DURATION=5s CONNECTIONS=50
+#   ROUNDS=10 DURATION=10s bench/router.sh
 #
 # Compare ratios from one run, never absolute figures across runs or machines.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-10s}
+ROUNDS=${ROUNDS:-6}
+DURATION=${DURATION:-5s}
 CONNECTIONS=${CONNECTIONS:-50}
 
 missing=()

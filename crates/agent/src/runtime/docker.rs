@@ -4,7 +4,7 @@
 //! the labels `sdp.sandbox`, `sdp.service` and `sdp.deployment`, on one network per
 //! sandbox. Everything is found again by label, so a restarted agent loses nothing.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 
 use bollard::Docker;
@@ -16,7 +16,7 @@ use bollard::query_parameters::{
 use futures_util::StreamExt;
 use sdp_protocol::{LogStream, SandboxName, ServiceName};
 
-use super::{Instance, Runtime, RuntimeError, StartRequest};
+use super::{Instance, Ports, Runtime, RuntimeError, StartRequest};
 use crate::lines::{LineSink, Splitter};
 
 pub const LABEL_SANDBOX: &str = "sdp.sandbox";
@@ -32,10 +32,9 @@ pub struct DockerRuntime {
     memory: i64,
     nano_cpus: i64,
     pids: i64,
-    ports: (u16, u16),
-    /// The host address ports are published on.
+    /// Host ports, on the address they are published on.
+    ports: Ports,
     publish_ip: String,
-    in_use: Mutex<HashSet<u16>>,
     /// The host port of each container started by this run, to free it on removal.
     published: Mutex<HashMap<String, u16>>,
 }
@@ -80,28 +79,10 @@ impl DockerRuntime {
             memory: limits.memory_bytes,
             nano_cpus: (limits.cpus * 1e9) as i64,
             pids: limits.pids,
-            ports,
+            ports: Ports::new(ports, publish_ip),
             publish_ip: publish_ip.to_owned(),
-            in_use: Mutex::default(),
             published: Mutex::default(),
         })
-    }
-
-    fn allocate_port(&self) -> Result<u16, RuntimeError> {
-        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
-        for port in self.ports.0..=self.ports.1 {
-            if in_use.contains(&port) {
-                continue;
-            }
-            if std::net::TcpListener::bind((self.publish_ip.as_str(), port)).is_ok() {
-                in_use.insert(port);
-                return Ok(port);
-            }
-        }
-        Err(RuntimeError(format!(
-            "no free port left in {}-{}",
-            self.ports.0, self.ports.1
-        )))
     }
 
     /// This agent's containers (running or not) carrying all of `labels`.
@@ -236,7 +217,7 @@ impl Runtime for DockerRuntime {
         let name = container_name(sandbox, service);
         self.ensure_network(sandbox).await?;
         self.stop_service(&req.sandbox, &req.service).await?;
-        let host_port = self.allocate_port()?;
+        let host_port = self.ports.allocate()?;
         let container_port = format!("{}/tcp", req.port);
         let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.push(format!("PORT={}", req.port));
@@ -350,9 +331,6 @@ impl Runtime for DockerRuntime {
 
 impl DockerRuntime {
     fn release(&self, port: u16) {
-        self.in_use
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&port);
+        self.ports.release(port);
     }
 }

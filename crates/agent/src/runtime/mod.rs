@@ -2,6 +2,7 @@
 //! plain supervised process groups (hosts without Docker, and `sdp dev`).
 
 mod docker;
+mod ports;
 mod process;
 
 use std::collections::BTreeMap;
@@ -11,6 +12,7 @@ use std::sync::Arc;
 use sdp_protocol::{SandboxName, ServiceName};
 
 pub use docker::{DockerLimits, DockerRuntime};
+pub(crate) use ports::Ports;
 pub use process::ProcessRuntime;
 
 use crate::events::Outbox;

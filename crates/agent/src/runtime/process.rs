@@ -2,7 +2,7 @@
 //! a free port of `port_range`, supervised by the agent. A pid file per instance under
 //! `<work_dir>/run/<sandbox>/` lets a restarted agent find, report and stop what it started.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Mutex;
@@ -14,7 +14,7 @@ use sdp_protocol::{LogStream, SandboxName, ServiceName};
 use serde::{Deserialize, Serialize};
 use tokio::process::Command;
 
-use super::{Instance, Runtime, RuntimeError, StartRequest};
+use super::{Instance, Ports, Runtime, RuntimeError, StartRequest};
 use crate::lines::{LineSink, pump};
 
 /// How long an instance has to stop after SIGTERM before SIGKILL.
@@ -30,9 +30,7 @@ struct PidFile {
 pub struct ProcessRuntime {
     run_dir: PathBuf,
     home: PathBuf,
-    ports: (u16, u16),
-    bind_host: String,
-    in_use: Mutex<HashSet<u16>>,
+    ports: Ports,
     /// Base environment: what services may see of the agent's own (PATH and the like).
     base_env: BTreeMap<String, String>,
     children: Mutex<HashMap<(String, String), i32>>,
@@ -53,9 +51,7 @@ impl ProcessRuntime {
         ProcessRuntime {
             run_dir: work_dir.join("run"),
             home: work_dir.join("home"),
-            ports,
-            bind_host: bind_host.to_owned(),
-            in_use: Mutex::default(),
+            ports: Ports::new(ports, bind_host),
             base_env,
             children: Mutex::default(),
         }
@@ -65,31 +61,6 @@ impl ProcessRuntime {
         self.run_dir
             .join(sandbox)
             .join(format!("{service}.pid.json"))
-    }
-
-    /// A port of the range that nothing listens on now.
-    fn allocate_port(&self) -> Result<u16, RuntimeError> {
-        let mut in_use = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
-        for port in self.ports.0..=self.ports.1 {
-            if in_use.contains(&port) {
-                continue;
-            }
-            if std::net::TcpListener::bind((self.bind_host.as_str(), port)).is_ok() {
-                in_use.insert(port);
-                return Ok(port);
-            }
-        }
-        Err(err(format!(
-            "no free port left in {}-{}",
-            self.ports.0, self.ports.1
-        )))
-    }
-
-    fn release_port(&self, port: u16) {
-        self.in_use
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&port);
     }
 
     /// Ends the process group `pid` leads: SIGTERM, then SIGKILL after the grace.
@@ -113,7 +84,7 @@ impl ProcessRuntime {
             && let Ok(pid_file) = serde_json::from_str::<PidFile>(&text)
         {
             Self::end_group(pid_file.pid).await;
-            self.release_port(pid_file.port);
+            self.ports.release(pid_file.port);
         }
         let _ = std::fs::remove_file(path);
     }
@@ -123,7 +94,7 @@ impl ProcessRuntime {
 impl Runtime for ProcessRuntime {
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
         // No container maps the catalog's port here: the service listens on `PORT` itself.
-        let port = self.allocate_port()?;
+        let port = self.ports.allocate()?;
         tracing::debug!(sandbox = %req.sandbox, service = %req.service, port, catalog_port = req.port, "starting a process");
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
@@ -141,7 +112,7 @@ impl Runtime for ProcessRuntime {
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
-                self.release_port(port);
+                self.ports.release(port);
                 return Err(err(format!("cannot start {}: {e}", req.service)));
             }
         };
@@ -262,10 +233,7 @@ impl Runtime for ProcessRuntime {
                 .filter_map(|t| serde_json::from_str::<PidFile>(&t).ok())
                 .any(|p| {
                     // Ports of instances a previous run started stay taken.
-                    self.in_use
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(p.port);
+                    self.ports.claim(p.port);
                     killpg(Pid::from_raw(p.pid), None).is_ok()
                 });
             if alive {

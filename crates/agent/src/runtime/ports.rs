@@ -1,0 +1,88 @@
+//! Host ports of `port_range` for instances, shared by both runtimes.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use super::RuntimeError;
+
+/// Hands ports out in turn around the range, never the lowest free one: a port just freed is
+/// the last to be given again. Until every gateway has the new route table, a request may
+/// still be sent to the port of an instance that was stopped; it must find nothing there
+/// (a 502), not another sandbox's new instance.
+pub struct Ports {
+    range: (u16, u16),
+    /// Where a port is checked to be free.
+    bind_host: String,
+    state: Mutex<State>,
+}
+
+struct State {
+    in_use: HashSet<u16>,
+    next: u16,
+}
+
+impl Ports {
+    pub fn new(range: (u16, u16), bind_host: &str) -> Self {
+        Self {
+            range,
+            bind_host: bind_host.to_owned(),
+            state: Mutex::new(State {
+                in_use: HashSet::new(),
+                next: range.0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A port of the range that is not handed out and that nothing listens on now.
+    pub fn allocate(&self) -> Result<u16, RuntimeError> {
+        let (lo, hi) = self.range;
+        let mut state = self.lock();
+        let start = state.next.clamp(lo, hi);
+        let candidates = (start..=hi).chain(lo..start);
+        for port in candidates {
+            if state.in_use.contains(&port) {
+                continue;
+            }
+            if std::net::TcpListener::bind((self.bind_host.as_str(), port)).is_ok() {
+                state.in_use.insert(port);
+                state.next = if port == hi { lo } else { port + 1 };
+                return Ok(port);
+            }
+        }
+        Err(RuntimeError(format!("no free port left in {lo}-{hi}")))
+    }
+
+    /// A port an instance found at start still holds.
+    pub fn claim(&self, port: u16) {
+        self.lock().in_use.insert(port);
+    }
+
+    pub fn release(&self, port: u16) {
+        self.lock().in_use.remove(&port);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freed_port_is_given_again_only_after_the_rest_of_the_range() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = listener.local_addr().unwrap().port();
+        drop(listener);
+        // A small range around a port that was free a moment ago.
+        let lo = base.saturating_sub(1).max(1024);
+        let ports = Ports::new((lo, lo + 3), "127.0.0.1");
+        let first = ports.allocate().unwrap();
+        ports.release(first);
+        let second = ports.allocate().unwrap();
+        assert_ne!(first, second, "the freed port came back at once");
+        ports.claim(second);
+        assert!(ports.allocate().is_ok());
+    }
+}
