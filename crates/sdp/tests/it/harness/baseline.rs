@@ -1,6 +1,6 @@
 //! A stand-in for the shared environment's services (the "baseline" on OpenShift): one local
-//! HTTP server that answers any path with what it was sent, as JSON, and echoes WebSocket
-//! messages on paths ending in `/ws`.
+//! HTTP server that answers any path with what it was sent, as JSON (after `ms` milliseconds
+//! on paths ending in `/slow`), and echoes WebSocket messages on paths ending in `/ws`.
 
 use std::net::SocketAddr;
 
@@ -58,6 +58,15 @@ async fn answer(req: Request) -> Response {
                 .into_response(),
             Err(rejection) => rejection.into_response(),
         };
+    }
+    if parts.uri.path().ends_with("/slow") {
+        let ms: u64 = parts
+            .uri
+            .query()
+            .and_then(|q| q.strip_prefix("ms="))
+            .and_then(|ms| ms.parse().ok())
+            .unwrap_or(0);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
     }
     let mut headers = Map::new();
     for (name, value) in &parts.headers {

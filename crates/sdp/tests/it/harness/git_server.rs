@@ -212,7 +212,7 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Option<String> {
 
 /// The files of a real Go service for branch `branch`: it answers every path with
 /// `<name> on <branch> in <sandbox>`, and `/healthz` with ok. Under its route `/<name>` it
-/// also has `headers` (what it was sent, as JSON), `slow?ms=N`, `upload` (the body's size and
+/// also has `headers` (what it was sent and from where, as JSON), `slow?ms=N`, `upload` (the body's size and
 /// SHA-256), `download?mb=N`, and `call?path=P` (GET P through the gateway, passing on
 /// `X-SDP-Sandbox` as a service in a sandbox should). Branch `broken` does not compile, and
 /// branch `unhealthy` answers 500 on `/healthz`.
@@ -244,7 +244,7 @@ func main() {{
 		fmt.Fprintln(w, "health")
 	}})
 	http.HandleFunc("/{name}/headers", func(w http.ResponseWriter, r *http.Request) {{
-		json.NewEncoder(w).Encode(map[string]interface{{}}{{"from": "{name} on {branch}", "host": r.Host, "headers": r.Header}})
+		json.NewEncoder(w).Encode(map[string]interface{{}}{{"from": "{name} on {branch}", "host": r.Host, "remote": r.RemoteAddr, "headers": r.Header}})
 	}})
 	http.HandleFunc("/{name}/slow", func(w http.ResponseWriter, r *http.Request) {{
 		ms, _ := strconv.Atoi(r.URL.Query().Get("ms"))
