@@ -22,6 +22,8 @@ use crate::table::Upstream;
 
 /// Idle connections kept per upstream and thread; more are closed when they come back.
 const MAX_IDLE: usize = 256;
+/// How long a pooled connection may take to be ready for its next request.
+const READY_WAIT: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -95,7 +97,7 @@ impl Pool {
         mut req: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let key = upstream.key();
-        while let Some(mut sender) = self.take(key) {
+        while let Some(mut sender) = self.take(key).await {
             match sender.try_send_request(req).await {
                 Ok(response) => return Ok(self.wrap(response, key, sender)),
                 Err(mut e) => match e.take_message() {
@@ -112,15 +114,23 @@ impl Pool {
         }
     }
 
-    fn take(&self, key: &str) -> Option<SendRequest<RequestBody>> {
-        let mut idle = self.lock();
-        let list = idle.get_mut(key)?;
-        while let Some(entry) = list.pop() {
-            if entry.sender.is_ready() && entry.since.elapsed() < self.idle_timeout {
+    /// An idle connection to `key` that can take a request now.
+    async fn take(&self, key: &str) -> Option<SendRequest<RequestBody>> {
+        loop {
+            let mut entry = self.lock().get_mut(key)?.pop()?;
+            if entry.sender.is_closed() || entry.since.elapsed() >= self.idle_timeout {
+                continue;
+            }
+            if entry.sender.is_ready() {
+                return Some(entry.sender);
+            }
+            // Given back the moment its last response ended, the connection's task may not
+            // have caught up yet: it runs on this thread, so a short wait is enough. One
+            // still busy after that (an early answer to an upload) is let go.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, entry.sender.ready()).await {
                 return Some(entry.sender);
             }
         }
-        None
     }
 
     fn give_back(&self, key: &str, sender: SendRequest<RequestBody>) {
