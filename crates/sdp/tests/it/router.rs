@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -306,6 +307,33 @@ async fn bodies_stream_through_both_ways_websockets_pass_and_a_route_change_drop
         );
     }
     socket.close(None).await.unwrap();
+
+    // Any upgrade, to the sandbox's own instance: the protocol it switched to, then bytes
+    // both ways.
+    let mut raw = tokio::net::TcpStream::connect(("127.0.0.1", env.gateway_port))
+        .await
+        .unwrap();
+    raw.write_all(
+        b"GET /orders/upgrade HTTP/1.1\r\nHost: big.sdp.test\r\nConnection: Upgrade\r\nUpgrade: h2c, echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        raw.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: echo\r\n"), "{head}");
+    assert!(head.contains("x-sdp-route: sandbox\r\n"), "{head}");
+    for text in [&b"ping"[..], b"through the router, both ways"] {
+        raw.write_all(text).await.unwrap();
+        let mut back = vec![0u8; text.len()];
+        raw.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, text);
+    }
 
     // A request in flight while its own route changes finishes on the table it started
     // with: it went to the baseline, and still comes back from there after the sandbox

@@ -213,7 +213,8 @@ fn authorized(shared: &Shared, headers: &HeaderMap) -> Option<String> {
 /// The files of a real Go service for branch `branch`: it answers every path with
 /// `<name> on <branch> in <sandbox>`, and `/healthz` with ok. Under its route `/<name>` it
 /// also has `headers` (what it was sent and from where, as JSON), `slow?ms=N`, `upload` (the body's size and
-/// SHA-256), `download?mb=N`, and `call?path=P` (GET P through the gateway, passing on
+/// SHA-256), `download?mb=N`, `upgrade` (switches to a protocol `echo` that sends back every byte), and
+/// `call?path=P` (GET P through the gateway, passing on
 /// `X-SDP-Sandbox` as a service in a sandbox should). Branch `broken` does not compile, and
 /// branch `unhealthy` answers 500 on `/healthz`.
 pub fn go_service(name: &str, branch: &str) -> Vec<(String, String)> {
@@ -270,6 +271,16 @@ func main() {{
 		for i := 0; i < mb; i++ {{
 			w.Write(chunk)
 		}}
+	}})
+	http.HandleFunc("/{name}/upgrade", func(w http.ResponseWriter, r *http.Request) {{
+		conn, buf, err := w.(http.Hijacker).Hijack()
+		if err != nil {{
+			return
+		}}
+		defer conn.Close()
+		buf.WriteString("HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\n\r\n")
+		buf.Flush()
+		io.Copy(conn, buf)
 	}})
 	http.HandleFunc("/{name}/call", func(w http.ResponseWriter, r *http.Request) {{
 		req, _ := http.NewRequest("GET", os.Getenv("SDP_GATEWAY_URL")+r.URL.Query().Get("path"), nil)
