@@ -4,13 +4,13 @@
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::Value;
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::harness::{BASE_DOMAIN, Options, Reply, TestEnv, wait_until};
+use crate::harness::{AGENT_TOKEN, BASE_DOMAIN, FakeAgent, Options, Reply, TestEnv, wait_until};
 
 /// A client that resolves `<sandbox>.sdp.test` to the router, as wildcard DNS would.
 fn client(env: &TestEnv, sandboxes: &[&str]) -> reqwest::Client {
@@ -450,6 +450,82 @@ async fn without_a_gateway_agent_a_deployment_fails_at_routing_saying_so() {
     assert_eq!(sandbox["state"], "failed");
     let inspector = env.get("/api/sandboxes/lost/requests", Some(&token)).await;
     assert_eq!(inspector.status, 503, "{}", inspector.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_waiting_for_its_gateway_survives_its_micro_agent_restarting() {
+    let mut env = TestEnv::start(Options {
+        gateway: false,
+        job_timeout: "60s",
+        agent_timeout: "60s",
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    // A gateway that applies tables only when the test says so.
+    let mut gateway = FakeAgent::connect_as(&env, "slow-gateway", "gateway").await;
+    let first = gateway.next_job("routes").await;
+    gateway
+        .reply(&first, json!({"outcome": "routes_applied"}))
+        .await;
+
+    let reply = env.create_sandbox(&token, "held", &["orders@main"]).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Tables come as the sandbox is created, then with its instance's upstream.
+    let routing = loop {
+        let job = gateway.next_job("routes").await;
+        let held = job["job"]["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["sandbox"] == "held")
+            .cloned();
+        if held.is_some_and(|s| s["upstreams"]["orders"].is_string()) {
+            break job;
+        }
+        gateway
+            .reply(&job, json!({"outcome": "routes_applied"}))
+            .await;
+    };
+    let d = env
+        .get(&format!("/api/deployments/{id}"), Some(&token))
+        .await
+        .json();
+    assert_eq!(d["state"], "running", "{d}");
+
+    // The micro agent restarts while the gateway holds the table: the deployment is past its
+    // agent, and must not fail for it.
+    env.agents[0].stop();
+    env.start_agent("micro-0", "micro", AGENT_TOKEN);
+    let micro = env.agents.last().unwrap();
+    wait_until("the micro agent is back", || {
+        micro.log_text().contains("connected to the control plane")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = env
+        .get(&format!("/api/deployments/{id}"), Some(&token))
+        .await
+        .json();
+    assert_eq!(d["state"], "running", "{d}");
+
+    gateway
+        .reply(&routing, json!({"outcome": "routes_applied"}))
+        .await;
+    let d = env.wait_deployment(&token, &id).await;
+    assert_eq!(d["state"], "ready", "{d}");
+    let routing_step = d["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "routing")
+        .cloned()
+        .expect("a routing step");
+    assert_eq!(routing_step["state"], "done");
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -919,6 +919,23 @@ impl FakeAgent {
 
     /// Says hello as a micro agent on `host`; the server's answer when it is not `welcome`.
     pub async fn try_connect(env: &TestEnv, name: &str, host: &str) -> Result<FakeAgent, Value> {
+        FakeAgent::try_connect_as(env, name, host, "micro").await
+    }
+
+    /// A fake agent of `role` (`micro` or `gateway`).
+    pub async fn connect_as(env: &TestEnv, name: &str, role: &str) -> FakeAgent {
+        match FakeAgent::try_connect_as(env, name, "fake-host", role).await {
+            Ok(fake) => fake,
+            Err(answer) => panic!("no welcome: {answer}"),
+        }
+    }
+
+    async fn try_connect_as(
+        env: &TestEnv,
+        name: &str,
+        host: &str,
+        role: &str,
+    ) -> Result<FakeAgent, Value> {
         let mut req = env.ws_url().into_client_request().unwrap();
         req.headers_mut().insert(
             "authorization",
@@ -926,7 +943,7 @@ impl FakeAgent {
         );
         let (socket, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         let (mut sink, mut stream) = socket.split();
-        let hello = json!({"type": "hello", "protocol": sdp_protocol::PROTOCOL_VERSION, "name": name, "role": "micro",
+        let hello = json!({"type": "hello", "protocol": sdp_protocol::PROTOCOL_VERSION, "name": name, "role": role,
             "version": "fake", "host": host, "capabilities": ["git"]});
         sink.send(Message::Text(hello.to_string().into()))
             .await
@@ -947,6 +964,21 @@ impl FakeAgent {
 
     pub async fn next_json(&mut self) -> Value {
         next_json(&mut self.stream).await
+    }
+
+    /// The next job frame whose job is `name`; other frames are skipped.
+    pub async fn next_job(&mut self, name: &str) -> Value {
+        loop {
+            let frame = self.next_json().await;
+            if frame["type"] == "job" && frame["job"]["name"] == name {
+                return frame;
+            }
+        }
+    }
+
+    pub async fn reply(&mut self, job: &Value, output: Value) {
+        let reply = json!({"type": "reply", "id": job["id"], "output": output});
+        self.send_text(&reply.to_string()).await;
     }
 }
 
