@@ -166,15 +166,13 @@ impl Pool {
         sender: SendRequest<RequestBody>,
     ) -> Response<PooledBody> {
         // An upgraded connection belongs to the upgrade, never to the pool.
-        let back = (response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS)
-            .then(|| (self.clone(), key.to_owned(), sender));
-        response.map(|inner| {
-            let mut body = PooledBody { inner, back };
-            if body.inner.is_end_stream() {
-                body.release();
-            }
-            body
-        })
+        let give_back =
+            (response.status() != hyper::StatusCode::SWITCHING_PROTOCOLS).then(|| GiveBack {
+                pool: self.clone(),
+                key: key.to_owned(),
+                sender,
+            });
+        response.map(|inner| Watched::new(inner, give_back))
     }
 
     /// A new connection (TCP, and TLS for `https://`) within `connect_timeout`.
@@ -228,75 +226,36 @@ where
     Ok(sender)
 }
 
-/// A request body that tells when it has been sent whole: the wait for the response starts
-/// then, so that an upload takes as long as it takes.
-pub struct RequestBody {
+/// What happens once a body has been read to the end; dropped unrun if the body breaks or
+/// is dropped before.
+pub trait AtEnd {
+    fn ended(self);
+}
+
+/// A body that runs its [`AtEnd`] the moment it has been read to the end.
+pub struct Watched<E: AtEnd> {
     inner: Incoming,
-    sent: Option<tokio::sync::oneshot::Sender<()>>,
+    at_end: Option<E>,
 }
 
-impl RequestBody {
-    /// The body, and what resolves once it is sent (none when there is nothing to send).
-    pub fn new(inner: Incoming) -> (Self, Option<tokio::sync::oneshot::Receiver<()>>) {
-        if inner.is_end_stream() {
-            return (Self { inner, sent: None }, None);
+impl<E: AtEnd> Watched<E> {
+    fn new(inner: Incoming, at_end: Option<E>) -> Self {
+        let mut body = Self { inner, at_end };
+        // An empty body is never polled.
+        if body.inner.is_end_stream() {
+            body.end();
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (
-            Self {
-                inner,
-                sent: Some(tx),
-            },
-            Some(rx),
-        )
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        let ended = match &polled {
-            Poll::Ready(None) => true,
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            _ => false,
-        };
-        if ended && let Some(sent) = this.sent.take() {
-            let _ = sent.send(());
-        }
-        polled
+        body
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A response body that puts its connection back in the pool once read to the end.
-pub struct PooledBody {
-    inner: Incoming,
-    back: Option<(Arc<Pool>, String, SendRequest<RequestBody>)>,
-}
-
-impl PooledBody {
-    fn release(&mut self) {
-        if let Some((pool, key, sender)) = self.back.take() {
-            pool.give_back(&key, sender);
+    fn end(&mut self) {
+        if let Some(at_end) = self.at_end.take() {
+            at_end.ended();
         }
     }
 }
 
-impl Body for PooledBody {
+impl<E: AtEnd + Unpin> Body for Watched<E> {
     type Data = Bytes;
     type Error = hyper::Error;
 
@@ -307,11 +266,10 @@ impl Body for PooledBody {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => this.release(),
-            // The server stops polling once the body says it has ended.
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.release(),
-            // A broken body's connection is not reused.
-            Poll::Ready(Some(Err(_))) => this.back = None,
+            Poll::Ready(None) => this.end(),
+            // The reader stops polling once the body says it has ended.
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.end(),
+            Poll::Ready(Some(Err(_))) => this.at_end = None,
             _ => {}
         }
         polled
@@ -323,6 +281,46 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// A request body that tells when it has been sent whole: the wait for the response starts
+/// then, so that an upload takes as long as it takes. A broken body tells it too (the
+/// sender is dropped).
+pub type RequestBody = Watched<Sent>;
+
+pub struct Sent(tokio::sync::oneshot::Sender<()>);
+
+impl AtEnd for Sent {
+    fn ended(self) {
+        let _ = self.0.send(());
+    }
+}
+
+impl RequestBody {
+    /// The body, and what resolves once it is sent (none when there is nothing to send).
+    pub fn sent(inner: Incoming) -> (Self, Option<tokio::sync::oneshot::Receiver<()>>) {
+        if inner.is_end_stream() {
+            return (Watched::new(inner, None), None);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Watched::new(inner, Some(Sent(tx))), Some(rx))
+    }
+}
+
+/// A response body that puts its connection back in the pool once read to the end; a body
+/// broken or dropped before closes its connection instead.
+pub type PooledBody = Watched<GiveBack>;
+
+pub struct GiveBack {
+    pool: Arc<Pool>,
+    key: String,
+    sender: SendRequest<RequestBody>,
+}
+
+impl AtEnd for GiveBack {
+    fn ended(self) {
+        self.pool.give_back(&self.key, self.sender);
     }
 }
 

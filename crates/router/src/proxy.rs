@@ -233,7 +233,7 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) 
     *req.version_mut() = Version::HTTP_11;
 
     let (parts, body) = req.into_parts();
-    let (body, body_sent) = RequestBody::new(body);
+    let (body, body_sent) = RequestBody::sent(body);
     let send = inner.pool.send(upstream, Request::from_parts(parts, body));
     let timeout = inner.shared.config.response_timeout;
     let sent = async {
