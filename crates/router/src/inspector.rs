@@ -1,25 +1,37 @@
 //! The route inspector: the last routing decisions of each sandbox, in memory only.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use sdp_protocol::RouteDecision;
 
 /// Decisions kept per sandbox.
 pub const KEPT_PER_SANDBOX: usize = 200;
 
-#[derive(Default)]
+/// One shard per serving thread, so that threads recording at full speed never wait for each
+/// other; a reader merges the shards.
 pub struct Inspector {
-    by_sandbox: Mutex<HashMap<String, VecDeque<RouteDecision>>>,
+    shards: Box<[Mutex<Shard>]>,
 }
 
+/// One thread's decisions, by sandbox, oldest first.
+type Shard = HashMap<String, VecDeque<RouteDecision>>;
+
 impl Inspector {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<RouteDecision>>> {
-        self.by_sandbox.lock().unwrap_or_else(|e| e.into_inner())
+    pub fn new(shards: usize) -> Self {
+        Self {
+            shards: (0..shards.max(1)).map(|_| Mutex::default()).collect(),
+        }
     }
 
-    pub fn record(&self, sandbox: &str, decision: RouteDecision) {
-        let mut all = self.lock();
+    fn lock(&self, shard: usize) -> MutexGuard<'_, Shard> {
+        self.shards[shard % self.shards.len()]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn record(&self, shard: usize, sandbox: &str, decision: RouteDecision) {
+        let mut all = self.lock(shard);
         let kept = match all.get_mut(sandbox) {
             Some(kept) => kept,
             None => all
@@ -32,18 +44,32 @@ impl Inspector {
         kept.push_back(decision);
     }
 
-    /// Newest first.
+    /// The last [`KEPT_PER_SANDBOX`] of all shards, newest first.
     pub fn recent(&self, sandbox: &str) -> Vec<RouteDecision> {
-        self.lock()
-            .get(sandbox)
-            .map(|kept| kept.iter().rev().cloned().collect())
-            .unwrap_or_default()
+        let mut all = Vec::new();
+        for shard in 0..self.shards.len() {
+            if let Some(kept) = self.lock(shard).get(sandbox) {
+                all.extend(kept.iter().rev().cloned());
+            }
+        }
+        // By when the answer came, as each shard keeps them (a request that waited for a
+        // nested one is recorded after it); stable, and each shard's newest first, so that
+        // decisions of the same instant stay newest first.
+        all.sort_by_key(|d| std::cmp::Reverse(answered(d)));
+        all.truncate(KEPT_PER_SANDBOX);
+        all
     }
 
     /// Forgets the sandboxes no longer routed, so that memory stays bounded by the live ones.
     pub fn retain(&self, live: impl Fn(&str) -> bool) {
-        self.lock().retain(|name, _| live(name));
+        for shard in 0..self.shards.len() {
+            self.lock(shard).retain(|name, _| live(name));
+        }
     }
+}
+
+fn answered(d: &RouteDecision) -> time::OffsetDateTime {
+    d.time + time::Duration::seconds_f64(d.duration_ms / 1000.0)
 }
 
 #[cfg(test)]
@@ -55,7 +81,7 @@ mod tests {
 
     fn decision(status: u16) -> RouteDecision {
         RouteDecision {
-            time: OffsetDateTime::UNIX_EPOCH,
+            time: OffsetDateTime::UNIX_EPOCH + time::Duration::seconds(status.into()),
             method: "GET".into(),
             path: "/".into(),
             service: None,
@@ -67,18 +93,42 @@ mod tests {
     }
 
     #[test]
-    fn only_the_last_decisions_are_kept_newest_first() {
-        let inspector = Inspector::default();
+    fn only_the_last_decisions_of_all_threads_are_kept_newest_first() {
+        let inspector = Inspector::new(2);
         for status in 0..(KEPT_PER_SANDBOX as u16 + 50) {
-            inspector.record("a", decision(status));
+            inspector.record(usize::from(status % 3 == 0), "a", decision(status));
         }
-        inspector.record("b", decision(7));
+        inspector.record(0, "b", decision(7));
         let recent = inspector.recent("a");
         assert_eq!(recent.len(), KEPT_PER_SANDBOX);
-        assert_eq!(recent[0].status, KEPT_PER_SANDBOX as u16 + 49);
-        assert_eq!(recent.last().unwrap().status, 50);
+        let statuses: Vec<u16> = recent.iter().map(|d| d.status).collect();
+        let expected: Vec<u16> = (50..KEPT_PER_SANDBOX as u16 + 50).rev().collect();
+        assert_eq!(statuses, expected);
         inspector.retain(|name| name == "b");
         assert!(inspector.recent("a").is_empty());
         assert_eq!(inspector.recent("b").len(), 1);
+    }
+
+    #[test]
+    fn decisions_of_the_same_instant_stay_newest_first() {
+        let inspector = Inspector::new(1);
+        for status in [1, 2, 3] {
+            let mut d = decision(0);
+            d.status = status;
+            inspector.record(0, "a", d);
+        }
+        let statuses: Vec<u16> = inspector.recent("a").iter().map(|d| d.status).collect();
+        assert_eq!(statuses, [3, 2, 1]);
+    }
+
+    #[test]
+    fn a_request_that_waited_for_a_nested_one_comes_after_it_newest_first() {
+        let inspector = Inspector::new(2);
+        let mut outer = decision(1);
+        outer.duration_ms = 5000.0;
+        inspector.record(0, "a", outer);
+        inspector.record(1, "a", decision(2));
+        let statuses: Vec<u16> = inspector.recent("a").iter().map(|d| d.status).collect();
+        assert_eq!(statuses, [1, 2]);
     }
 }

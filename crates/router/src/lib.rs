@@ -70,18 +70,28 @@ pub struct Router {
 
 /// What every serving thread reads.
 struct Shared {
-    table: ArcSwap<Table>,
+    /// One copy of the table per serving thread: each request holds its thread's copy, and
+    /// threads holding one shared copy would contend for its reference count.
+    tables: Box<[ArcSwap<Table>]>,
     inspector: inspector::Inspector,
     config: RouterConfig,
     tls: Arc<pool::Tls>,
 }
 
-/// One serving thread's view: the shared table, and its own upstream pool. A connection and
-/// the upstream connections it uses live on one thread, so a request never waits for a
-/// wake-up from another thread.
+/// One serving thread's view: its table, and its own upstream pool. A connection and the
+/// upstream connections it uses live on one thread, so a request never waits for a wake-up
+/// from another thread.
 struct Inner {
     shared: Arc<Shared>,
+    /// This thread's index, in `tables` and in the inspector's shards.
+    thread: usize,
     pool: Arc<pool::Pool>,
+}
+
+impl Inner {
+    fn table(&self) -> Arc<Table> {
+        self.shared.tables[self.thread].load_full()
+    }
 }
 
 /// Accepted connections waiting for their thread; a full queue slows accepting.
@@ -89,11 +99,16 @@ const HANDOFF: usize = 256;
 
 impl Router {
     /// A router with an empty table: every request gets a 404 until [`Router::install`].
-    pub fn new(config: RouterConfig) -> Self {
+    pub fn new(mut config: RouterConfig) -> Self {
+        if config.threads == 0 {
+            config.threads = std::thread::available_parallelism().map_or(1, usize::from);
+        }
         Self {
             shared: Arc::new(Shared {
-                table: ArcSwap::from_pointee(Table::default()),
-                inspector: inspector::Inspector::default(),
+                tables: (0..config.threads)
+                    .map(|_| ArcSwap::from_pointee(Table::default()))
+                    .collect(),
+                inspector: inspector::Inspector::new(config.threads),
                 config,
                 tls: Arc::default(),
             }),
@@ -103,11 +118,13 @@ impl Router {
     /// Routes new requests by `table` from now on; requests in flight finish on the table they
     /// started with. A table that does not compile changes nothing.
     pub fn install(&self, table: &RouteTable) -> Result<(), TableError> {
-        let compiled = Arc::new(Table::compile(table)?);
+        let compiled = Table::compile(table)?;
         for skipped in &compiled.skipped {
             tracing::warn!(reason = %skipped, "route left out of the table");
         }
-        self.shared.table.store(compiled.clone());
+        for slot in &self.shared.tables {
+            slot.store(Arc::new(compiled.clone()));
+        }
         // After the swap: a request still on the old table records into a sandbox that is
         // then forgotten, not into a new one of the same name.
         self.shared
@@ -125,10 +142,7 @@ impl Router {
     /// serving threads, each a single-threaded runtime (the way nginx runs one event loop per
     /// worker): on a proxy's hot path, wake-ups across threads cost more than the work.
     pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
-        let threads = match self.shared.config.threads {
-            0 => std::thread::available_parallelism().map_or(1, usize::from),
-            n => n,
-        };
+        let threads = self.shared.tables.len();
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
             let (tx, rx) = tokio::sync::mpsc::channel(HANDOFF);
@@ -136,7 +150,7 @@ impl Router {
             let stop = shutdown.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("sdp-router-{i}"))
-                .spawn(move || serve_thread(shared, rx, stop));
+                .spawn(move || serve_thread(shared, i, rx, stop));
             match spawned {
                 Ok(_) => workers.push(tx),
                 Err(e) => tracing::error!(error = %e, "cannot start a router thread"),
@@ -175,6 +189,7 @@ impl Router {
 /// One serving thread: its runtime, its upstream pool, the connections handed to it.
 fn serve_thread(
     shared: Arc<Shared>,
+    thread: usize,
     mut connections: tokio::sync::mpsc::Receiver<(std::net::TcpStream, SocketAddr)>,
     shutdown: CancellationToken,
 ) {
@@ -203,7 +218,11 @@ fn serve_thread(
                 sweeper.sweep();
             }
         });
-        let inner = Arc::new(Inner { shared, pool });
+        let inner = Arc::new(Inner {
+            shared,
+            thread,
+            pool,
+        });
         loop {
             let (stream, peer) = tokio::select! {
                 _ = shutdown.cancelled() => return,

@@ -6,7 +6,6 @@
 //! connection the upstream closed meanwhile hands the unsent request back, and it goes out on
 //! a new connection.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -18,7 +17,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use crate::table::Upstream;
+use crate::table::{FastMap, Upstream};
 
 /// Idle connections kept per upstream and thread; more are closed when they come back.
 const MAX_IDLE: usize = 256;
@@ -39,7 +38,7 @@ struct Idle {
 }
 
 pub struct Pool {
-    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    idle: Mutex<FastMap<String, Vec<Idle>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     tls: Arc<Tls>,
@@ -86,7 +85,7 @@ impl Pool {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Idle>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<String, Vec<Idle>>> {
         self.idle.lock().unwrap_or_else(|e| e.into_inner())
     }
 

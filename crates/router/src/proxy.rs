@@ -20,16 +20,16 @@ pub type Body = Either<PooledBody, Full<Bytes>>;
 
 // Names made once: parsing a name on every request shows in the router's profile.
 const ROUTE_HEADER: HeaderName = HeaderName::from_static("x-sdp-route");
-const SANDBOX: HeaderName = HeaderName::from_static(SANDBOX_HEADER);
 const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const VIA: HeaderValue = HeaderValue::from_static("1.1 sdp-router");
 
+const HOPS: usize = 6;
 /// Hop-by-hop fields (RFC 9110 §7.6.1, plus `Proxy-Connection` still sent by old clients):
 /// they describe one connection and are never forwarded. Fields named in `Connection` are
 /// dropped too.
-const HOP_BY_HOP: [HeaderName; 6] = [
+const HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -40,22 +40,35 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 
 /// Removes the hop-by-hop fields; returns the `Upgrade` value when the connection asked for
 /// one (`Connection: upgrade`).
+///
+/// Every message passes here twice per request, so it reads the fields once, comparing
+/// names rather than hashing them, and removes only what it found: most messages carry no
+/// such field but `Connection: keep-alive`.
 fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
-    if !HOP_BY_HOP.iter().any(|name| headers.contains_key(name)) {
-        return None;
-    }
+    let mut found = [false; HOPS];
     let mut upgrade = false;
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|token| {
+    let mut named = Vec::new();
+    for (name, value) in headers.iter() {
+        let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) else {
+            continue;
+        };
+        found[i] = true;
+        if *name != header::CONNECTION {
+            continue;
+        }
+        for token in value.to_str().unwrap_or_default().split(',') {
             let token = token.trim();
-            upgrade |= token.eq_ignore_ascii_case("upgrade");
-            HeaderName::from_bytes(token.as_bytes()).ok()
-        })
-        .collect();
+            if token.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            } else if !token.eq_ignore_ascii_case("keep-alive")
+                && !token.eq_ignore_ascii_case("close")
+                && let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+            {
+                // An option other than the usual ones names a field of this connection.
+                named.push(name);
+            }
+        }
+    }
     let upgrade = if upgrade {
         headers.get(header::UPGRADE).cloned()
     } else {
@@ -64,8 +77,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     for name in named {
         headers.remove(name);
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (name, found) in HOP_BY_HOP.iter().zip(found) {
+        if found {
+            headers.remove(name);
+        }
     }
     upgrade
 }
@@ -100,21 +115,22 @@ struct Recording<'a> {
 
 impl Pending<'_> {
     fn record(
-        &self,
+        self,
         service: Option<&ServiceName>,
         route: RouteKind,
         upstream: Option<&str>,
         status: StatusCode,
     ) {
-        let Some(r) = &self.recording else {
+        let Some(r) = self.recording else {
             return;
         };
         self.inner.shared.inspector.record(
+            self.inner.thread,
             r.sandbox,
             RouteDecision {
                 time: r.time,
-                method: r.method.clone(),
-                path: r.path.clone(),
+                method: r.method,
+                path: r.path,
                 service: service.cloned(),
                 route,
                 upstream: upstream.map(str::to_owned),
@@ -142,7 +158,7 @@ impl Client {
 
 pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) -> Response<Body> {
     // Held until this request has its answer: a table installed meanwhile is for the next.
-    let table = inner.shared.table.load_full();
+    let table = inner.table();
     let host = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
             .authority()
@@ -335,19 +351,19 @@ fn strip_and_prepare(
 ) -> Option<HeaderValue> {
     let headers = req.headers_mut();
     let upgrade = strip_hop_by_hop(headers);
-    let earlier: Vec<&str> = headers
+    // Room for the fields added below at once, rather than growing the map as they come.
+    headers.reserve(6);
+    let mut earlier = headers
         .get_all(&FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .collect();
-    let forwarded_for = if earlier.is_empty() {
+        .peekable();
+    let forwarded_for = if earlier.peek().is_none() {
         Some(client.ip.clone())
     } else {
-        let all = format!(
-            "{}, {}",
-            earlier.join(", "),
-            client.ip.to_str().unwrap_or_default()
-        );
+        let mut all = earlier.collect::<Vec<_>>().join(", ");
+        all.push_str(", ");
+        all.push_str(client.ip.to_str().unwrap_or_default());
         HeaderValue::from_str(&all).ok()
     };
     if let Some(value) = forwarded_for {
@@ -355,18 +371,18 @@ fn strip_and_prepare(
     }
     // A proxy in front (nginx for TLS) knows the original scheme and host better: theirs
     // are kept.
-    if !headers.contains_key(&FORWARDED_PROTO) {
-        headers.insert(FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
-    if !headers.contains_key(&FORWARDED_HOST)
-        && let Some(value) = host
+    headers
+        .entry(FORWARDED_PROTO)
+        .or_insert(HeaderValue::from_static("http"));
+    if let Some(value) = host
+        && let header::Entry::Vacant(entry) = headers.entry(FORWARDED_HOST)
     {
-        headers.insert(FORWARDED_HOST, value);
+        entry.insert(value);
     }
     // Named by Host or baggage, the sandbox still travels as the header, so that a service
     // calling others through the gateway with it stays inside its sandbox.
     if let Some(value) = sandbox.and_then(|s| HeaderValue::from_str(s).ok()) {
-        headers.insert(SANDBOX, value);
+        headers.insert(SANDBOX_HEADER, value);
     }
     headers.append(header::VIA, VIA);
     upgrade

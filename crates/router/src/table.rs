@@ -3,16 +3,18 @@
 
 use std::collections::HashMap;
 
-use hyper::header::{HeaderMap, HeaderValue};
+use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
 use sdp_protocol::{RouteKind, RouteTable, ServiceName};
 
-/// The header that names a sandbox, and that the router passes upstream.
-pub const SANDBOX_HEADER: &str = "x-sdp-sandbox";
+/// The header that names a sandbox, and that the router passes upstream. Header names are
+/// made once: a lookup by `&str` parses the name on every request.
+pub const SANDBOX_HEADER: HeaderName = HeaderName::from_static("x-sdp-sandbox");
 /// The W3C baggage member that names a sandbox.
 pub const BAGGAGE_KEY: &str = "sdp-sandbox";
+const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum TableError {
     #[error("service {service}: route {route:?} must start with '/'")]
     BadRoute { service: String, route: String },
@@ -37,6 +39,10 @@ pub enum TableError {
         upstream: String,
     },
 }
+
+/// The table's maps are read on every request with keys the table itself holds (prefixes,
+/// sandbox names): a fast hash pays, and there is no adversary to resist at insertion.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Where requests can be sent: scheme, authority and a base path to put before theirs.
 #[derive(Debug, Clone)]
@@ -147,17 +153,17 @@ fn host_value(authority: &Authority) -> Result<HeaderValue, String> {
     HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Service {
     pub name: ServiceName,
     /// None: only sandboxes serve it (`sdp dev`'s demo services, say).
     pub baseline: Option<Upstream>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Sandbox {
     /// By service index.
-    upstreams: HashMap<usize, Upstream>,
+    upstreams: FastMap<usize, Upstream>,
 }
 
 /// How the request named its sandbox.
@@ -184,13 +190,13 @@ pub enum Route<'t> {
     },
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Table {
     base_domain: String,
     /// Normalized prefix (no trailing `/`, except the root `/`) to service index.
-    prefixes: HashMap<String, usize>,
+    prefixes: FastMap<String, usize>,
     services: Vec<Service>,
-    sandboxes: HashMap<String, Sandbox>,
+    sandboxes: FastMap<String, Sandbox>,
     /// Sandbox entries left out, for the log.
     pub skipped: Vec<TableError>,
 }
@@ -250,7 +256,7 @@ impl Table {
             });
         }
         for sandbox in &table.sandboxes {
-            let mut upstreams = HashMap::new();
+            let mut upstreams = FastMap::default();
             for (service, address) in &sandbox.upstreams {
                 // One bad entry must not cost every other sandbox its routes: it is left out,
                 // and its requests go to the baseline.
@@ -315,7 +321,7 @@ impl Table {
             return Some((name, Source::Host));
         }
         if let Some(name) = headers
-            .get(SANDBOX_HEADER)
+            .get(&SANDBOX_HEADER)
             .and_then(|v| v.to_str().ok())
             .map(str::trim)
             .filter(|v| !v.is_empty())
@@ -323,7 +329,7 @@ impl Table {
             return Some((name.to_ascii_lowercase(), Source::Header));
         }
         headers
-            .get_all("baggage")
+            .get_all(&BAGGAGE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .find_map(baggage_sandbox)
@@ -335,9 +341,13 @@ impl Table {
             return None;
         }
         let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let label = host.strip_suffix(&self.base_domain)?.strip_suffix('.')?;
-        (!label.is_empty()).then(|| label.to_owned())
+        let host = host.trim_end_matches('.');
+        // Compared in place: most requests name no sandbox by Host, and pay no allocation.
+        let split = host.len().checked_sub(self.base_domain.len() + 1)?;
+        let (label, domain) = host.split_at_checked(split)?;
+        let domain = domain.strip_prefix('.')?;
+        (!label.is_empty() && domain.eq_ignore_ascii_case(&self.base_domain))
+            .then(|| label.to_ascii_lowercase())
     }
 
     /// Where a request for `path`, naming `sandbox` or none, goes.

@@ -987,9 +987,10 @@ where
     S: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
     loop {
-        let frame = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        // Generous: a frame may wait for a build, which a cold Go cache makes slow.
+        let frame = tokio::time::timeout(Duration::from_secs(60), stream.next())
             .await
-            .expect("a frame within 10s")
+            .expect("a frame within 60s")
             .expect("the connection is open")
             .expect("a frame");
         if let Message::Text(t) = frame {
