@@ -11,6 +11,10 @@
 #   ROUNDS=10 DURATION=10s bench/router.sh
 #
 # Compare ratios from one run, never absolute figures across runs or machines.
+#
+# Last, it counts the instructions each proxy runs per request in user space, under
+# callgrind (installs valgrind): unlike requests/s, that count does not depend on what else
+# the machine is doing, so it shows a change of a few percent that the noisy rounds hide.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +25,7 @@ CONNECTIONS=${CONNECTIONS:-50}
 missing=()
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+command -v valgrind >/dev/null 2>&1 || missing+=(valgrind)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -49,34 +54,40 @@ UPSTREAM=$(free_port)
 PROXY=$(free_port)
 ROUTER=$(free_port)
 
-nginx_conf() { # name workers body
-  mkdir -p "$work/$1"
-  cat >"$work/$1/nginx.conf" <<EOF
-worker_processes $2;
-error_log $work/$1/error.log warn;
-pid $work/$1/nginx.pid;
+nginx_conf() { # name workers body [command to run nginx under]
+  local name=$1 workers=$2 body=$3
+  shift 3
+  mkdir -p "$work/$name"
+  cat >"$work/$name/nginx.conf" <<EOF
+worker_processes $workers;
+error_log $work/$name/error.log warn;
+pid $work/$name/nginx.pid;
 events { worker_connections 4096; }
 http {
   access_log off;
-  client_body_temp_path $work/$1/body;
-  proxy_temp_path $work/$1/proxy;
-  fastcgi_temp_path $work/$1/fastcgi;
-  uwsgi_temp_path $work/$1/uwsgi;
-  scgi_temp_path $work/$1/scgi;
+  client_body_temp_path $work/$name/body;
+  proxy_temp_path $work/$name/proxy;
+  fastcgi_temp_path $work/$name/fastcgi;
+  uwsgi_temp_path $work/$name/uwsgi;
+  scgi_temp_path $work/$name/scgi;
   keepalive_requests 1000000;
-  $3
+  $body
 }
 EOF
-  "$NGINX" -p "$work/$1" -c "$work/$1/nginx.conf" -g 'daemon off;' &
+  # Under callgrind, one process does it all: no master, no worker to follow.
+  local master=on
+  [ $# -eq 0 ] || master=off
+  "$@" "$NGINX" -p "$work/$name" -c "$work/$name/nginx.conf" -g "daemon off; master_process $master;" \
+    >"$work/$name/out.log" 2>&1 &
   pids+=($!)
 }
 
-# The upstream: one worker, a fixed 13-byte answer.
-nginx_conf upstream 1 "server { listen 127.0.0.1:$UPSTREAM; location / { return 200 'orders: ok\n\n'; } }"
-# nginx as the reverse proxy: the same route, a keep-alive upstream, the forwarding headers.
-nginx_conf proxy auto "upstream orders { server 127.0.0.1:$UPSTREAM; keepalive 64; }
+# nginx as the reverse proxy on port $1: the same route, a keep-alive upstream, the
+# forwarding headers.
+proxy_http() {
+  echo "upstream orders { server 127.0.0.1:$UPSTREAM; keepalive 64; }
   server {
-    listen 127.0.0.1:$PROXY;
+    listen 127.0.0.1:$1;
     location /orders {
       proxy_pass http://orders;
       proxy_http_version 1.1;
@@ -86,25 +97,36 @@ nginx_conf proxy auto "upstream orders { server 127.0.0.1:$UPSTREAM; keepalive 6
       proxy_set_header X-Forwarded-Host \$host;
     }
   }"
+}
 
-# The router: a gateway agent whose control plane is away, routing by its saved table.
-mkdir -p "$work/agent"
-cat >"$work/agent/routes.json" <<EOF
+# The router on port $2, in work directory $1: a gateway agent whose control plane is away,
+# routing by its saved table. The rest of the arguments: a command to run it under.
+start_router() {
+  local dir=$work/$1 port=$2
+  shift 2
+  mkdir -p "$dir/agent"
+  cat >"$dir/agent/routes.json" <<EOF
 {"base_domain":"sandbox.test",
  "services":[{"service":"orders","routes":["/orders"],"baseline":"http://127.0.0.1:$UPSTREAM"}],
  "sandboxes":[{"sandbox":"bench","upstreams":{"orders":"127.0.0.1:$UPSTREAM"}}]}
 EOF
-cat >"$work/agent.toml" <<EOF
+  cat >"$dir/agent.toml" <<EOF
 server = "ws://127.0.0.1:9/ws/agent"
 role = "gateway"
 name = "bench-gateway"
-work_dir = "$work/agent"
+work_dir = "$dir/agent"
 [gateway]
-listen = "127.0.0.1:$ROUTER"
+listen = "127.0.0.1:$port"
 EOF
-SDP_TOKEN=bench RUST_LOG=error "$SDP" agent --config "$work/agent.toml" >"$work/agent.log" 2>&1 &
-router_pid=$!
-pids+=($router_pid)
+  SDP_TOKEN=bench RUST_LOG=error "$@" "$SDP" agent --config "$dir/agent.toml" >"$dir/agent.log" 2>&1 &
+  pids+=($!)
+}
+
+# The upstream: one worker, a fixed 13-byte answer.
+nginx_conf upstream 1 "server { listen 127.0.0.1:$UPSTREAM; location / { return 200 'orders: ok\n\n'; } }"
+nginx_conf proxy auto "$(proxy_http "$PROXY")"
+start_router router "$ROUTER"
+router_pid=${pids[-1]}
 
 for port in "$UPSTREAM" "$PROXY" "$ROUTER"; do
   for _ in $(seq 100); do
@@ -112,7 +134,7 @@ for port in "$UPSTREAM" "$PROXY" "$ROUTER"; do
     sleep 0.1
   done
 done
-curl -sf -o /dev/null "http://127.0.0.1:$ROUTER/orders/1" || { cat "$work/agent.log"; exit 1; }
+curl -sf -o /dev/null "http://127.0.0.1:$ROUTER/orders/1" || { cat "$work/router/agent.log"; exit 1; }
 
 load() { # label url [header]
   local out
@@ -181,3 +203,69 @@ print(f"router peak RSS: {rss_mib:.1f} MiB (accept < 20)")
 ok &= rss_mib < 20
 print("acceptance:", "met" if ok else "NOT met")
 EOF
+
+# Instructions per request in user space, under callgrind: the same requests to each proxy,
+# one at a time on each of 10 connections, after a warm-up that opens the upstream
+# connections. Valgrind runs a process about fifty times slower, so the count stays modest.
+COUNT=${COUNT:-2000}
+drive() { # port requests [header]
+  python3 - "$@" <<'EOF'
+import socket, sys
+port, count = int(sys.argv[1]), int(sys.argv[2])
+extra = (sys.argv[3] + "\r\n").encode() if len(sys.argv) > 3 else b""
+request = b"GET /orders/1 HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\n" + extra + b"\r\n"
+connections = [socket.create_connection(("127.0.0.1", port)) for _ in range(10)]
+for _ in range(count // len(connections)):
+    for c in connections:
+        c.sendall(request)
+    for c in connections:
+        answer = b""
+        while not answer.endswith(b"\r\n\r\norders: ok\n\n"):
+            chunk = c.recv(4096)
+            if not chunk:
+                sys.exit("connection closed: " + answer.decode(errors="replace"))
+            answer += chunk
+        if not answer.startswith(b"HTTP/1.1 200"):
+            sys.exit("unexpected answer: " + answer.decode(errors="replace"))
+EOF
+}
+instructions() { # pid port out-file [header]
+  local pid=$1 port=$2 out=$3
+  shift 3
+  for _ in $(seq 300); do
+    curl -s -o /dev/null "http://127.0.0.1:$port/orders/1" && break
+    sleep 0.1
+  done
+  drive "$port" 200 "$@"
+  callgrind_control -i on "$pid" >/dev/null 2>&1
+  drive "$port" "$COUNT" "$@"
+  callgrind_control -i off "$pid" >/dev/null 2>&1
+  callgrind_control -d "$pid" >/dev/null 2>&1
+  for _ in $(seq 100); do
+    ls "$out".* >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  local total=0
+  for part in "$out".*; do
+    total=$((total + $(callgrind_annotate "$part" | awk '/PROGRAM TOTALS/ {gsub(",", "", $1); print $1; exit}')))
+  done
+  echo $((total / COUNT))
+}
+callgrind() { # out-file
+  echo valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$1"
+}
+CG_PROXY=$(free_port)
+CG_ROUTER=$(free_port)
+# shellcheck disable=SC2046
+nginx_conf proxy-cg 1 "$(proxy_http "$CG_PROXY")" $(callgrind "$work/proxy-cg.out")
+cg_proxy=${pids[-1]}
+# shellcheck disable=SC2046
+start_router router-cg "$CG_ROUTER" $(callgrind "$work/router-cg.out")
+cg_router=${pids[-1]}
+nginx_i=$(instructions "$cg_proxy" "$CG_PROXY" "$work/proxy-cg.out")
+router_i=$(instructions "$cg_router" "$CG_ROUTER" "$work/router-cg.out")
+rm -f "$work"/router-cg.out.*
+sandbox_i=$(instructions "$cg_router" "$CG_ROUTER" "$work/router-cg.out" "X-SDP-Sandbox: bench")
+echo "instructions per request in user space (callgrind, $COUNT requests): nginx $nginx_i," \
+  "router $router_i ($(python3 -c "print(f'{$router_i / $nginx_i:.2f}')")x)," \
+  "router-sandbox $sandbox_i ($(python3 -c "print(f'{$sandbox_i / $nginx_i:.2f}')")x)"
