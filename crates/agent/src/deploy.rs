@@ -73,18 +73,24 @@ impl Deployer {
         let mut outcomes = Vec::new();
         let mut failure = None;
         for spec in &job.services {
+            let mut replacing = false;
             let result = tokio::select! {
                 _ = cancel.cancelled() => Err(Failure("the sandbox was torn down".into())),
-                r = self.service(&job, spec) => r,
+                r = self.service(&job, spec, &mut replacing) => r,
             };
             match result {
                 Ok(outcome) => outcomes.push(outcome),
                 Err(Failure(reason)) => {
-                    outcomes.push(ServiceOutcome {
-                        service: spec.service.clone(),
-                        commit: None,
-                        upstream: None,
-                    });
+                    // A service that failed before its previous instance was stopped (at
+                    // fetching or building) still runs that instance: like the services
+                    // after it, it has no outcome, and keeps its upstream and its route.
+                    if replacing {
+                        outcomes.push(ServiceOutcome {
+                            service: spec.service.clone(),
+                            commit: None,
+                            upstream: None,
+                        });
+                    }
                     failure = Some(reason);
                     break;
                 }
@@ -104,10 +110,13 @@ impl Deployer {
         self.outbox.close(&deployment);
     }
 
+    /// Fetches, builds and starts one service. `replacing` turns true once its previous
+    /// instance, if any, is being stopped.
     async fn service(
         &self,
         job: &DeployJob,
         spec: &ServiceSpec,
+        replacing: &mut bool,
     ) -> Result<ServiceOutcome, Failure> {
         let d = job.deployment.as_str();
         let service = &spec.service;
@@ -166,6 +175,7 @@ impl Deployer {
 
         out.step(d, service, Step::Starting, StepState::Running)
             .await;
+        *replacing = true;
         let _ = self.runtime.stop_service(&job.sandbox, service).await;
         let mut env = spec.env.clone();
         env.insert("SDP_SANDBOX".into(), job.sandbox.to_string());

@@ -363,7 +363,8 @@ async fn bodies_stream_through_both_ways_websockets_pass_and_a_route_change_drop
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn routes_go_before_instances_at_teardown_and_the_last_table_outlives_restarts() {
+async fn a_failed_redeploy_keeps_routes_which_go_before_instances_at_teardown_and_outlive_restarts()
+{
     let mut env = TestEnv::start(Options::default()).await;
     let token = env.login().await;
     for name in ["keep", "drop"] {
@@ -377,6 +378,23 @@ async fn routes_go_before_instances_at_teardown_and_the_last_table_outlives_rest
         send(get("drop")).await.body,
         "orders on feature/x in drop\n"
     );
+
+    // A redeploy that fails to build leaves the running instance, and its route, as they
+    // were: the sandbox still shows the service running its previous branch and commit.
+    let before = env.get("/api/sandboxes/keep", Some(&token)).await.json();
+    let failed = env
+        .redeploy_and_wait(&token, "keep", &["orders@broken"])
+        .await;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let still = send(get("keep")).await;
+    assert_eq!(still.body, "orders on feature/x in keep\n");
+    assert_eq!(route(&still), "sandbox");
+    let after = env.get("/api/sandboxes/keep", Some(&token)).await.json();
+    let (was, is) = (&before["services"][0], &after["services"][0]);
+    assert_eq!(is["state"], "running", "{after}");
+    assert_eq!(is["branch"], "feature/x", "{after}");
+    assert_eq!(is["commit"], was["commit"], "{after}");
+    assert_eq!(is["upstream"], was["upstream"], "{after}");
 
     // Teardown: the router forgets the sandbox before its instance is stopped.
     let reply = env

@@ -128,8 +128,10 @@ async fn insert_deployment(
         .execute(&mut **tx)
         .await?;
         sqlx::query(
+            // A service already there keeps its branch until its new instance runs: if the
+            // redeploy fails before, its previous instance still runs that branch.
             "INSERT INTO sandbox_services (sandbox_id, service, branch, state) VALUES (?1, ?2, ?3, 'deploying')
-             ON CONFLICT (sandbox_id, service) DO UPDATE SET branch = excluded.branch, state = 'deploying'",
+             ON CONFLICT (sandbox_id, service) DO UPDATE SET state = 'deploying'",
         )
         .bind(sandbox_id)
         .bind(&s.service)
@@ -506,9 +508,11 @@ impl Db {
         .await?;
         store_outcomes(&mut tx, deployment_id, &sandbox_id, outcomes).await?;
         if !ok {
-            // The services of this deployment that did not come up.
+            // The services of this deployment that have no outcome: those never started
+            // before still have no instance; the others still run their previous one.
             sqlx::query(
-                "UPDATE sandbox_services SET state = 'failed' WHERE sandbox_id = ?1 AND state = 'deploying'",
+                "UPDATE sandbox_services SET state = CASE WHEN upstream IS NULL THEN 'failed' ELSE 'running' END
+                 WHERE sandbox_id = ?1 AND state = 'deploying'",
             )
             .bind(&sandbox_id)
             .execute(&mut *tx)
@@ -687,13 +691,16 @@ async fn store_outcomes(
         .await?;
         sqlx::query(
             "UPDATE sandbox_services SET commit_sha = COALESCE(?3, commit_sha), upstream = ?4,
-               state = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'running' END
+               state = CASE WHEN ?4 IS NULL THEN 'failed' ELSE 'running' END,
+               branch = COALESCE((SELECT branch FROM deployment_services
+                                   WHERE deployment_id = ?5 AND service = ?2), branch)
              WHERE sandbox_id = ?1 AND service = ?2",
         )
         .bind(sandbox_id)
         .bind(service)
         .bind(commit)
         .bind(upstream)
+        .bind(deployment_id)
         .execute(&mut *tx)
         .await?;
     }
