@@ -32,6 +32,9 @@ pub struct Deployments {
     /// Given to services as `SDP_GATEWAY_URL`.
     pub gateway_url: String,
     pub routes: Arc<Routes>,
+    /// The control plane is stopping: what is interrupted then is resumed at the next start,
+    /// not failed.
+    pub shutdown: tokio_util::sync::CancellationToken,
 }
 
 fn now_rfc3339() -> String {
@@ -209,6 +212,11 @@ impl Deployments {
             Ok(()) => {
                 self.routing_step(deployment, StepState::Done).await;
                 self.finish(deployment, true, None, &[]).await;
+            }
+            // The gateways were cut off by our own shutdown: the deployment stays in routing,
+            // and the next start resumes it (see `recover`).
+            Err(reason) if self.shutdown.is_cancelled() => {
+                tracing::info!(%deployment, reason, "routing interrupted by the shutdown");
             }
             Err(reason) => {
                 self.routing_step(deployment, StepState::Failed).await;
@@ -396,13 +404,29 @@ impl Deployments {
             Err(e) => tracing::error!(error = %e, "cannot read running deployments"),
         }
         match self.db.deployments_in_routing().await {
-            Ok(routing) => {
-                for deployment in routing {
-                    let this = self.clone();
-                    tokio::spawn(async move { this.route(&deployment).await });
-                }
+            Ok(routing) if !routing.is_empty() => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    this.wait_for_a_gateway().await;
+                    for deployment in routing {
+                        let this = this.clone();
+                        tokio::spawn(async move { this.route(&deployment).await });
+                    }
+                });
             }
+            Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "cannot read deployments being routed"),
+        }
+    }
+
+    /// Until a gateway agent is connected, for as long as agents get to come back
+    /// (`agent_timeout`). Just after a restart none is yet: routing at once would fail every
+    /// deployment that was being routed. One check a tenth of a second, once per restart.
+    async fn wait_for_a_gateway(&self) {
+        let deadline = tokio::time::Instant::now() + self.agent_timeout;
+        while self.hub.names_of(Role::Gateway).is_empty() && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 

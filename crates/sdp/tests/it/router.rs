@@ -493,22 +493,7 @@ async fn a_deployment_waiting_for_its_gateway_survives_its_micro_agent_restartin
         .as_str()
         .unwrap()
         .to_owned();
-    // Tables come as the sandbox is created, then with its instance's upstream.
-    let routing = loop {
-        let job = gateway.next_job("routes").await;
-        let held = job["job"]["sandboxes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["sandbox"] == "held")
-            .cloned();
-        if held.is_some_and(|s| s["upstreams"]["orders"].is_string()) {
-            break job;
-        }
-        gateway
-            .reply(&job, json!({"outcome": "routes_applied"}))
-            .await;
-    };
+    let routing = table_routing(&mut gateway, "held").await;
     let d = env
         .get(&format!("/api/deployments/{id}"), Some(&token))
         .await
@@ -544,6 +529,78 @@ async fn a_deployment_waiting_for_its_gateway_survives_its_micro_agent_restartin
         .cloned()
         .expect("a routing step");
     assert_eq!(routing_step["state"], "done");
+}
+
+/// Applies the tables `gateway` gets until one routes `sandbox`'s `orders` to its instance
+/// (tables come as the sandbox is created, then with its instance's upstream), and returns
+/// that one unanswered.
+async fn table_routing(gateway: &mut FakeAgent, sandbox: &str) -> Value {
+    loop {
+        let job = gateway.next_job("routes").await;
+        let routed = job["job"]["sandboxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["sandbox"] == sandbox)
+            .cloned();
+        if routed.is_some_and(|s| s["upstreams"]["orders"].is_string()) {
+            return job;
+        }
+        gateway
+            .reply(&job, json!({"outcome": "routes_applied"}))
+            .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deployment_being_routed_when_the_control_plane_restarts_is_routed_once_its_gateway_is_back()
+ {
+    let mut env = TestEnv::start(Options {
+        gateway: false,
+        job_timeout: "60s",
+        agent_timeout: "60s",
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    let mut gateway = FakeAgent::connect_as(&env, "slow-gateway", "gateway").await;
+    let reply = env
+        .create_sandbox(&token, "resumed", &["orders@main"])
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The table with the new instance is never answered: the control plane stops first.
+    let _unanswered = table_routing(&mut gateway, "resumed").await;
+    let addr = env.url.trim_start_matches("http://").to_owned();
+    env.stop_server();
+    drop(gateway);
+    env.start_server(&addr);
+    // The gateway takes a moment to come back, as a real one would after its backoff.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut gateway = FakeAgent::connect_as(&env, "slow-gateway", "gateway").await;
+    let token = env.login().await;
+    let waiting = env.wait_deployment(&token, &id);
+    tokio::pin!(waiting);
+    let d = loop {
+        tokio::select! {
+            d = &mut waiting => break d,
+            job = gateway.next_job("routes") => {
+                gateway.reply(&job, json!({"outcome": "routes_applied"})).await;
+            }
+        }
+    };
+    assert_eq!(d["state"], "ready", "{d}");
+    let routing = d["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["step"] == "routing")
+        .cloned()
+        .expect("a routing step");
+    assert_eq!(routing["state"], "done", "{d}");
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -211,6 +211,7 @@ impl AppState {
             agent_timeout: config.agent_timeout.get(),
             gateway_url: config.gateway.public_url.clone(),
             routes,
+            shutdown: shutdown.clone(),
         });
         Ok(Self(Arc::new(Inner {
             config,
