@@ -472,28 +472,13 @@ async fn without_a_gateway_agent_a_deployment_fails_at_routing_saying_so() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deployment_waiting_for_its_gateway_survives_its_micro_agent_restarting() {
-    let mut env = TestEnv::start(Options {
-        gateway: false,
-        job_timeout: "60s",
-        agent_timeout: "60s",
-        ..Options::default()
-    })
-    .await;
-    let token = env.login().await;
-    // A gateway that applies tables only when the test says so.
-    let mut gateway = FakeAgent::connect_as(&env, "slow-gateway", "gateway").await;
-    let first = gateway.next_job("routes").await;
-    gateway
-        .reply(&first, json!({"outcome": "routes_applied"}))
-        .await;
-
-    let reply = env.create_sandbox(&token, "held", &["orders@main"]).await;
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let id = reply.json()["deployment"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let routing = table_routing(&mut gateway, "held").await;
+    let Held {
+        mut env,
+        token,
+        mut gateway,
+        id,
+        routing,
+    } = Held::deploy("held").await;
     let d = env
         .get(&format!("/api/deployments/{id}"), Some(&token))
         .await
@@ -531,49 +516,71 @@ async fn a_deployment_waiting_for_its_gateway_survives_its_micro_agent_restartin
     assert_eq!(routing_step["state"], "done");
 }
 
-/// Applies the tables `gateway` gets until one routes `sandbox`'s `orders` to its instance
-/// (tables come as the sandbox is created, then with its instance's upstream), and returns
-/// that one unanswered.
-async fn table_routing(gateway: &mut FakeAgent, sandbox: &str) -> Value {
-    loop {
-        let job = gateway.next_job("routes").await;
-        let routed = job["job"]["sandboxes"]
-            .as_array()
+/// A deployment of `orders@main` held at `routing`: its gateway is a fake one that applied
+/// every table until the one that routes the new instance, which it leaves unanswered.
+struct Held {
+    env: TestEnv,
+    token: String,
+    gateway: FakeAgent,
+    /// The deployment's id.
+    id: String,
+    /// The unanswered `routes` job.
+    routing: Value,
+}
+
+impl Held {
+    async fn deploy(sandbox: &str) -> Held {
+        let env = TestEnv::start(Options {
+            gateway: false,
+            job_timeout: "60s",
+            agent_timeout: "60s",
+            ..Options::default()
+        })
+        .await;
+        let token = env.login().await;
+        let mut gateway = FakeAgent::connect_as(&env, "slow-gateway", "gateway").await;
+        let reply = env.create_sandbox(&token, sandbox, &["orders@main"]).await;
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        let id = reply.json()["deployment"]["id"]
+            .as_str()
             .unwrap()
-            .iter()
-            .find(|s| s["sandbox"] == sandbox)
-            .cloned();
-        if routed.is_some_and(|s| s["upstreams"]["orders"].is_string()) {
-            return job;
+            .to_owned();
+        // Tables come as the gateway connects, as the sandbox is created, then with its
+        // instance's upstream.
+        let routing = loop {
+            let job = gateway.next_job("routes").await;
+            let routed = job["job"]["sandboxes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|s| s["sandbox"] == sandbox)
+                .cloned();
+            if routed.is_some_and(|s| s["upstreams"]["orders"].is_string()) {
+                break job;
+            }
+            gateway
+                .reply(&job, json!({"outcome": "routes_applied"}))
+                .await;
+        };
+        Held {
+            env,
+            token,
+            gateway,
+            id,
+            routing,
         }
-        gateway
-            .reply(&job, json!({"outcome": "routes_applied"}))
-            .await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_deployment_being_routed_when_the_control_plane_restarts_is_routed_once_its_gateway_is_back()
- {
-    let mut env = TestEnv::start(Options {
-        gateway: false,
-        job_timeout: "60s",
-        agent_timeout: "60s",
-        ..Options::default()
-    })
-    .await;
-    let token = env.login().await;
-    let mut gateway = FakeAgent::connect_as(&env, "slow-gateway", "gateway").await;
-    let reply = env
-        .create_sandbox(&token, "resumed", &["orders@main"])
-        .await;
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let id = reply.json()["deployment"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+async fn routing_cut_short_by_a_control_plane_restart_resumes_once_a_gateway_is_back() {
     // The table with the new instance is never answered: the control plane stops first.
-    let _unanswered = table_routing(&mut gateway, "resumed").await;
+    let Held {
+        mut env,
+        gateway,
+        id,
+        ..
+    } = Held::deploy("resumed").await;
     let addr = env.url.trim_start_matches("http://").to_owned();
     env.stop_server();
     drop(gateway);
