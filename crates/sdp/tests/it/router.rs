@@ -185,17 +185,18 @@ async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_
     assert_eq!(slow.error_code(), "upstream_timeout");
     assert!(slow.body.contains(upstream), "{}", slow.body);
 
-    // Upstream connections are kept alive and reused: one client connection, one thread of
-    // the router, one pooled connection to the instance.
+    // Upstream connections are kept alive and reused. Not always exactly one: on a loaded
+    // machine a pooled connection can miss the short wait for it to be ready and be replaced,
+    // and the client may spread its requests over connections the router serves on
+    // different threads, each with its own pool. Without reuse, there would be ten.
     let mut remotes = std::collections::BTreeSet::new();
-    for _ in 0..5 {
+    for _ in 0..10 {
         let seen = send(http.get(format!("{url}/orders/headers"))).await;
         remotes.insert(seen.json()["remote"].as_str().unwrap().to_owned());
     }
-    assert_eq!(
-        remotes.len(),
-        1,
-        "one upstream connection expected: {remotes:?}"
+    assert!(
+        remotes.len() <= 3,
+        "upstream connections reused expected: {remotes:?}"
     );
 
     // The routing key travels on: the instance calls the gateway with the header it was
