@@ -459,13 +459,7 @@ async fn without_a_gateway_agent_a_deployment_fails_at_routing_saying_so() {
             .contains("no gateway agent is connected"),
         "{deployment}"
     );
-    let routing = deployment["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "routing")
-        .expect("a routing step");
-    assert_eq!(routing["state"], "failed");
+    assert_eq!(routing_step(&deployment)["state"], "failed", "{deployment}");
     assert_eq!(sandbox["state"], "failed");
     let inspector = env.get("/api/sandboxes/lost/requests", Some(&token)).await;
     assert_eq!(inspector.status, 503, "{}", inspector.body);
@@ -507,14 +501,17 @@ async fn a_deployment_waiting_for_its_gateway_survives_its_micro_agent_restartin
         .await;
     let d = env.wait_deployment(&token, &id).await;
     assert_eq!(d["state"], "ready", "{d}");
-    let routing_step = d["steps"]
+    assert_eq!(routing_step(&d)["state"], "done", "{d}");
+}
+
+/// A deployment's `routing` step.
+fn routing_step(deployment: &Value) -> &Value {
+    deployment["steps"]
         .as_array()
         .unwrap()
         .iter()
         .find(|s| s["step"] == "routing")
-        .cloned()
-        .expect("a routing step");
-    assert_eq!(routing_step["state"], "done");
+        .unwrap_or_else(|| panic!("no routing step: {deployment}"))
 }
 
 /// A deployment of `orders@main` held at `routing`: its gateway is a fake one that applied
@@ -601,14 +598,7 @@ async fn routing_cut_short_by_a_control_plane_restart_resumes_once_a_gateway_is_
         }
     };
     assert_eq!(d["state"], "ready", "{d}");
-    let routing = d["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["step"] == "routing")
-        .cloned()
-        .expect("a routing step");
-    assert_eq!(routing["state"], "done", "{d}");
+    assert_eq!(routing_step(&d)["state"], "done", "{d}");
 }
 
 fn hex(bytes: &[u8]) -> String {
