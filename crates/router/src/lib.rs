@@ -70,8 +70,8 @@ pub struct Router {
 
 /// What every serving thread reads.
 struct Shared {
-    /// One copy of the table per serving thread: each request holds its thread's copy, and
-    /// threads holding one shared copy would contend for its reference count.
+    /// One table per serving thread, each compiled on its own: each request holds its
+    /// thread's, and threads sharing one would contend for its reference counts.
     tables: Box<[ArcSwap<Table>]>,
     inspector: inspector::Inspector,
     config: RouterConfig,
@@ -118,18 +118,22 @@ impl Router {
     /// Routes new requests by `table` from now on; requests in flight finish on the table they
     /// started with. A table that does not compile changes nothing.
     pub fn install(&self, table: &RouteTable) -> Result<(), TableError> {
-        let compiled = Table::compile(table)?;
-        for skipped in &compiled.skipped {
+        // Compiled once per thread rather than cloned: a clone would share the upstreams'
+        // `Host` values, and threads would again contend for their reference counts.
+        let compiled = (0..self.shared.tables.len())
+            .map(|_| Table::compile(table).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        for skipped in &compiled[0].skipped {
             tracing::warn!(reason = %skipped, "route left out of the table");
         }
-        for slot in &self.shared.tables {
-            slot.store(Arc::new(compiled.clone()));
+        for (slot, table) in self.shared.tables.iter().zip(&compiled) {
+            slot.store(table.clone());
         }
         // After the swap: a request still on the old table records into a sandbox that is
         // then forgotten, not into a new one of the same name.
         self.shared
             .inspector
-            .retain(|name| compiled.has_sandbox(name));
+            .retain(|name| compiled[0].has_sandbox(name));
         Ok(())
     }
 

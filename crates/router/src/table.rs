@@ -14,7 +14,7 @@ pub const SANDBOX_HEADER: HeaderName = HeaderName::from_static("x-sdp-sandbox");
 pub const BAGGAGE_KEY: &str = "sdp-sandbox";
 const BAGGAGE: HeaderName = HeaderName::from_static("baggage");
 
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TableError {
     #[error("service {service}: route {route:?} must start with '/'")]
     BadRoute { service: String, route: String },
@@ -153,14 +153,14 @@ fn host_value(authority: &Authority) -> Result<HeaderValue, String> {
     HeaderValue::from_str(authority.as_str()).map_err(|e| e.to_string())
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Service {
     pub name: ServiceName,
     /// None: only sandboxes serve it (`sdp dev`'s demo services, say).
     pub baseline: Option<Upstream>,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Sandbox {
     /// By service index.
     upstreams: FastMap<usize, Upstream>,
@@ -190,7 +190,7 @@ pub enum Route<'t> {
     },
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Table {
     base_domain: String,
     /// Normalized prefix (no trailing `/`, except the root `/`) to service index.
