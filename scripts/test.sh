@@ -27,6 +27,13 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 
+# The integration tests run user code as an unprivileged user they create when run as root
+# (sdp-it-run, see crates/sdp/tests/it/harness); remove it, and anything left running as it,
+# once they are done.
+if [ "$(id -u)" -eq 0 ]; then
+  trap 'pkill -KILL -u sdp-it-run 2>/dev/null; userdel sdp-it-run 2>/dev/null; true' EXIT
+fi
+
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast

@@ -37,6 +37,22 @@ pub struct AgentConfig {
     pub docker: DockerConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayConfig>,
+    /// The user builds and services run as. Required when the agent runs as root: user code
+    /// must never share the agent's uid, which can read the git processes' environment (the
+    /// password) and write what git reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<String>,
+    /// Lets a root agent without `run_as` run builds as root. Unsafe: any user's build then
+    /// reads every other user's password. For a single-user machine only.
+    #[serde(default)]
+    pub allow_root_builds: bool,
+    /// git processes at once on this agent; more jobs wait in a queue.
+    #[serde(default = "default_max_git_jobs")]
+    pub max_git_jobs: usize,
+    /// Lets git use local repositories (`file://` and plain paths): `sdp dev` only, whose demo
+    /// repositories are folders. Not a key of the file.
+    #[serde(skip)]
+    pub allow_local_repos: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +115,10 @@ fn default_connect_timeout() -> ConfigDuration {
 }
 fn default_upstream_timeout() -> ConfigDuration {
     ConfigDuration::from_secs(60)
+}
+
+fn default_max_git_jobs() -> usize {
+    8
 }
 
 fn default_work_dir() -> PathBuf {
@@ -171,6 +191,14 @@ impl AgentConfig {
             return Err("`docker.pids` must be a whole number above zero".into());
         }
         parse_port_range(&self.port_range)?;
+        if self.max_git_jobs == 0 {
+            return Err("`max_git_jobs` must be at least 1".into());
+        }
+        if let Some(user) = &self.run_as
+            && user.trim().is_empty()
+        {
+            return Err("`run_as` must name a user".into());
+        }
         if !self.docker.cpus.is_finite() || self.docker.cpus <= 0.0 {
             return Err("`docker.cpus` must be above zero".into());
         }

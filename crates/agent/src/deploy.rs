@@ -5,7 +5,7 @@
 //! outcome, with each service's commit and upstream address.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,12 +13,12 @@ use std::time::Duration;
 use sdp_protocol::{
     DeployJob, EventBody, LogStream, SandboxName, ServiceOutcome, ServiceSpec, Step, StepState,
 };
-use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Outbox;
 use crate::git::{BASE_PASS_THROUGH, Git};
 use crate::group::GroupGuard;
+use crate::isolation::{Layout, UserCode};
 use crate::lines::{LineSink, pump};
 use crate::runtime::{Runtime, StartRequest};
 
@@ -52,7 +52,8 @@ pub struct Deployer {
     pub git: Git,
     pub runtime: Arc<dyn Runtime>,
     pub outbox: Arc<Outbox>,
-    pub work_dir: PathBuf,
+    pub layout: Layout,
+    pub users: UserCode,
     pub advertise_host: String,
     pub build_timeout: Duration,
     pub health_timeout: Duration,
@@ -63,10 +64,6 @@ pub struct Deployer {
 struct Failure(String);
 
 impl Deployer {
-    pub fn checkouts(&self, sandbox: &SandboxName) -> PathBuf {
-        self.work_dir.join("checkouts").join(sandbox.as_str())
-    }
-
     /// Runs a deploy job to its outcome, or until `cancel` (a teardown) stops it.
     pub async fn run(&self, job: DeployJob, cancel: CancellationToken) {
         let deployment = job.deployment.clone();
@@ -121,15 +118,22 @@ impl Deployer {
         let d = job.deployment.as_str();
         let service = &spec.service;
         let out = &self.outbox;
-        let dir = self.checkouts(&job.sandbox);
-        let checkout = dir.join(service.as_str());
-        let marker = dir.join(format!(".{service}.built"));
+        let checkout = self
+            .layout
+            .checkouts_of(job.sandbox.as_str())
+            .join(service.as_str());
+        // The agent's own record of what was built, out of user code's reach: a build cannot
+        // claim a commit it was not given.
+        let marker = self
+            .layout
+            .state_of(job.sandbox.as_str())
+            .join(format!("{service}.built"));
 
         out.step(d, service, Step::Fetching, StepState::Running)
             .await;
         let commit = match self
             .git
-            .fetch(&spec.repo, &spec.branch, &checkout, &job.credentials)
+            .fetch(&spec.repo, &spec.branch, &job.credentials)
             .await
         {
             Ok(commit) => commit,
@@ -146,7 +150,7 @@ impl Deployer {
             .await;
 
         let built = std::fs::read_to_string(&marker).ok();
-        if built.as_deref() == Some(commit.as_str()) {
+        if built.as_deref() == Some(commit.as_str()) && checkout.is_dir() {
             out.step(d, service, Step::Building, StepState::Skipped)
                 .await;
             out.system(
@@ -157,10 +161,10 @@ impl Deployer {
             .await;
         } else {
             let _ = std::fs::remove_file(&marker);
-            if let Err(e) = self.git.switch(&checkout, &commit).await {
+            if let Err(reason) = self.check_out(&spec.repo, &commit, &checkout).await {
                 out.step(d, service, Step::Fetching, StepState::Failed)
                     .await;
-                return Err(Failure(format!("checking out {commit}: {}", e.message)));
+                return Err(Failure(format!("checking out {commit}: {reason}")));
             }
             out.step(d, service, Step::Building, StepState::Running)
                 .await;
@@ -169,7 +173,10 @@ impl Deployer {
                     .await;
                 return Err(Failure(reason));
             }
-            std::fs::write(&marker, &commit)
+            marker
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&marker, &commit))
                 .map_err(|e| Failure(format!("cannot record the build: {e}")))?;
         }
 
@@ -188,6 +195,7 @@ impl Deployer {
                 service: service.clone(),
                 deployment: job.deployment.clone(),
                 checkout: checkout.clone(),
+                home: self.layout.home_of(job.sandbox.as_str()),
                 run: spec.run.clone(),
                 port: spec.port,
                 env,
@@ -222,8 +230,42 @@ impl Deployer {
         })
     }
 
-    /// The catalog's `build` through `sh -c` in the checkout, its output streamed line by
-    /// line with the user's password masked, under the build timeout.
+    /// Replaces whatever is in `checkout` with the files of `commit`: a fresh folder of user
+    /// code's user, written from the mirror, with no `.git`.
+    async fn check_out(
+        &self,
+        repo: &sdp_protocol::RepoUrl,
+        commit: &str,
+        checkout: &Path,
+    ) -> Result<(), String> {
+        if let Some(parent) = checkout.parent() {
+            // The sandbox's folder stays the agent's: user code can write in its checkouts,
+            // never swap them for links.
+            std::fs::create_dir_all(parent)
+                .and_then(|()| {
+                    std::fs::set_permissions(
+                        parent,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+                    )
+                })
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        match std::fs::remove_dir_all(checkout) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("cannot clear {}: {e}", checkout.display())),
+        }
+        self.users
+            .create_dir(checkout)
+            .map_err(|e| format!("cannot create {}: {e}", checkout.display()))?;
+        self.git
+            .export(repo, commit, checkout, &self.users)
+            .await
+            .map_err(|e| e.message)
+    }
+
+    /// The catalog's `build` through `sh -c` in the checkout, as user code's user, its output
+    /// streamed line by line with the user's password masked, under the build timeout.
     async fn build(
         &self,
         job: &DeployJob,
@@ -236,8 +278,12 @@ impl Deployer {
                 env.insert((*key).to_owned(), v);
             }
         }
-        let cache = self.work_dir.join("cache");
-        env.insert("HOME".into(), self.git.home.display().to_string());
+        let cache = &self.layout.cache;
+        let home = self.layout.home_of(job.sandbox.as_str());
+        self.users
+            .create_dir(&home)
+            .map_err(|e| Failure(format!("cannot create {}: {e}", home.display())))?;
+        env.insert("HOME".into(), home.display().to_string());
         env.insert(
             "GOCACHE".into(),
             cache.join("go-build").display().to_string(),
@@ -245,7 +291,9 @@ impl Deployer {
         env.insert("GOPATH".into(), cache.join("go").display().to_string());
         env.insert("SDP_SANDBOX".into(), job.sandbox.to_string());
         env.insert("SDP_SERVICE".into(), spec.service.to_string());
-        let mut child = Command::new("sh")
+        let mut child = self
+            .users
+            .command("sh")
             .arg("-c")
             .arg(&spec.build)
             .current_dir(checkout)
@@ -329,18 +377,26 @@ impl Deployer {
         )))
     }
 
-    /// Stops everything of `sandbox` and deletes its checkouts.
+    /// Stops everything of `sandbox` and deletes its checkouts, its home and what the agent
+    /// recorded of it.
     pub async fn teardown(&self, sandbox: &SandboxName) -> Result<(), String> {
         self.runtime
             .stop_sandbox(sandbox)
             .await
             .map_err(|e| e.to_string())?;
-        let dir = self.checkouts(sandbox);
-        match std::fs::remove_dir_all(&dir) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("cannot delete {}: {e}", dir.display())),
+        let name = sandbox.as_str();
+        for dir in [
+            self.layout.checkouts_of(name),
+            self.layout.home_of(name),
+            self.layout.state_of(name),
+        ] {
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(format!("cannot delete {}: {e}", dir.display())),
+            }
         }
+        Ok(())
     }
 }
 

@@ -1,22 +1,38 @@
-//! The real `git` CLI, with the user's credentials handed over the only safe way.
+//! The real `git` CLI, run hermetically, with the user's credentials handed over the only
+//! safe way.
 //!
 //! The password reaches git through `GIT_ASKPASS` (the `sdp` binary in askpass mode) and the
 //! child's environment: never argv (`/proc/*/cmdline` is world-readable), never the URL (git
-//! writes it into `.git/config` and error messages), never a file. Credential helpers and
-//! terminal prompts are off, so nothing else answers or stores. Every call has a timeout and
-//! is killed with its whole process group when it runs out.
+//! writes it into config and error messages), never a file. git runs as the agent, never as
+//! user code's `run_as` user, so user code cannot read that environment.
+//!
+//! git reads nothing user code could have written: `HOME` is the agent's own, global and
+//! system config are off, hooks, fsmonitor and credential helpers are switched off on the
+//! command line, and only http, https and ssh may be used. Repositories live as bare mirrors
+//! that only the agent can reach (`<work_dir>/git/mirrors`); a sandbox's working tree is
+//! written from a mirror by `git archive`, unpacked by user code's user, and has no `.git`.
+//! Every use of a mirror starts with a fetch under the requesting user's own credentials, so
+//! a user without access to a repository is refused even when its objects are on disk.
+//!
+//! Every call has a timeout and is killed with its whole process group when it runs out, and
+//! at most `max_git_jobs` git processes run at once: more wait in a queue, for a while.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sdp_protocol::{Branch, BranchName, Credentials, JobError, JobErrorCode, RepoUrl};
+use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::process::Command;
+use tokio::sync::Semaphore;
 
 use crate::askpass;
 use crate::group::GroupGuard;
+use crate::isolation::UserCode;
 
 /// What every child of the agent (git, builds) may see of the agent's environment: where
 /// programs are, and how to reach servers through a corporate proxy or CA.
@@ -36,16 +52,45 @@ pub const BASE_PASS_THROUGH: &[&str] = &[
 /// git's own on top of [`BASE_PASS_THROUGH`]. Nothing else leaks in.
 const GIT_PASS_THROUGH: &[&str] = &["GIT_SSL_CAINFO"];
 
+/// Config given on the command line of every git call (through `GIT_CONFIG_*`), where it wins
+/// over the repository's: no credential helper stores or answers, and nothing runs a command
+/// of anyone's choosing (hooks, fsmonitor) or in the background (auto gc, maintenance).
+const HERMETIC_CONFIG: &[(&str, &str)] = &[
+    ("credential.helper", ""),
+    ("core.hooksPath", "/dev/null"),
+    ("core.fsmonitor", "false"),
+    ("core.attributesFile", "/dev/null"),
+    ("gc.auto", "0"),
+    ("maintenance.auto", "false"),
+    ("tar.umask", "022"),
+];
+
+/// Attributes of every mirror, which win over those of the repository's own files: `git
+/// archive` writes every file of the commit as it is, none left out or rewritten.
+const MIRROR_ATTRIBUTES: &str = "* -export-ignore -export-subst\n";
+
 /// Output kept from a git command; more is cut off.
 const MAX_OUTPUT: usize = 16 << 20;
+
+/// The longest a git call waits in the queue for a slot before giving up.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct Git {
     /// The askpass program: the `sdp` binary.
     pub askpass: PathBuf,
-    /// `HOME` for git: a folder of the agent's, so no user's global config applies.
+    /// `HOME` for git: a folder of the agent's that user code cannot write.
     pub home: PathBuf,
+    /// The bare mirrors, one per repository.
+    pub mirrors: PathBuf,
     pub timeout: Duration,
+    /// Whether local repositories (paths, `file://`) may be used: `sdp dev` only.
+    pub allow_local: bool,
+    /// One permit per git process that may run.
+    slots: Arc<Semaphore>,
+    max_jobs: usize,
+    /// One lock per mirror, so that fetches into it take turns.
+    mirror_locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 struct Output {
@@ -55,8 +100,28 @@ struct Output {
 }
 
 impl Git {
-    /// git with a clean environment; `credentials` only for commands that talk to the
-    /// server, so that local ones (checkout, clean, rev-parse) never carry the password.
+    pub fn new(
+        askpass: PathBuf,
+        home: PathBuf,
+        mirrors: PathBuf,
+        timeout: Duration,
+        max_jobs: usize,
+        allow_local: bool,
+    ) -> Git {
+        Git {
+            askpass,
+            home,
+            mirrors,
+            timeout,
+            allow_local,
+            slots: Arc::new(Semaphore::new(max_jobs)),
+            max_jobs,
+            mirror_locks: Arc::default(),
+        }
+    }
+
+    /// git with a clean, hermetic environment; `credentials` only for commands that talk to
+    /// the server, so that local ones never carry the password.
     fn command(&self, credentials: Option<&Credentials>) -> Command {
         let mut cmd = Command::new("git");
         cmd.env_clear();
@@ -68,15 +133,24 @@ impl Git {
         if std::env::var_os("PATH").is_none() {
             cmd.env("PATH", "/usr/local/bin:/usr/bin:/bin");
         }
+        let protocols = if self.allow_local {
+            "http:https:ssh:file"
+        } else {
+            "http:https:ssh"
+        };
         cmd.env("HOME", &self.home)
             .env("LC_ALL", "C")
             .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "credential.helper")
-            .env("GIT_CONFIG_VALUE_0", "")
+            .env("GIT_ALLOW_PROTOCOL", protocols)
             .env("GIT_ASKPASS", &self.askpass)
-            .stdin(Stdio::null())
+            .env("GIT_CONFIG_COUNT", HERMETIC_CONFIG.len().to_string());
+        for (i, (key, value)) in HERMETIC_CONFIG.iter().enumerate() {
+            cmd.env(format!("GIT_CONFIG_KEY_{i}"), key)
+                .env(format!("GIT_CONFIG_VALUE_{i}"), value);
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -89,13 +163,29 @@ impl Git {
         cmd
     }
 
+    /// Waits for a free git slot, for [`QUEUE_TIMEOUT`] at most.
+    async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, JobError> {
+        match tokio::time::timeout(QUEUE_TIMEOUT, self.slots.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(failed("the agent's git queue is closed".into())),
+            Err(_) => Err(JobError {
+                code: JobErrorCode::Timeout,
+                message: format!(
+                    "the agent is busy: {} git commands are running and this one waited {}s for its turn",
+                    self.max_jobs,
+                    QUEUE_TIMEOUT.as_secs()
+                ),
+            }),
+        }
+    }
+
     async fn run(&self, credentials: &Credentials, args: &[OsString]) -> Result<Output, JobError> {
         self.run_in(None, Some(credentials), args).await
     }
 
     async fn run_in(
         &self,
-        dir: Option<&Path>,
+        git_dir: Option<&Path>,
         credentials: Option<&Credentials>,
         args: &[OsString],
     ) -> Result<Output, JobError> {
@@ -103,9 +193,10 @@ impl Git {
             code: JobErrorCode::Failed,
             message: format!("cannot create the agent's git home: {e}"),
         })?;
+        let _slot = self.slot().await?;
         let mut cmd = self.command(credentials);
-        if let Some(dir) = dir {
-            cmd.current_dir(dir);
+        if let Some(git_dir) = git_dir {
+            cmd.arg("--git-dir").arg(git_dir);
         }
         cmd.args(args);
         let mut child = cmd.spawn().map_err(|e| JobError {
@@ -146,11 +237,15 @@ impl Git {
             Err(_) => {
                 // git leaves helpers (git-remote-https) behind; end the whole group.
                 group.kill();
-                Err(JobError {
-                    code: JobErrorCode::Timeout,
-                    message: format!("git did not finish within {}s", self.timeout.as_secs()),
-                })
+                Err(self.timed_out())
             }
+        }
+    }
+
+    fn timed_out(&self) -> JobError {
+        JobError {
+            code: JobErrorCode::Timeout,
+            message: format!("git did not finish within {}s", self.timeout.as_secs()),
         }
     }
 
@@ -191,43 +286,63 @@ impl Git {
 }
 
 impl Git {
-    /// Brings `checkout` to the tip of `branch` of `repo`: clones it the first time, fetches
-    /// after that, and returns the tip's commit. The working tree is not touched: see
-    /// [`Git::switch`].
+    /// The mirror of `repo`: named by a hash of its URL, so that no URL can name a path.
+    fn mirror_of(&self, repo: &RepoUrl) -> PathBuf {
+        let digest = Sha256::digest(repo.as_str().as_bytes());
+        let name: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        self.mirrors.join(format!("{name}.git"))
+    }
+
+    fn mirror_lock(&self, mirror: &Path) -> Arc<tokio::sync::Mutex<()>> {
+        self.mirror_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(mirror.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// Fetches the tip of `branch` of `repo` into its mirror with `credentials` (cloning it
+    /// the first time) and returns the tip's commit. The fetch runs every time, so that the
+    /// server checks this user's access before anything of the mirror is used for them.
     pub async fn fetch(
         &self,
         repo: &RepoUrl,
         branch: &BranchName,
-        checkout: &Path,
         credentials: &Credentials,
     ) -> Result<String, JobError> {
-        let git_dir = checkout.join(".git");
-        if !git_dir.exists() {
-            if let Some(parent) = checkout.parent() {
-                std::fs::create_dir_all(parent)
-                    .map_err(|e| failed(format!("cannot create {}: {e}", parent.display())))?;
-            }
-            let _ = std::fs::remove_dir_all(checkout);
-            let args: Vec<OsString> = vec![
-                "clone".into(),
-                "--quiet".into(),
-                "--no-checkout".into(),
-                "--".into(),
-                repo.as_str().into(),
-                checkout.into(),
-            ];
-            self.expect_success(None, Some(credentials), &args).await?;
+        let mirror = self.mirror_of(repo);
+        let lock = self.mirror_lock(&mirror);
+        let _turn = lock.lock().await;
+        if !mirror.join("HEAD").exists() {
+            let _ = std::fs::remove_dir_all(&mirror);
+            let args: Vec<OsString> = vec!["init".into(), "--quiet".into(), "--bare".into()];
+            self.expect_success(Some(&mirror), None, &args).await?;
+            let info = mirror.join("info");
+            std::fs::create_dir_all(&info)
+                .and_then(|()| std::fs::write(info.join("attributes"), MIRROR_ATTRIBUTES))
+                .map_err(|e| failed(format!("cannot prepare the mirror of {repo}: {e}")))?;
         }
-        let refspec = format!("+refs/heads/{branch}:refs/remotes/origin/{branch}");
+        // A flat ref per branch (a hash of its name): `a` and `a/b` never clash in a mirror
+        // that outlives the branches of the repository.
+        let digest = Sha256::digest(branch.as_str().as_bytes());
+        let reference = format!(
+            "refs/sdp/{}",
+            digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        );
+        let refspec = format!("+refs/heads/{branch}:{reference}");
         let args: Vec<OsString> = vec![
             "fetch".into(),
             "--quiet".into(),
-            "--prune".into(),
+            "--no-tags".into(),
             "--".into(),
-            "origin".into(),
+            repo.as_str().into(),
             refspec.into(),
         ];
-        self.expect_success(Some(checkout), Some(credentials), &args)
+        self.expect_success(Some(&mirror), Some(credentials), &args)
             .await
             .map_err(|mut e| {
                 if e.message.contains("couldn't find remote ref") {
@@ -240,9 +355,9 @@ impl Git {
             "rev-parse".into(),
             "--verify".into(),
             "--quiet".into(),
-            format!("refs/remotes/origin/{branch}^{{commit}}").into(),
+            format!("{reference}^{{commit}}").into(),
         ];
-        let out = self.expect_success(Some(checkout), None, &args).await?;
+        let out = self.expect_success(Some(&mirror), None, &args).await?;
         let commit = out.stdout.trim().to_owned();
         if commit.len() < 40 || !commit.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(failed(format!(
@@ -252,35 +367,116 @@ impl Git {
         Ok(commit)
     }
 
-    /// Puts the working tree of `checkout` at `commit`, with nothing else in it.
-    pub async fn switch(&self, checkout: &Path, commit: &str) -> Result<(), JobError> {
-        let checkout_args: Vec<OsString> = vec![
-            "checkout".into(),
-            "--quiet".into(),
-            "--force".into(),
-            "--detach".into(),
-            commit.into(),
-        ];
-        self.expect_success(Some(checkout), None, &checkout_args)
-            .await?;
-        let clean: Vec<OsString> = vec!["clean".into(), "-ffdxq".into()];
-        self.expect_success(Some(checkout), None, &clean).await?;
-        Ok(())
+    /// Writes the files of `commit` (fetched from `repo` by [`Git::fetch`]) into the empty
+    /// folder `dest`: `git archive` reads the mirror as the agent, and `tar`, run as user
+    /// code's user, unpacks into `dest`, so that what it writes is no more than that user may.
+    pub async fn export(
+        &self,
+        repo: &RepoUrl,
+        commit: &str,
+        dest: &Path,
+        users: &UserCode,
+    ) -> Result<(), JobError> {
+        let mirror = self.mirror_of(repo);
+        let _slot = self.slot().await?;
+        let mut archive = self.command(None);
+        archive
+            .arg("--git-dir")
+            .arg(&mirror)
+            .args(["archive", "--format=tar", commit]);
+        let mut archive = archive
+            .spawn()
+            .map_err(|e| failed(format!("cannot run git: {e}")))?;
+        let mut archive_group = GroupGuard::new(archive.id());
+        let tar_input: Stdio = archive
+            .stdout
+            .take()
+            .expect("piped")
+            .try_into()
+            .map_err(|e| failed(format!("cannot connect git to tar: {e}")))?;
+        let mut tar = users.command("tar");
+        tar.args(["-x", "-f", "-", "--no-same-owner", "-C"])
+            .arg(dest)
+            .env_clear()
+            .env(
+                "PATH",
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+            )
+            .env("LC_ALL", "C")
+            .stdin(tar_input)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .process_group(0);
+        let mut tar = tar
+            .spawn()
+            .map_err(|e| failed(format!("cannot run tar: {e}")))?;
+        let mut tar_group = GroupGuard::new(tar.id());
+        let mut archive_err = archive
+            .stderr
+            .take()
+            .expect("piped")
+            .take(MAX_OUTPUT as u64);
+        let mut tar_err = tar.stderr.take().expect("piped").take(MAX_OUTPUT as u64);
+        let work = async {
+            let (mut a, mut t) = (Vec::new(), Vec::new());
+            let (_, _, archive_status, tar_status) = tokio::join!(
+                archive_err.read_to_end(&mut a),
+                tar_err.read_to_end(&mut t),
+                archive.wait(),
+                tar.wait()
+            );
+            Ok::<_, std::io::Error>((archive_status?, tar_status?, a, t))
+        };
+        let result = tokio::time::timeout(self.timeout, work).await;
+        if result.is_ok() {
+            archive_group.disarm();
+            tar_group.disarm();
+        }
+        match result {
+            Ok(Ok((archive_status, tar_status, a, t))) => {
+                if !archive_status.success() {
+                    return Err(failed(format!(
+                        "git archive of {commit} failed: {}",
+                        last_line(&String::from_utf8_lossy(&a))
+                    )));
+                }
+                if !tar_status.success() {
+                    return Err(failed(format!(
+                        "cannot unpack {commit}: {}",
+                        last_line(&String::from_utf8_lossy(&t))
+                    )));
+                }
+                Ok(())
+            }
+            Ok(Err(e)) => Err(failed(format!("git archive failed to run: {e}"))),
+            Err(_) => Err(self.timed_out()),
+        }
     }
 
     async fn expect_success(
         &self,
-        dir: Option<&Path>,
+        git_dir: Option<&Path>,
         credentials: Option<&Credentials>,
         args: &[OsString],
     ) -> Result<Output, JobError> {
-        let out = self.run_in(dir, credentials, args).await?;
+        let out = self.run_in(git_dir, credentials, args).await?;
         if out.status.success() {
             Ok(out)
         } else {
             Err(classify(&out))
         }
     }
+}
+
+fn last_line(text: &str) -> String {
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no reason given")
+        .chars()
+        .take(400)
+        .collect()
 }
 
 fn failed(message: String) -> JobError {

@@ -11,6 +11,7 @@ mod events;
 mod gateway;
 mod git;
 mod group;
+mod isolation;
 mod lines;
 mod runtime;
 
@@ -108,17 +109,31 @@ impl Agent {
                 AgentError::Config(format!("set `name`: the host name is not usable ({e})"))
             })?,
         };
-        let git = Git {
+        let layout = isolation::Layout::new(&config.work_dir).map_err(|e| {
+            AgentError::Config(format!(
+                "cannot resolve `work_dir` {}: {e}",
+                config.work_dir.display()
+            ))
+        })?;
+        let users =
+            isolation::UserCode::from_config(config.run_as.as_deref(), config.allow_root_builds)
+                .map_err(AgentError::Config)?;
+        layout.prepare(&users).map_err(AgentError::Config)?;
+        let git = Git::new(
             askpass,
-            home: config.work_dir.join("home"),
-            timeout: config.git_timeout.get(),
-        };
+            layout.git_home.clone(),
+            layout.mirrors.clone(),
+            config.git_timeout.get(),
+            config.max_git_jobs,
+            config.allow_local_repos,
+        );
         let events = Arc::new(Outbox::default());
         let deployer = if config.role == Role::Micro {
             let ports = parse_port_range(&config.port_range).map_err(AgentError::Config)?;
             let runtime: Arc<dyn runtime::Runtime> = match config.runtime {
                 Runtime::Process => Arc::new(ProcessRuntime::new(
-                    &config.work_dir,
+                    &layout.run,
+                    users.clone(),
                     ports,
                     &config.advertise_host,
                 )),
@@ -142,6 +157,7 @@ impl Agent {
                             limits,
                             ports,
                             &publish_ip,
+                            users.owner(),
                         )
                         .map_err(|e| AgentError::Config(e.to_string()))?,
                     )
@@ -151,7 +167,8 @@ impl Agent {
                 git: git.clone(),
                 runtime,
                 outbox: events.clone(),
-                work_dir: config.work_dir.clone(),
+                layout: layout.clone(),
+                users,
                 advertise_host: config.advertise_host.clone(),
                 build_timeout: config.build_timeout.get(),
                 health_timeout: config.health_timeout.get(),
@@ -161,9 +178,7 @@ impl Agent {
             None
         };
         let gateway = match (&config.gateway, config.role) {
-            (Some(gateway), Role::Gateway) => {
-                Some(Arc::new(Gateway::new(gateway, &config.work_dir)))
-            }
+            (Some(gateway), Role::Gateway) => Some(Arc::new(Gateway::new(gateway, &layout.root))),
             _ => None,
         };
         Ok(Self {

@@ -112,6 +112,12 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             docker: DockerConfig::default(),
             gateway: (role == Role::Gateway)
                 .then(|| GatewayConfig::new(([127, 0, 0, 1], gateway_port).into())),
+            // Dev mode is one person's first try on their own machine, with demo
+            // repositories only: builds run as whoever runs it, root included (said at start).
+            run_as: None,
+            allow_root_builds: true,
+            max_git_jobs: 8,
+            allow_local_repos: true,
         })
     };
     let micro = agent_config(Role::Micro, "dev-micro")?;

@@ -112,6 +112,14 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    if matches!(
+        cli.command,
+        Command::Server { .. } | Command::Agent { .. } | Command::Dev { .. }
+    ) && let Err(e) = harden()
+    {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(1);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -132,31 +140,59 @@ fn main() -> ExitCode {
     }
 }
 
-/// Targets held at `info` whatever `RUST_LOG` says: at debug and trace they print whole
-/// WebSocket frames and HTTP headers, which carry job credentials and tokens.
+/// The server and the agents hold passwords (the control plane's vault, the jobs in an
+/// agent's memory) and the agent token: no core file may write them to disk, and no process
+/// of the same user may read their memory or environment (`/proc/<pid>/environ`, `mem`),
+/// which a non-dumpable process denies to everyone but root.
+fn harden() -> anyhow::Result<()> {
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+        .context("cannot switch core dumps off")?;
+    nix::sys::prctl::set_dumpable(false).context("cannot make the process non-dumpable")?;
+    Ok(())
+}
+
+/// Targets held at `info` whatever `RUST_LOG` says, including directives naming their
+/// submodules (`tungstenite::protocol=trace`): at debug and trace they print whole WebSocket
+/// frames, handshakes and HTTP headers, which carry job credentials and tokens.
 const QUIET_TARGETS: &[&str] = &[
     "tungstenite",
     "tokio_tungstenite",
     "hyper",
     "hyper_util",
     "h2",
+    "rustls",
+    "tokio_rustls",
+    "reqwest",
 ];
 
+fn is_quiet(target: &str) -> bool {
+    QUIET_TARGETS.iter().any(|quiet| {
+        target
+            .strip_prefix(quiet)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 fn init_logging(format: LogFormat) {
-    let mut filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    for target in QUIET_TARGETS {
-        if let Ok(directive) = format!("{target}=info").parse() {
-            filter = filter.add_directive(directive);
-        }
-    }
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
+    // A filter of its own after `RUST_LOG`'s, so that no directive can lift the cap.
+    let cap = tracing_subscriber::filter::filter_fn(|meta| {
+        *meta.level() <= tracing::Level::INFO || !is_quiet(meta.target())
+    });
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let layer = match format {
+        LogFormat::Text => layer.with_filter(cap).boxed(),
+        LogFormat::Json => layer.json().flatten_event(true).with_filter(cap).boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layer)
+        .init();
 }
 
 async fn run(command: Command) -> anyhow::Result<()> {
@@ -277,4 +313,18 @@ fn stop_on_signal() -> CancellationToken {
         cancel.cancel();
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_quiet;
+
+    #[test]
+    fn the_frame_tracing_targets_and_their_submodules_are_capped() {
+        assert!(is_quiet("tungstenite"));
+        assert!(is_quiet("tungstenite::protocol::frame"));
+        assert!(is_quiet("hyper::proto::h1::io"));
+        assert!(!is_quiet("tungstenite_other"));
+        assert!(!is_quiet("sdp_agent::git"));
+    }
 }

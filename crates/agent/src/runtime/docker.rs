@@ -37,18 +37,23 @@ pub struct DockerRuntime {
     publish_ip: String,
     /// The host port of each container started by this run, to free it on removal.
     published: Mutex<HashMap<String, u16>>,
+    /// `uid:gid` that containers run as: user code's user, who owns the checkouts.
+    user: String,
 }
 
 fn err(context: &str, e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError(format!("{context}: {e}"))
 }
 
-fn container_name(sandbox: &str, service: &str) -> String {
-    format!("sdp-{sandbox}-{service}")
+/// Sandbox and service names hold no `_` (they are DNS labels), so `_` keeps every pair apart
+/// (`a-b` + `c` and `a` + `b-c` would both be `sdp-a-b-c` with `-`); the agent's name comes
+/// last, as agents sharing an engine never share a container.
+fn container_name(agent: &str, sandbox: &str, service: &str) -> String {
+    format!("sdp_{sandbox}_{service}_{agent}")
 }
 
-fn network_name(sandbox: &str) -> String {
-    format!("sdp-{sandbox}")
+fn network_name(agent: &str, sandbox: &str) -> String {
+    format!("sdp_{sandbox}_{agent}")
 }
 
 /// Whether a Docker error is the engine saying "no such thing" or "already there".
@@ -69,6 +74,7 @@ impl DockerRuntime {
         limits: DockerLimits,
         ports: (u16, u16),
         publish_ip: &str,
+        user: (u32, u32),
     ) -> Result<DockerRuntime, RuntimeError> {
         let docker = Docker::connect_with_local_defaults()
             .map_err(|e| err("cannot reach the Docker Engine", e))?;
@@ -82,6 +88,7 @@ impl DockerRuntime {
             ports: Ports::new(ports, publish_ip),
             publish_ip: publish_ip.to_owned(),
             published: Mutex::default(),
+            user: format!("{}:{}", user.0, user.1),
         })
     }
 
@@ -126,7 +133,7 @@ impl DockerRuntime {
                     .published
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&container_name(sandbox, service));
+                    .remove(&container_name(&self.agent, sandbox, service));
                 if let Some(port) = port {
                     self.release(port);
                 }
@@ -141,7 +148,7 @@ impl DockerRuntime {
         match self
             .docker
             .inspect_network(
-                &network_name(sandbox),
+                &network_name(&self.agent, sandbox),
                 None::<bollard::query_parameters::InspectNetworkOptions>,
             )
             .await
@@ -151,7 +158,7 @@ impl DockerRuntime {
             Err(e) => return Err(err("cannot look up the sandbox's network", e)),
         }
         let request = NetworkCreateRequest {
-            name: network_name(sandbox),
+            name: network_name(&self.agent, sandbox),
             labels: Some(HashMap::from([
                 (LABEL_SANDBOX.to_owned(), sandbox.to_owned()),
                 (LABEL_AGENT.to_owned(), self.agent.clone()),
@@ -214,7 +221,7 @@ impl DockerRuntime {
 impl Runtime for DockerRuntime {
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
         let (sandbox, service) = (req.sandbox.as_str(), req.service.as_str());
-        let name = container_name(sandbox, service);
+        let name = container_name(&self.agent, sandbox, service);
         self.ensure_network(sandbox).await?;
         self.stop_service(&req.sandbox, &req.service).await?;
         let host_port = self.ports.allocate()?;
@@ -230,6 +237,7 @@ impl Runtime for DockerRuntime {
         let body = ContainerCreateBody {
             image: Some(self.image.clone()),
             cmd: Some(vec!["sh".into(), "-c".into(), req.run.clone()]),
+            user: Some(self.user.clone()),
             working_dir: Some("/src".into()),
             env: Some(env),
             labels: Some(labels),
@@ -246,8 +254,10 @@ impl Runtime for DockerRuntime {
                 memory: Some(self.memory),
                 nano_cpus: Some(self.nano_cpus),
                 pids_limit: Some(self.pids),
-                network_mode: Some(network_name(sandbox)),
+                network_mode: Some(network_name(&self.agent, sandbox)),
                 init: Some(true),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges".into()]),
                 ..Default::default()
             }),
             ..Default::default()
@@ -305,15 +315,31 @@ impl Runtime for DockerRuntime {
 
     async fn stop_sandbox(&self, sandbox: &SandboxName) -> Result<(), RuntimeError> {
         self.remove(&[format!("{LABEL_SANDBOX}={sandbox}")]).await?;
-        match self
+        // By label, so that networks named by an older version go too.
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                format!("{LABEL_SANDBOX}={sandbox}"),
+                format!("{LABEL_AGENT}={}", self.agent),
+            ],
+        )]);
+        let options = bollard::query_parameters::ListNetworksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let networks = self
             .docker
-            .remove_network(&network_name(sandbox.as_str()))
+            .list_networks(Some(options))
             .await
-        {
-            Ok(()) => Ok(()),
-            Err(e) if status_is(&e, &[404]) => Ok(()),
-            Err(e) => Err(err("cannot remove the sandbox's network", e)),
+            .map_err(|e| err("cannot list the sandbox's networks", e))?;
+        for network in networks {
+            let Some(id) = network.id else { continue };
+            match self.docker.remove_network(&id).await {
+                Ok(()) => {}
+                Err(e) if status_is(&e, &[404]) => {}
+                Err(e) => return Err(err("cannot remove the sandbox's network", e)),
+            }
         }
+        Ok(())
     }
 
     async fn sandboxes(&self) -> Result<Vec<SandboxName>, RuntimeError> {

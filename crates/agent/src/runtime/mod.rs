@@ -24,6 +24,8 @@ pub struct StartRequest {
     pub deployment: String,
     /// The checkout: `/src` in a container, the working directory of a process.
     pub checkout: PathBuf,
+    /// `HOME` of the sandbox's user code (process runtime; a container has its own).
+    pub home: PathBuf,
     /// The catalog's `run`, through `sh -c`.
     pub run: String,
     /// The port the service listens on inside a container.

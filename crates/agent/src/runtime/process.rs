@@ -1,6 +1,8 @@
-//! The process runtime: each instance is `sh -c <run>` in its own process group, with `PORT`
-//! a free port of `port_range`, supervised by the agent. A pid file per instance under
-//! `<work_dir>/run/<sandbox>/` lets a restarted agent find, report and stop what it started.
+//! The process runtime: each instance is `sh -c <run>` in its own process group, as user
+//! code's user, with `PORT` a free port of `port_range`, supervised by the agent. A pid file
+//! per instance under `<work_dir>/run/<sandbox>/` lets a restarted agent find, report and
+//! stop what it started; it records the process's start time too, so that a pid the kernel
+//! has since given to another process is never signalled.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -12,9 +14,9 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use sdp_protocol::{LogStream, SandboxName, ServiceName};
 use serde::{Deserialize, Serialize};
-use tokio::process::Command;
 
 use super::{Instance, Ports, Runtime, RuntimeError, StartRequest};
+use crate::isolation::UserCode;
 use crate::lines::{LineSink, pump};
 
 /// How long an instance has to stop after SIGTERM before SIGKILL.
@@ -25,11 +27,67 @@ struct PidFile {
     pid: i32,
     port: u16,
     deployment: String,
+    /// When the process started, in clock ticks after boot (field 22 of `/proc/<pid>/stat`).
+    #[serde(default)]
+    start_time: Option<u64>,
+    /// The boot it started in: after a reboot no pid of the file is ours.
+    #[serde(default)]
+    boot_id: Option<String>,
+}
+
+/// What a pid file's pid is now.
+#[derive(Debug, PartialEq, Eq)]
+enum Leader {
+    /// The process the file names, still running.
+    Alive,
+    /// No process has the pid: the leader ended, though members of its group may still run
+    /// (the kernel hands the number to no one while that group exists).
+    Ended,
+    /// Another process has the pid now (or the host rebooted): the group is gone, and the pid
+    /// must not be signalled.
+    Reused,
+}
+
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+impl PidFile {
+    fn leader(&self) -> Leader {
+        if let (Some(recorded), Some(now)) = (&self.boot_id, boot_id())
+            && *recorded != now
+        {
+            return Leader::Reused;
+        }
+        match (start_time(self.pid), self.start_time) {
+            (None, _) => Leader::Ended,
+            (Some(now), Some(recorded)) if now != recorded => Leader::Reused,
+            (Some(_), _) => Leader::Alive,
+        }
+    }
+
+    /// Whether anything of the instance may still run: its leader, or its group.
+    fn alive(&self) -> bool {
+        match self.leader() {
+            Leader::Alive => true,
+            Leader::Ended => killpg(Pid::from_raw(self.pid), None).is_ok(),
+            Leader::Reused => false,
+        }
+    }
 }
 
 pub struct ProcessRuntime {
     run_dir: PathBuf,
-    home: PathBuf,
+    users: UserCode,
     ports: Ports,
     /// Base environment: what services may see of the agent's own (PATH and the like).
     base_env: BTreeMap<String, String>,
@@ -41,7 +99,12 @@ fn err(message: impl Into<String>) -> RuntimeError {
 }
 
 impl ProcessRuntime {
-    pub fn new(work_dir: &Path, ports: (u16, u16), bind_host: &str) -> ProcessRuntime {
+    pub fn new(
+        run_dir: &Path,
+        users: UserCode,
+        ports: (u16, u16),
+        bind_host: &str,
+    ) -> ProcessRuntime {
         let mut base_env = BTreeMap::new();
         for key in ["PATH", "TMPDIR", "LANG", "TZ"] {
             if let Ok(v) = std::env::var(key) {
@@ -49,8 +112,8 @@ impl ProcessRuntime {
             }
         }
         ProcessRuntime {
-            run_dir: work_dir.join("run"),
-            home: work_dir.join("home"),
+            run_dir: run_dir.to_owned(),
+            users,
             ports: Ports::new(ports, bind_host),
             base_env,
             children: Mutex::default(),
@@ -83,7 +146,14 @@ impl ProcessRuntime {
         if let Ok(text) = std::fs::read_to_string(path)
             && let Ok(pid_file) = serde_json::from_str::<PidFile>(&text)
         {
-            Self::end_group(pid_file.pid).await;
+            if pid_file.leader() == Leader::Reused {
+                tracing::info!(
+                    pid = pid_file.pid,
+                    "an instance's pid belongs to another process now: not signalling it"
+                );
+            } else {
+                Self::end_group(pid_file.pid).await;
+            }
             self.ports.release(pid_file.port);
         }
         let _ = std::fs::remove_file(path);
@@ -96,13 +166,17 @@ impl Runtime for ProcessRuntime {
         // No container maps the catalog's port here: the service listens on `PORT` itself.
         let port = self.ports.allocate()?;
         tracing::debug!(sandbox = %req.sandbox, service = %req.service, port, catalog_port = req.port, "starting a process");
-        let mut cmd = Command::new("sh");
+        if let Err(e) = self.users.create_dir(&req.home) {
+            self.ports.release(port);
+            return Err(err(format!("cannot create {}: {e}", req.home.display())));
+        }
+        let mut cmd = self.users.command("sh");
         cmd.arg("-c")
             .arg(&req.run)
             .current_dir(&req.checkout)
             .env_clear()
             .envs(&self.base_env)
-            .env("HOME", &self.home)
+            .env("HOME", &req.home)
             .envs(&req.env)
             .env("PORT", port.to_string())
             .stdin(Stdio::null())
@@ -129,6 +203,8 @@ impl Runtime for ProcessRuntime {
             pid,
             port,
             deployment: req.deployment.clone(),
+            start_time: start_time(pid),
+            boot_id: boot_id(),
         };
         std::fs::write(&path, serde_json::to_vec(&pid_file).expect("serializes"))
             .map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
@@ -225,17 +301,18 @@ impl Runtime for ProcessRuntime {
             else {
                 continue;
             };
-            let alive = std::fs::read_dir(entry.path())
+            let files: Vec<PidFile> = std::fs::read_dir(entry.path())
                 .into_iter()
                 .flatten()
                 .flatten()
                 .filter_map(|f| std::fs::read_to_string(f.path()).ok())
                 .filter_map(|t| serde_json::from_str::<PidFile>(&t).ok())
-                .any(|p| {
-                    // Ports of instances a previous run started stay taken.
-                    self.ports.claim(p.port);
-                    killpg(Pid::from_raw(p.pid), None).is_ok()
-                });
+                .collect();
+            // Ports of instances a previous run started stay taken.
+            for p in &files {
+                self.ports.claim(p.port);
+            }
+            let alive = files.iter().any(PidFile::alive);
             if alive {
                 found.push(name);
             } else {

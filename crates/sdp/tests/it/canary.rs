@@ -46,7 +46,7 @@ async fn the_password_appears_in_no_file_no_log_and_no_command_line() {
     env.git.add_user("carol", &canary);
     // A credential helper in git's home would store what it is given: the agent must switch
     // it off.
-    let home = env.agent_work_dir("micro-0").join("home");
+    let home = env.agent_work_dir("micro-0").join("git").join("home");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join(".gitconfig"), "[credential]\n\thelper = store\n").unwrap();
     env.start_agent("micro-0", "micro", crate::harness::AGENT_TOKEN);

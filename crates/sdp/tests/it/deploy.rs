@@ -350,7 +350,8 @@ async fn hostile_input_is_refused_with_400_and_creates_nothing() {
     ] {
         assert_eq!(env.count_rows(table), 0, "{table}");
     }
-    assert!(!env.agent_work_dir("micro-0").join("checkouts").exists());
+    let checkouts = env.agent_work_dir("micro-0").join("checkouts");
+    assert_eq!(std::fs::read_dir(&checkouts).unwrap().count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -603,10 +604,17 @@ async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
         hits.is_empty(),
         "the password is on a command line: {hits:?}"
     );
-    let git_config = env
-        .agent_work_dir("micro-0")
-        .join("checkouts/secret/orders/.git/config");
-    assert!(git_config.exists());
+    // The working tree has no git metadata; the repository's only config is its mirror's,
+    // which `assert_secret_nowhere` reads too.
+    let work_dir = env.agent_work_dir("micro-0");
+    assert!(work_dir.join("checkouts/secret/orders/main.go").exists());
+    assert!(!work_dir.join("checkouts/secret/orders/.git").exists());
+    let mirrors: Vec<_> = std::fs::read_dir(work_dir.join("git/mirrors"))
+        .unwrap()
+        .flatten()
+        .filter(|m| m.path().join("config").exists())
+        .collect();
+    assert_eq!(mirrors.len(), 1, "one mirror of orders");
     env.assert_secret_nowhere(&canary);
 }
 

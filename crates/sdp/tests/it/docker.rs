@@ -3,7 +3,9 @@
 
 use std::process::Command;
 
-use crate::harness::{Options, TestEnv, docker_available, docker_inspect, step_state, wait_until};
+use crate::harness::{
+    Options, TestEnv, docker_available, docker_inspect, run_as_ids, step_state, wait_until,
+};
 
 fn docker_options() -> Options {
     Options {
@@ -41,7 +43,10 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
         format!("orders on feature/x in {name}\n")
     );
 
-    let container = docker_inspect(&format!("sdp-{name}-orders")).expect("the container exists");
+    let agent = &env.micro[0];
+    let container_name = format!("sdp_{name}_orders_{agent}");
+    let network_name = format!("sdp_{name}_{agent}");
+    let container = docker_inspect(&container_name).expect("the container exists");
     let labels = &container["Config"]["Labels"];
     assert_eq!(labels["sdp.sandbox"], name.as_str());
     assert_eq!(labels["sdp.service"], "orders");
@@ -50,7 +55,14 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
     assert_eq!(host["Memory"], 256 << 20);
     assert_eq!(host["NanoCpus"], 500_000_000);
     assert_eq!(host["PidsLimit"], 128);
-    assert_eq!(host["NetworkMode"], format!("sdp-{name}"));
+    assert_eq!(host["NetworkMode"], network_name.as_str());
+    // User code's user, no capabilities, no way to gain privileges.
+    assert_eq!(container["Config"]["User"], run_as_ids(), "{container}");
+    assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]));
+    assert_eq!(
+        host["SecurityOpt"],
+        serde_json::json!(["no-new-privileges"])
+    );
     let mount = &container["Mounts"][0];
     assert_eq!(mount["Destination"], "/src");
     assert_eq!(mount["RW"], false);
@@ -69,7 +81,7 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
     }
     assert!(env_vars.contains(&format!("SDP_SANDBOX={name}").as_str()));
     assert!(
-        docker_inspect(&format!("sdp-{name}")).is_some(),
+        docker_inspect(&network_name).is_some(),
         "the sandbox's network exists"
     );
 
@@ -98,8 +110,7 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
         .await;
     assert_eq!(again["state"], "ready", "{again}");
     assert_eq!(step_state(&again, "building"), "skipped", "{again}");
-    let container =
-        docker_inspect(&format!("sdp-{name}-orders")).expect("the new container exists");
+    let container = docker_inspect(&container_name).expect("the new container exists");
     assert_eq!(container["Config"]["Labels"]["sdp.deployment"], again["id"]);
 
     let reply = env
@@ -115,11 +126,11 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
         .join("checkouts")
         .join(&name);
     wait_until("the container is removed", || {
-        docker_inspect(&format!("sdp-{name}-orders")).is_none()
+        docker_inspect(&container_name).is_none()
     })
     .await;
     wait_until("the network is removed", || {
-        docker_inspect(&format!("sdp-{name}")).is_none()
+        docker_inspect(&network_name).is_none()
     })
     .await;
     wait_until("the checkout is deleted", || !checkout.exists()).await;
@@ -141,8 +152,9 @@ async fn an_unhealthy_container_fails_at_starting_and_is_removed() {
     let (_, deployment) = env.deploy(&token, &name, &["orders@unhealthy"]).await;
     assert_eq!(deployment["state"], "failed", "{deployment}");
     assert_eq!(deployment["services"][0]["step"], "starting");
+    let container_name = format!("sdp_{name}_orders_{}", env.micro[0]);
     wait_until("the container is removed", || {
-        docker_inspect(&format!("sdp-{name}-orders")).is_none()
+        docker_inspect(&container_name).is_none()
     })
     .await;
 }

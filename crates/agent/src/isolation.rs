@@ -1,0 +1,261 @@
+//! Keeps user code (builds and services) away from what belongs to the agent and to other
+//! users: who that code runs as (`run_as`), and the agent's folders, laid out so that user
+//! code can write only where it must.
+//!
+//! A root agent switches user code to the unprivileged `run_as` user with `setpriv`
+//! (util-linux): uid and gid set, supplementary groups cleared and `no_new_privs` set before
+//! the program runs, so the code cannot read the environment of the agent's git processes
+//! (which holds the user's password), nor write the mirrors git reads.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use tokio::process::Command;
+
+/// Where `setpriv` is looked for when PATH does not have it.
+const SETPRIV_FALLBACKS: &[&str] = &["/usr/bin/setpriv", "/bin/setpriv"];
+
+/// The unprivileged user that user code runs as.
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    setpriv: PathBuf,
+}
+
+/// Who runs user code: the `run_as` user, or the agent's own user when there is none (a
+/// non-root agent, or a root one with `allow_root_builds`).
+#[derive(Debug, Clone, Default)]
+pub struct UserCode {
+    run_as: Option<RunAs>,
+}
+
+impl UserCode {
+    /// Applies the policy: a root agent needs `run_as` unless `allow_root_builds`; a non-root
+    /// agent cannot switch users, so `run_as` is refused there rather than silently ignored.
+    pub fn from_config(run_as: Option<&str>, allow_root_builds: bool) -> Result<UserCode, String> {
+        let root = nix::unistd::geteuid().is_root();
+        match (run_as, root) {
+            (Some(name), true) => Ok(UserCode {
+                run_as: Some(RunAs::resolve(name)?),
+            }),
+            (Some(name), false) => Err(format!(
+                "`run_as = \"{name}\"` needs an agent that runs as root, to switch users; this one runs as uid {}. Start the agent as root, or remove `run_as` (builds then run as the agent's own user)",
+                nix::unistd::geteuid()
+            )),
+            (None, true) if !allow_root_builds => Err(
+                "the agent runs as root without `run_as`: every user's build and service would run as root, read other users' passwords and the agent token, and change what git runs. Set `run_as` to an unprivileged user (for example `run_as = \"sdp-run\"`), or set `allow_root_builds = true` on a machine only you use".into(),
+            ),
+            (None, true) => {
+                tracing::warn!(
+                    "allow_root_builds: builds and services run as root, so any user's code can read other users' passwords and the agent token"
+                );
+                Ok(UserCode::default())
+            }
+            (None, false) => Ok(UserCode::default()),
+        }
+    }
+
+    /// `(uid, gid)` user code runs as: the `run_as` user's, else the agent's own.
+    pub fn owner(&self) -> (u32, u32) {
+        match &self.run_as {
+            Some(r) => (r.uid, r.gid),
+            None => (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            ),
+        }
+    }
+
+    /// `program` run as the `run_as` user when there is one. The caller sets arguments,
+    /// environment and working directory as for `program` itself.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.run_as {
+            None => Command::new(program),
+            Some(r) => {
+                let mut cmd = Command::new(&r.setpriv);
+                cmd.arg(format!("--reuid={}", r.uid))
+                    .arg(format!("--regid={}", r.gid))
+                    .args(["--clear-groups", "--no-new-privs", "--", program]);
+                cmd
+            }
+        }
+    }
+
+    /// Gives `path` (not what it points to) to the `run_as` user, so that user code can write
+    /// in it; nothing to do without one.
+    pub fn own(&self, path: &Path) -> std::io::Result<()> {
+        match &self.run_as {
+            Some(r) => std::os::unix::fs::lchown(path, Some(r.uid), Some(r.gid)),
+            None => Ok(()),
+        }
+    }
+
+    /// Creates `path` for user code to write in: owned by the `run_as` user, mode 0700.
+    pub fn create_dir(&self, path: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(path)?;
+        self.own(path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+    }
+
+    /// Fails with a message naming the folder when the `run_as` user cannot reach `dir`
+    /// (a parent that others may not search, such as a 0700 home directory).
+    pub fn check_reachable(&self, dir: &Path) -> Result<(), String> {
+        let Some(r) = &self.run_as else {
+            return Ok(());
+        };
+        for ancestor in dir.ancestors().skip(1) {
+            let Ok(meta) = std::fs::metadata(ancestor) else {
+                continue;
+            };
+            let mode = meta.permissions().mode();
+            let searchable = if meta.uid() == r.uid {
+                mode & 0o100 != 0
+            } else if meta.gid() == r.gid {
+                mode & 0o010 != 0
+            } else {
+                mode & 0o001 != 0
+            };
+            if !searchable {
+                return Err(format!(
+                    "`run_as` user {user} cannot reach work_dir {dir}: {folder} is not searchable by it (chmod o+x {folder}, or choose another work_dir)",
+                    user = r.name,
+                    dir = dir.display(),
+                    folder = ancestor.display()
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RunAs {
+    fn resolve(name: &str) -> Result<RunAs, String> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|e| format!("cannot look up the `run_as` user {name:?}: {e}"))?
+            .ok_or_else(|| {
+                format!(
+                    "the `run_as` user {name:?} does not exist: create it (for example `useradd --system --no-create-home --shell /usr/sbin/nologin {name}`)"
+                )
+            })?;
+        if user.uid.is_root() || user.gid.as_raw() == 0 {
+            return Err(format!(
+                "the `run_as` user {name:?} has uid or gid 0: it must be an unprivileged user"
+            ));
+        }
+        let setpriv = find_program("setpriv", SETPRIV_FALLBACKS).ok_or_else(|| {
+            "`run_as` needs setpriv (from util-linux) to switch users, and it is not installed"
+                .to_owned()
+        })?;
+        Ok(RunAs {
+            name: name.to_owned(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            setpriv,
+        })
+    }
+}
+
+fn find_program(name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
+    let from_path: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
+        .unwrap_or_default();
+    from_path
+        .into_iter()
+        .chain(fallbacks.iter().map(PathBuf::from))
+        .find(|p| p.is_file())
+}
+
+/// The agent's folders under `work_dir`. Only `checkouts/<sandbox>/<service>`, `homes/<sandbox>`
+/// and `cache` are user code's; git's home and mirrors, pid files and build markers are the
+/// agent's alone (mode 0700), so user code can neither plant config or hooks where git reads
+/// them nor fake what the agent records.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub root: PathBuf,
+    /// git's `HOME` (empty: no global config is read anyway).
+    pub git_home: PathBuf,
+    /// One bare mirror per repository.
+    pub mirrors: PathBuf,
+    /// Pid files of the process runtime.
+    pub run: PathBuf,
+    /// What the agent records per sandbox: the commit each service was built at.
+    pub state: PathBuf,
+    /// The working trees, one per sandbox and service, with no `.git`.
+    pub checkouts: PathBuf,
+    /// `HOME` of each sandbox's builds and services.
+    pub homes: PathBuf,
+    /// Build caches (Go's), shared by every sandbox's builds.
+    pub cache: PathBuf,
+}
+
+impl Layout {
+    /// `work_dir` made absolute against the current directory: Docker bind mounts and the Go
+    /// caches need absolute paths, and nothing later may depend on the current directory.
+    pub fn new(work_dir: &Path) -> std::io::Result<Layout> {
+        let root = std::path::absolute(work_dir)?;
+        Ok(Layout {
+            git_home: root.join("git").join("home"),
+            mirrors: root.join("git").join("mirrors"),
+            run: root.join("run"),
+            state: root.join("state"),
+            checkouts: root.join("checkouts"),
+            homes: root.join("homes"),
+            cache: root.join("cache"),
+            root,
+        })
+    }
+
+    /// Creates the folders with their owners and modes (also fixing those of an older
+    /// layout's folders).
+    pub fn prepare(&self, users: &UserCode) -> Result<(), String> {
+        let io = |path: &Path, e: std::io::Error| format!("cannot prepare {}: {e}", path.display());
+        let private = |path: &Path| -> Result<(), String> {
+            std::fs::create_dir_all(path).map_err(|e| io(path, e))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| io(path, e))
+        };
+        // Searchable but not listable by others: user code reaches its own folders by name.
+        let passage = |path: &Path| -> Result<(), String> {
+            std::fs::create_dir_all(path).map_err(|e| io(path, e))?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| io(path, e))
+        };
+        passage(&self.root)?;
+        private(&self.root.join("git"))?;
+        for dir in [&self.git_home, &self.mirrors, &self.run, &self.state] {
+            private(dir)?;
+        }
+        passage(&self.checkouts)?;
+        passage(&self.homes)?;
+        users
+            .create_dir(&self.cache)
+            .map_err(|e| io(&self.cache, e))?;
+        users.check_reachable(&self.root)
+    }
+
+    pub fn checkouts_of(&self, sandbox: &str) -> PathBuf {
+        self.checkouts.join(sandbox)
+    }
+
+    pub fn home_of(&self, sandbox: &str) -> PathBuf {
+        self.homes.join(sandbox)
+    }
+
+    pub fn state_of(&self, sandbox: &str) -> PathBuf {
+        self.state.join(sandbox)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relative_work_dir_becomes_absolute() {
+        let layout = Layout::new(Path::new("./x/../agent")).unwrap();
+        assert!(layout.root.is_absolute());
+        assert!(layout.mirrors.starts_with(&layout.root));
+    }
+}
