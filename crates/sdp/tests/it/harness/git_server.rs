@@ -14,16 +14,21 @@ use axum::response::Response;
 use base64::Engine;
 use tokio::io::AsyncWriteExt;
 
+/// Repositories only some users may read, as Bitbucket's permissions say: name to users.
+type Grants = Arc<Mutex<HashMap<String, Vec<String>>>>;
+
 #[derive(Clone)]
 struct Shared {
     root: PathBuf,
     users: Arc<Mutex<HashMap<String, String>>>,
+    grants: Grants,
 }
 
 pub struct GitServer {
     pub addr: SocketAddr,
     pub root: PathBuf,
     users: Arc<Mutex<HashMap<String, String>>>,
+    grants: Grants,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -40,6 +45,7 @@ impl GitServer {
         let shared = Shared {
             root: root.to_owned(),
             users: Arc::default(),
+            grants: Arc::default(),
         };
         let app = axum::Router::new()
             .fallback(handle)
@@ -53,8 +59,18 @@ impl GitServer {
             addr,
             root: root.to_owned(),
             users: shared.users,
+            grants: shared.grants,
             task,
         }
+    }
+
+    /// From now on only `users` may read repository `name`; the others get 403, as from
+    /// Bitbucket for a repository they have no permission on.
+    pub fn grant_only(&self, name: &str, users: &[&str]) {
+        self.grants.lock().unwrap().insert(
+            name.to_owned(),
+            users.iter().map(|u| (*u).to_owned()).collect(),
+        );
     }
 
     pub fn add_user(&self, user: &str, password: &str) {
@@ -347,6 +363,25 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             .body(Body::from("Unauthorized\n"))
             .unwrap();
     };
+    let repo = req
+        .uri()
+        .path()
+        .trim_start_matches('/')
+        .split_once(".git/")
+        .map(|(name, _)| name.to_owned())
+        .unwrap_or_default();
+    let denied = shared
+        .grants
+        .lock()
+        .unwrap()
+        .get(&repo)
+        .is_some_and(|allowed| !allowed.contains(&user));
+    if denied {
+        return Response::builder()
+            .status(StatusCode::FORBIDDEN)
+            .body(Body::from("Forbidden\n"))
+            .unwrap();
+    }
     let (parts, body) = req.into_parts();
     let body: Bytes = axum::body::to_bytes(body, 256 << 20).await.unwrap();
     let header = |name: header::HeaderName| {

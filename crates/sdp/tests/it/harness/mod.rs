@@ -507,7 +507,7 @@ impl TestEnv {
             )
         };
         format!(
-            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}",
+            "listen = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}",
             self.server_data_dir().display(),
             o.session_ttl,
             o.sandbox_ttl,
@@ -539,6 +539,9 @@ impl TestEnv {
             // Never deployed: their baselines are the HTTPS one.
             service("secure", "true", "true"),
             service("untrusted", "true", "true"),
+            // A branch's own script, for the isolation tests' hostile builds (the test
+            // creates the repository).
+            service("hostile", "sh hostile.sh", "true"),
         )
     }
 
