@@ -123,9 +123,9 @@ fn around(text: &str, needles: &[&str]) -> String {
     let mut out = String::new();
     for needle in needles {
         for (at, _) in text.match_indices(needle).take(3) {
-            let start = text.floor_char_boundary(at.saturating_sub(300));
-            let end = text.ceil_char_boundary((at + 300).min(text.len()));
-            out.push_str(&format!("{needle} in: {:?}\n", &text[start..end]));
+            let window = &text.as_bytes()[at.saturating_sub(300)..(at + 300).min(text.len())];
+            let window = String::from_utf8_lossy(window);
+            out.push_str(&format!("{needle} in: {window:?}\n"));
         }
     }
     out
