@@ -72,9 +72,6 @@ const MIRROR_ATTRIBUTES: &str = "* -export-ignore -export-subst\n";
 /// Output kept from a git command; more is cut off.
 const MAX_OUTPUT: usize = 16 << 20;
 
-/// The longest a git call waits in the queue for a slot before giving up.
-const QUEUE_TIMEOUT: Duration = Duration::from_secs(30);
-
 #[derive(Debug, Clone)]
 pub struct Git {
     /// The askpass program: the `sdp` binary.
@@ -163,9 +160,10 @@ impl Git {
         cmd
     }
 
-    /// Waits for a free git slot, for [`QUEUE_TIMEOUT`] at most.
+    /// Waits for a free git slot, as long as a git command may run at most (`git_timeout`):
+    /// a job queued longer than that would outlive any caller waiting for it.
     async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, JobError> {
-        match tokio::time::timeout(QUEUE_TIMEOUT, self.slots.acquire()).await {
+        match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(failed("the agent's git queue is closed".into())),
             Err(_) => Err(JobError {
@@ -173,7 +171,7 @@ impl Git {
                 message: format!(
                     "the agent is busy: {} git commands are running and this one waited {}s for its turn",
                     self.max_jobs,
-                    QUEUE_TIMEOUT.as_secs()
+                    self.timeout.as_secs()
                 ),
             }),
         }

@@ -469,7 +469,11 @@ impl Deployments {
 
     /// Records a sandbox ended (`deleted` or `expired`): a deployment in progress is
     /// cancelled, with an end frame that says why.
-    pub async fn end_sandbox(&self, sandbox_id: &str, state: &str) {
+    /// Ends a sandbox and its deployment in progress, and returns the agent that runs it as
+    /// recorded once it has ended: a deploy job taken meanwhile has recorded its agent by
+    /// then (or sees the sandbox ended and removes itself), so no agent is left running it
+    /// without a teardown.
+    pub async fn end_sandbox(&self, sandbox_id: &str, state: &str) -> Option<String> {
         if let Ok(Some(latest)) = self.db.latest_active_deployment(sandbox_id).await {
             self.end_log(
                 &latest,
@@ -484,6 +488,10 @@ impl Deployments {
             .await
         {
             tracing::error!(sandbox = %sandbox_id, error = %e, "cannot record the end of a sandbox");
+        }
+        match self.db.sandbox(sandbox_id).await {
+            Ok(Some(row)) => row.agent,
+            _ => None,
         }
     }
 
@@ -530,10 +538,10 @@ impl Deployments {
                 };
                 tracing::info!(sandbox = %name, "sandbox expired");
                 let _ = self.db.audit("sdp", "expire", name.as_str(), "").await;
-                self.end_sandbox(&id, "expired").await;
+                let agent = self.end_sandbox(&id, "expired").await.or(sandbox.agent);
                 // Routes go first: no request reaches an instance being stopped.
                 self.routes.publish_logged("a sandbox expired").await;
-                if let Some(agent) = &sandbox.agent {
+                if let Some(agent) = &agent {
                     self.remove_on_agent(&name, agent).await;
                 }
             }

@@ -12,6 +12,7 @@ mod cli;
 mod deploy;
 mod dev_smoke;
 mod docker;
+mod exhaustion;
 mod input;
 mod isolation;
 mod login;

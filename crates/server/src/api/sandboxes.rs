@@ -535,9 +535,12 @@ pub async fn delete(
             "",
         )
         .await?;
-    state.deployments.end_sandbox(&sandbox.id, "deleted").await;
+    let agent = state
+        .deployments
+        .end_sandbox(&sandbox.id, "deleted")
+        .await
+        .or(sandbox.agent.clone());
     let deployments = state.deployments.clone();
-    let agent = sandbox.agent.clone();
     tokio::spawn(async move {
         // Routes go first: no request reaches an instance being stopped.
         deployments

@@ -164,6 +164,11 @@ pub struct Options {
     pub runtime: &'static str,
     /// `RUST_LOG` of the server and agents.
     pub log: &'static str,
+    /// More lines of the micro agents' config files.
+    pub agent_extra: &'static str,
+    /// Agents get `work_dir = "./agent-<name>"`, relative to the test's directory, where
+    /// they are started.
+    pub relative_work_dir: bool,
 }
 
 impl Default for Options {
@@ -180,6 +185,8 @@ impl Default for Options {
             gateway: true,
             runtime: "process",
             log: DEFAULT_LOG,
+            agent_extra: "",
+            relative_work_dir: false,
         }
     }
 }
@@ -617,12 +624,21 @@ impl TestEnv {
         } else {
             String::new()
         };
+        let extra = if role == "micro" {
+            self.opts.agent_extra
+        } else {
+            ""
+        };
         std::fs::write(
             &path,
             format!(
-                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"{}\"\ngit_timeout = \"{}\"\nhealth_timeout = \"{}\"\nport_range = \"{}\"\n{}{gateway}",
+                "server = \"{}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"{}\"\ngit_timeout = \"{}\"\nhealth_timeout = \"{}\"\nport_range = \"{}\"\n{}{extra}\n{gateway}",
                 self.ws_url(),
-                self.agent_work_dir(name).display(),
+                if self.opts.relative_work_dir {
+                    format!("./agent-{name}")
+                } else {
+                    self.agent_work_dir(name).display().to_string()
+                },
                 self.opts.runtime,
                 self.opts.git_timeout,
                 self.opts.health_timeout,
@@ -634,6 +650,7 @@ impl TestEnv {
         let mut cmd = Command::new(sdp_bin());
         cmd.args(["--log-format", "json", "agent", "--config"])
             .arg(&path)
+            .current_dir(self.dir.path())
             .env("SDP_TOKEN", token)
             .env("RUST_LOG", self.opts.log)
             // The trust store of https upstreams: the test CA only.

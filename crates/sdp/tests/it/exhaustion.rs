@@ -1,0 +1,214 @@
+//! No user can exhaust or upset an agent's host: git processes are capped, cancelled
+//! deployments leak nothing, teardown never signals a process that is not the instance's, and
+//! a relative `work_dir` works as an absolute one.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::harness::{Options, TestEnv, docker_available, docker_inspect, wait_until};
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// The agent's process: the last agent the environment started.
+fn agent_pid(env: &TestEnv) -> u32 {
+    env.agents.last().expect("a micro agent").pid()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_thousand_cancelled_deployments_leak_no_file_descriptor() {
+    let env = TestEnv::start(Options::default()).await;
+    let token = env.login().await;
+    let pid = agent_pid(&env);
+    // Half hang in their fetch (the git server never answers `stuck`) and are cancelled
+    // there, with git's pipes open; the other half are cancelled wherever they are, fetching,
+    // building or starting.
+    let cycle = |i: usize| {
+        let (env, token) = (&env, &token);
+        async move {
+            let name = format!("cancel-{i}");
+            let service = if i % 2 == 0 {
+                "stuck@main"
+            } else {
+                "payments@main"
+            };
+            let reply = env.create_sandbox(token, &name, &[service]).await;
+            assert_eq!(reply.status, 202, "{}", reply.body);
+            let reply = env
+                .http
+                .delete(format!("{}/api/sandboxes/{name}", env.url))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(reply.status(), 202);
+        }
+    };
+    for i in 0..10 {
+        cycle(i).await;
+    }
+    let settled = || async {
+        // Every teardown done: the agent has no checkout left.
+        let checkouts = env.agent_work_dir("micro-0").join("checkouts");
+        wait_until("every sandbox is torn down on the agent", || {
+            std::fs::read_dir(&checkouts).is_ok_and(|d| d.count() == 0)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    settled().await;
+    let before = open_fds(pid);
+
+    let next = AtomicUsize::new(10);
+    let workers = (0..8).map(|_| async {
+        loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= 1010 {
+                break;
+            }
+            cycle(i).await;
+        }
+    });
+    futures_util::future::join_all(workers).await;
+    settled().await;
+    // Teardowns answer before every task of a cancelled deployment has let go: give them
+    // a moment, but no more than that.
+    let mut after = open_fds(pid);
+    for _ in 0..100 {
+        if after <= before + 8 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = open_fds(pid);
+    }
+    eprintln!("the agent's open file descriptors: {before} before, {after} after");
+    assert!(
+        after <= before + 8,
+        "the agent had {before} file descriptors open before 1,000 cancelled deployments and {after} after"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn git_processes_on_an_agent_never_exceed_max_git_jobs() {
+    let env = TestEnv::start(Options {
+        agent_extra: "max_git_jobs = 2\n",
+        git_timeout: "3s",
+        job_timeout: "20s",
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut most = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let running = std::fs::read_dir("/proc")
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+                    .filter(|c| {
+                        c.starts_with(b"git\0ls-remote\0")
+                            && c.windows(9).any(|w| w == b"stuck.git")
+                    })
+                    .count();
+                most = most.max(running);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            most
+        })
+    };
+    // Six branch lists of a repository whose server never answers: two run until git's
+    // timeout, the others wait for a slot.
+    let lists = (0..6).map(|_| env.get("/api/services/stuck/branches", Some(&token)));
+    let replies = futures_util::future::join_all(lists).await;
+    stop.store(true, Ordering::Relaxed);
+    let most = sampler.join().unwrap();
+    for reply in &replies {
+        assert_eq!(reply.status, 504, "{}", reply.body);
+    }
+    assert!(
+        most >= 1,
+        "the sampler never saw git run, so it proves nothing"
+    );
+    assert!(most <= 2, "{most} git processes ran at once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn teardown_never_signals_a_pid_that_another_process_holds_now() {
+    let env = TestEnv::start(Options::default()).await;
+    let token = env.login().await;
+    let (_, d) = env.deploy(&token, "reused", &["orders@main"]).await;
+    assert_eq!(d["state"], "ready", "{d}");
+    let pid_file = env
+        .agent_work_dir("micro-0")
+        .join("run/reused/orders.pid.json");
+    let mut record: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&pid_file).unwrap()).unwrap();
+    let instance = record["pid"].as_i64().unwrap();
+    assert!(record["start_time"].is_u64(), "{record}");
+    // As after a crash of the instance and a reboot or a long uptime: its pid now belongs to
+    // a process of someone else, leading a group of its own.
+    let mut stranger = Command::new("sleep")
+        .arg("600")
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    record["pid"] = stranger.id().into();
+    std::fs::write(&pid_file, record.to_string()).unwrap();
+
+    let reply = env
+        .http
+        .delete(format!("{}/api/sandboxes/reused", env.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 202);
+    wait_until("the pid file is gone", || !pid_file.exists()).await;
+    let alive = stranger.try_wait().unwrap().is_none();
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{instance}")])
+        .status();
+    assert!(alive, "teardown killed a process that was not the instance");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relative_work_dir_deploys_with_docker_and_builds_with_go() {
+    if !docker_available() {
+        return;
+    }
+    let env = TestEnv::start(Options {
+        runtime: "docker",
+        relative_work_dir: true,
+        ..Options::default()
+    })
+    .await;
+    let token = env.login().await;
+    let name = format!("rel-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let (sandbox, d) = env.deploy(&token, &name, &["orders@feature/x"]).await;
+    assert_eq!(d["state"], "ready", "{d}");
+    let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
+    assert_eq!(
+        env.answer(upstream).await,
+        format!("orders on feature/x in {name}\n")
+    );
+    let agent = &env.micro[0];
+    let container =
+        docker_inspect(&format!("sdp_{name}_orders_{agent}")).expect("the container exists");
+    let source = container["Mounts"][0]["Source"].as_str().unwrap();
+    assert!(source.starts_with('/'), "{source}");
+    // Go's caches went to the agent's folder, wherever the agent was started from.
+    assert!(
+        env.agent_work_dir(agent).join("cache/go-build").is_dir(),
+        "GOCACHE is under work_dir"
+    );
+}
