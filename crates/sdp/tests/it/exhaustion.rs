@@ -31,7 +31,7 @@ async fn a_thousand_cancelled_deployments_leak_no_file_descriptor() {
         let (env, token) = (&env, &token);
         async move {
             let name = format!("cancel-{i}");
-            let service = if i % 2 == 0 {
+            let service = if i.is_multiple_of(2) {
                 "stuck@main"
             } else {
                 "payments@main"
