@@ -216,9 +216,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .into_iter()
                 .collect();
             let config: AgentConfig = load(config.as_deref(), &extra)?;
-            let askpass =
-                std::env::current_exe().context("cannot find the sdp binary for git's askpass")?;
-            let mut agent = Agent::new(config, askpass).map_err(usage)?;
+            let mut agent = Agent::new(config, askpass_program()?).map_err(usage)?;
             agent.bind_router().await?;
             agent.run(stop_on_signal()).await?;
             Ok(())
@@ -252,9 +250,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 /// The program git runs as askpass: this very binary. `/proc/<pid>/exe` still runs it after
 /// the file was replaced by an upgrade, when its path would name the new binary or nothing.
+/// Only root's git may use it: the process is non-dumpable (see [`harden`]), which closes its
+/// `/proc` links to every other process of its user, git included.
 fn askpass_program() -> anyhow::Result<PathBuf> {
     let own = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
-    if own.exists() {
+    if nix::unistd::geteuid().is_root() && own.exists() {
         return Ok(own);
     }
     std::env::current_exe().context("cannot find the sdp binary for git's askpass")

@@ -378,3 +378,24 @@ fn run_as_uid_gid() -> (u32, u32) {
     let user = nix::unistd::User::from_name(RUN_AS).unwrap().unwrap();
     (user.uid.as_raw(), user.gid.as_raw())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_run_by_a_plain_user_checks_passwords_and_deploys_with_real_git_auth() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    ensure_run_as_user();
+    let mut env = TestEnv::without_agents(Options::default()).await;
+    env.start_gateway();
+    env.start_unprivileged_agent("plain");
+    env.micro.push("plain".to_owned());
+    env.wait_for_agents(1).await;
+    // git asks the askpass helper (the agent's own binary) for the password: it must reach
+    // it although the agent is not dumpable.
+    let refused = env.login_as(crate::harness::USER, "wrong").await;
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    let token = env.login().await;
+    assert!(!env.branches("orders", &token).await.is_empty());
+    let (_, d) = env.deploy(&token, "plain", &["orders@main"]).await;
+    assert_eq!(d["state"], "ready", "{d}");
+}

@@ -588,7 +588,7 @@ impl TestEnv {
     /// Starts (or restarts) the gateway agent `gateway` on [`TestEnv::gateway_port`], and
     /// waits until its router listens.
     pub fn start_gateway(&mut self) {
-        let proc = self.spawn_agent("gateway", "gateway", AGENT_TOKEN);
+        let proc = self.spawn_agent("gateway", "gateway", AGENT_TOKEN, None);
         let mut proc = proc;
         proc.wait_for_line("the router listening", |l| l.contains("router listening"));
         self.gateway = Some(proc);
@@ -603,11 +603,23 @@ impl TestEnv {
     }
 
     pub fn start_agent(&mut self, name: &str, role: &str, token: &str) {
-        let proc = self.spawn_agent(name, role, token);
+        let proc = self.spawn_agent(name, role, token, None);
         self.agents.push(proc);
     }
 
-    fn spawn_agent(&mut self, name: &str, role: &str, token: &str) -> Proc {
+    /// Starts micro agent `name` as the unprivileged [`RUN_AS`] user instead of root, as a
+    /// plain user would run `sdp agent` (builds then run as that user too).
+    pub fn start_unprivileged_agent(&mut self, name: &str) {
+        let work_dir = self.agent_work_dir(name);
+        std::fs::create_dir_all(&work_dir).unwrap();
+        let user = nix::unistd::User::from_name(RUN_AS).unwrap().unwrap();
+        std::os::unix::fs::chown(&work_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .unwrap();
+        let proc = self.spawn_agent(name, "micro", AGENT_TOKEN, Some(RUN_AS));
+        self.agents.push(proc);
+    }
+
+    fn spawn_agent(&mut self, name: &str, role: &str, token: &str, user: Option<&str>) -> Proc {
         let path = self.dir.path().join(format!("agent-{name}.toml"));
         let gateway = if name == "gateway" {
             format!(
@@ -643,11 +655,27 @@ impl TestEnv {
                 self.opts.git_timeout,
                 self.opts.health_timeout,
                 free_port_range(),
-                run_as_line(),
+                if user.is_some() {
+                    String::new()
+                } else {
+                    run_as_line()
+                },
             ),
         )
         .unwrap();
-        let mut cmd = Command::new(sdp_bin());
+        let mut cmd = match user {
+            Some(user) => {
+                let mut cmd = Command::new("setpriv");
+                cmd.args([
+                    &format!("--reuid={user}"),
+                    &format!("--regid={user}"),
+                    "--clear-groups",
+                    sdp_bin(),
+                ]);
+                cmd
+            }
+            None => Command::new(sdp_bin()),
+        };
         cmd.args(["--log-format", "json", "agent", "--config"])
             .arg(&path)
             .current_dir(self.dir.path())
