@@ -248,7 +248,15 @@ mod tests {
 
     #[test]
     fn a_size_that_is_not_one_is_refused_with_the_units_named() {
-        for text in ["64MB", "lots", "-1", "64 mib", "", "1.5GiB", "99999999999TiB"] {
+        for text in [
+            "64MB",
+            "lots",
+            "-1",
+            "64 mib",
+            "",
+            "1.5GiB",
+            "99999999999TiB",
+        ] {
             let err = text.parse::<ByteSize>().unwrap_err();
             assert!(err.contains(text), "{err}");
         }

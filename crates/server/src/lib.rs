@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{GatewayConfig, GitConfig, ServerConfig, ServiceConfig};
+pub use config::{Cidr, GatewayConfig, GitConfig, ServerConfig, ServiceConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
