@@ -9,6 +9,7 @@ mod config;
 mod db;
 mod deployments;
 mod error;
+mod http;
 mod hub;
 mod logs;
 mod routes;
@@ -144,17 +145,11 @@ impl Server {
             stop.cancelled().await;
             stopping.cancel();
         });
-        // Log frames are small and many: without TCP_NODELAY, Nagle's algorithm and delayed
-        // ACKs hold some back for tens of milliseconds.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .map_err(ServerError::Serve);
+        let timeouts = http::Timeouts {
+            header: state.config.http_header_timeout.get(),
+            write: state.config.http_write_timeout.get(),
+        };
+        http::serve(listener, app, timeouts, shutdown.clone()).await;
         shutdown.cancel();
         let _ = sweeper.await;
         let _ = expiry.await;
@@ -167,7 +162,7 @@ impl Server {
         }
         state.db.close().await;
         tracing::info!("server stopped");
-        result
+        Ok(())
     }
 }
 
