@@ -11,6 +11,7 @@ mod deployments;
 mod error;
 mod http;
 mod hub;
+mod limiter;
 mod logs;
 mod routes;
 mod sessions;
