@@ -207,7 +207,7 @@ impl AppState {
         ));
         let deployments = Arc::new(Deployments {
             db: db.clone(),
-            logs: Logs::new(config.data_dir.join("logs"))?,
+            logs: Logs::new(config.data_dir.join("logs"), config.max_log_size)?,
             hub: hub.clone(),
             job_timeout: config.job_timeout.get(),
             agent_timeout: config.agent_timeout.get(),
