@@ -34,6 +34,11 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot use the data directory {dir}: {source}")]
+    DataDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot open the database under {dir}: {source}")]
     Database {
         dir: std::path::PathBuf,
@@ -61,7 +66,7 @@ impl Server {
     }
 
     /// As [`Server::bind`]; `dev_mode` tells the dashboard that any password is accepted.
-    pub async fn bind_with(config: ServerConfig, dev_mode: bool) -> Result<Self, ServerError> {
+    pub async fn bind_with(mut config: ServerConfig, dev_mode: bool) -> Result<Self, ServerError> {
         config.validate().map_err(ServerError::Config)?;
         let probe = config.git.probe_repo.as_str();
         let asks_password = probe.starts_with("https://") || probe.starts_with("http://");
@@ -71,6 +76,15 @@ impl Server {
                 "`git.probe_repo` must be an http:// or https:// URL of the git server, not {probe:?}: logins are checked by the password it asks for"
             )));
         }
+        // A relative `data_dir` is taken against the working directory once, here, and
+        // resolved whole (`..`, links): nothing later depends on the working directory.
+        let data_dir_error = |source| ServerError::DataDir {
+            dir: config.data_dir.clone(),
+            source,
+        };
+        let data_dir = std::path::absolute(&config.data_dir).map_err(data_dir_error)?;
+        std::fs::create_dir_all(&data_dir).map_err(data_dir_error)?;
+        config.data_dir = data_dir.canonicalize().map_err(data_dir_error)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -136,7 +150,7 @@ impl Server {
             state,
             shutdown,
         } = self;
-        tracing::info!(addr = %listener.local_addr().map_err(ServerError::Serve)?, public_url = %state.public_url, "listening");
+        tracing::info!(addr = %listener.local_addr().map_err(ServerError::Serve)?, public_url = %state.public_url, data_dir = %state.config.data_dir.display(), "listening");
         state.deployments.recover().await;
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
         let expiry = tokio::spawn(state.deployments.clone().sweep_expired(shutdown.clone()));
