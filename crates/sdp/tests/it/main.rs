@@ -13,5 +13,6 @@ mod deploy;
 mod dev_smoke;
 mod docker;
 mod input;
+mod limits;
 mod login;
 mod router;

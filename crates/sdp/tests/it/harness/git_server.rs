@@ -18,12 +18,15 @@ use tokio::io::AsyncWriteExt;
 struct Shared {
     root: PathBuf,
     users: Arc<Mutex<HashMap<String, String>>>,
+    /// Per repository, the git commands that contacted it (see [`GitServer::contacts`]).
+    contacts: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 pub struct GitServer {
     pub addr: SocketAddr,
     pub root: PathBuf,
     users: Arc<Mutex<HashMap<String, String>>>,
+    contacts: Arc<Mutex<HashMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -40,6 +43,7 @@ impl GitServer {
         let shared = Shared {
             root: root.to_owned(),
             users: Arc::default(),
+            contacts: Arc::default(),
         };
         let app = axum::Router::new()
             .fallback(handle)
@@ -53,6 +57,7 @@ impl GitServer {
             addr,
             root: root.to_owned(),
             users: shared.users,
+            contacts: shared.contacts,
             task,
         }
     }
@@ -144,6 +149,18 @@ impl GitServer {
         run_git(&work, &["commit", "-q", "-am", message]);
         run_git(&work, &["push", "-q", "origin", branch]);
         std::fs::remove_dir_all(&work).unwrap();
+    }
+
+    /// How many git commands have contacted repository `name` (a login's probe, a fetch):
+    /// each begins with a request for the refs without credentials, which git sends only
+    /// once the 401 asks for them.
+    pub fn contacts(&self, name: &str) -> usize {
+        self.contacts
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// What `git ls-remote --heads` of the bare repository says, as (branch, commit) pairs.
@@ -337,6 +354,18 @@ sys.stdout.flush()
 pub const STUCK_REPO: &str = "stuck";
 
 async fn handle(State(shared): State<Shared>, req: Request) -> Response {
+    if req.uri().path().ends_with("/info/refs")
+        && !req.headers().contains_key(header::AUTHORIZATION)
+    {
+        let repo = req.uri().path().trim_start_matches('/');
+        let repo = repo.split_once(".git/").map_or(repo, |(name, _)| name);
+        *shared
+            .contacts
+            .lock()
+            .unwrap()
+            .entry(repo.to_owned())
+            .or_default() += 1;
+    }
     if req.uri().path().starts_with(&format!("/{STUCK_REPO}.git/")) {
         tokio::time::sleep(std::time::Duration::from_secs(600)).await;
     }
