@@ -149,7 +149,7 @@ impl fmt::Display for ByteSize {
     /// The largest unit that writes it whole: `64MiB`, `1536KiB`, `1000`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (unit, size) in &UNITS[..4] {
-            if self.0 >= *size && self.0 % size == 0 {
+            if self.0 >= *size && self.0.is_multiple_of(*size) {
                 return write!(f, "{}{unit}", self.0 / size);
             }
         }

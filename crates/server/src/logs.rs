@@ -113,7 +113,7 @@ struct Writer {
 impl Writer {
     /// Counts a line of `bytes` (newline included) stored at the end of the file.
     fn stored(&mut self, seq: u64, bytes: u64) {
-        if self.lines % INDEX_EVERY == 0 {
+        if self.lines.is_multiple_of(INDEX_EVERY) {
             self.index.push((seq, self.len));
         }
         self.lines += 1;

@@ -344,7 +344,7 @@ async fn require_free_space(state: &AppState) -> Result<(), ApiError> {
     let dir = state.config.data_dir.clone();
     let free = tokio::task::spawn_blocking(move || {
         nix::sys::statvfs::statvfs(&dir)
-            .map(|s| u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
     })
     .await
     .map_err(|e| ApiError::internal("free space", &e))?
