@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
-pub use types::{ConfigDuration, Secret};
+pub use types::{ByteSize, ConfigDuration, Secret};
 
 /// The prefix of every configuration variable.
 pub const ENV_PREFIX: &str = "SDP_";
@@ -262,5 +262,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("duration"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_size_is_an_error_that_names_the_key() {
+        #[derive(Debug, Deserialize)]
+        struct Sized {
+            max_log_size: ByteSize,
+        }
+        let f = write("max_log_size = \"64MB\"\n");
+        let err = load::<Sized>(Some(f.path()), env(&[])).unwrap_err();
+        assert!(err.to_string().contains("max_log_size"), "{err}");
+        let from_env = load::<Sized>(None, env(&[("SDP_MAX_LOG_SIZE", "512KiB")])).unwrap();
+        assert_eq!(from_env.config.max_log_size, ByteSize::kib(512));
+        let integer = load::<Sized>(Some(write("max_log_size = 1048576\n").path()), env(&[]));
+        assert_eq!(integer.unwrap().config.max_log_size, ByteSize::mib(1));
     }
 }

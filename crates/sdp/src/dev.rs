@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 use sdp_agent::{Agent, AgentConfig, DockerConfig, GatewayConfig, Runtime};
-use sdp_config::{ConfigDuration, Secret};
+use sdp_config::{ByteSize, ConfigDuration, Secret};
 use sdp_protocol::{AgentName, RepoUrl, Role, ServiceName};
 use sdp_server::{GitConfig, Server, ServerConfig, ServiceConfig};
 use tokio_util::sync::CancellationToken;
@@ -78,6 +78,11 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
         sandbox_ttl: ConfigDuration::from_secs(24 * 3600),
         agent_timeout: ConfigDuration::from_secs(30),
         job_timeout: ConfigDuration::from_secs(20),
+        trusted_proxies: Vec::new(),
+        max_log_size: ByteSize::mib(64),
+        min_free_space: ByteSize::gib(1),
+        http_header_timeout: ConfigDuration::from_secs(10),
+        http_write_timeout: ConfigDuration::from_secs(30),
         git: GitConfig { probe_repo },
         gateway: sdp_server::GatewayConfig {
             public_url: gateway_url.clone(),

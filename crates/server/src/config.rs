@@ -1,10 +1,10 @@
 //! The control plane's configuration (SPEC §9), checked once at start.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use sdp_config::{ConfigDuration, Secret};
+use sdp_config::{ByteSize, ConfigDuration, Secret};
 use sdp_protocol::{RepoUrl, ServiceName};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +30,24 @@ pub struct ServerConfig {
     /// How long a request waits for an agent to answer a job (login, branch list).
     #[serde(default = "default_job_timeout")]
     pub job_timeout: ConfigDuration,
+    /// Peers whose `X-Forwarded-For` names the client (nginx in front): the login limiter
+    /// counts per client address, and behind a proxy every peer is the proxy.
+    #[serde(default)]
+    pub trusted_proxies: Vec<Cidr>,
+    /// A deployment's log file is cut past this size; the deployment goes on.
+    #[serde(default = "default_max_log_size")]
+    pub max_log_size: ByteSize,
+    /// New deployments are refused while the file system of `data_dir` has less free space.
+    #[serde(default = "default_min_free_space")]
+    pub min_free_space: ByteSize,
+    /// How long a client has to send a request head, from when its connection opens or its
+    /// previous response ends: also how long an idle keep-alive connection is kept.
+    #[serde(default = "default_http_header_timeout")]
+    pub http_header_timeout: ConfigDuration,
+    /// A client that takes in nothing of what is written to it (a response, WebSocket frames)
+    /// for this long is disconnected.
+    #[serde(default = "default_http_write_timeout")]
+    pub http_write_timeout: ConfigDuration,
     pub git: GitConfig,
     #[serde(default)]
     pub gateway: GatewayConfig,
@@ -96,6 +114,18 @@ fn default_agent_timeout() -> ConfigDuration {
 fn default_job_timeout() -> ConfigDuration {
     ConfigDuration::from_secs(20)
 }
+fn default_max_log_size() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_min_free_space() -> ByteSize {
+    ByteSize::gib(1)
+}
+fn default_http_header_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(10)
+}
+fn default_http_write_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(30)
+}
 fn default_base_domain() -> String {
     "sandbox.localhost".to_owned()
 }
@@ -115,10 +145,18 @@ impl ServerConfig {
             ("sandbox_ttl", self.sandbox_ttl),
             ("agent_timeout", self.agent_timeout),
             ("job_timeout", self.job_timeout),
+            ("http_header_timeout", self.http_header_timeout),
+            ("http_write_timeout", self.http_write_timeout),
         ] {
             if d.get().is_zero() {
                 return Err(format!("`{key}` must be longer than zero"));
             }
+        }
+        if self.max_log_size < MIN_LOG_SIZE {
+            return Err(format!(
+                "`max_log_size` must be at least {MIN_LOG_SIZE}, not {}: a cut log should still show how a build began",
+                self.max_log_size
+            ));
         }
         if let Some(url) = &self.public_url {
             parse_http_url(url).map_err(|e| format!("`public_url`: {e}"))?;
@@ -180,6 +218,82 @@ impl ServerConfig {
 
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name.as_str() == name)
+    }
+}
+
+/// The smallest `max_log_size` taken.
+const MIN_LOG_SIZE: ByteSize = ByteSize::kib(64);
+
+/// A block of IP addresses, written `10.0.0.0/8`, `::1/128`, or one address alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        // A peer of a dual-stack listener can be an IPv4-mapped IPv6 address.
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let explain =
+            || format!("{s:?} is not an address block like \"127.0.0.1/32\" or \"::1/128\"");
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|_| explain())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(explain)?,
+            None => max,
+        };
+        Ok(Cidr {
+            addr: addr.to_canonical(),
+            prefix,
+        })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for Cidr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Cidr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = String::deserialize(d)?;
+        raw.parse().map_err(serde::de::Error::custom)
     }
 }
 

@@ -9,7 +9,9 @@ mod config;
 mod db;
 mod deployments;
 mod error;
+mod http;
 mod hub;
+mod limiter;
 mod logs;
 mod routes;
 mod sessions;
@@ -21,7 +23,7 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{GatewayConfig, GitConfig, ServerConfig, ServiceConfig};
+pub use config::{Cidr, GatewayConfig, GitConfig, ServerConfig, ServiceConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -30,6 +32,11 @@ pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot use the data directory {dir}: {source}")]
+    DataDir {
+        dir: std::path::PathBuf,
         source: std::io::Error,
     },
     #[error("cannot open the database under {dir}: {source}")]
@@ -59,7 +66,7 @@ impl Server {
     }
 
     /// As [`Server::bind`]; `dev_mode` tells the dashboard that any password is accepted.
-    pub async fn bind_with(config: ServerConfig, dev_mode: bool) -> Result<Self, ServerError> {
+    pub async fn bind_with(mut config: ServerConfig, dev_mode: bool) -> Result<Self, ServerError> {
         config.validate().map_err(ServerError::Config)?;
         let probe = config.git.probe_repo.as_str();
         let asks_password = probe.starts_with("https://") || probe.starts_with("http://");
@@ -69,6 +76,15 @@ impl Server {
                 "`git.probe_repo` must be an http:// or https:// URL of the git server, not {probe:?}: logins are checked by the password it asks for"
             )));
         }
+        // A relative `data_dir` is taken against the working directory once, here, and
+        // resolved whole (`..`, links): nothing later depends on the working directory.
+        let data_dir_error = |source| ServerError::DataDir {
+            dir: config.data_dir.clone(),
+            source,
+        };
+        let data_dir = std::path::absolute(&config.data_dir).map_err(data_dir_error)?;
+        std::fs::create_dir_all(&data_dir).map_err(data_dir_error)?;
+        config.data_dir = data_dir.canonicalize().map_err(data_dir_error)?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -134,7 +150,7 @@ impl Server {
             state,
             shutdown,
         } = self;
-        tracing::info!(addr = %listener.local_addr().map_err(ServerError::Serve)?, public_url = %state.public_url, "listening");
+        tracing::info!(addr = %listener.local_addr().map_err(ServerError::Serve)?, public_url = %state.public_url, data_dir = %state.config.data_dir.display(), "listening");
         state.deployments.recover().await;
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
         let expiry = tokio::spawn(state.deployments.clone().sweep_expired(shutdown.clone()));
@@ -144,17 +160,11 @@ impl Server {
             stop.cancelled().await;
             stopping.cancel();
         });
-        // Log frames are small and many: without TCP_NODELAY, Nagle's algorithm and delayed
-        // ACKs hold some back for tens of milliseconds.
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-            .await
-            .map_err(ServerError::Serve);
+        let timeouts = http::Timeouts {
+            header: state.config.http_header_timeout.get(),
+            write: state.config.http_write_timeout.get(),
+        };
+        http::serve(listener, app, timeouts, shutdown.clone()).await;
         shutdown.cancel();
         let _ = sweeper.await;
         let _ = expiry.await;
@@ -167,7 +177,7 @@ impl Server {
         }
         state.db.close().await;
         tracing::info!("server stopped");
-        result
+        Ok(())
     }
 }
 

@@ -3,13 +3,21 @@
 //!
 //! Each event is appended to the file before it is fanned out, so the file is the whole
 //! truth: a viewer that falls behind the bounded live channel catches up from the file, and
-//! the agent is never slowed by a viewer.
+//! the agent is never slowed by a viewer. Files are read a chunk at a time ([`LogReader`]),
+//! never whole, so a viewer costs the same memory whatever the size of the log.
+//!
+//! A log is cut at `max_log_size`: the first line of output that would pass it is replaced
+//! by a notice saying so, and later output lines (a build's or service's stdout and stderr)
+//! are acknowledged but neither stored nor fanned out. Steps, system lines and the end frame
+//! are still stored, so the deployment goes on and ends as usual. From the cut on, the `seq`s
+//! in the file have gaps.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
+use sdp_config::ByteSize;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 
@@ -18,6 +26,15 @@ use tokio::sync::broadcast;
 
 /// Live batches kept for slow viewers before they have to read the file.
 const LIVE_BUFFER: usize = 128;
+
+/// Every this many stored lines, one goes into a log's index.
+const INDEX_EVERY: u64 = 64;
+
+/// About how much of a file a reader takes at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// How the notice of a cut log begins.
+const CUT_NOTICE: &str = "the log was cut here";
 
 /// One line of a log file and one frame of the WebSocket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,6 +69,16 @@ impl Frame {
             Frame::Log { seq, .. } | Frame::Step { seq, .. } | Frame::End { seq, .. } => *seq,
         }
     }
+
+    /// A line a build or a service printed: what a cut log drops.
+    fn is_output(&self) -> bool {
+        matches!(self, Frame::Log { stream, .. } if stream == "stdout" || stream == "stderr")
+    }
+
+    fn is_cut_notice(&self) -> bool {
+        matches!(self, Frame::Log { service: None, stream, line, .. }
+            if stream == "system" && line.starts_with(CUT_NOTICE))
+    }
 }
 
 /// A stored frame, serialized once for every viewer: cloning its text is a reference count.
@@ -63,16 +90,43 @@ pub struct Line {
 }
 
 struct Writer {
+    /// The highest `seq` taken, stored or (past the cut) dropped: what is acknowledged.
     last_seq: u64,
     ended: bool,
-    /// Where each line starts: the line of `seq` n at `offsets[n - 1]`. A viewer catching up
-    /// reads from there, not the whole file again.
-    offsets: Vec<u64>,
+    /// The `seq` and offset of every [`INDEX_EVERY`]th stored line: a viewer catching up
+    /// seeks to the nearest one before the line it needs, not to the start of the file.
+    index: Vec<(u64, u64)>,
+    /// Lines stored.
+    lines: u64,
     /// The file's length.
     len: u64,
+    /// The log reached its cap and said so: output lines are dropped from here on.
+    cut: bool,
+    /// Loaded from a cut file after a restart: the agent resumes after the last line it had
+    /// acknowledged, and lines dropped before the restart leave a gap, accepted once.
+    resume_gap: bool,
     /// A plain file: appending a few lines lands in the page cache at once, so it is written
     /// in place rather than through the blocking pool, which would add a hop to every event.
     file: Option<std::fs::File>,
+}
+
+impl Writer {
+    /// Counts a line of `bytes` (newline included) stored at the end of the file.
+    fn stored(&mut self, seq: u64, bytes: u64) {
+        if self.lines.is_multiple_of(INDEX_EVERY) {
+            self.index.push((seq, self.len));
+        }
+        self.lines += 1;
+        self.len += bytes;
+    }
+
+    /// Where to start reading for the lines from `seq` on.
+    fn offset_before(&self, seq: u64) -> u64 {
+        match self.index.partition_point(|(s, _)| *s <= seq) {
+            0 => 0,
+            i => self.index[i - 1].1,
+        }
+    }
 }
 
 struct Stream {
@@ -84,24 +138,25 @@ struct Stream {
 
 pub struct Logs {
     dir: PathBuf,
+    max_size: ByteSize,
     streams: Mutex<HashMap<String, Arc<Stream>>>,
 }
 
-/// How an end frame's line starts: the frame's tag is serialized first.
-const END_PREFIX: &str = "{\"type\":\"end\"";
-
+/// What a reader needs of a line.
 #[derive(Deserialize)]
-struct SeqOnly {
+struct Head {
     seq: u64,
     #[serde(rename = "type")]
     kind: String,
 }
 
 impl Logs {
-    pub fn new(dir: PathBuf) -> std::io::Result<Logs> {
+    /// Logs under `dir`, each cut past `max_size`.
+    pub fn new(dir: PathBuf, max_size: ByteSize) -> std::io::Result<Logs> {
         std::fs::create_dir_all(&dir)?;
         Ok(Logs {
             dir,
+            max_size,
             streams: Mutex::default(),
         })
     }
@@ -119,8 +174,11 @@ impl Logs {
                     writer: tokio::sync::Mutex::new(Writer {
                         last_seq: 0,
                         ended: false,
-                        offsets: Vec::new(),
+                        index: Vec::new(),
+                        lines: 0,
                         len: 0,
+                        cut: false,
+                        resume_gap: false,
                         file: None,
                     }),
                     live: broadcast::channel(LIVE_BUFFER).0,
@@ -135,35 +193,46 @@ impl Logs {
             return Ok(());
         }
         let path = self.path(deployment);
-        // Learn each line's offset from the file itself, and cut off whatever a crash left
-        // after the last whole, in-order line, so that new lines never glue onto it.
-        let bytes = match tokio::fs::read(&path).await {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        let mut at = 0usize;
-        while let Some(newline) = bytes[at..].iter().position(|b| *b == b'\n') {
-            let line = &bytes[at..at + newline];
-            let Ok(head) = serde_json::from_slice::<SeqOnly>(line) else {
-                break;
-            };
-            if head.seq != writer.last_seq + 1 {
-                break;
+        // Learn the index from the file itself, a chunk at a time, and cut off whatever a
+        // crash left after the last whole, in-order line, so that new lines never glue onto
+        // it. The `seq`s go up by one, except past the cut.
+        match tokio::fs::File::open(&path).await {
+            Ok(file) => {
+                let file_len = file.metadata().await?.len();
+                let mut reader = BufReader::with_capacity(READ_CHUNK, file);
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    let n = reader.read_until(b'\n', &mut line).await?;
+                    if n == 0 || line.last() != Some(&b'\n') {
+                        break;
+                    }
+                    let Ok(frame) = serde_json::from_slice::<Frame>(&line[..n - 1]) else {
+                        break;
+                    };
+                    let seq = frame.seq();
+                    let in_order =
+                        seq == writer.last_seq + 1 || (writer.cut && seq > writer.last_seq);
+                    if !in_order {
+                        break;
+                    }
+                    writer.cut |= frame.is_cut_notice();
+                    writer.ended = matches!(frame, Frame::End { .. });
+                    writer.last_seq = seq;
+                    writer.stored(seq, n as u64);
+                }
+                if writer.len < file_len {
+                    tracing::warn!(%deployment, kept = writer.len, dropped = file_len - writer.len, "log file ended in a broken line; cut it off");
+                    std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(&path)?
+                        .set_len(writer.len)?;
+                }
             }
-            writer.offsets.push(at as u64);
-            writer.last_seq = head.seq;
-            writer.ended = head.kind == "end";
-            at += newline + 1;
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
-        writer.len = at as u64;
-        if at < bytes.len() {
-            tracing::warn!(%deployment, kept = at, dropped = bytes.len() - at, "log file ended in a broken line; cut it off");
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open(&path)?
-                .set_len(writer.len)?;
-        }
+        writer.resume_gap = writer.cut && !writer.ended;
         writer.file = Some(
             std::fs::OpenOptions::new()
                 .create(true)
@@ -171,6 +240,13 @@ impl Logs {
                 .open(&path)?,
         );
         Ok(())
+    }
+
+    fn cut_notice(&self) -> String {
+        format!(
+            "{CUT_NOTICE}: it reached max_log_size ({}); later output lines are dropped, while steps and the end are still recorded",
+            self.max_size
+        )
     }
 
     async fn write(stream: &Stream, writer: &mut Writer, frame: &Frame) -> std::io::Result<()> {
@@ -182,8 +258,7 @@ impl Logs {
             let _ = file.set_len(len);
             return Err(e);
         }
-        writer.offsets.push(writer.len);
-        writer.len += json.len() as u64 + 1;
+        writer.stored(frame.seq(), json.len() as u64 + 1);
         writer.last_seq = frame.seq();
         let end = matches!(frame, Frame::End { .. });
         writer.ended = end;
@@ -197,9 +272,9 @@ impl Logs {
     }
 
     /// Appends a run of one deployment's events, whose `seq`s the agent chose, in one write.
-    /// Returns the `seq` up to which the log now holds them (to acknowledge), and which of
-    /// `frames` were stored now (the others were stored before, or the log has ended, or an
-    /// earlier event is missing).
+    /// Returns the `seq` up to which the log now holds them, or dropped them past its cap (to
+    /// acknowledge), and which of `frames` were stored now (the others were stored before,
+    /// or dropped, or the log has ended, or an earlier event is missing).
     pub async fn append_agent(
         &self,
         deployment: &str,
@@ -212,6 +287,9 @@ impl Logs {
         let mut staged = Vec::new();
         let mut ack = None;
         let mut next = writer.last_seq + 1;
+        // Changed on the writer only once the write succeeded.
+        let mut cut = writer.cut;
+        let mut resume_gap = writer.resume_gap;
         for (i, frame) in frames.iter().enumerate() {
             let seq = frame.seq();
             // Stored before (sent again after a reconnect), or the log has ended and the
@@ -221,46 +299,75 @@ impl Logs {
                 continue;
             }
             if seq != next {
-                tracing::warn!(%deployment, seq, expected = next, "event out of order; waiting for the missing ones");
-                break;
+                if !resume_gap {
+                    tracing::warn!(%deployment, seq, expected = next, "event out of order; waiting for the missing ones");
+                    break;
+                }
+                tracing::info!(%deployment, seq, expected = next, "a cut log resumes after lines dropped before the restart");
             }
-            let json = serde_json::to_string(frame).expect("frames serialize");
+            resume_gap = false;
+            next = seq + 1;
+            if frame.is_output() && cut {
+                continue;
+            }
+            let mut json = serde_json::to_string(frame).expect("frames serialize");
+            let size = writer.len + (buffer.len() + json.len() + 1) as u64;
+            if let Frame::Log { ts, .. } = frame
+                && frame.is_output()
+                && size > self.max_size.get()
+            {
+                cut = true;
+                tracing::info!(%deployment, seq, max_log_size = %self.max_size, "deployment log cut");
+                let notice = Frame::Log {
+                    seq,
+                    ts: ts.clone(),
+                    service: None,
+                    stream: "system".into(),
+                    line: self.cut_notice(),
+                };
+                json = serde_json::to_string(&notice).expect("frames serialize");
+            }
             buffer.push_str(&json);
             buffer.push('\n');
-            staged.push((i, json));
-            next += 1;
+            staged.push((i, seq, json));
         }
-        if staged.is_empty() {
+        let taken = next - 1;
+        if taken == writer.last_seq {
             return Ok((ack, Vec::new()));
         }
-        let len = writer.len;
-        let file = writer.file.as_mut().expect("opened before writing");
-        if let Err(e) = file.write_all(buffer.as_bytes()) {
-            let _ = file.set_len(len);
-            return Err(e);
+        if !staged.is_empty() {
+            let len = writer.len;
+            let file = writer.file.as_mut().expect("opened before writing");
+            if let Err(e) = file.write_all(buffer.as_bytes()) {
+                let _ = file.set_len(len);
+                return Err(e);
+            }
         }
-        for (_, json) in &staged {
-            let at = writer.len;
-            writer.offsets.push(at);
-            writer.len += json.len() as u64 + 1;
+        for (_, seq, json) in &staged {
+            writer.stored(*seq, json.len() as u64 + 1);
         }
-        writer.last_seq = next - 1;
-        let stored = staged.iter().map(|(i, _)| *i).collect();
-        let lines = staged
+        writer.last_seq = taken;
+        writer.cut = cut;
+        writer.resume_gap = resume_gap;
+        let stored = staged.iter().map(|(i, ..)| *i).collect();
+        let lines: Vec<Line> = staged
             .into_iter()
-            .map(|(i, json)| Line {
-                seq: frames[i].seq(),
+            .map(|(_, seq, json)| Line {
+                seq,
                 json: json.into(),
                 end: false,
             })
             .collect();
-        // No viewer is fine; a slow one lags and reads the file.
-        let _ = stream.live.send(Arc::new(lines));
-        Ok((Some(writer.last_seq), stored))
+        if !lines.is_empty() {
+            // No viewer is fine; a slow one lags and reads the file.
+            let _ = stream.live.send(Arc::new(lines));
+        }
+        Ok((Some(taken), stored))
     }
 
     /// Appends a frame of the control plane's own, with the next `seq`; `None` if the log
-    /// has already ended.
+    /// has already ended. These are never dropped, cut or not: there are a few per
+    /// deployment, and they say how it ended.
     pub async fn append_own(
         &self,
         deployment: &str,
@@ -293,77 +400,103 @@ impl Logs {
         self.stream(deployment).live.subscribe()
     }
 
-    /// The stored frames with `seq >= from`.
-    pub async fn read_from(&self, deployment: &str, from: u64) -> std::io::Result<Vec<Line>> {
-        let path = self.path(deployment);
+    /// A reader of the stored frames with `seq >= from`, as they are now.
+    pub async fn reader(&self, deployment: &str, from: u64) -> std::io::Result<LogReader> {
         let active = self
             .streams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(deployment)
             .cloned();
-        let Some(stream) = active else {
-            // An ended log (or one not written since a restart): read whole, once per viewer.
-            return read_lines(&path, from).await;
-        };
-        let (start, end) = {
-            let mut writer = stream.writer.lock().await;
-            self.open(deployment, &mut writer).await?;
-            let from = from.max(1);
-            match writer.offsets.get((from - 1) as usize) {
-                Some(start) if from <= writer.last_seq => (*start, writer.len),
-                _ => return Ok(Vec::new()),
-            }
-        };
-        let mut file = tokio::fs::File::open(&path).await?;
-        file.seek(std::io::SeekFrom::Start(start)).await?;
-        let mut bytes = vec![0; (end - start) as usize];
-        file.read_exact(&mut bytes).await?;
-        let first = from.max(1);
-        let out = bytes
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .zip(first..)
-            .map(|(raw, seq)| {
-                let json = String::from_utf8_lossy(raw).into_owned();
-                Line {
-                    seq,
-                    end: json.starts_with(END_PREFIX),
-                    json: json.into(),
+        let (start, end) = match active {
+            Some(stream) => {
+                let mut writer = stream.writer.lock().await;
+                self.open(deployment, &mut writer).await?;
+                if from > writer.last_seq {
+                    return Ok(LogReader::empty(from));
                 }
-            })
-            .collect();
-        Ok(out)
+                // Up to the length now: a line being appended meanwhile is not read half.
+                (writer.offset_before(from), Some(writer.len))
+            }
+            // An ended log, or one not written since a restart: read to its end.
+            None => (0, None),
+        };
+        let mut file = match tokio::fs::File::open(self.path(deployment)).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(LogReader::empty(from));
+            }
+            Err(e) => return Err(e),
+        };
+        if start > 0 {
+            file.seek(std::io::SeekFrom::Start(start)).await?;
+        }
+        let limit = end.map_or(u64::MAX, |end| end - start);
+        Ok(LogReader {
+            lines: Some(BufReader::with_capacity(READ_CHUNK, file).take(limit)),
+            from,
+            buf: Vec::new(),
+        })
     }
 }
 
-async fn read_lines(path: &Path, from: u64) -> std::io::Result<Vec<Line>> {
-    let file = match tokio::fs::File::open(path).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(e),
-    };
-    let mut lines = BufReader::new(file).lines();
-    let mut out = Vec::new();
-    while let Some(json) = lines.next_line().await? {
-        // A line cut short by a crash mid-write is skipped, not fatal.
-        let Ok(head) = serde_json::from_str::<SeqOnly>(&json) else {
-            continue;
-        };
-        if head.seq >= from {
+/// Reads a log's stored frames from a `seq` on, about [`READ_CHUNK`] at a time.
+pub struct LogReader {
+    /// `None` once read to the end.
+    lines: Option<tokio::io::Take<BufReader<tokio::fs::File>>>,
+    from: u64,
+    buf: Vec<u8>,
+}
+
+impl LogReader {
+    fn empty(from: u64) -> Self {
+        LogReader {
+            lines: None,
+            from,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next frames, in order; none at the end.
+    pub async fn next_batch(&mut self) -> std::io::Result<Vec<Line>> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(reader) = &mut self.lines {
+            if bytes >= READ_CHUNK && !out.is_empty() {
+                break;
+            }
+            self.buf.clear();
+            let n = reader.read_until(b'\n', &mut self.buf).await?;
+            if n == 0 {
+                self.lines = None;
+                break;
+            }
+            bytes += n;
+            // A line cut short by a crash mid-write is skipped, not fatal.
+            let Some(raw) = self.buf.strip_suffix(b"\n") else {
+                continue;
+            };
+            let Ok(head) = serde_json::from_slice::<Head>(raw) else {
+                continue;
+            };
+            if head.seq < self.from {
+                continue;
+            }
             out.push(Line {
                 seq: head.seq,
                 end: head.kind == "end",
-                json: json.into(),
+                json: String::from_utf8_lossy(raw).into_owned().into(),
             });
         }
+        Ok(out)
     }
-    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const CAP: ByteSize = ByteSize::mib(64);
 
     fn log(seq: u64) -> Frame {
         Frame::Log {
@@ -375,10 +508,46 @@ mod tests {
         }
     }
 
+    fn step(seq: u64) -> Frame {
+        Frame::Step {
+            seq,
+            ts: "2026-11-26T12:00:00Z".into(),
+            service: Some("orders".into()),
+            step: "building".into(),
+            state: "done".into(),
+        }
+    }
+
+    fn end(seq: u64) -> Frame {
+        Frame::End {
+            seq,
+            ts: "2026-11-26T12:00:01Z".into(),
+            state: "ready".into(),
+            error: None,
+        }
+    }
+
+    /// Every stored frame from `from` on, read batch by batch.
+    async fn read(logs: &Logs, deployment: &str, from: u64) -> Vec<Line> {
+        let mut reader = logs.reader(deployment, from).await.unwrap();
+        let mut all = Vec::new();
+        loop {
+            let batch = reader.next_batch().await.unwrap();
+            if batch.is_empty() {
+                return all;
+            }
+            all.extend(batch);
+        }
+    }
+
+    fn seqs(lines: &[Line]) -> Vec<u64> {
+        lines.iter().map(|l| l.seq).collect()
+    }
+
     #[tokio::test]
     async fn a_log_is_read_back_from_any_seq_and_knows_its_end() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = Logs::new(dir.path().to_owned()).unwrap();
+        let logs = Logs::new(dir.path().to_owned(), CAP).unwrap();
         let (ack, stored) = logs
             .append_agent("d", &[log(1), log(2), log(3)])
             .await
@@ -393,64 +562,145 @@ mod tests {
         // A gap is not stored and not acknowledged.
         let (ack, stored) = logs.append_agent("d", &[log(6)]).await.unwrap();
         assert_eq!((ack, stored), (None, vec![]));
-        let end = logs
-            .append_own("d", |seq| Frame::End {
-                seq,
-                ts: "2026-11-26T12:00:01Z".into(),
-                state: "ready".into(),
-                error: None,
-            })
-            .await
-            .unwrap();
-        assert_eq!(end, Some(5));
+        let seq = logs.append_own("d", end).await.unwrap();
+        assert_eq!(seq, Some(5));
 
-        let seqs = |lines: Vec<Line>| lines.iter().map(|l| (l.seq, l.end)).collect::<Vec<_>>();
+        let ends = |lines: Vec<Line>| lines.iter().map(|l| (l.seq, l.end)).collect::<Vec<_>>();
         assert_eq!(
-            seqs(logs.read_from("d", 3).await.unwrap()),
+            ends(read(&logs, "d", 3).await),
             [(3, false), (4, false), (5, true)]
         );
         // A new server reads the file alone.
-        let again = Logs::new(dir.path().to_owned()).unwrap();
-        assert_eq!(seqs(again.read_from("d", 5).await.unwrap()), [(5, true)]);
-        let line: Frame =
-            serde_json::from_str(&again.read_from("d", 2).await.unwrap()[0].json).unwrap();
+        let again = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        assert_eq!(ends(read(&again, "d", 5).await), [(5, true)]);
+        let line: Frame = serde_json::from_str(&read(&again, "d", 2).await[0].json).unwrap();
         assert_eq!(line, log(2));
     }
 
     #[tokio::test]
     async fn a_broken_last_line_is_cut_off_before_new_lines_are_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = Logs::new(dir.path().to_owned()).unwrap();
+        let logs = Logs::new(dir.path().to_owned(), CAP).unwrap();
         logs.append_agent("c", &[log(1), log(2)]).await.unwrap();
         let path = logs.path("c");
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str("{\"type\":\"log\",\"seq\":3,\"ts\":\"2026");
         std::fs::write(&path, text).unwrap();
 
-        let restarted = Logs::new(dir.path().to_owned()).unwrap();
+        let restarted = Logs::new(dir.path().to_owned(), CAP).unwrap();
         let (ack, stored) = restarted.append_agent("c", &[log(3)]).await.unwrap();
         assert_eq!((ack, stored), (Some(3), vec![0]));
-        let lines = restarted.read_from("c", 1).await.unwrap();
-        assert_eq!(lines.iter().map(|l| l.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        let lines = read(&restarted, "c", 1).await;
+        assert_eq!(seqs(&lines), [1, 2, 3]);
         for line in &lines {
             serde_json::from_str::<Frame>(&line.json).unwrap();
         }
     }
 
     #[tokio::test]
-    async fn a_running_log_is_read_from_its_offsets() {
+    async fn a_running_log_is_read_from_its_index_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = Logs::new(dir.path().to_owned()).unwrap();
-        let frames: Vec<Frame> = (1..=50).map(log).collect();
-        logs.append_agent("r", &frames[..20]).await.unwrap();
-        logs.append_agent("r", &frames[20..]).await.unwrap();
-        let tail = logs.read_from("r", 42).await.unwrap();
-        assert_eq!(
-            tail.iter().map(|l| l.seq).collect::<Vec<_>>(),
-            (42..=50).collect::<Vec<_>>()
-        );
+        let logs = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        let frames: Vec<Frame> = (1..=5000).map(log).collect();
+        for run in frames.chunks(700) {
+            logs.append_agent("r", run).await.unwrap();
+        }
+        let tail = read(&logs, "r", 4242).await;
+        assert_eq!(seqs(&tail), (4242..=5000).collect::<Vec<_>>());
         let frame: Frame = serde_json::from_str(&tail[0].json).unwrap();
-        assert_eq!(frame, log(42));
-        assert!(logs.read_from("r", 51).await.unwrap().is_empty());
+        assert_eq!(frame, log(4242));
+        assert!(read(&logs, "r", 5001).await.is_empty());
+
+        // The file is well over one chunk; each batch holds about one.
+        let mut reader = logs.reader("r", 1).await.unwrap();
+        let mut batches = 0;
+        loop {
+            let batch = reader.next_batch().await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            let bytes: usize = batch.iter().map(|l| l.json.len() + 1).sum();
+            assert!(bytes < READ_CHUNK + 1024, "{bytes}");
+            batches += 1;
+        }
+        assert!(batches > 3, "{batches}");
+    }
+
+    #[tokio::test]
+    async fn past_its_cap_a_log_keeps_a_notice_its_steps_and_its_end_and_acknowledges_every_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = ByteSize::kib(64);
+        let logs = Logs::new(dir.path().to_owned(), cap).unwrap();
+        let mut live = logs.subscribe("x");
+        // About 130 bytes a line: the cap falls within the first thousand lines.
+        let mut frames: Vec<Frame> = (1..=3000).map(log).collect();
+        frames[1999] = step(2000);
+        for run in frames.chunks(512) {
+            let (ack, _) = logs.append_agent("x", run).await.unwrap();
+            assert_eq!(ack, Some(run.last().unwrap().seq()));
+        }
+        assert_eq!(logs.append_own("x", end).await.unwrap(), Some(3001));
+
+        let size = std::fs::metadata(logs.path("x")).unwrap().len();
+        assert!(size > cap.get() - 1024 && size < cap.get() + 1024, "{size}");
+        let lines = read(&logs, "x", 1).await;
+        let frames: Vec<Frame> = lines
+            .iter()
+            .map(|l| serde_json::from_str(&l.json).unwrap())
+            .collect();
+        let notices: Vec<&Frame> = frames.iter().filter(|f| f.is_cut_notice()).collect();
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        let Frame::Log {
+            line, seq: cut_at, ..
+        } = notices[0]
+        else {
+            unreachable!()
+        };
+        assert!(line.contains("64KiB"), "{line}");
+        // Before the notice every line; after it, only the step and the end.
+        let after: Vec<u64> = seqs(&lines).into_iter().filter(|s| s > cut_at).collect();
+        assert_eq!(after, [2000, 3001]);
+        assert_eq!(
+            seqs(&lines[..lines.len() - 2]),
+            (1..=*cut_at).collect::<Vec<_>>()
+        );
+        assert!(lines.last().unwrap().end);
+        // A viewer reading from a dropped line goes on from the next one stored.
+        assert_eq!(seqs(&read(&logs, "x", cut_at + 1).await), [2000, 3001]);
+
+        // Viewers saw the same, never a dropped line.
+        let mut seen = Vec::new();
+        while let Ok(batch) = live.try_recv() {
+            seen.extend(batch.iter().map(|l| l.seq));
+        }
+        assert_eq!(seen, seqs(&lines));
+    }
+
+    #[tokio::test]
+    async fn a_cut_log_resumes_after_a_restart_past_the_lines_it_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = ByteSize::kib(64);
+        let logs = Logs::new(dir.path().to_owned(), cap).unwrap();
+        let frames: Vec<Frame> = (1..=1500).map(log).collect();
+        let (ack, _) = logs.append_agent("y", &frames).await.unwrap();
+        assert_eq!(ack, Some(1500));
+        let size = std::fs::metadata(logs.path("y")).unwrap().len();
+
+        // The agent forgot everything up to 1500; the new server's file ends before that.
+        let restarted = Logs::new(dir.path().to_owned(), cap).unwrap();
+        let (ack, stored) = restarted
+            .append_agent("y", &[log(1501), step(1502)])
+            .await
+            .unwrap();
+        assert_eq!((ack, stored), (Some(1502), vec![1]));
+        // Once only: a later gap is a missing event again.
+        let (ack, _) = restarted.append_agent("y", &[step(1504)]).await.unwrap();
+        assert_eq!(ack, None);
+        // Still cut: no second notice, no output line.
+        restarted.append_agent("y", &[log(1503)]).await.unwrap();
+        let grown = std::fs::metadata(restarted.path("y")).unwrap().len() - size;
+        assert!(grown < 200, "{grown}");
+        let lines = read(&restarted, "y", 1).await;
+        assert_eq!(lines.last().unwrap().seq, 1502);
     }
 }

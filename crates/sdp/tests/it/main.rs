@@ -15,5 +15,6 @@ mod docker;
 mod exhaustion;
 mod input;
 mod isolation;
+mod limits;
 mod login;
 mod router;

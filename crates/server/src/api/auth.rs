@@ -1,9 +1,11 @@
 //! `POST /api/login` and `POST /api/logout` (SPEC §4.1).
 
+use std::net::SocketAddr;
+
 use axum::Extension;
 use axum::Json;
-use axum::extract::State;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use sdp_protocol::{Credentials, JobErrorCode, JobKind, JobOutput, Password, Role, Username};
 use serde::Deserialize;
@@ -13,6 +15,7 @@ use time::format_description::well_known::Rfc3339;
 
 use super::{AppState, CurrentSession};
 use crate::error::{ApiError, ApiJson};
+use crate::limiter::{Limit, Refused, client_address};
 use crate::sessions::{self, COOKIE_NAME};
 
 #[derive(Deserialize)]
@@ -23,12 +26,19 @@ pub struct LoginRequest {
 
 pub async fn login(
     State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
     let username = Username::parse(req.username)
         .map_err(|e| ApiError::bad_request("invalid_username", e.to_string()))?;
     let password = Password::parse(req.password)
         .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
+    // Before any job: a flood of guesses must not become a flood of git processes.
+    let client = client_address(peer, &headers, &state.config.trusted_proxies);
+    if let Err(refused) = state.login_limiter.attempt(username.as_str(), client) {
+        return Ok(too_many_logins(&username, client, refused));
+    }
     let credentials = Credentials {
         username: username.clone(),
         password,
@@ -105,6 +115,33 @@ pub async fn login(
         HeaderValue::from_str(&cookie).map_err(|e| ApiError::internal("cookie", &e))?,
     );
     Ok(response)
+}
+
+/// 429 with `Retry-After`, saying which limit and for how long.
+fn too_many_logins(username: &Username, client: std::net::IpAddr, refused: Refused) -> Response {
+    let secs = refused.retry_after_secs();
+    let wait = if secs == 1 {
+        "1 second".to_owned()
+    } else {
+        format!("{secs} seconds")
+    };
+    let (limit, message) = match refused.by {
+        Limit::User => (
+            "user",
+            format!("too many login attempts for {username}; try again in {wait}"),
+        ),
+        Limit::Address => (
+            "address",
+            format!("too many login attempts from your address ({client}); try again in {wait}"),
+        ),
+    };
+    tracing::debug!(user = %username, %client, limit, retry_after = secs, "login refused: too many attempts");
+    let mut response =
+        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too_many_logins", message).into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    response
 }
 
 pub async fn logout(

@@ -1,6 +1,7 @@
 //! Deployments: read, list, the log as text, and the live log WebSocket (SPEC §4.4, §11).
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -160,25 +161,48 @@ fn render(frame: &Frame) -> String {
     }
 }
 
+/// The whole log as text, streamed: read and rendered a chunk at a time, so a long log costs
+/// no more memory than a short one.
 pub async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     load(&state, &id).await?;
-    let lines = state
+    let reader = state
         .deployments
         .logs
-        .read_from(&id, 0)
+        .reader(&id, 1)
         .await
         .map_err(|e| ApiError::internal("read log", &e))?;
-    let mut text = String::new();
-    for line in lines {
-        if let Ok(frame) = serde_json::from_str::<Frame>(&line.json) {
-            text.push_str(&render(&frame));
-            text.push('\n');
+    let chunks = futures_util::stream::unfold(Some(reader), move |reader| {
+        let id = id.clone();
+        async move {
+            let mut reader = reader?;
+            match reader.next_batch().await {
+                Ok(batch) if batch.is_empty() => None,
+                Ok(batch) => {
+                    let mut text = String::new();
+                    for line in batch {
+                        if let Ok(frame) = serde_json::from_str::<Frame>(&line.json) {
+                            text.push_str(&render(&frame));
+                            text.push('\n');
+                        }
+                    }
+                    Some((Ok(text), Some(reader)))
+                }
+                Err(e) => {
+                    // The status went out with the first chunk: the body ends short.
+                    tracing::error!(deployment = %id, error = %e, "cannot read the deployment log");
+                    Some((Err(e), None))
+                }
+            }
         }
-    }
-    Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response())
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(chunks),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -279,24 +303,30 @@ async fn stream_log(
     }
 }
 
-/// Sends the stored frames from `next` on; true once the end frame went out.
+/// Sends the stored frames from `next` on, a chunk of the file at a time; true once the end
+/// frame went out.
 async fn replay(
     logs: &Logs,
     id: &str,
     next: &mut u64,
     socket: &mut WebSocket,
 ) -> Result<bool, String> {
-    let mut ended = false;
-    for line in logs.read_from(id, *next).await.map_err(|e| e.to_string())? {
-        socket.feed(frame(&line)).await.map_err(|e| e.to_string())?;
-        *next = line.seq + 1;
-        if line.end {
-            ended = true;
-            break;
+    let mut reader = logs.reader(id, *next).await.map_err(|e| e.to_string())?;
+    loop {
+        let batch = reader.next_batch().await.map_err(|e| e.to_string())?;
+        if batch.is_empty() {
+            return Ok(false);
         }
+        for line in &batch {
+            socket.feed(frame(line)).await.map_err(|e| e.to_string())?;
+            *next = line.seq + 1;
+            if line.end {
+                socket.flush().await.map_err(|e| e.to_string())?;
+                return Ok(true);
+            }
+        }
+        socket.flush().await.map_err(|e| e.to_string())?;
     }
-    socket.flush().await.map_err(|e| e.to_string())?;
-    Ok(ended)
 }
 
 async fn close(mut socket: WebSocket) -> Result<(), String> {

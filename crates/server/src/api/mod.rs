@@ -29,6 +29,7 @@ use crate::db::Db;
 use crate::deployments::Deployments;
 use crate::error::ApiError;
 use crate::hub::Hub;
+use crate::limiter::LoginLimiter;
 use crate::logs::Logs;
 use crate::routes::Routes;
 use crate::sessions::{self, PasswordVault};
@@ -159,6 +160,7 @@ pub(crate) struct Inner {
     pub hub: Arc<Hub>,
     pub deployments: Arc<Deployments>,
     pub vault: PasswordVault,
+    pub login_limiter: LoginLimiter,
     pub shutdown: CancellationToken,
     /// The agent connections, waited for at shutdown.
     pub connections: tokio_util::task::TaskTracker,
@@ -205,7 +207,7 @@ impl AppState {
         ));
         let deployments = Arc::new(Deployments {
             db: db.clone(),
-            logs: Logs::new(config.data_dir.join("logs"))?,
+            logs: Logs::new(config.data_dir.join("logs"), config.max_log_size)?,
             hub: hub.clone(),
             job_timeout: config.job_timeout.get(),
             agent_timeout: config.agent_timeout.get(),
@@ -220,6 +222,7 @@ impl AppState {
             hub,
             deployments,
             vault: PasswordVault::default(),
+            login_limiter: LoginLimiter::default(),
             shutdown,
             connections: tokio_util::task::TaskTracker::new(),
             dev_mode,

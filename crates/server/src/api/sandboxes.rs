@@ -266,6 +266,7 @@ pub async fn create(
         .vault
         .credentials(&session.token_hash, OffsetDateTime::now_utc())
         .ok_or_else(super::catalog::reauth_required)?;
+    require_free_space(&state).await?;
 
     let now = OffsetDateTime::now_utc();
     let (sandbox_id, deployment_id) = (new_id("sbx"), new_id("dep"));
@@ -309,6 +310,7 @@ pub async fn redeploy(
         .ok_or_else(super::catalog::reauth_required)?;
     let name = SandboxName::parse(sandbox.name.clone())
         .map_err(|e| ApiError::internal("sandbox name", &e))?;
+    require_free_space(&state).await?;
     let deployment_id = new_id("dep");
     state
         .db
@@ -329,6 +331,41 @@ pub async fn redeploy(
         agent: sandbox.agent.clone(),
     };
     start(&state, &session, &req.services, started, credentials, specs).await
+}
+
+/// Refuses a new deployment while the file system of `data_dir` has less free space than
+/// `min_free_space`: its log and rows might not fit, and SQLite or a log failing in the middle
+/// of a deployment is worse than a clear refusal before it.
+async fn require_free_space(state: &AppState) -> Result<(), ApiError> {
+    let min = state.config.min_free_space.get();
+    if min == 0 {
+        return Ok(());
+    }
+    let dir = state.config.data_dir.clone();
+    let free = tokio::task::spawn_blocking(move || {
+        nix::sys::statvfs::statvfs(&dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+    })
+    .await
+    .map_err(|e| ApiError::internal("free space", &e))?
+    .map_err(|e| ApiError::internal("free space", &e))?;
+    if free >= min {
+        return Ok(());
+    }
+    tracing::warn!(free_bytes = free, min_free_space = %state.config.min_free_space, "deployment refused: the disk of the data directory is nearly full");
+    Err(ApiError::new(
+        StatusCode::INSUFFICIENT_STORAGE,
+        "insufficient_storage",
+        format!(
+            "the control plane's disk has only {} free, less than the {} it keeps free (min_free_space); no new deployment is taken until an operator frees space",
+            mib(free),
+            mib(min)
+        ),
+    ))
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 /// A deployment just recorded, to audit and schedule.

@@ -22,6 +22,8 @@ struct Shared {
     root: PathBuf,
     users: Arc<Mutex<HashMap<String, String>>>,
     grants: Grants,
+    /// Per repository, the git commands that contacted it (see [`GitServer::contacts`]).
+    contacts: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 pub struct GitServer {
@@ -29,6 +31,7 @@ pub struct GitServer {
     pub root: PathBuf,
     users: Arc<Mutex<HashMap<String, String>>>,
     grants: Grants,
+    contacts: Arc<Mutex<HashMap<String, usize>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -46,6 +49,7 @@ impl GitServer {
             root: root.to_owned(),
             users: Arc::default(),
             grants: Arc::default(),
+            contacts: Arc::default(),
         };
         let app = axum::Router::new()
             .fallback(handle)
@@ -60,6 +64,7 @@ impl GitServer {
             root: root.to_owned(),
             users: shared.users,
             grants: shared.grants,
+            contacts: shared.contacts,
             task,
         }
     }
@@ -160,6 +165,18 @@ impl GitServer {
         run_git(&work, &["commit", "-q", "-am", message]);
         run_git(&work, &["push", "-q", "origin", branch]);
         std::fs::remove_dir_all(&work).unwrap();
+    }
+
+    /// How many git commands have contacted repository `name` (a login's probe, a fetch):
+    /// each begins with a request for the refs without credentials, which git sends only
+    /// once the 401 asks for them.
+    pub fn contacts(&self, name: &str) -> usize {
+        self.contacts
+            .lock()
+            .unwrap()
+            .get(name)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// What `git ls-remote --heads` of the bare repository says, as (branch, commit) pairs.
@@ -353,6 +370,21 @@ sys.stdout.flush()
 pub const STUCK_REPO: &str = "stuck";
 
 async fn handle(State(shared): State<Shared>, req: Request) -> Response {
+    let path = req.uri().path().trim_start_matches('/');
+    let repo = path
+        .split_once(".git/")
+        .map_or(path, |(name, _)| name)
+        .to_owned();
+    if req.uri().path().ends_with("/info/refs")
+        && !req.headers().contains_key(header::AUTHORIZATION)
+    {
+        *shared
+            .contacts
+            .lock()
+            .unwrap()
+            .entry(repo.clone())
+            .or_default() += 1;
+    }
     if req.uri().path().starts_with(&format!("/{STUCK_REPO}.git/")) {
         tokio::time::sleep(std::time::Duration::from_secs(600)).await;
     }
@@ -363,13 +395,6 @@ async fn handle(State(shared): State<Shared>, req: Request) -> Response {
             .body(Body::from("Unauthorized\n"))
             .unwrap();
     };
-    let repo = req
-        .uri()
-        .path()
-        .trim_start_matches('/')
-        .split_once(".git/")
-        .map(|(name, _)| name.to_owned())
-        .unwrap_or_default();
     let denied = shared
         .grants
         .lock()

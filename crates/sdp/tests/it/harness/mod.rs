@@ -1128,3 +1128,23 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     found
 }
+
+impl TestEnv {
+    /// Restarts the control plane on its address with `keys` (top-level `key = value` lines)
+    /// before the harness's own config and `tables` (say `[[services]]`) after it.
+    pub fn restart_server_with(&mut self, keys: &str, tables: &str) {
+        let listen = self.url.trim_start_matches("http://").to_owned();
+        self.stop_server();
+        let path = self.dir.path().join("server.toml");
+        let config = format!("{keys}\n{}\n{tables}", self.server_config(&listen));
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(sdp_bin());
+        cmd.args(["--log-format", "json", "server", "--config"])
+            .arg(&path)
+            .env("SDP_AGENT_TOKEN", AGENT_TOKEN)
+            .env("RUST_LOG", self.opts.log);
+        let mut proc = Proc::spawn("server", cmd);
+        proc.wait_for_line("listening", |l| l.contains("\"listening\""));
+        self.server = Some(proc);
+    }
+}
