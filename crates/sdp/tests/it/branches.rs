@@ -48,7 +48,8 @@ async fn the_service_list_is_the_catalog() {
             "chatty",
             "steady",
             "secure",
-            "untrusted"
+            "untrusted",
+            "hostile",
         ]
     );
     assert_eq!(services[0]["repo"], env.git.url("orders"));
