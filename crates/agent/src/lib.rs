@@ -422,7 +422,9 @@ impl Agent {
             in_flight.fetch_sub(1, Ordering::Relaxed);
             if let Some(output) = output {
                 tracing::debug!(%id, job = name, ok = !matches!(output, JobOutput::Failed(_)), "job finished");
-                let _ = outbox.send(AgentMessage::Reply(Reply { id, output })).await;
+                let _ = outbox
+                    .send(AgentMessage::Reply(Reply::new(id, output)))
+                    .await;
             }
         });
     }
@@ -573,7 +575,7 @@ where
     let result: Result<(), String> = async {
         loop {
             while let Ok(msg) = replies.try_recv() {
-                send(&mut sink, Message::Text(encode(&msg).into())).await?;
+                send_message(&mut sink, msg).await?;
             }
             let batch = events.next_batch(BATCH_EVENTS, BATCH_BYTES);
             if !batch.is_empty() {
@@ -588,7 +590,7 @@ where
                     return Ok(());
                 }
                 Some(msg) = replies.recv() => {
-                    send(&mut sink, Message::Text(encode(&msg).into())).await?;
+                    send_message(&mut sink, msg).await?;
                 }
                 _ = events.wait() => {}
             }
@@ -602,6 +604,23 @@ where
             format!("cannot send: {e}")
         }
     }
+}
+
+/// Writes a message: a reply as the frames that carry it (a long list in parts, each within the
+/// frame limit), anything else as one frame.
+async fn send_message<S>(sink: &mut S, msg: AgentMessage) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let frames = match msg {
+        AgentMessage::Reply(reply) => reply.into_frames(),
+        // Heartbeats and protocol errors: short by construction.
+        msg => vec![encode(&msg)],
+    };
+    for frame in frames {
+        send(sink, Message::Text(frame.into())).await?;
+    }
+    Ok(())
 }
 
 /// Writes one frame, giving up after [`HANDSHAKE_TIMEOUT`]: a control plane that stops

@@ -12,6 +12,7 @@ mod cli;
 mod deploy;
 mod dev_smoke;
 mod docker;
+mod frames;
 mod input;
 mod login;
 mod router;
