@@ -555,10 +555,11 @@ fn unsupported(message: &str) -> JobOutput {
     })
 }
 
-/// Events sent in one frame at most, and their rough size at most: a frame stays far below
-/// the 1 MiB limit.
+/// Events sent in one frame at most, and the most its frame takes encoded: far below the
+/// 1 MiB limit, and room for the largest single event.
 const BATCH_EVENTS: usize = 512;
 const BATCH_BYTES: usize = 256 * 1024;
+const _: () = assert!(events::MAX_EVENT_BYTES < BATCH_BYTES && BATCH_BYTES < MAX_FRAME_BYTES);
 
 /// Writes the connection's frames: replies and heartbeats first, then batches of unsent
 /// events; when stopped, closes the socket. A failed write stops the reader too, through

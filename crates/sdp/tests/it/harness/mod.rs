@@ -1024,3 +1024,27 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     found
 }
+
+/// Agents and servers with configuration the standard ones lack (TLS, trusted proxies,
+/// extra catalog services).
+impl TestEnv {
+    /// Restarts the control plane on a free port with `services` (TOML `[[services]]`
+    /// tables) in its catalog besides the standard ones. Agents started before dial the old
+    /// port: start them after.
+    pub fn restart_server_with(&mut self, services: &str) {
+        self.stop_server();
+        let path = self.dir.path().join("server.toml");
+        let config = format!("{}\n{services}", self.server_config("127.0.0.1:0"));
+        std::fs::write(&path, config).unwrap();
+        let mut cmd = Command::new(sdp_bin());
+        cmd.args(["--log-format", "json", "server", "--config"])
+            .arg(&path)
+            .env("SDP_AGENT_TOKEN", AGENT_TOKEN)
+            .env("RUST_LOG", self.opts.log);
+        let mut proc = Proc::spawn("server", cmd);
+        let line = proc.wait_for_line("listening", |l| l.contains("\"listening\""));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        self.api.url = format!("http://{}", v["addr"].as_str().unwrap());
+        self.server = Some(proc);
+    }
+}
