@@ -37,6 +37,15 @@ pub struct AgentConfig {
     pub docker: DockerConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayConfig>,
+    /// PEM file of the CA certificates that verify the control plane's certificate on
+    /// `wss://`; without it, the system's trusted certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Allows plain `ws://` to a control plane on another host. Deploy jobs carry users'
+    /// passwords: only for a network nobody else can read (a tunnel). It never turns
+    /// certificate checks off.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,12 +160,7 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Er
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.server.starts_with("ws://") || self.server.starts_with("wss://")) {
-            return Err(format!(
-                "`server` must be a ws:// or wss:// URL of the control plane's /ws/agent, not {:?}",
-                self.server
-            ));
-        }
+        check_server(&self.server, self.insecure, self.ca_file.is_some())?;
         for (key, d) in [
             ("git_timeout", self.git_timeout),
             ("build_timeout", self.build_timeout),
@@ -190,6 +194,39 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// `server` is a `ws://` or `wss://` URL, and plain `ws://` goes to this host only, unless
+/// `insecure`: deploy jobs carry users' passwords, which anyone on the way could read.
+fn check_server(server: &str, insecure: bool, ca_file: bool) -> Result<(), String> {
+    let url = url::Url::parse(server)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "ws" | "wss") && u.host().is_some())
+        .ok_or_else(|| {
+            format!(
+                "`server` must be a ws:// or wss:// URL of the control plane's /ws/agent, not {server:?}"
+            )
+        })?;
+    if url.scheme() == "wss" {
+        return Ok(());
+    }
+    if ca_file {
+        return Err(
+            "`ca_file` is set, but `server` is a ws:// URL, which has no TLS: use wss://".into(),
+        );
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.to_canonical().is_loopback(),
+        None => false,
+    };
+    if loopback || insecure {
+        return Ok(());
+    }
+    Err(format!(
+        "`server` is {server:?}: plain ws:// to another host would carry deploy jobs, which hold users' passwords, readable on the network; use wss:// (with `ca_file` for a private CA), or set `insecure = true` if only SDP can read this network"
+    ))
 }
 
 /// `"20000-29999"` as an inclusive range.
@@ -235,5 +272,60 @@ mod tests {
         assert_eq!(parse_bytes("64MB"), Ok(64 << 20));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("1k").is_err());
+    }
+
+    fn agent(server: &str) -> AgentConfig {
+        sdp_config::load(
+            None,
+            [
+                ("SDP_SERVER".to_owned(), server.to_owned()),
+                ("SDP_TOKEN".to_owned(), "t".to_owned()),
+                ("SDP_ROLE".to_owned(), "micro".to_owned()),
+            ],
+        )
+        .unwrap()
+        .config
+    }
+
+    #[test]
+    fn plain_ws_goes_only_to_this_host_unless_insecure() {
+        for local in [
+            "ws://127.0.0.1:8080/ws/agent",
+            "ws://127.1.2.3/ws/agent",
+            "ws://localhost:8080/ws/agent",
+            "ws://LOCALHOST/ws/agent",
+            "ws://[::1]:8080/ws/agent",
+            "wss://10.1.2.3/ws/agent",
+            "wss://sdp.example.com/ws/agent",
+        ] {
+            assert_eq!(agent(local).validate(), Ok(()), "{local}");
+        }
+        for remote in [
+            "ws://10.1.2.3:8080/ws/agent",
+            "ws://sdp.example.com/ws/agent",
+            "ws://localhost.example.com/ws/agent",
+            "ws://[::2]/ws/agent",
+        ] {
+            let mut config = agent(remote);
+            let refusal = config.validate().unwrap_err();
+            assert!(
+                refusal.contains("passwords") && refusal.contains("insecure"),
+                "{refusal}"
+            );
+            config.insecure = true;
+            assert_eq!(config.validate(), Ok(()), "{remote}");
+        }
+        for bad in ["http://127.0.0.1/ws/agent", "127.0.0.1:8080", "ws://"] {
+            assert!(
+                agent(bad)
+                    .validate()
+                    .unwrap_err()
+                    .contains("ws:// or wss://"),
+                "{bad}"
+            );
+        }
+        let mut config = agent("ws://127.0.0.1/ws/agent");
+        config.ca_file = Some("ca.pem".into());
+        assert!(config.validate().unwrap_err().contains("wss://"));
     }
 }

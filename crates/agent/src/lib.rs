@@ -13,6 +13,7 @@ mod git;
 mod group;
 mod lines;
 mod runtime;
+mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -67,6 +68,8 @@ pub struct Agent {
     router_listener: Option<tokio::net::TcpListener>,
     worker: Arc<Worker>,
     in_flight: Arc<AtomicU32>,
+    /// TLS for a `wss://` control plane.
+    connector: Option<tokio_tungstenite::Connector>,
 }
 
 /// What jobs run with; shared by the tasks of all jobs.
@@ -166,7 +169,14 @@ impl Agent {
             }
             _ => None,
         };
+        let connector = match url::Url::parse(&config.server) {
+            Ok(url) if url.scheme() == "wss" => {
+                Some(tls::connector(config.ca_file.as_deref()).map_err(AgentError::Config)?)
+            }
+            _ => None,
+        };
         Ok(Self {
+            connector,
             config,
             name,
             router_listener: None,
@@ -285,7 +295,12 @@ impl Agent {
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
         // `true`: TCP_NODELAY, so that small event frames are not held back by Nagle.
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(limits), true);
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(limits),
+            true,
+            self.connector.clone(),
+        );
         let socket = tokio::select! {
             _ = shutdown.cancelled() => return End::Shutdown,
             r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect) => match r {
@@ -293,7 +308,10 @@ impl Agent {
                 Ok(Err(tungstenite::Error::Http(response))) if response.status() == 401 => {
                     return End::Failed("the control plane refused the agent token (401); check `token`".into());
                 }
-                Ok(Err(e)) => return End::Failed(format!("cannot connect to {}: {e}", self.config.server)),
+                Ok(Err(e)) => {
+                    let why = tls::explain(&e).unwrap_or_else(|| e.to_string());
+                    return End::Failed(format!("cannot connect to {}: {why}", self.config.server));
+                }
                 Ok(Ok((socket, _))) => socket,
             },
         };

@@ -112,6 +112,8 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             docker: DockerConfig::default(),
             gateway: (role == Role::Gateway)
                 .then(|| GatewayConfig::new(([127, 0, 0, 1], gateway_port).into())),
+            ca_file: None,
+            insecure: false,
         })
     };
     let micro = agent_config(Role::Micro, "dev-micro")?;

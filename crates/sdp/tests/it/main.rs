@@ -16,3 +16,4 @@ mod frames;
 mod input;
 mod login;
 mod router;
+mod tls;

@@ -1028,6 +1028,31 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
 /// Agents and servers with configuration the standard ones lack (TLS, trusted proxies,
 /// extra catalog services).
 impl TestEnv {
+    /// Starts agent `name` of `role` that dials `server`, with `extra` TOML after its keys
+    /// (`ca_file = …`, a `[gateway]` table). It trusts the same certificates as the standard
+    /// agents (`SSL_CERT_FILE` is the HTTPS baseline's test CA). Not waited for.
+    pub fn spawn_agent_with(&self, name: &str, role: &str, server: &str, extra: &str) -> Proc {
+        let path = self.dir.path().join(format!("agent-{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "server = \"{server}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"process\"\ngit_timeout = \"{}\"\nhealth_timeout = \"{}\"\nport_range = \"{}\"\n{extra}",
+                self.agent_work_dir(name).display(),
+                self.opts.git_timeout,
+                self.opts.health_timeout,
+                free_port_range(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(sdp_bin());
+        cmd.args(["--log-format", "json", "agent", "--config"])
+            .arg(&path)
+            .env("SDP_TOKEN", AGENT_TOKEN)
+            .env("RUST_LOG", self.opts.log)
+            .env("SSL_CERT_FILE", &self.tls_baseline.ca_file);
+        Proc::spawn(&format!("agent {name}"), cmd)
+    }
+
     /// Restarts the control plane on a free port with `services` (TOML `[[services]]`
     /// tables) in its catalog besides the standard ones. Agents started before dial the old
     /// port: start them after.
