@@ -1,10 +1,11 @@
 //! The agent's configuration (SPEC §9).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use sdp_config::{ConfigDuration, Secret};
 use sdp_protocol::{AgentName, Role};
+use sdp_router::IpNet;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +92,10 @@ pub struct GatewayConfig {
     /// stream for as long as they last.
     #[serde(default = "default_upstream_timeout")]
     pub upstream_timeout: ConfigDuration,
+    /// Peers (CIDRs, e.g. `127.0.0.1/32` for nginx on this host) whose `X-Forwarded-For`,
+    /// `-Proto` and `-Host` are kept; from anyone else they are replaced. None by default.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl GatewayConfig {
@@ -99,7 +104,25 @@ impl GatewayConfig {
             listen,
             connect_timeout: default_connect_timeout(),
             upstream_timeout: default_upstream_timeout(),
+            trusted_proxies: Vec::new(),
         }
+    }
+
+    /// `trusted_proxies` parsed; a bare address is a network of that one address.
+    pub fn trusted_proxies(&self) -> Result<Vec<IpNet>, String> {
+        self.trusted_proxies
+            .iter()
+            .map(|raw| {
+                raw.trim()
+                    .parse::<IpNet>()
+                    .or_else(|_| raw.trim().parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        format!(
+                            "`gateway.trusted_proxies`: {raw:?} is not an address or a network like \"127.0.0.1/32\""
+                        )
+                    })
+            })
+            .collect()
     }
 }
 
@@ -191,6 +214,9 @@ impl AgentConfig {
                 );
             }
             _ => {}
+        }
+        if let Some(g) = &self.gateway {
+            g.trusted_proxies()?;
         }
         Ok(())
     }
@@ -327,5 +353,24 @@ mod tests {
         let mut config = agent("ws://127.0.0.1/ws/agent");
         config.ca_file = Some("ca.pem".into());
         assert!(config.validate().unwrap_err().contains("wss://"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks_or_addresses_and_a_bad_one_is_named() {
+        let mut gateway = GatewayConfig::new("127.0.0.1:0".parse().unwrap());
+        gateway.trusted_proxies = vec!["127.0.0.1/32".into(), "10.0.0.0/8".into(), "::1".into()];
+        let nets = gateway.trusted_proxies().unwrap();
+        assert!(nets[0].contains(&"127.0.0.1".parse::<IpAddr>().unwrap()));
+        assert!(nets[1].contains(&"10.9.8.7".parse::<IpAddr>().unwrap()));
+        assert!(nets[2].contains(&"::1".parse::<IpAddr>().unwrap()));
+        let mut config = agent("ws://127.0.0.1/ws/agent");
+        config.role = Role::Gateway;
+        gateway.trusted_proxies.push("10.0.0.0/33".into());
+        config.gateway = Some(gateway);
+        let refusal = config.validate().unwrap_err();
+        assert!(
+            refusal.contains("`gateway.trusted_proxies`") && refusal.contains("10.0.0.0/33"),
+            "{refusal}"
+        );
     }
 }

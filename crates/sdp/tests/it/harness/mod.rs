@@ -1053,6 +1053,20 @@ impl TestEnv {
         Proc::spawn(&format!("agent {name}"), cmd)
     }
 
+    /// Starts the gateway agent `gateway` on [`TestEnv::gateway_port`] with `extra` TOML in
+    /// its `[gateway]` table, and waits until it routes by the control plane's table.
+    pub fn start_gateway_with(&mut self, extra: &str) {
+        let table = format!(
+            "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nconnect_timeout = \"1s\"\nupstream_timeout = \"{}\"\n{extra}",
+            self.gateway_port, self.opts.upstream_timeout
+        );
+        let mut proc = self.spawn_agent_with("gateway", "gateway", &self.ws_url(), &table);
+        proc.wait_for_line("a route table applied", |l| {
+            l.contains("route table applied")
+        });
+        self.gateway = Some(proc);
+    }
+
     /// Restarts the control plane on a free port with `services` (TOML `[[services]]`
     /// tables) in its catalog besides the standard ones. Agents started before dial the old
     /// port: start them after.
