@@ -1,10 +1,11 @@
 //! The agent's configuration (SPEC §9).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use sdp_config::{ConfigDuration, Secret};
 use sdp_protocol::{AgentName, Role};
+use sdp_router::IpNet;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +54,15 @@ pub struct AgentConfig {
     /// repositories are folders. Not a key of the file.
     #[serde(skip)]
     pub allow_local_repos: bool,
+    /// PEM file of the CA certificates that verify the control plane's certificate on
+    /// `wss://`; without it, the system's trusted certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// Allows plain `ws://` to a control plane on another host. Deploy jobs carry users'
+    /// passwords: only for a network nobody else can read (a tunnel). It never turns
+    /// certificate checks off.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +108,10 @@ pub struct GatewayConfig {
     /// stream for as long as they last.
     #[serde(default = "default_upstream_timeout")]
     pub upstream_timeout: ConfigDuration,
+    /// Peers (CIDRs, e.g. `127.0.0.1/32` for nginx on this host) whose `X-Forwarded-For`,
+    /// `-Proto` and `-Host` are kept; from anyone else they are replaced. None by default.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl GatewayConfig {
@@ -106,7 +120,25 @@ impl GatewayConfig {
             listen,
             connect_timeout: default_connect_timeout(),
             upstream_timeout: default_upstream_timeout(),
+            trusted_proxies: Vec::new(),
         }
+    }
+
+    /// `trusted_proxies` parsed; a bare address is a network of that one address.
+    pub fn trusted_proxies(&self) -> Result<Vec<IpNet>, String> {
+        self.trusted_proxies
+            .iter()
+            .map(|raw| {
+                raw.trim()
+                    .parse::<IpNet>()
+                    .or_else(|_| raw.trim().parse::<IpAddr>().map(IpNet::from))
+                    .map_err(|_| {
+                        format!(
+                            "`gateway.trusted_proxies`: {raw:?} is not an address or a network like \"127.0.0.1/32\""
+                        )
+                    })
+            })
+            .collect()
     }
 }
 
@@ -171,12 +203,7 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Er
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if !(self.server.starts_with("ws://") || self.server.starts_with("wss://")) {
-            return Err(format!(
-                "`server` must be a ws:// or wss:// URL of the control plane's /ws/agent, not {:?}",
-                self.server
-            ));
-        }
+        check_server(&self.server, self.insecure, self.ca_file.is_some())?;
         for (key, d) in [
             ("git_timeout", self.git_timeout),
             ("build_timeout", self.build_timeout),
@@ -216,8 +243,44 @@ impl AgentConfig {
             }
             _ => {}
         }
+        if let Some(g) = &self.gateway {
+            g.trusted_proxies()?;
+        }
         Ok(())
     }
+}
+
+/// `server` is a `ws://` or `wss://` URL, and plain `ws://` goes to this host only, unless
+/// `insecure`: deploy jobs carry users' passwords, which anyone on the way could read.
+fn check_server(server: &str, insecure: bool, ca_file: bool) -> Result<(), String> {
+    let url = url::Url::parse(server)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "ws" | "wss") && u.host().is_some())
+        .ok_or_else(|| {
+            format!(
+                "`server` must be a ws:// or wss:// URL of the control plane's /ws/agent, not {server:?}"
+            )
+        })?;
+    if url.scheme() == "wss" {
+        return Ok(());
+    }
+    if ca_file {
+        return Err(
+            "`ca_file` is set, but `server` is a ws:// URL, which has no TLS: use wss://".into(),
+        );
+    }
+    let loopback = match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.to_canonical().is_loopback(),
+        None => false,
+    };
+    if loopback || insecure {
+        return Ok(());
+    }
+    Err(format!(
+        "`server` is {server:?}: plain ws:// to another host would carry deploy jobs, which hold users' passwords, readable on the network; use wss:// (with `ca_file` for a private CA), or set `insecure = true` if only SDP can read this network"
+    ))
 }
 
 /// `"20000-29999"` as an inclusive range.
@@ -263,5 +326,79 @@ mod tests {
         assert_eq!(parse_bytes("64MB"), Ok(64 << 20));
         assert!(parse_bytes("lots").is_err());
         assert!(parse_bytes("1k").is_err());
+    }
+
+    fn agent(server: &str) -> AgentConfig {
+        sdp_config::load(
+            None,
+            [
+                ("SDP_SERVER".to_owned(), server.to_owned()),
+                ("SDP_TOKEN".to_owned(), "t".to_owned()),
+                ("SDP_ROLE".to_owned(), "micro".to_owned()),
+            ],
+        )
+        .unwrap()
+        .config
+    }
+
+    #[test]
+    fn plain_ws_goes_only_to_this_host_unless_insecure() {
+        for local in [
+            "ws://127.0.0.1:8080/ws/agent",
+            "ws://127.1.2.3/ws/agent",
+            "ws://localhost:8080/ws/agent",
+            "ws://LOCALHOST/ws/agent",
+            "ws://[::1]:8080/ws/agent",
+            "wss://10.1.2.3/ws/agent",
+            "wss://sdp.example.com/ws/agent",
+        ] {
+            assert_eq!(agent(local).validate(), Ok(()), "{local}");
+        }
+        for remote in [
+            "ws://10.1.2.3:8080/ws/agent",
+            "ws://sdp.example.com/ws/agent",
+            "ws://localhost.example.com/ws/agent",
+            "ws://[::2]/ws/agent",
+        ] {
+            let mut config = agent(remote);
+            let refusal = config.validate().unwrap_err();
+            assert!(
+                refusal.contains("passwords") && refusal.contains("insecure"),
+                "{refusal}"
+            );
+            config.insecure = true;
+            assert_eq!(config.validate(), Ok(()), "{remote}");
+        }
+        for bad in ["http://127.0.0.1/ws/agent", "127.0.0.1:8080", "ws://"] {
+            assert!(
+                agent(bad)
+                    .validate()
+                    .unwrap_err()
+                    .contains("ws:// or wss://"),
+                "{bad}"
+            );
+        }
+        let mut config = agent("ws://127.0.0.1/ws/agent");
+        config.ca_file = Some("ca.pem".into());
+        assert!(config.validate().unwrap_err().contains("wss://"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks_or_addresses_and_a_bad_one_is_named() {
+        let mut gateway = GatewayConfig::new("127.0.0.1:0".parse().unwrap());
+        gateway.trusted_proxies = vec!["127.0.0.1/32".into(), "10.0.0.0/8".into(), "::1".into()];
+        let nets = gateway.trusted_proxies().unwrap();
+        assert!(nets[0].contains(&"127.0.0.1".parse::<IpAddr>().unwrap()));
+        assert!(nets[1].contains(&"10.9.8.7".parse::<IpAddr>().unwrap()));
+        assert!(nets[2].contains(&"::1".parse::<IpAddr>().unwrap()));
+        let mut config = agent("ws://127.0.0.1/ws/agent");
+        config.role = Role::Gateway;
+        gateway.trusted_proxies.push("10.0.0.0/33".into());
+        config.gateway = Some(gateway);
+        let refusal = config.validate().unwrap_err();
+        assert!(
+            refusal.contains("`gateway.trusted_proxies`") && refusal.contains("10.0.0.0/33"),
+            "{refusal}"
+        );
     }
 }

@@ -5,20 +5,39 @@
 //! and the control plane drops the ones it already has. The outbox is bounded: when the
 //! control plane is away for long, whoever emits waits (a build's output pipe fills and the
 //! build pauses) rather than the agent's memory growing without end.
+//!
+//! Events are sized by their encoded bytes, never their raw length (JSON escapes a NUL as
+//! `\u0000`): a log line over [`MAX_LINE`] encoded is cut into several events, any event is at
+//! most [`MAX_EVENT_BYTES`], and a batch's frame at most the budget it is given.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
-use sdp_protocol::{Event, EventBody, LogStream, ServiceName, Step, StepState};
+use sdp_protocol::{
+    AgentMessage, Event, EventBody, LogStream, ServiceName, Step, StepState, encoded_len,
+    escaped_len, escaped_pieces, split_escaped,
+};
 use time::OffsetDateTime;
 use tokio::sync::Notify;
+
+use crate::lines::MAX_LINE;
 
 /// Events kept unacknowledged at most.
 const CAPACITY: usize = 100_000;
 
+/// The most one event takes encoded: far above a log line ([`MAX_LINE`] plus its fields) and
+/// far below a frame, so that a batch always has room for at least one.
+pub const MAX_EVENT_BYTES: usize = 64 * 1024;
+
+struct Queued {
+    event: Event,
+    /// Its encoded length.
+    bytes: usize,
+}
+
 #[derive(Default)]
 struct State {
-    queue: VecDeque<Event>,
+    queue: VecDeque<Queued>,
     /// How many of `queue` were sent on the current connection.
     sent: usize,
     next_seq: HashMap<String, u64>,
@@ -42,6 +61,7 @@ impl Outbox {
     }
 
     pub async fn emit(&self, deployment: &str, body: EventBody) {
+        let body = bounded(body);
         loop {
             let freed = self.freed.notified();
             {
@@ -52,13 +72,24 @@ impl Outbox {
                 if state.queue.len() < CAPACITY {
                     let seq = state.next_seq.entry(deployment.to_owned()).or_insert(0);
                     *seq += 1;
-                    let event = Event {
+                    let mut event = Event {
                         deployment: deployment.to_owned(),
                         seq: *seq,
                         ts: OffsetDateTime::now_utc(),
                         body,
                     };
-                    state.queue.push_back(event);
+                    let mut bytes = encoded_len(&event);
+                    if bytes > MAX_EVENT_BYTES {
+                        tracing::error!(
+                            deployment,
+                            seq = event.seq,
+                            bytes,
+                            "an event too large for a frame is replaced by a note"
+                        );
+                        event.body = oversize(event.body, bytes);
+                        bytes = encoded_len(&event);
+                    }
+                    state.queue.push_back(Queued { event, bytes });
                     drop(state);
                     self.queued.notify_one();
                     return;
@@ -68,6 +99,8 @@ impl Outbox {
         }
     }
 
+    /// A line that would take more than [`MAX_LINE`] encoded (a system line quoting a
+    /// command's output, a masked line) goes out as several events.
     pub async fn log(
         &self,
         deployment: &str,
@@ -75,15 +108,17 @@ impl Outbox {
         stream: LogStream,
         line: String,
     ) {
-        self.emit(
-            deployment,
-            EventBody::Log {
-                service: service.cloned(),
-                stream,
-                line,
-            },
-        )
-        .await;
+        let log = |line| EventBody::Log {
+            service: service.cloned(),
+            stream,
+            line,
+        };
+        if escaped_len(&line) <= MAX_LINE {
+            return self.emit(deployment, log(line)).await;
+        }
+        for piece in escaped_pieces(&line, MAX_LINE) {
+            self.emit(deployment, log(piece.to_owned())).await;
+        }
     }
 
     pub async fn system(&self, deployment: &str, service: Option<&ServiceName>, line: String) {
@@ -115,23 +150,25 @@ impl Outbox {
         state.closed.insert(deployment.to_owned());
     }
 
-    /// The next events to send on this connection: at most `max_events`, and no more once
-    /// their lines add up to `max_bytes`.
+    /// The next events to send on this connection: at most `max_events`, and as many as an
+    /// `events` frame of at most `max_bytes` holds (at least one, whose frame is at most
+    /// [`MAX_EVENT_BYTES`] and a few bytes).
     pub fn next_batch(&self, max_events: usize, max_bytes: usize) -> Vec<Event> {
         let mut state = self.lock();
         let mut batch = Vec::new();
-        let mut bytes = 0;
-        while batch.len() < max_events && bytes < max_bytes {
-            let Some(event) = state.queue.get(state.sent).cloned() else {
+        let mut bytes = encoded_len(&AgentMessage::Events { events: Vec::new() });
+        while batch.len() < max_events {
+            let Some(next) = state.queue.get(state.sent) else {
                 break;
             };
-            bytes += 128
-                + match &event.body {
-                    EventBody::Log { line, .. } => line.len(),
-                    _ => 256,
-                };
+            // With the comma before it.
+            let more = next.bytes + 1;
+            if !batch.is_empty() && bytes + more > max_bytes {
+                break;
+            }
+            bytes += more;
+            batch.push(next.event.clone());
             state.sent += 1;
-            batch.push(event);
         }
         batch
     }
@@ -148,7 +185,7 @@ impl Outbox {
         let mut removed_sent = 0;
         let sent = state.sent;
         let mut index = 0;
-        state.queue.retain(|e| {
+        state.queue.retain(|Queued { event: e, .. }| {
             let keep = !(e.deployment == deployment && e.seq <= seq);
             if !keep && index < sent {
                 removed_sent += 1;
@@ -172,10 +209,49 @@ impl Outbox {
     /// Deployments with events not yet acknowledged.
     pub fn pending_deployments(&self) -> Vec<String> {
         let state = self.lock();
-        let mut list: Vec<String> = state.queue.iter().map(|e| e.deployment.clone()).collect();
+        let mut list: Vec<String> = state
+            .queue
+            .iter()
+            .map(|q| q.event.deployment.clone())
+            .collect();
         list.sort();
         list.dedup();
         list
+    }
+}
+
+/// An outcome's error quotes whatever failed: it is cut like a log line.
+fn bounded(body: EventBody) -> EventBody {
+    match body {
+        EventBody::Outcome {
+            ok,
+            error: Some(error),
+            services,
+        } if escaped_len(&error) > MAX_LINE => EventBody::Outcome {
+            ok,
+            error: Some(split_escaped(&error, MAX_LINE).0.to_owned()),
+            services,
+        },
+        body => body,
+    }
+}
+
+/// What is sent instead of an event too large for a frame (an outcome of thousands of
+/// services): it keeps its `seq`, so that nothing after it is held up, and says what happened.
+fn oversize(body: EventBody, bytes: usize) -> EventBody {
+    match body {
+        EventBody::Outcome { .. } => EventBody::Outcome {
+            ok: false,
+            error: Some(format!(
+                "the agent's outcome took {bytes} bytes, too many to report; see the agent's log"
+            )),
+            services: Vec::new(),
+        },
+        EventBody::Log { service, .. } | EventBody::Step { service, .. } => EventBody::Log {
+            service,
+            stream: LogStream::System,
+            line: format!("an event of {bytes} bytes was too large to send, and was left out"),
+        },
     }
 }
 
@@ -206,5 +282,79 @@ mod tests {
             .collect();
         assert_eq!(resent, [("b".into(), 1), ("a".into(), 2)]);
         assert_eq!(outbox.pending_deployments(), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_sized_by_its_encoded_frame_whatever_its_lines_hold() {
+        let outbox = Outbox::default();
+        // Lines of NUL and ESC take six bytes per byte once encoded.
+        for i in 0..200 {
+            let byte = if i % 2 == 0 { '\0' } else { '\u{1b}' };
+            let line = byte.to_string().repeat(MAX_LINE / 6);
+            outbox.log("d", None, LogStream::Stdout, line).await;
+        }
+        let budget = 64 * 1024;
+        let mut sent = 0;
+        loop {
+            let batch = outbox.next_batch(512, budget);
+            if batch.is_empty() {
+                break;
+            }
+            sent += batch.len();
+            let frame = sdp_protocol::encode(&AgentMessage::Events { events: batch });
+            assert!(frame.len() <= budget, "a frame of {} bytes", frame.len());
+        }
+        assert_eq!(sent, 200);
+    }
+
+    #[tokio::test]
+    async fn a_line_too_long_for_one_event_is_cut_into_several() {
+        let outbox = Outbox::default();
+        let line = format!("git said: {}", "\0".repeat(3 * MAX_LINE));
+        outbox.system("d", None, line.clone()).await;
+        let events = outbox.next_batch(100, usize::MAX);
+        assert!(events.len() > 3, "{} events", events.len());
+        let mut joined = String::new();
+        for event in events {
+            let EventBody::Log { line, .. } = event.body else {
+                panic!("not a line")
+            };
+            assert!(escaped_len(&line) <= MAX_LINE);
+            joined.push_str(&line);
+        }
+        assert_eq!(joined, line);
+    }
+
+    #[tokio::test]
+    async fn an_event_too_large_for_a_frame_is_replaced_by_a_note_keeping_its_seq() {
+        let outbox = Outbox::default();
+        outbox.system("d", None, "before".into()).await;
+        let service = ServiceName::parse("orders").unwrap();
+        let outcome = EventBody::Outcome {
+            ok: true,
+            error: Some("\0".repeat(10 * MAX_LINE)),
+            services: (0..100)
+                .map(|_| sdp_protocol::ServiceOutcome {
+                    service: service.clone(),
+                    commit: None,
+                    upstream: Some("x".repeat(1000)),
+                })
+                .collect(),
+        };
+        outbox.emit("d", outcome).await;
+        let events = outbox.next_batch(10, usize::MAX);
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[1].seq, 2);
+        assert!(encoded_len(&events[1]) <= MAX_EVENT_BYTES);
+        let EventBody::Outcome {
+            ok,
+            error,
+            services,
+        } = &events[1].body
+        else {
+            panic!("not an outcome")
+        };
+        assert!(!ok && services.is_empty());
+        assert!(error.as_deref().unwrap().contains("too many to report"));
     }
 }

@@ -28,6 +28,9 @@ impl Gateway {
         let router = Router::new(RouterConfig {
             connect_timeout: config.connect_timeout.get(),
             response_timeout: config.upstream_timeout.get(),
+            // Checked by `AgentConfig::validate` before; were it not, trusting nobody is the
+            // safe side.
+            trusted_proxies: config.trusted_proxies().unwrap_or_default(),
             ..RouterConfig::default()
         });
         let saved = work_dir.join("routes.json");

@@ -14,6 +14,7 @@ mod group;
 mod isolation;
 mod lines;
 mod runtime;
+mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -68,6 +69,8 @@ pub struct Agent {
     router_listener: Option<tokio::net::TcpListener>,
     worker: Arc<Worker>,
     in_flight: Arc<AtomicU32>,
+    /// TLS for a `wss://` control plane.
+    connector: Option<tokio_tungstenite::Connector>,
 }
 
 /// What jobs run with; shared by the tasks of all jobs.
@@ -181,7 +184,14 @@ impl Agent {
             (Some(gateway), Role::Gateway) => Some(Arc::new(Gateway::new(gateway, &layout.root))),
             _ => None,
         };
+        let connector = match url::Url::parse(&config.server) {
+            Ok(url) if url.scheme() == "wss" => {
+                Some(tls::connector(config.ca_file.as_deref()).map_err(AgentError::Config)?)
+            }
+            _ => None,
+        };
         Ok(Self {
+            connector,
             config,
             name,
             router_listener: None,
@@ -300,7 +310,12 @@ impl Agent {
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES));
         // `true`: TCP_NODELAY, so that small event frames are not held back by Nagle.
-        let connect = tokio_tungstenite::connect_async_with_config(request, Some(limits), true);
+        let connect = tokio_tungstenite::connect_async_tls_with_config(
+            request,
+            Some(limits),
+            true,
+            self.connector.clone(),
+        );
         let socket = tokio::select! {
             _ = shutdown.cancelled() => return End::Shutdown,
             r = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect) => match r {
@@ -308,7 +323,10 @@ impl Agent {
                 Ok(Err(tungstenite::Error::Http(response))) if response.status() == 401 => {
                     return End::Failed("the control plane refused the agent token (401); check `token`".into());
                 }
-                Ok(Err(e)) => return End::Failed(format!("cannot connect to {}: {e}", self.config.server)),
+                Ok(Err(e)) => {
+                    let why = tls::explain(&e).unwrap_or_else(|| e.to_string());
+                    return End::Failed(format!("cannot connect to {}: {why}", self.config.server));
+                }
                 Ok(Ok((socket, _))) => socket,
             },
         };
@@ -437,7 +455,9 @@ impl Agent {
             in_flight.fetch_sub(1, Ordering::Relaxed);
             if let Some(output) = output {
                 tracing::debug!(%id, job = name, ok = !matches!(output, JobOutput::Failed(_)), "job finished");
-                let _ = outbox.send(AgentMessage::Reply(Reply { id, output })).await;
+                let _ = outbox
+                    .send(AgentMessage::Reply(Reply::new(id, output)))
+                    .await;
             }
         });
     }
@@ -568,10 +588,11 @@ fn unsupported(message: &str) -> JobOutput {
     })
 }
 
-/// Events sent in one frame at most, and their rough size at most: a frame stays far below
-/// the 1 MiB limit.
+/// Events sent in one frame at most, and the most its frame takes encoded: far below the
+/// 1 MiB limit, and room for the largest single event.
 const BATCH_EVENTS: usize = 512;
 const BATCH_BYTES: usize = 256 * 1024;
+const _: () = assert!(events::MAX_EVENT_BYTES < BATCH_BYTES && BATCH_BYTES < MAX_FRAME_BYTES);
 
 /// Writes the connection's frames: replies and heartbeats first, then batches of unsent
 /// events; when stopped, closes the socket. A failed write stops the reader too, through
@@ -588,7 +609,7 @@ where
     let result: Result<(), String> = async {
         loop {
             while let Ok(msg) = replies.try_recv() {
-                send(&mut sink, Message::Text(encode(&msg).into())).await?;
+                send_message(&mut sink, msg).await?;
             }
             let batch = events.next_batch(BATCH_EVENTS, BATCH_BYTES);
             if !batch.is_empty() {
@@ -603,7 +624,7 @@ where
                     return Ok(());
                 }
                 Some(msg) = replies.recv() => {
-                    send(&mut sink, Message::Text(encode(&msg).into())).await?;
+                    send_message(&mut sink, msg).await?;
                 }
                 _ = events.wait() => {}
             }
@@ -617,6 +638,23 @@ where
             format!("cannot send: {e}")
         }
     }
+}
+
+/// Writes a message: a reply as the frames that carry it (a long list in parts, each within the
+/// frame limit), anything else as one frame.
+async fn send_message<S>(sink: &mut S, msg: AgentMessage) -> Result<(), String>
+where
+    S: futures_util::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let frames = match msg {
+        AgentMessage::Reply(reply) => reply.into_frames(),
+        // Heartbeats and protocol errors: short by construction.
+        msg => vec![encode(&msg)],
+    };
+    for frame in frames {
+        send(sink, Message::Text(frame.into())).await?;
+    }
+    Ok(())
 }
 
 /// Writes one frame, giving up after [`HANDSHAKE_TIMEOUT`]: a control plane that stops

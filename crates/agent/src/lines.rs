@@ -1,16 +1,18 @@
 //! Splits a command's output into log lines: a line ends at `\n`, `\r\n` or a lone `\r` (as
-//! progress bars print), a line longer than [`MAX_LINE`] bytes is cut into pieces, and bytes
-//! that are not UTF-8 are replaced rather than refused.
+//! progress bars print), a line whose text would take more than [`MAX_LINE`] bytes in a frame
+//! is cut into pieces (between characters, never inside one), and bytes that are not UTF-8 are
+//! replaced rather than refused.
 
 use std::sync::Arc;
 
-use sdp_protocol::{Credentials, LogStream, ServiceName};
+use sdp_protocol::{Credentials, LogStream, ServiceName, escaped_char_len};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::events::Outbox;
 use crate::git::mask;
 
-/// The longest line kept whole; longer ones are split at this many bytes.
+/// The most a line's text may take once encoded in a frame (JSON escapes control characters:
+/// a NUL takes six bytes); longer lines are cut into pieces of at most this.
 pub const MAX_LINE: usize = 8 * 1024;
 
 /// Where the lines of one output stream go: log events of a deployment, tagged with the
@@ -53,40 +55,79 @@ pub async fn pump<R: AsyncRead + Unpin>(mut reader: R, sink: LineSink) {
     }
 }
 
-/// The state between chunks: the unfinished line, and whether the last byte was a `\r`
+/// The state between chunks: the unfinished line and what it takes encoded, the first bytes
+/// of a character whose rest is in the next chunk, and whether the last character was a `\r`
 /// (so that a `\n` right after it ends no second, empty line).
 #[derive(Default)]
 pub struct Splitter {
-    pending: Vec<u8>,
+    line: String,
+    escaped: usize,
+    partial: Vec<u8>,
     after_cr: bool,
 }
 
 impl Splitter {
     pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
         let mut out = Vec::new();
-        for &b in chunk {
-            match b {
-                b'\n' if self.after_cr => self.after_cr = false,
-                b'\n' | b'\r' => {
-                    out.push(String::from_utf8_lossy(&self.pending).into_owned());
-                    self.pending.clear();
-                    self.after_cr = b == b'\r';
-                }
-                _ => {
-                    self.after_cr = false;
-                    self.pending.push(b);
-                    if self.pending.len() >= MAX_LINE {
-                        out.push(String::from_utf8_lossy(&self.pending).into_owned());
-                        self.pending.clear();
-                    }
-                }
+        let joined;
+        let bytes = if self.partial.is_empty() {
+            chunk
+        } else {
+            let mut partial = std::mem::take(&mut self.partial);
+            partial.extend_from_slice(chunk);
+            joined = partial;
+            &joined
+        };
+        let mut pieces = bytes.utf8_chunks().peekable();
+        while let Some(piece) = pieces.next() {
+            for c in piece.valid().chars() {
+                self.push_char(c, &mut out);
+            }
+            let invalid = piece.invalid();
+            if invalid.is_empty() {
+                continue;
+            }
+            // A character cut by the end of this chunk is completed by the next one.
+            let unfinished = pieces.peek().is_none()
+                && std::str::from_utf8(invalid).is_err_and(|e| e.error_len().is_none());
+            if unfinished {
+                self.partial = invalid.to_vec();
+            } else {
+                self.push_char(char::REPLACEMENT_CHARACTER, &mut out);
             }
         }
         out
     }
 
-    pub fn finish(self) -> Option<String> {
-        (!self.pending.is_empty()).then(|| String::from_utf8_lossy(&self.pending).into_owned())
+    fn push_char(&mut self, c: char, out: &mut Vec<String>) {
+        match c {
+            '\n' if self.after_cr => self.after_cr = false,
+            '\n' | '\r' => {
+                out.push(std::mem::take(&mut self.line));
+                self.escaped = 0;
+                self.after_cr = c == '\r';
+            }
+            _ => {
+                self.after_cr = false;
+                let len = escaped_char_len(c);
+                if self.escaped + len > MAX_LINE {
+                    out.push(std::mem::take(&mut self.line));
+                    self.escaped = 0;
+                }
+                self.line.push(c);
+                self.escaped += len;
+            }
+        }
+    }
+
+    /// The last line, if the output did not end with a line end. A character left unfinished
+    /// becomes a replacement character; should that take the line past [`MAX_LINE`], the
+    /// outbox cuts it.
+    pub fn finish(mut self) -> Option<String> {
+        if !self.partial.is_empty() {
+            self.line.push(char::REPLACEMENT_CHARACTER);
+        }
+        (!self.line.is_empty()).then_some(self.line)
     }
 }
 
@@ -120,5 +161,43 @@ mod tests {
         assert_eq!(lines[0].len(), MAX_LINE);
         assert_eq!(lines[2].len(), 5);
         assert_eq!(split(&[b"ok \xff\xfe end\n"]), ["ok \u{fffd}\u{fffd} end"]);
+        // A character the output never finished is replaced too.
+        assert_eq!(split(&[b"cut \xc3"]), ["cut \u{fffd}"]);
+    }
+
+    #[test]
+    fn a_line_of_nuls_and_escapes_is_cut_by_its_encoded_size() {
+        // Each NUL and ESC takes six bytes encoded (`\u0000`, `\u001b`): a cut by raw length
+        // would make pieces six times too large for their frame.
+        let mut output = vec![0u8; 3 * MAX_LINE];
+        output.extend(std::iter::repeat_n(0x1b, MAX_LINE));
+        let lines = split(&[&output[..5000], &output[5000..]]);
+        for line in &lines {
+            let encoded = serde_json::to_string(line).unwrap().len() - 2;
+            assert!(encoded <= MAX_LINE, "a piece takes {encoded} bytes");
+        }
+        assert_eq!(lines[0].len(), MAX_LINE / 6);
+        assert_eq!(lines.concat().as_bytes(), output);
+    }
+
+    #[test]
+    fn a_cut_never_splits_a_character_even_across_reads() {
+        // 'é' is two bytes and '😀' four: cuts by raw length, and reads of one byte at a
+        // time, land inside them.
+        let text = format!("a{}{}", "é".repeat(MAX_LINE), "😀".repeat(MAX_LINE / 2));
+        let bytes = text.as_bytes();
+        for chunks in [
+            vec![bytes],
+            bytes.chunks(1).collect::<Vec<_>>(),
+            bytes.chunks(4093).collect(),
+        ] {
+            let lines = split(&chunks);
+            assert!(lines.len() > 2);
+            for line in &lines {
+                assert!(!line.contains('\u{fffd}'), "a character was split");
+                assert!(line.len() <= MAX_LINE);
+            }
+            assert_eq!(lines.concat(), text);
+        }
     }
 }

@@ -6,16 +6,19 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::sizing::split_escaped;
 use crate::{
     AgentName, BranchName, Credentials, RepoUrl, RouteDecision, RouteTable, SandboxName,
     ServiceName,
 };
 
 /// Bumped on any change an older peer would misread. The agent states it in `hello`; the
-/// control plane refuses an agent that speaks another version.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// control plane refuses an agent that speaks another version. 3: replies may come in parts
+/// (`more`), which an older control plane would take for the whole answer.
+pub const PROTOCOL_VERSION: u32 = 3;
 
-/// No frame in either direction may be larger than this.
+/// No frame in either direction may be larger than this. Senders size what they put in a
+/// frame by its encoded bytes ([`crate::encoded_len`]), so they never reach it.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
 /// Frames an agent sends.
@@ -201,10 +204,15 @@ pub struct ServiceSpec {
     pub env: BTreeMap<String, String>,
 }
 
+/// An agent's answer to a job, or one part of it ([`Reply::into_frames`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reply {
     pub id: RequestId,
     pub output: JobOutput,
+    /// More parts of this answer follow: a list too long for one frame is sent as several
+    /// replies with the same `id`, each holding a part, and `more: false` on the last.
+    #[serde(default)]
+    pub more: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -365,10 +373,10 @@ pub struct ProtocolError {
     pub message: String,
 }
 
-/// Why a frame could not be read. Each is reported to the peer, never a panic.
+/// Why a frame could not be read, or not be sent. Each is reported, never a panic.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame of {0} bytes is over the limit of {MAX_FRAME_BYTES} bytes")]
+    #[error("a frame of {0} bytes is over the limit of {MAX_FRAME_BYTES} bytes")]
     TooLarge(usize),
     #[error("binary frames are not part of the protocol; send JSON text frames")]
     Binary,
@@ -391,11 +399,18 @@ impl FrameError {
     }
 }
 
+/// The longest description of a malformed frame, encoded: serde's messages may quote the
+/// frame, and the error goes back to the peer in a frame of its own.
+const MAX_ERROR_BYTES: usize = 1024;
+
 fn decode<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, FrameError> {
     if text.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge(text.len()));
     }
-    serde_json::from_str(text).map_err(|e| FrameError::Malformed(e.to_string()))
+    serde_json::from_str(text).map_err(|e| {
+        let message = e.to_string();
+        FrameError::Malformed(split_escaped(&message, MAX_ERROR_BYTES).0.to_owned())
+    })
 }
 
 pub fn decode_agent_frame(text: &str) -> Result<AgentMessage, FrameError> {
@@ -406,9 +421,20 @@ pub fn decode_server_frame(text: &str) -> Result<ServerMessage, FrameError> {
     decode(text)
 }
 
-/// Encodes a frame. Our own types always serialize, so this cannot fail.
+/// Encodes a frame. Our own types always serialize, so this cannot fail. For a frame whose
+/// content is not bounded by construction, use [`encode_frame`].
 pub fn encode<T: Serialize>(msg: &T) -> String {
     serde_json::to_string(msg).expect("protocol types serialize to JSON")
+}
+
+/// Encodes a frame, refusing one over [`MAX_FRAME_BYTES`]: the peer would drop the connection
+/// on reading it.
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<String, FrameError> {
+    let text = encode(msg);
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge(text.len()));
+    }
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -450,10 +476,12 @@ mod tests {
             }),
             AgentMessage::Reply(Reply {
                 id: RequestId(7),
+                more: false,
                 output: JobOutput::CredentialsAccepted,
             }),
             AgentMessage::Reply(Reply {
                 id: RequestId(8),
+                more: false,
                 output: JobOutput::Branches {
                     branches: vec![Branch {
                         name: BranchName::parse("feature/x").unwrap(),
@@ -463,6 +491,7 @@ mod tests {
             }),
             AgentMessage::Reply(Reply {
                 id: RequestId(9),
+                more: false,
                 output: JobOutput::Failed(JobError {
                     code: JobErrorCode::AuthFailed,
                     message: "the git server refused the credentials".into(),
@@ -508,18 +537,22 @@ mod tests {
             },
             AgentMessage::Reply(Reply {
                 id: RequestId(10),
+                more: false,
                 output: JobOutput::Accepted,
             }),
             AgentMessage::Reply(Reply {
                 id: RequestId(11),
+                more: false,
                 output: JobOutput::TornDown,
             }),
             AgentMessage::Reply(Reply {
                 id: RequestId(12),
+                more: false,
                 output: JobOutput::RoutesApplied,
             }),
             AgentMessage::Reply(Reply {
                 id: RequestId(13),
+                more: false,
                 output: JobOutput::Requests {
                     requests: vec![crate::RouteDecision {
                         time: ts(),
@@ -530,6 +563,17 @@ mod tests {
                         upstream: Some("127.0.0.1:20001".into()),
                         status: 200,
                         duration_ms: 1.5,
+                    }],
+                },
+            }),
+            // A part of a branch list too long for one frame: more parts follow.
+            AgentMessage::Reply(Reply {
+                id: RequestId(14),
+                more: true,
+                output: JobOutput::Branches {
+                    branches: vec![Branch {
+                        name: BranchName::parse("feature/y").unwrap(),
+                        commit: "89abcdef0123456789abcdef0123456789abcdef".into(),
                     }],
                 },
             }),
@@ -657,6 +701,31 @@ mod tests {
             decode_server_frame(&long),
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_refused_before_it_is_sent() {
+        // Under the limit by its raw length, over it once each NUL is written as `\u0000`.
+        let message = "\0".repeat(MAX_FRAME_BYTES / 2);
+        let frame = ServerMessage::Error(ProtocolError {
+            code: "x".into(),
+            message,
+        });
+        assert!(matches!(
+            encode_frame(&frame),
+            Err(FrameError::TooLarge(n)) if n > 3 * MAX_FRAME_BYTES
+        ));
+        assert!(encode_frame(&ServerMessage::Heartbeat).is_ok());
+    }
+
+    #[test]
+    fn the_description_of_a_malformed_frame_stays_short_whatever_it_quotes() {
+        let frame = format!(r#"{{"type":"{}"}}"#, "\\u0000".repeat(100_000));
+        let Err(FrameError::Malformed(message)) = decode_agent_frame(&frame) else {
+            panic!("not malformed")
+        };
+        assert!(crate::escaped_len(&message) <= MAX_ERROR_BYTES, "{message}");
+        assert!(message.starts_with("unknown variant"), "{message}");
     }
 
     #[test]

@@ -8,14 +8,18 @@
 mod credentials;
 mod frames;
 mod names;
+mod replies;
 mod routes;
+mod sizing;
 
 pub use credentials::{Credentials, InvalidPassword, Password};
 pub use frames::{
     AgentMessage, Branch, Capability, DeployJob, Event, EventBody, FrameError, Heartbeat, Hello,
     Job, JobError, JobErrorCode, JobKind, JobOutput, LogStream, MAX_FRAME_BYTES, PROTOCOL_VERSION,
     ProtocolError, Reply, RequestId, Role, ServerMessage, ServiceOutcome, ServiceSpec, Step,
-    StepState, Welcome, decode_agent_frame, decode_server_frame, encode,
+    StepState, Welcome, decode_agent_frame, decode_server_frame, encode, encode_frame,
 };
 pub use names::{AgentName, BranchName, InvalidName, RepoUrl, SandboxName, ServiceName, Username};
+pub use replies::{MAX_REPLY_BYTES, ReplyAssembly, ReplyError};
 pub use routes::{RouteDecision, RouteKind, RouteTable, SandboxRoutes, ServiceRoutes};
+pub use sizing::{encoded_len, escaped_char_len, escaped_len, escaped_pieces, split_escaped};

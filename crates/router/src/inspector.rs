@@ -3,10 +3,20 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
-use sdp_protocol::RouteDecision;
+use sdp_protocol::{MAX_FRAME_BYTES, RouteDecision, split_escaped};
 
 /// Decisions kept per sandbox.
 pub const KEPT_PER_SANDBOX: usize = 200;
+
+/// The most of a request's path and method kept, encoded; longer ones are cut (marked `…`).
+/// A client chooses them, up to the size of a request head: uncut, the kept decisions could
+/// take megabytes of memory per sandbox, and more than a frame in the route inspector's answer.
+const MAX_PATH: usize = 1024;
+const MAX_METHOD: usize = 32;
+
+// The inspector's answer fits one frame, fields besides the path and method included (the
+// agent would send it in parts otherwise).
+const _: () = assert!(KEPT_PER_SANDBOX * (MAX_PATH + MAX_METHOD + 1024) < MAX_FRAME_BYTES);
 
 /// One shard per serving thread, so that threads recording at full speed never wait for each
 /// other; a reader merges the shards.
@@ -30,7 +40,9 @@ impl Inspector {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn record(&self, shard: usize, sandbox: &str, decision: RouteDecision) {
+    pub fn record(&self, shard: usize, sandbox: &str, mut decision: RouteDecision) {
+        cut(&mut decision.path, MAX_PATH);
+        cut(&mut decision.method, MAX_METHOD);
         let mut all = self.lock(shard);
         let kept = match all.get_mut(sandbox) {
             Some(kept) => kept,
@@ -65,6 +77,16 @@ impl Inspector {
         for shard in 0..self.shards.len() {
             self.lock(shard).retain(|name, _| live(name));
         }
+    }
+}
+
+/// Cuts `text` to at most `max` bytes encoded, between characters, marking the cut.
+fn cut(text: &mut String, max: usize) {
+    let (kept, rest) = split_escaped(text, max - '…'.len_utf8());
+    if !rest.is_empty() {
+        let kept = kept.len();
+        text.truncate(kept);
+        text.push('…');
     }
 }
 
@@ -130,5 +152,25 @@ mod tests {
         inspector.record(1, "a", decision(2));
         let statuses: Vec<u16> = inspector.recent("a").iter().map(|d| d.status).collect();
         assert_eq!(statuses, [1, 2]);
+    }
+
+    #[test]
+    fn long_paths_and_methods_are_cut_so_that_the_answer_fits_a_frame() {
+        let inspector = Inspector::new(1);
+        for status in 0..KEPT_PER_SANDBOX as u16 {
+            let mut d = decision(status);
+            // Quotes take two bytes each once encoded, 'é' two as it is.
+            d.path = format!("/{}{}", "\"".repeat(20_000), "é".repeat(20_000));
+            d.method = "X".repeat(10_000);
+            inspector.record(0, "a", d);
+        }
+        let recent = inspector.recent("a");
+        for d in &recent {
+            assert!(sdp_protocol::escaped_len(&d.path) <= MAX_PATH);
+            assert!(d.path.ends_with('…'));
+            assert!(d.method.len() <= MAX_METHOD);
+        }
+        let answer = sdp_protocol::encode(&sdp_protocol::JobOutput::Requests { requests: recent });
+        assert!(answer.len() < MAX_FRAME_BYTES, "{}", answer.len());
     }
 }

@@ -26,6 +26,7 @@ use arc_swap::ArcSwap;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+pub use ipnet::IpNet;
 use sdp_protocol::{RouteDecision, RouteTable};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,6 +49,9 @@ pub struct RouterConfig {
     pub header_read_timeout: Duration,
     /// Threads that serve connections; 0 means one per CPU.
     pub threads: usize,
+    /// Peers whose `X-Forwarded-For/-Proto/-Host` are kept (a proxy in front, such as nginx
+    /// for TLS); from any other peer they are replaced. Empty: nobody's are kept.
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for RouterConfig {
@@ -58,6 +62,7 @@ impl Default for RouterConfig {
             idle_timeout: Duration::from_secs(60),
             header_read_timeout: Duration::from_secs(30),
             threads: 0,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -246,8 +251,13 @@ fn serve_thread(
 }
 
 async fn serve_connection(inner: Arc<Inner>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    let header_read_timeout = inner.shared.config.header_read_timeout;
-    let client = Arc::new(proxy::Client::new(peer));
+    let config = &inner.shared.config;
+    let header_read_timeout = config.header_read_timeout;
+    // Decided once per connection: the peer is the same for each of its requests. An IPv4
+    // peer of a dual-stack listener comes as `::ffff:a.b.c.d`, and is matched as IPv4.
+    let ip = peer.ip().to_canonical();
+    let trusted = config.trusted_proxies.iter().any(|net| net.contains(&ip));
+    let client = Arc::new(proxy::Client::new(peer, trusted));
     let service = service_fn(move |req| {
         let inner = inner.clone();
         let client = client.clone();

@@ -24,6 +24,7 @@ const FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 const VIA: HeaderValue = HeaderValue::from_static("1.1 sdp-router");
+const HTTP: HeaderValue = HeaderValue::from_static("http");
 
 const HOPS: usize = 6;
 /// Hop-by-hop fields (RFC 9110 §7.6.1, plus `Proxy-Connection` still sent by old clients):
@@ -145,13 +146,17 @@ impl Pending<'_> {
 pub struct Client {
     /// The peer's address, as `X-Forwarded-For` carries it.
     pub ip: HeaderValue,
+    /// The peer is a proxy in front of the router (`trusted_proxies`): the `X-Forwarded-*`
+    /// fields it sends are kept.
+    pub trusted: bool,
 }
 
 impl Client {
-    pub fn new(peer: SocketAddr) -> Self {
+    pub fn new(peer: SocketAddr, trusted: bool) -> Self {
         Self {
-            ip: HeaderValue::from_str(&peer.ip().to_string())
+            ip: HeaderValue::from_str(&peer.ip().to_canonical().to_string())
                 .unwrap_or(HeaderValue::from_static("unknown")),
+            trusted,
         }
     }
 }
@@ -353,6 +358,31 @@ fn strip_and_prepare(
     let upgrade = strip_hop_by_hop(headers);
     // Room for the fields added below at once, rather than growing the map as they come.
     headers.reserve(6);
+    if client.trusted {
+        forward_from_proxy(headers, client, host);
+    } else {
+        // Anyone can write these fields: from a peer that is not a trusted proxy they are
+        // claims, not facts, and upstreams would take them for the client's address.
+        headers.insert(FORWARDED_FOR, client.ip.clone());
+        headers.insert(FORWARDED_PROTO, HTTP);
+        match host {
+            Some(value) => headers.insert(FORWARDED_HOST, value),
+            None => headers.remove(FORWARDED_HOST),
+        };
+    }
+    // Named by Host or baggage, the sandbox still travels as the header, so that a service
+    // calling others through the gateway with it stays inside its sandbox.
+    if let Some(value) = sandbox.and_then(|s| HeaderValue::from_str(s).ok()) {
+        headers.insert(SANDBOX_HEADER, value);
+    }
+    headers.append(header::VIA, VIA);
+    upgrade
+}
+
+/// The forwarding fields of a request from a trusted proxy (nginx for TLS): the client's
+/// address is appended to the chain it sends, and its scheme and host, which it knows better,
+/// are kept.
+fn forward_from_proxy(headers: &mut HeaderMap, client: &Client, host: Option<HeaderValue>) {
     let mut earlier = headers
         .get_all(&FORWARDED_FOR)
         .iter()
@@ -369,23 +399,12 @@ fn strip_and_prepare(
     if let Some(value) = forwarded_for {
         headers.insert(FORWARDED_FOR, value);
     }
-    // A proxy in front (nginx for TLS) knows the original scheme and host better: theirs
-    // are kept.
-    headers
-        .entry(FORWARDED_PROTO)
-        .or_insert(HeaderValue::from_static("http"));
+    headers.entry(FORWARDED_PROTO).or_insert(HTTP);
     if let Some(value) = host
         && let header::Entry::Vacant(entry) = headers.entry(FORWARDED_HOST)
     {
         entry.insert(value);
     }
-    // Named by Host or baggage, the sandbox still travels as the header, so that a service
-    // calling others through the gateway with it stays inside its sandbox.
-    if let Some(value) = sandbox.and_then(|s| HeaderValue::from_str(s).ok()) {
-        headers.insert(SANDBOX_HEADER, value);
-    }
-    headers.append(header::VIA, VIA);
-    upgrade
 }
 
 #[cfg(test)]

@@ -123,6 +123,8 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             allow_root_builds: true,
             max_git_jobs: 8,
             allow_local_repos: true,
+            ca_file: None,
+            insecure: false,
         })
     };
     let micro = agent_config(Role::Micro, "dev-micro")?;

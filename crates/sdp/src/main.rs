@@ -145,9 +145,10 @@ fn main() -> ExitCode {
 /// of the same user may read their memory or environment (`/proc/<pid>/environ`, `mem`),
 /// which a non-dumpable process denies to everyone but root.
 fn harden() -> anyhow::Result<()> {
+    nix::sys::prctl::set_dumpable(false).context("cannot make the process non-dumpable")?;
+    // Last, so that a core limit of 0 seen from outside means both are done.
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
         .context("cannot switch core dumps off")?;
-    nix::sys::prctl::set_dumpable(false).context("cannot make the process non-dumpable")?;
     Ok(())
 }
 

@@ -14,8 +14,8 @@ use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use sdp_protocol::{
     AgentMessage, AgentName, Capability, FrameError, Heartbeat, Hello, Job, JobKind, JobOutput,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolError, RequestId, Role, ServerMessage, Welcome,
-    decode_agent_frame, encode,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolError, ReplyAssembly, ReplyError, RequestId, Role,
+    ServerMessage, Welcome, decode_agent_frame, encode_frame,
 };
 use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
@@ -32,6 +32,12 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames waiting to be written to one agent; a full queue makes senders wait.
 const OUTBOX: usize = 64;
 
+/// A job awaiting its reply, and the parts of the reply received so far.
+struct Waiter {
+    reply: oneshot::Sender<Result<JobOutput, ReplyError>>,
+    parts: ReplyAssembly,
+}
+
 /// One connected agent.
 pub struct AgentConn {
     conn_id: u64,
@@ -40,8 +46,9 @@ pub struct AgentConn {
     pub version: String,
     pub host: String,
     pub capabilities: Vec<Capability>,
-    outbox: mpsc::Sender<ServerMessage>,
-    pending: Mutex<HashMap<RequestId, oneshot::Sender<JobOutput>>>,
+    /// Encoded frames, each checked against the size limit before it is queued.
+    outbox: mpsc::Sender<String>,
+    pending: Mutex<HashMap<RequestId, Waiter>>,
     next_request: AtomicU64,
     in_flight: AtomicU32,
     status: Mutex<Status>,
@@ -76,12 +83,21 @@ pub enum CallError {
     Timeout { agent: String, after: Duration },
     #[error("agent {agent} disconnected before answering")]
     Disconnected { agent: String },
+    /// Refused before sending: the agent would drop the connection on reading it.
+    #[error(
+        "the {job} job for agent {agent} would be a frame of {bytes} bytes, over the limit of {MAX_FRAME_BYTES}; it was not sent"
+    )]
+    JobTooLarge {
+        agent: String,
+        job: &'static str,
+        bytes: usize,
+    },
+    #[error("the answer of agent {agent} was refused: {reason}")]
+    BadReply { agent: String, reason: ReplyError },
 }
 
 impl AgentConn {
-    fn lock_pending(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<RequestId, oneshot::Sender<JobOutput>>> {
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Waiter>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -177,16 +193,32 @@ impl Hub {
         agent.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&agent);
         let id = RequestId(agent.next_request.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = oneshot::channel();
-        agent.lock_pending().insert(id, tx);
         let job_name = job.name();
+        // A route table with very many sandboxes could outgrow a frame: say so rather than
+        // send what the agent would drop the connection for.
+        let frame = encode_frame(&ServerMessage::Job(Job { id, job })).map_err(|e| {
+            let bytes = match e {
+                FrameError::TooLarge(bytes) => bytes,
+                _ => 0,
+            };
+            tracing::error!(agent = %agent.name, job = job_name, bytes, "job not sent: over the frame limit");
+            CallError::JobTooLarge {
+                agent: agent.name.to_string(),
+                job: job_name,
+                bytes,
+            }
+        })?;
+        let (tx, rx) = oneshot::channel();
+        agent.lock_pending().insert(
+            id,
+            Waiter {
+                reply: tx,
+                parts: ReplyAssembly::default(),
+            },
+        );
         tracing::debug!(agent = %agent.name, job = job_name, %id, "sending job");
         let exchange = async {
-            agent
-                .outbox
-                .send(ServerMessage::Job(Job { id, job }))
-                .await
-                .map_err(|_| ())?;
+            agent.outbox.send(frame).await.map_err(|_| ())?;
             tokio::select! {
                 // The connection ended after this call picked it: fail now, not at the timeout.
                 _ = agent.closed.cancelled() => Err(()),
@@ -196,7 +228,14 @@ impl Hub {
         let result = tokio::time::timeout(timeout, exchange).await;
         agent.lock_pending().remove(&id);
         match result {
-            Ok(Ok(output)) => Ok((agent.name.to_string(), output)),
+            Ok(Ok(Ok(output))) => Ok((agent.name.to_string(), output)),
+            Ok(Ok(Err(reason))) => {
+                tracing::warn!(agent = %agent.name, job = job_name, %id, %reason, "agent's answer refused");
+                Err(CallError::BadReply {
+                    agent: agent.name.to_string(),
+                    reason,
+                })
+            }
             Ok(Err(())) => Err(CallError::Disconnected {
                 agent: agent.name.to_string(),
             }),
@@ -278,19 +317,29 @@ pub struct ConnectionContext {
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 
-/// Writes one frame, giving up after `limit`: an agent that stops reading must not block its
-/// connection task (and with it the silence check) for ever.
-async fn send_frame(sink: &mut Sink, msg: &ServerMessage, limit: Duration) -> Result<(), ()> {
-    match tokio::time::timeout(limit, sink.send(Message::Text(encode(msg).into()))).await {
+/// Writes one encoded frame, giving up after `limit`: an agent that stops reading must not
+/// block its connection task (and with it the silence check) for ever.
+async fn send_frame(sink: &mut Sink, frame: String, limit: Duration) -> Result<(), ()> {
+    match tokio::time::timeout(limit, sink.send(Message::Text(frame.into()))).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
     }
 }
 
+/// Encodes a frame of the connection's own (an acknowledgement, an error); one that would be
+/// over the limit (an acknowledgement echoing an absurdly long deployment id) is left out.
+fn checked(msg: &ServerMessage) -> Option<String> {
+    encode_frame(msg)
+        .inspect_err(|e| tracing::warn!(error = %e, "frame to an agent left out"))
+        .ok()
+}
+
 /// Tells the agent why it is refused, and closes.
 async fn refuse(sink: &mut Sink, refusal: ProtocolError, limit: Duration) {
     tracing::warn!(code = %refusal.code, reason = %refusal.message, "agent refused at hello");
-    let _ = send_frame(sink, &ServerMessage::Error(refusal), limit).await;
+    if let Some(frame) = checked(&ServerMessage::Error(refusal)) {
+        let _ = send_frame(sink, frame, limit).await;
+    }
     let _ = tokio::time::timeout(limit, sink.close()).await;
 }
 
@@ -355,7 +404,10 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
         heartbeat_interval_ms: (ctx.agent_timeout / 3).as_millis() as u64,
     });
     let mut reason = "closed by the agent".to_owned();
-    let welcomed = send_frame(&mut sink, &welcome, limit).await.is_ok();
+    let welcomed = match checked(&welcome) {
+        Some(frame) => send_frame(&mut sink, frame, limit).await.is_ok(),
+        None => false,
+    };
     // Reading and writing run apart: a reader that waited for its writes to go out while the
     // agent waited for its own would deadlock under a flood of events.
     let stop_writing = CancellationToken::new();
@@ -388,7 +440,9 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
                                 code: "unreadable_frame".into(),
                                 message: format!("{e}; frames are limited to {MAX_FRAME_BYTES} bytes"),
                             });
-                            let _ = tokio::time::timeout(limit, conn.outbox.send(error)).await;
+                            if let Some(frame) = checked(&error) {
+                                let _ = tokio::time::timeout(limit, conn.outbox.send(frame)).await;
+                            }
                             break;
                         }
                         None => break,
@@ -402,9 +456,9 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
                     }
                 }
             };
-            for reply in replies {
+            for frame in replies.iter().filter_map(checked) {
                 if !matches!(
-                    tokio::time::timeout(limit, conn.outbox.send(reply)).await,
+                    tokio::time::timeout(limit, conn.outbox.send(frame)).await,
                     Ok(Ok(()))
                 ) {
                     reason = "the agent stopped reading".into();
@@ -445,7 +499,7 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
 /// closes) or a write fails (then tells the reader, through `stop`).
 async fn write_frames(
     mut sink: Sink,
-    mut queue: mpsc::Receiver<ServerMessage>,
+    mut queue: mpsc::Receiver<String>,
     limit: Duration,
     stop: CancellationToken,
 ) {
@@ -456,13 +510,13 @@ async fn write_frames(
             _ = stop.cancelled() => None,
         };
         let Some(msg) = msg else { break };
-        if send_frame(&mut sink, &msg, limit).await.is_err() {
+        if send_frame(&mut sink, msg, limit).await.is_err() {
             stop.cancel();
             return;
         }
     }
     while let Ok(msg) = queue.try_recv() {
-        if send_frame(&mut sink, &msg, limit).await.is_err() {
+        if send_frame(&mut sink, msg, limit).await.is_err() {
             return;
         }
     }
@@ -575,13 +629,17 @@ async fn handle_frame(
         }
         AgentMessage::Reply(reply) => {
             conn.lock_status().last_seen = OffsetDateTime::now_utc();
-            match conn.lock_pending().remove(&reply.id) {
-                Some(waiter) => {
-                    let _ = waiter.send(reply.output);
-                }
-                None => {
-                    tracing::debug!(agent = %conn.name, id = %reply.id, "reply to a job nobody waits for any more");
-                }
+            let id = reply.id;
+            let mut pending = conn.lock_pending();
+            let Some(waiter) = pending.get_mut(&id) else {
+                tracing::debug!(agent = %conn.name, %id, "reply to a job nobody waits for any more");
+                return Vec::new();
+            };
+            // A long list comes in parts: the waiter hears once the last is in.
+            if let Some(result) = waiter.parts.add(reply, text.len()).transpose()
+                && let Some(waiter) = pending.remove(&id)
+            {
+                let _ = waiter.reply.send(result);
             }
             Vec::new()
         }
@@ -609,5 +667,69 @@ async fn handle_frame(
             tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");
             Vec::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use sdp_protocol::{RouteTable, SandboxName, SandboxRoutes, ServiceName};
+
+    use super::*;
+
+    fn connection(outbox: mpsc::Sender<String>) -> Arc<AgentConn> {
+        Arc::new(AgentConn {
+            conn_id: 1,
+            name: AgentName::parse("gw").unwrap(),
+            role: Role::Gateway,
+            version: "test".into(),
+            host: "host".into(),
+            capabilities: Vec::new(),
+            outbox,
+            pending: Mutex::default(),
+            next_request: AtomicU64::new(1),
+            in_flight: AtomicU32::new(0),
+            status: Mutex::new(Status {
+                heartbeat: Heartbeat {
+                    load: 0,
+                    running: 0,
+                },
+                last_seen: OffsetDateTime::now_utc(),
+            }),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_route_table_too_large_for_a_frame_is_refused_and_never_sent() {
+        let (outbox, mut queued) = mpsc::channel(1);
+        let agent = connection(outbox);
+        let service = ServiceName::parse("orders").unwrap();
+        // 20,000 sandboxes, each with an upstream: about 1.2 MB.
+        let sandboxes = (0..20_000)
+            .map(|i| SandboxRoutes {
+                sandbox: SandboxName::parse(format!("sandbox-{i}")).unwrap(),
+                upstreams: BTreeMap::from([(service.clone(), format!("10.0.0.1:{}", 20_000 + i))]),
+            })
+            .collect();
+        let table = RouteTable {
+            sandboxes,
+            ..RouteTable::default()
+        };
+        let refused = Hub::exchange(
+            agent.clone(),
+            JobKind::Routes(table),
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+        let CallError::JobTooLarge { job, bytes, .. } = &refused else {
+            panic!("{refused}")
+        };
+        assert_eq!((*job, *bytes > MAX_FRAME_BYTES), ("routes", true));
+        assert!(refused.to_string().contains("not sent"), "{refused}");
+        assert!(queued.try_recv().is_err(), "nothing was queued");
+        assert!(agent.lock_pending().is_empty());
     }
 }

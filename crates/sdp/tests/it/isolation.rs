@@ -362,8 +362,11 @@ async fn an_agents_environment_is_closed_even_to_code_of_its_own_user() {
         ])
         .output()
         .unwrap();
+    // Still running when its environment was read: the refusal was not a process gone.
+    let running = agent.try_wait().unwrap().is_none();
     let _ = agent.kill();
     let _ = agent.wait();
+    assert!(running, "the agent ended before the test could read it");
     assert!(
         !read.status.success(),
         "code of the agent's user read its environment"

@@ -116,10 +116,8 @@ async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_
     assert_eq!(seen_by_baseline["query"], "page=2");
     assert_eq!(seen(&billing, "x-sdp-sandbox"), ["feat"]);
     assert_eq!(seen(&billing, "baggage"), ["sdp-sandbox=feat"]);
-    assert_eq!(
-        seen(&billing, "x-forwarded-for"),
-        ["203.0.113.7, 127.0.0.1"]
-    );
+    // The test's gateway trusts no proxy: the client's claim is replaced by its address.
+    assert_eq!(seen(&billing, "x-forwarded-for"), ["127.0.0.1"]);
     assert_eq!(seen(&billing, "x-forwarded-proto"), ["http"]);
     assert_eq!(
         seen(&billing, "x-forwarded-host"),
@@ -249,6 +247,63 @@ async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_
     assert!(decisions.iter().all(|d| d["path"] != "/payments/1"));
     let unknown = env.get("/api/sandboxes/nope/requests", Some(&token)).await;
     assert_eq!(unknown.status, 404);
+}
+
+/// What the baseline is sent for `GET /billing/x` through a gateway whose
+/// `trusted_proxies` is `trusted`, the request carrying `X-Forwarded-*` fields as a proxy in
+/// front would (or as a client pretending to be one).
+async fn forwarded_through_gateway_trusting(trusted: &str) -> (TestEnv, Reply, Reply) {
+    let mut env = TestEnv::start(Options {
+        micro_agents: 0,
+        gateway: false,
+        ..Options::default()
+    })
+    .await;
+    env.start_gateway_with(&format!("trusted_proxies = {trusted}\n"));
+    let http = client(&env, &[]);
+    let router = env.router_url();
+    let claimed = send(
+        http.get(format!("{router}/billing/x"))
+            .header("X-Forwarded-For", "203.0.113.7")
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", "shop.example.com"),
+    )
+    .await;
+    assert_eq!(claimed.status, 200, "{}", claimed.body);
+    let plain = send(http.get(format!("{router}/billing/x"))).await;
+    assert_eq!(plain.status, 200, "{}", plain.body);
+    (env, claimed, plain)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_fields_from_a_peer_not_trusted_are_replaced_by_what_the_router_sees() {
+    // Loopback, the test's only address, is left out of the list.
+    let (env, claimed, plain) = forwarded_through_gateway_trusting(r#"["10.0.0.0/8"]"#).await;
+    let host = format!("127.0.0.1:{}", env.gateway_port);
+    for reply in [&claimed, &plain] {
+        assert_eq!(seen(reply, "x-forwarded-for"), ["127.0.0.1"]);
+        assert_eq!(seen(reply, "x-forwarded-proto"), ["http"]);
+        assert_eq!(seen(reply, "x-forwarded-host"), [host.as_str()]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarding_fields_from_a_trusted_proxy_are_kept_with_the_peer_appended() {
+    let (env, claimed, plain) =
+        forwarded_through_gateway_trusting(r#"["10.0.0.0/8", "127.0.0.1/32"]"#).await;
+    assert_eq!(
+        seen(&claimed, "x-forwarded-for"),
+        ["203.0.113.7, 127.0.0.1"]
+    );
+    assert_eq!(seen(&claimed, "x-forwarded-proto"), ["https"]);
+    assert_eq!(seen(&claimed, "x-forwarded-host"), ["shop.example.com"]);
+    // A request the proxy sent none with gets the router's own.
+    assert_eq!(seen(&plain, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(seen(&plain, "x-forwarded-proto"), ["http"]);
+    assert_eq!(
+        seen(&plain, "x-forwarded-host"),
+        [format!("127.0.0.1:{}", env.gateway_port)]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -105,6 +105,14 @@ pub(crate) fn call_error(e: CallError) -> ApiError {
             "agent_disconnected",
             format!("{e}; try again"),
         ),
+        CallError::BadReply { .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", e.to_string())
+        }
+        CallError::JobTooLarge { .. } => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "job_too_large",
+            e.to_string(),
+        ),
     }
 }
 

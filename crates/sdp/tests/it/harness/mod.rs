@@ -554,8 +554,15 @@ impl TestEnv {
 
     /// Starts (or restarts) the control plane on `listen`.
     pub fn start_server(&mut self, listen: &str) {
+        self.start_server_with(listen, "", "");
+    }
+
+    /// Starts the control plane on `listen` with `keys` (top-level `key = value` lines)
+    /// before the harness's own config and `tables` (say `[[services]]`) after it.
+    pub fn start_server_with(&mut self, listen: &str, keys: &str, tables: &str) {
         let path = self.dir.path().join("server.toml");
-        std::fs::write(&path, self.server_config(listen)).unwrap();
+        let config = format!("{keys}\n{}\n{tables}", self.server_config(listen));
+        std::fs::write(&path, config).unwrap();
         let mut cmd = Command::new(sdp_bin());
         cmd.args(["--log-format", "json", "server", "--config"])
             .arg(&path)
@@ -1129,22 +1136,54 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     found
 }
 
+/// Agents and servers with configuration the standard ones lack (TLS, trusted proxies,
+/// limits, extra catalog services).
 impl TestEnv {
+    /// Starts agent `name` of `role` that dials `server`, with `extra` TOML after its keys
+    /// (`ca_file = …`, a `[gateway]` table). It trusts the same certificates as the standard
+    /// agents (`SSL_CERT_FILE` is the HTTPS baseline's test CA). Not waited for.
+    pub fn spawn_agent_with(&self, name: &str, role: &str, server: &str, extra: &str) -> Proc {
+        let path = self.dir.path().join(format!("agent-{name}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "server = \"{server}\"\nrole = \"{role}\"\nname = \"{name}\"\nwork_dir = \"{}\"\nruntime = \"process\"\ngit_timeout = \"{}\"\nhealth_timeout = \"{}\"\nport_range = \"{}\"\n{}{extra}",
+                self.agent_work_dir(name).display(),
+                self.opts.git_timeout,
+                self.opts.health_timeout,
+                free_port_range(),
+                run_as_line(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(sdp_bin());
+        cmd.args(["--log-format", "json", "agent", "--config"])
+            .arg(&path)
+            .env("SDP_TOKEN", AGENT_TOKEN)
+            .env("RUST_LOG", self.opts.log)
+            .env("SSL_CERT_FILE", &self.tls_baseline.ca_file);
+        Proc::spawn(&format!("agent {name}"), cmd)
+    }
+
+    /// Starts the gateway agent `gateway` on [`TestEnv::gateway_port`] with `extra` TOML in
+    /// its `[gateway]` table, and waits until it routes by the control plane's table.
+    pub fn start_gateway_with(&mut self, extra: &str) {
+        let table = format!(
+            "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nconnect_timeout = \"1s\"\nupstream_timeout = \"{}\"\n{extra}",
+            self.gateway_port, self.opts.upstream_timeout
+        );
+        let mut proc = self.spawn_agent_with("gateway", "gateway", &self.ws_url(), &table);
+        proc.wait_for_line("a route table applied", |l| {
+            l.contains("route table applied")
+        });
+        self.gateway = Some(proc);
+    }
+
     /// Restarts the control plane on its address with `keys` (top-level `key = value` lines)
     /// before the harness's own config and `tables` (say `[[services]]`) after it.
     pub fn restart_server_with(&mut self, keys: &str, tables: &str) {
         let listen = self.url.trim_start_matches("http://").to_owned();
         self.stop_server();
-        let path = self.dir.path().join("server.toml");
-        let config = format!("{keys}\n{}\n{tables}", self.server_config(&listen));
-        std::fs::write(&path, config).unwrap();
-        let mut cmd = Command::new(sdp_bin());
-        cmd.args(["--log-format", "json", "server", "--config"])
-            .arg(&path)
-            .env("SDP_AGENT_TOKEN", AGENT_TOKEN)
-            .env("RUST_LOG", self.opts.log);
-        let mut proc = Proc::spawn("server", cmd);
-        proc.wait_for_line("listening", |l| l.contains("\"listening\""));
-        self.server = Some(proc);
+        self.start_server_with(&listen, keys, tables);
     }
 }
