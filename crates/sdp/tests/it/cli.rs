@@ -1,25 +1,4 @@
-use std::process::Command;
-
-use crate::harness::sdp_bin;
-
-fn sdp(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(sdp_bin());
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SDP_") {
-            cmd.env_remove(key);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use crate::harness::run_sdp as sdp;
 
 #[test]
 fn config_print_shows_the_effective_config_with_secrets_redacted() {

@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::harness::{AGENT_TOKEN, Api, Options, Proc, Reply, TestEnv, USER, sdp_bin};
+use crate::harness::{
+    AGENT_TOKEN, Api, Options, Proc, Reply, TestEnv, USER, run_sdp as sdp, sdp_bin,
+};
 
 /// How the notice of a cut log begins.
 const CUT_NOTICE: &str = "the log was cut here";
@@ -387,24 +389,6 @@ async fn a_relative_data_dir_is_resolved_once_against_the_directory_the_server_s
     assert!(expected.join("logs").is_dir());
     assert_eq!(std::fs::read_dir(&cwd).unwrap().count(), 0);
     server.stop();
-}
-
-/// `sdp` with only the `SDP_*` variables given; (status, stdout, stderr).
-fn sdp(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(sdp_bin());
-    cmd.args(args);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("SDP_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.envs(env.iter().copied());
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -34,6 +34,25 @@ pub fn sdp_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sdp")
 }
 
+/// Runs `sdp` with `args` and, of the `SDP_*` variables, only those of `env`; returns its
+/// exit status, stdout and stderr.
+pub fn run_sdp(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(sdp_bin());
+    cmd.args(args);
+    for (key, _) in std::env::vars() {
+        if key.starts_with("SDP_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(env.iter().copied());
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// A running `sdp` process whose output is collected line by line.
 pub struct Proc {
     pub label: String,
