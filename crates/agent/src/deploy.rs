@@ -32,6 +32,9 @@ const BUILD_PASS_THROUGH: &[&str] = &[
     "GOTOOLCHAIN",
 ];
 
+/// How long a build's last output may take to arrive once it has exited.
+const OUTPUT_AFTER_BUILD: Duration = Duration::from_secs(1);
+
 /// The longest a healthy service's startup output is waited for.
 const OUTPUT_GRACE: Duration = Duration::from_millis(300);
 /// Output is taken as settled after this long without a new line.
@@ -316,15 +319,27 @@ impl Deployer {
         };
         let stdout = pump(child.stdout.take().expect("piped"), sink(LogStream::Stdout));
         let stderr = pump(child.stderr.take().expect("piped"), sink(LogStream::Stderr));
+        let mut output = std::pin::pin!(async {
+            tokio::join!(stdout, stderr);
+        });
         let run = async {
-            let (_, _, status) = tokio::join!(stdout, stderr, child.wait());
+            let mut drained = false;
+            let status = tokio::select! {
+                () = &mut output => {
+                    drained = true;
+                    child.wait().await
+                }
+                status = child.wait() => status,
+            };
+            // What the build started and left behind (`cmd &`, a daemon) ends with it: it
+            // would run on as user code nobody watches, and hold the output pipes open.
+            group.kill();
+            if !drained {
+                let _ = tokio::time::timeout(OUTPUT_AFTER_BUILD, &mut output).await;
+            }
             status
         };
         let result = tokio::time::timeout(self.build_timeout, run).await;
-        if result.is_ok() {
-            // The build ended by itself; only a timeout or a cancellation ends its group.
-            group.disarm();
-        }
         match result {
             Ok(Ok(status)) if status.success() => Ok(()),
             Ok(Ok(status)) => Err(Failure(match status.code() {

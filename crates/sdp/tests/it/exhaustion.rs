@@ -212,3 +212,34 @@ async fn a_relative_work_dir_deploys_with_docker_and_builds_with_go() {
         "GOCACHE is under work_dir"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_build_leaves_running_ends_with_it() {
+    let env = TestEnv::start(Options::default()).await;
+    // A build that starts a process in the background, holding its output open, and fails.
+    env.git.create_repo_with("hostile", &["main"], |_| {
+        vec![(
+            "hostile.sh".into(),
+            "sleep 600 &\necho \"left $!\"\nexit 1\n".into(),
+        )]
+    });
+    let token = env.login().await;
+    let (_, d) = env.deploy(&token, "leaver", &["hostile@main"]).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    assert_eq!(d["services"][0]["step"], "building", "{d}");
+    let id = d["id"].as_str().unwrap();
+    let log = env
+        .get(&format!("/api/deployments/{id}/logs"), Some(&token))
+        .await
+        .body;
+    let pid: u32 = log
+        .lines()
+        .find_map(|l| l.split("left ").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the build said which process it left: {log}"));
+    wait_until("the process the build left is gone", || {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map_or(true, |c| !c.starts_with(b"sleep\x00600"))
+    })
+    .await;
+}

@@ -52,6 +52,8 @@ nohup setsid sh -c "while [ \$(date +%s) -lt $end ]; do
   cat /proc/[0-9]*/cmdline /proc/[0-9]*/environ >> $L/scan 2>/dev/null
   sleep 0.01
 done" >/dev/null 2>&1 &
+# Out of the build's process group (which ends with the build) before the build ends.
+while [ ! -s "$L/scan" ]; do sleep 0.05; done
 echo "hostile build done"
 exit 1
 "#;
@@ -345,10 +347,13 @@ async fn an_agents_environment_is_closed_even_to_code_of_its_own_user() {
         .unwrap();
     let pid = agent.id();
     let limits = format!("/proc/{pid}/limits");
+    // Soft and hard limit 0 (a soft limit of 0 is common by default; the hard one is not).
     wait_until("the agent has switched core dumps off", || {
         std::fs::read_to_string(&limits).is_ok_and(|l| {
-            l.lines()
-                .any(|line| line.starts_with("Max core file size") && line.contains(" 0 "))
+            l.lines().any(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                line.starts_with("Max core file size") && fields[4..6] == ["0", "0"]
+            })
         })
     })
     .await;
