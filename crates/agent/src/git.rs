@@ -233,8 +233,10 @@ impl Git {
                 message: format!("git failed to run: {e}"),
             }),
             Err(_) => {
-                // git leaves helpers (git-remote-https) behind; end the whole group.
+                // git leaves helpers (git-remote-https) behind; end the whole group, and wait
+                // for git itself, so that its slot is free only once it is gone.
                 group.kill();
+                let _ = child.wait().await;
                 Err(self.timed_out())
             }
         }
@@ -448,7 +450,12 @@ impl Git {
                 Ok(())
             }
             Ok(Err(e)) => Err(failed(format!("git archive failed to run: {e}"))),
-            Err(_) => Err(self.timed_out()),
+            Err(_) => {
+                archive_group.kill();
+                tar_group.kill();
+                let _ = tokio::join!(archive.wait(), tar.wait());
+                Err(self.timed_out())
+            }
         }
     }
 

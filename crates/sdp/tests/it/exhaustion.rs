@@ -103,6 +103,8 @@ async fn git_processes_on_an_agent_never_exceed_max_git_jobs() {
     .await;
     let token = env.login().await;
     let stop = Arc::new(AtomicBool::new(false));
+    // This test's own git server: other tests' agents may list their `stuck` at the same time.
+    let url = env.git.url("stuck").into_bytes();
     let sampler = {
         let stop = stop.clone();
         std::thread::spawn(move || {
@@ -115,7 +117,7 @@ async fn git_processes_on_an_agent_never_exceed_max_git_jobs() {
                     .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
                     .filter(|c| {
                         c.starts_with(b"git\0ls-remote\0")
-                            && c.windows(9).any(|w| w == b"stuck.git")
+                            && c.windows(url.len()).any(|w| w == url.as_slice())
                     })
                     .count();
                 most = most.max(running);
