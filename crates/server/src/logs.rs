@@ -187,6 +187,17 @@ impl Logs {
             .clone()
     }
 
+    /// Drops the entry of `deployment` when it is still `stream`.
+    fn forget_if(&self, deployment: &str, stream: &Arc<Stream>) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        if streams
+            .get(deployment)
+            .is_some_and(|s| Arc::ptr_eq(s, stream))
+        {
+            streams.remove(deployment);
+        }
+    }
+
     /// Opens the file on first use, learning from it where the log stands (after a restart).
     async fn open(&self, deployment: &str, writer: &mut Writer) -> std::io::Result<()> {
         if writer.file.is_some() {
@@ -332,6 +343,13 @@ impl Logs {
             staged.push((i, seq, json));
         }
         let taken = next - 1;
+        if writer.ended {
+            // Events of an ended log (an agent's outcome after a teardown cancelled its
+            // deployment): acknowledged, and the stream, with the file it opened, is not kept.
+            drop(writer);
+            self.forget_if(deployment, &stream);
+            return Ok((ack, Vec::new()));
+        }
         if taken == writer.last_seq {
             return Ok((ack, Vec::new()));
         }
@@ -386,10 +404,7 @@ impl Logs {
             drop(writer);
             // Ended logs are only read from now on; the live channel closes with the stream
             // once its viewers are gone.
-            self.streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(deployment);
+            self.forget_if(deployment, &stream);
         }
         Ok(Some(seq))
     }
@@ -412,11 +427,20 @@ impl Logs {
             Some(stream) => {
                 let mut writer = stream.writer.lock().await;
                 self.open(deployment, &mut writer).await?;
-                if from > writer.last_seq {
-                    return Ok(LogReader::empty(from));
-                }
                 // Up to the length now: a line being appended meanwhile is not read half.
-                (writer.offset_before(from), Some(writer.len))
+                let range = (from <= writer.last_seq)
+                    .then(|| (writer.offset_before(from), Some(writer.len)));
+                let ended = writer.ended;
+                drop(writer);
+                if ended {
+                    // A viewer's subscription made this entry for a log that had ended: the
+                    // file it opened is not kept.
+                    self.forget_if(deployment, &stream);
+                }
+                match range {
+                    Some(range) => range,
+                    None => return Ok(LogReader::empty(from)),
+                }
             }
             // An ended log, or one not written since a restart: read to its end.
             None => (0, None),

@@ -14,6 +14,19 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
+/// The deployment logs `pid` holds open.
+fn open_logs(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|fd| {
+            std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.extension().is_some_and(|e| e == "log"))
+        })
+        .count()
+}
+
 /// The agent's process: the last agent the environment started.
 fn agent_pid(env: &TestEnv) -> u32 {
     env.agents.last().expect("a micro agent").pid()
@@ -62,6 +75,7 @@ async fn a_thousand_cancelled_deployments_leak_no_file_descriptor() {
     };
     settled().await;
     let before = open_fds(pid);
+    let server = env.server.as_ref().expect("the control plane").pid();
 
     let next = AtomicUsize::new(10);
     let workers = (0..8).map(|_| async {
@@ -86,6 +100,20 @@ async fn a_thousand_cancelled_deployments_leak_no_file_descriptor() {
         after = open_fds(pid);
     }
     eprintln!("the agent's open file descriptors: {before} before, {after} after");
+    // Every one of those deployments has ended: the control plane keeps none of their logs
+    // open, whatever the agent sent after its teardown.
+    let mut logs = open_logs(server);
+    for _ in 0..50 {
+        if logs == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        logs = open_logs(server);
+    }
+    assert_eq!(
+        logs, 0,
+        "the control plane holds {logs} logs of ended deployments open"
+    );
     assert!(
         after <= before + 8,
         "the agent had {before} file descriptors open before 1,000 cancelled deployments and {after} after"
