@@ -4,7 +4,8 @@
 //! - A client gets `http_header_timeout` to send a request head, counted from when its
 //!   connection opens or its previous response ends, so a connection that sends half a head,
 //!   or nothing, or sits idle between requests is closed rather than held forever (hyper's
-//!   header-read timer runs in both cases).
+//!   header-read timer runs in both cases); and as long between the pieces of a body it
+//!   announced.
 //! - A write that makes no progress for `http_write_timeout` fails the connection
 //!   ([`WriteTimeout`]): a client that stops reading a response, or a WebSocket viewer that
 //!   stops reading frames, is dropped rather than holding a task and its buffers forever.
@@ -31,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::timeout::TimeoutBody;
 use tower_service::Service;
 
 /// How long a client has to send a request head, and to take in what is written to it.
@@ -62,7 +64,11 @@ pub(crate) async fn serve(
         let app = app.clone();
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                // A body is read under the same limit as a head, between its pieces: a client
+                // that announces a body and never sends it is not waited for.
+                let mut req =
+                    req.map(|body| axum::body::Body::new(TimeoutBody::new(timeouts.header, body)));
                 req.extensions_mut().insert(ConnectInfo(peer));
                 app.clone().call(req)
             });

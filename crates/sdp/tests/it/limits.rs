@@ -143,7 +143,7 @@ async fn read_until_closed(what: &str, mut conn: tokio::net::TcpStream) -> Strin
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn connections_that_send_half_a_request_head_or_nothing_or_idle_are_closed() {
+async fn connections_that_send_half_a_request_head_or_nothing_or_idle_or_no_body_are_closed() {
     let mut env = TestEnv::without_agents(Options::default()).await;
     env.restart_server_with("http_header_timeout = \"1s\"", "");
     let addr = env.url.trim_start_matches("http://").to_owned();
@@ -157,6 +157,12 @@ async fn connections_that_send_half_a_request_head_or_nothing_or_idle_are_closed
     idle.write_all(b"GET /api/health HTTP/1.1\r\nHost: sdp\r\n\r\n")
         .await
         .unwrap();
+    // A whole head announcing a body that never comes.
+    let mut bodiless = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    bodiless
+        .write_all(b"POST /api/login HTTP/1.1\r\nHost: sdp\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
 
     let half = read_until_closed("half a head", half).await;
     assert!(!half.contains(" 200 "), "{half}");
@@ -165,6 +171,8 @@ async fn connections_that_send_half_a_request_head_or_nothing_or_idle_are_closed
     // Answered, then closed as idle rather than kept alive for ever.
     let idle = read_until_closed("idle keep-alive", idle).await;
     assert!(idle.starts_with("HTTP/1.1 200 "), "{idle}");
+    let bodiless = read_until_closed("a body announced and never sent", bodiless).await;
+    assert!(!bodiless.contains(" 200 "), "{bodiless}");
     // The server itself is fine.
     assert_eq!(env.health().await["status"], "ok");
 }
