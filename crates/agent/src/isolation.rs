@@ -99,13 +99,30 @@ impl UserCode {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
     }
 
-    /// Fails with a message naming the folder when the `run_as` user cannot reach `dir`
-    /// (a parent that others may not search, such as a 0700 home directory).
-    pub fn check_reachable(&self, dir: &Path) -> Result<(), String> {
+    /// Fails with a message naming the folder when the `run_as` user cannot reach `dir` (a
+    /// parent that others may not search, such as a 0700 home directory), or could replace it
+    /// or a folder above it (one it owns, or may write in without the sticky bit): user code
+    /// could then swap the agent's folders for its own.
+    pub fn check_surroundings(&self, dir: &Path) -> Result<(), String> {
         let Some(r) = &self.run_as else {
             return Ok(());
         };
         for ancestor in dir.ancestors().skip(1) {
+            if let Ok(link) = std::fs::symlink_metadata(ancestor) {
+                let mode = link.permissions().mode();
+                let writable = link.uid() == r.uid
+                    || (link.is_dir()
+                        && mode & 0o1000 == 0
+                        && (mode & 0o002 != 0 || (link.gid() == r.gid && mode & 0o020 != 0)));
+                if writable {
+                    return Err(format!(
+                        "`run_as` user {user} could replace work_dir {dir}: it owns or may write in {folder}. Choose a work_dir whose every folder above belongs to root and is writable by no one else",
+                        user = r.name,
+                        dir = dir.display(),
+                        folder = ancestor.display()
+                    ));
+                }
+            }
             let Ok(meta) = std::fs::metadata(ancestor) else {
                 continue;
             };
@@ -125,6 +142,26 @@ impl UserCode {
                     folder = ancestor.display()
                 ));
             }
+        }
+        Ok(())
+    }
+
+    /// Fails when `path` exists but is not a folder of the agent's own: a link, or something
+    /// another user (user code, an earlier agent of another user) made and may have filled.
+    fn check_agents_own(&self, path: &Path) -> Result<(), String> {
+        if self.run_as.is_none() {
+            return Ok(());
+        }
+        let Ok(meta) = std::fs::symlink_metadata(path) else {
+            return Ok(());
+        };
+        let agent = nix::unistd::geteuid().as_raw();
+        if !meta.is_dir() || meta.uid() != agent {
+            return Err(format!(
+                "{} is not a folder of the agent's own (uid {}): user code may have made or changed it. Remove it, or make it root's after checking what it holds",
+                path.display(),
+                meta.uid()
+            ));
         }
         Ok(())
     }
@@ -211,17 +248,16 @@ impl Layout {
     /// layout's folders).
     pub fn prepare(&self, users: &UserCode) -> Result<(), String> {
         let io = |path: &Path, e: std::io::Error| format!("cannot prepare {}: {e}", path.display());
-        let private = |path: &Path| -> Result<(), String> {
+        let make = |path: &Path, mode: u32| -> Result<(), String> {
+            users.check_agents_own(path)?;
             std::fs::create_dir_all(path).map_err(|e| io(path, e))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                 .map_err(|e| io(path, e))
         };
+        let private = |path: &Path| make(path, 0o700);
         // Searchable but not listable by others: user code reaches its own folders by name.
-        let passage = |path: &Path| -> Result<(), String> {
-            std::fs::create_dir_all(path).map_err(|e| io(path, e))?;
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
-                .map_err(|e| io(path, e))
-        };
+        let passage = |path: &Path| make(path, 0o711);
+        users.check_surroundings(&self.root)?;
         passage(&self.root)?;
         private(&self.root.join("git"))?;
         for dir in [&self.git_home, &self.mirrors, &self.run, &self.state] {
@@ -231,8 +267,7 @@ impl Layout {
         passage(&self.homes)?;
         users
             .create_dir(&self.cache)
-            .map_err(|e| io(&self.cache, e))?;
-        users.check_reachable(&self.root)
+            .map_err(|e| io(&self.cache, e))
     }
 
     pub fn checkouts_of(&self, sandbox: &str) -> PathBuf {

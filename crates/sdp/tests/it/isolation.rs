@@ -260,12 +260,17 @@ async fn a_user_without_access_to_a_repository_is_refused_even_when_its_mirror_i
 
 /// Writes an agent config for `sdp agent` with `extra` keys, to a server nobody runs.
 fn agent_config(dir: &Path, extra: &str) -> PathBuf {
+    agent_config_in(dir, &dir.join("work"), extra)
+}
+
+/// Like [`agent_config`], with `work_dir` given.
+fn agent_config_in(dir: &Path, work_dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("agent.toml");
     std::fs::write(
         &path,
         format!(
             "server = \"ws://127.0.0.1:9/ws/agent\"\nrole = \"micro\"\nname = \"lonely\"\nwork_dir = \"{}\"\nruntime = \"process\"\n{extra}",
-            dir.join("work").display()
+            work_dir.display()
         ),
     )
     .unwrap();
@@ -310,6 +315,44 @@ fn a_root_agent_without_run_as_refuses_to_start_and_says_why() {
     let (code, stderr) = run_agent_briefly(&agent_config(dir.path(), "allow_root_builds = true\n"));
     assert_eq!(code, Some(124), "{stderr}");
     assert!(stderr.contains("allow_root_builds"), "{stderr}");
+}
+
+#[test]
+fn a_root_agent_refuses_a_work_dir_that_user_code_owns_or_could_replace() {
+    if !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    ensure_run_as_user();
+    let (uid, gid) = run_as_uid_gid();
+    let run_as = format!("run_as = \"{RUN_AS}\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+
+    // As after an agent that ran as that user: its git folder, with whatever it planted.
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(work.join("git/mirrors")).unwrap();
+    for d in [work.join("git"), work.join("git/mirrors")] {
+        std::os::unix::fs::chown(&d, Some(uid), Some(gid)).unwrap();
+    }
+    let (code, stderr) = run_agent_briefly(&agent_config(dir.path(), &run_as));
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is not a folder of the agent's own"),
+        "{stderr}"
+    );
+
+    // A work_dir in a folder user code may write in: it could swap work_dir for its own.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(uid), Some(gid)).unwrap();
+    let config = agent_config_in(dir.path(), &theirs.join("work"), &run_as);
+    let (code, stderr) = run_agent_briefly(&config);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("could replace work_dir"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
