@@ -21,6 +21,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -69,6 +70,21 @@ const HERMETIC_CONFIG: &[(&str, &str)] = &[
 /// archive` writes every file of the commit as it is, none left out or rewritten.
 const MIRROR_ATTRIBUTES: &str = "* -export-ignore -export-subst\n";
 
+/// What git runs for ssh remotes.
+const SSH_COMMAND: &str = "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o IdentityFile=none -o IdentityAgent=none";
+
+/// Calls that may wait for a git slot, per slot; more are refused at once.
+const QUEUE_PER_SLOT: usize = 4;
+
+/// Takes one off a count of waiting calls when dropped.
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Output kept from a git command; more is cut off.
 const MAX_OUTPUT: usize = 16 << 20;
 
@@ -86,6 +102,8 @@ pub struct Git {
     /// One permit per git process that may run.
     slots: Arc<Semaphore>,
     max_jobs: usize,
+    /// Calls waiting for a slot.
+    waiting: Arc<AtomicUsize>,
     /// One lock per mirror, so that fetches into it take turns.
     mirror_locks: Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>,
 }
@@ -113,6 +131,7 @@ impl Git {
             allow_local,
             slots: Arc::new(Semaphore::new(max_jobs)),
             max_jobs,
+            waiting: Arc::default(),
             mirror_locks: Arc::default(),
         }
     }
@@ -141,6 +160,9 @@ impl Git {
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .env("GIT_CONFIG_NOSYSTEM", "1")
             .env("GIT_ALLOW_PROTOCOL", protocols)
+            // ssh with nothing of the host's: no config, no key, no agent. SDP holds no ssh key
+            // of its users, and the agent's own (root's) must never fetch for them.
+            .env("GIT_SSH_COMMAND", SSH_COMMAND)
             .env("GIT_ASKPASS", &self.askpass)
             .env("GIT_CONFIG_COUNT", HERMETIC_CONFIG.len().to_string());
         for (i, (key, value)) in HERMETIC_CONFIG.iter().enumerate() {
@@ -161,8 +183,24 @@ impl Git {
     }
 
     /// Waits for a free git slot, as long as a git command may run at most (`git_timeout`):
-    /// a job queued longer than that would outlive any caller waiting for it.
+    /// a job queued longer than that would outlive any caller waiting for it. A queue already
+    /// [`QUEUE_PER_SLOT`] times as long as the slots refuses at once, so a flood of jobs costs
+    /// neither memory nor waiting tasks without end.
     async fn slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, JobError> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(permit);
+        }
+        let waiting = self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.waiting);
+        if waiting >= self.max_jobs * QUEUE_PER_SLOT {
+            return Err(JobError {
+                code: JobErrorCode::Timeout,
+                message: format!(
+                    "the agent is busy: {} git commands are running and {waiting} more are waiting; try again shortly",
+                    self.max_jobs
+                ),
+            });
+        }
         match tokio::time::timeout(self.timeout, self.slots.acquire()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(failed("the agent's git queue is closed".into())),
@@ -573,6 +611,28 @@ mod tests {
             .map(|b| format!("{}={}", b.name, b.commit))
             .collect();
         assert_eq!(names, vec!["main=aaa", "feature/x=bbb"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_git_queue_refuses_at_once_and_a_freed_slot_serves_the_next() {
+        use futures_util::FutureExt;
+        let git = Git::new(
+            "askpass".into(),
+            "home".into(),
+            "mirrors".into(),
+            Duration::from_secs(600),
+            1,
+            false,
+        );
+        let held = git.slot().await.unwrap();
+        let mut queued: Vec<_> = (0..QUEUE_PER_SLOT).map(|_| Box::pin(git.slot())).collect();
+        for call in &mut queued {
+            assert!(call.now_or_never().is_none(), "waits for the held slot");
+        }
+        let refused = git.slot().now_or_never().expect("answers at once");
+        assert_eq!(refused.unwrap_err().code, JobErrorCode::Timeout);
+        drop(held);
+        assert!(queued[0].as_mut().await.is_ok());
     }
 
     #[test]
