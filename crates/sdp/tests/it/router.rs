@@ -266,7 +266,11 @@ async fn forwarded_through_gateway_trusting(trusted: &str) -> (TestEnv, Reply, R
         http.get(format!("{router}/billing/x"))
             .header("X-Forwarded-For", "203.0.113.7")
             .header("X-Forwarded-Proto", "https")
-            .header("X-Forwarded-Host", "shop.example.com"),
+            .header("X-Forwarded-Host", "shop.example.com")
+            .header("X-Forwarded-Port", "443")
+            .header("X-Forwarded-Prefix", "/admin")
+            .header("Forwarded", "for=203.0.113.7;proto=https")
+            .header("X-Real-IP", "203.0.113.7"),
     )
     .await;
     assert_eq!(claimed.status, 200, "{}", claimed.body);
@@ -276,7 +280,8 @@ async fn forwarded_through_gateway_trusting(trusted: &str) -> (TestEnv, Reply, R
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn forwarding_fields_from_a_peer_not_trusted_are_replaced_by_what_the_router_sees() {
+async fn forwarding_fields_from_a_peer_not_trusted_are_replaced_by_what_the_router_sees_or_dropped()
+{
     // Loopback, the test's only address, is left out of the list.
     let (env, claimed, plain) = forwarded_through_gateway_trusting(r#"["10.0.0.0/8"]"#).await;
     let host = format!("127.0.0.1:{}", env.gateway_port);
@@ -284,6 +289,15 @@ async fn forwarding_fields_from_a_peer_not_trusted_are_replaced_by_what_the_rout
         assert_eq!(seen(reply, "x-forwarded-for"), ["127.0.0.1"]);
         assert_eq!(seen(reply, "x-forwarded-proto"), ["http"]);
         assert_eq!(seen(reply, "x-forwarded-host"), [host.as_str()]);
+        // Every other claim about the client is dropped too.
+        for name in [
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "forwarded",
+            "x-real-ip",
+        ] {
+            assert!(seen(reply, name).is_empty(), "{name}: {}", reply.body);
+        }
     }
 }
 
@@ -297,6 +311,8 @@ async fn forwarding_fields_from_a_trusted_proxy_are_kept_with_the_peer_appended(
     );
     assert_eq!(seen(&claimed, "x-forwarded-proto"), ["https"]);
     assert_eq!(seen(&claimed, "x-forwarded-host"), ["shop.example.com"]);
+    assert_eq!(seen(&claimed, "x-forwarded-port"), ["443"]);
+    assert_eq!(seen(&claimed, "x-real-ip"), ["203.0.113.7"]);
     // A request the proxy sent none with gets the router's own.
     assert_eq!(seen(&plain, "x-forwarded-for"), ["127.0.0.1"]);
     assert_eq!(seen(&plain, "x-forwarded-proto"), ["http"]);
