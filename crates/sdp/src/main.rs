@@ -143,8 +143,11 @@ fn main() -> ExitCode {
 /// The server and the agents hold passwords (the control plane's vault, the jobs in an
 /// agent's memory) and the agent token: no core file may write them to disk, and no process
 /// of the same user may read their memory or environment (`/proc/<pid>/environ`, `mem`),
-/// which a non-dumpable process denies to everyone but root.
+/// which a non-dumpable process denies to everyone but root. What they write is their own
+/// (umask 077).
 fn harden() -> anyhow::Result<()> {
+    // What the platform writes (logs, the database, mirrors, pid files) is for no other user.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     nix::sys::prctl::set_dumpable(false).context("cannot make the process non-dumpable")?;
     // Last, so that a core limit of 0 seen from outside means both are done.
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)

@@ -84,6 +84,13 @@ impl Server {
         };
         let data_dir = std::path::absolute(&config.data_dir).map_err(data_dir_error)?;
         std::fs::create_dir_all(&data_dir).map_err(data_dir_error)?;
+        // The logs hold build output, the database sessions and the audit trail: the
+        // control plane's alone, whoever else (user code) runs on its host.
+        std::fs::set_permissions(
+            &data_dir,
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(data_dir_error)?;
         config.data_dir = data_dir.canonicalize().map_err(data_dir_error)?;
         let listener =
             TcpListener::bind(config.listen)

@@ -360,3 +360,22 @@ impl DockerRuntime {
         self.ports.release(port);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn container_names_of_different_sandboxes_and_services_never_collide() {
+        // With '-' between them, both pairs were `sdp-a-b-c`.
+        assert_ne!(
+            container_name("agent", "a-b", "c"),
+            container_name("agent", "a", "b-c")
+        );
+        assert_ne!(network_name("agent", "a-b"), network_name("agent-a", "b"));
+        assert_ne!(
+            container_name("x", "s", "orders"),
+            container_name("y", "s", "orders")
+        );
+    }
+}

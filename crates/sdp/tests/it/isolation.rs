@@ -92,9 +92,11 @@ impl Drop for Loot {
 }
 
 /// The files under `dirs` that the `run_as` user can read and that hold one of `needles`, as
-/// that user's own `grep` finds them. The needles go to grep in a file of that user's, not on
-/// its command line, which every process (a hostile scanner too) can read.
-fn readable_by_user_code(dirs: &[&Path], needles: &[&str]) -> String {
+/// that user's own `grep` finds them. Every file is named to grep one by one (a folder that
+/// user may not list still holds files it may read by name), and the needles go to grep in a
+/// file of that user's, not on its command line, which every process (a hostile scanner too)
+/// can read.
+fn readable_by_user_code(dirs: &[&Path], needles: &[&str]) -> Vec<String> {
     let patterns_dir = tempfile::tempdir().unwrap();
     let patterns = patterns_dir.path().join("patterns");
     std::fs::write(&patterns, needles.join("\n")).unwrap();
@@ -102,22 +104,48 @@ fn readable_by_user_code(dirs: &[&Path], needles: &[&str]) -> String {
     for path in [patterns_dir.path(), patterns.as_path()] {
         std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
     }
-    let out = Command::new("setpriv")
+    let mut files = Vec::new();
+    let mut stack: Vec<PathBuf> = dirs.iter().map(|d| d.to_path_buf()).collect();
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                Ok(t) if t.is_file() => files.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    let mut list = Vec::new();
+    for file in &files {
+        list.extend_from_slice(file.as_os_str().as_encoded_bytes());
+        list.push(0);
+    }
+    let mut grep = Command::new("setpriv")
         .args([
             &format!("--reuid={RUN_AS}"),
             &format!("--regid={RUN_AS}"),
             "--clear-groups",
+            "xargs",
+            "-0",
             "grep",
-            "-r",
             "-l",
             "-F",
+            "-s",
             "-f",
         ])
         .arg(&patterns)
-        .args(dirs)
-        .output()
+        .arg("--")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .expect("grep runs");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    use std::io::Write;
+    grep.stdin.take().unwrap().write_all(&list).unwrap();
+    let out = grep.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Where `needles` occur in `text`, with what surrounds them, for a failure message.
@@ -138,8 +166,7 @@ fn token_of(reply: &crate::harness::Reply) -> String {
 }
 
 async fn hostile_code_never_sees_another_users_password_or_the_agent_token(runtime: &'static str) {
-    if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: user code runs as another user only under a root agent");
+    if !can_switch_users() {
         return;
     }
     let env = TestEnv::start(Options {
@@ -205,10 +232,19 @@ async fn hostile_code_never_sees_another_users_password_or_the_agent_token(runti
         scan.contains("ls-remote") || scan.contains("remote-http"),
         "the scanner never saw git run"
     );
-    let found = readable_by_user_code(&[env.dir.path(), &loot.0], &[&canary, AGENT_TOKEN]);
+    let dirs = [env.dir.path(), loot.0.as_path()];
+    // The search reaches what user code can read: Ann's own checkout, by name.
+    let control = readable_by_user_code(&dirs, &["orders on"]);
+    assert!(
+        control
+            .iter()
+            .any(|f| f.contains("/checkouts/anns/orders/")),
+        "the search as run_as read nothing of Ann's checkout: {control:?}"
+    );
+    let found = readable_by_user_code(&dirs, &[&canary, AGENT_TOKEN]);
     assert!(
         found.is_empty(),
-        "user code can read Ann's password or the agent token in: {found}\n{}",
+        "user code can read Ann's password or the agent token in: {found:?}\n{}",
         around(&scan, &[&canary, AGENT_TOKEN])
     );
     // git's own files never took the planted config.
@@ -295,7 +331,7 @@ fn run_agent_briefly(config: &Path) -> (Option<i32>, String) {
 
 #[test]
 fn a_root_agent_without_run_as_refuses_to_start_and_says_why() {
-    if !nix::unistd::geteuid().is_root() {
+    if !can_switch_users() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -319,7 +355,7 @@ fn a_root_agent_without_run_as_refuses_to_start_and_says_why() {
 
 #[test]
 fn a_root_agent_refuses_a_work_dir_that_user_code_owns_or_could_replace() {
-    if !nix::unistd::geteuid().is_root() {
+    if !can_switch_users() {
         return;
     }
     ensure_run_as_user();
@@ -357,7 +393,7 @@ fn a_root_agent_refuses_a_work_dir_that_user_code_owns_or_could_replace() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agents_environment_is_closed_even_to_code_of_its_own_user() {
-    if !nix::unistd::geteuid().is_root() {
+    if !can_switch_users() {
         return;
     }
     ensure_run_as_user();
@@ -425,6 +461,21 @@ async fn an_agents_environment_is_closed_even_to_code_of_its_own_user() {
     );
 }
 
+/// Whether these tests can run: only a root agent switches users. Without root they are
+/// skipped, saying so, except in CI (`CI=true`), where a skip would hide that nothing was
+/// proved.
+fn can_switch_users() -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "the isolation tests need root (a second user, setuid) and CI runs as root"
+    );
+    eprintln!("skipped: user code runs as another user only under a root agent");
+    false
+}
+
 fn run_as_uid_gid() -> (u32, u32) {
     let user = nix::unistd::User::from_name(RUN_AS).unwrap().unwrap();
     (user.uid.as_raw(), user.gid.as_raw())
@@ -432,7 +483,7 @@ fn run_as_uid_gid() -> (u32, u32) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_run_by_a_plain_user_checks_passwords_and_deploys_with_real_git_auth() {
-    if !nix::unistd::geteuid().is_root() {
+    if !can_switch_users() {
         return;
     }
     ensure_run_as_user();
