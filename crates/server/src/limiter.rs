@@ -1,6 +1,7 @@
 //! The login limiter (SPEC §6: "logins are rate-limited"): every `POST /api/login` is
-//! checked against a token bucket of its username and one of its client address before a
-//! job goes to an agent, so a flood of guesses never becomes a flood of git processes.
+//! checked against a token bucket of its username, one of its client address, and one for
+//! everyone before a job goes to an agent, so a flood of guesses never becomes a flood of
+//! git processes, even from many addresses with made-up usernames that flush the tables.
 //!
 //! Each bucket is a GCRA cell (one instant: when the bucket will be full again), so a key
 //! costs a few dozen bytes. A refused attempt changes no bucket, so a client that keeps
@@ -39,6 +40,13 @@ pub const PER_ADDRESS: Rate = Rate {
     period: Duration::from_secs(3),
 };
 
+/// For all logins together: however many users and addresses take part (or are made up to
+/// flush the tables), git is asked at most this often.
+pub const FOR_EVERYONE: Rate = Rate {
+    burst: 60,
+    period: Duration::from_millis(100),
+};
+
 /// Keys per generation of a table; a table holds at most two.
 const GENERATION: usize = 16_384;
 
@@ -56,6 +64,7 @@ pub struct Refused {
 pub enum Limit {
     User,
     Address,
+    Everyone,
 }
 
 impl Refused {
@@ -120,6 +129,7 @@ impl<K: Hash + Eq + Clone> Table<K> {
 struct Tables {
     users: Table<String>,
     addresses: Table<IpAddr>,
+    everyone: Table<()>,
     swept: Instant,
 }
 
@@ -129,16 +139,17 @@ pub struct LoginLimiter {
 
 impl Default for LoginLimiter {
     fn default() -> Self {
-        Self::new(PER_USER, PER_ADDRESS)
+        Self::new(PER_USER, PER_ADDRESS, FOR_EVERYONE)
     }
 }
 
 impl LoginLimiter {
-    pub fn new(per_user: Rate, per_address: Rate) -> Self {
+    pub fn new(per_user: Rate, per_address: Rate, for_everyone: Rate) -> Self {
         LoginLimiter {
             tables: Mutex::new(Tables {
                 users: Table::new(per_user),
                 addresses: Table::new(per_address),
+                everyone: Table::new(for_everyone),
                 swept: Instant::now(),
             }),
         }
@@ -174,8 +185,16 @@ impl LoginLimiter {
                 by: Limit::User,
                 retry_after,
             })?;
+        let everyone_full_at = tables
+            .everyone
+            .check(&(), now)
+            .map_err(|retry_after| Refused {
+                by: Limit::Everyone,
+                retry_after,
+            })?;
         tables.addresses.commit(address, address_full_at);
         tables.users.commit(user, user_full_at);
+        tables.everyone.commit((), everyone_full_at);
         Ok(())
     }
 }
@@ -292,13 +311,11 @@ mod tests {
 
     #[test]
     fn buckets_full_again_are_swept_and_a_flood_of_names_stays_bounded() {
-        let limiter = LoginLimiter::new(
-            PER_USER,
-            Rate {
-                burst: u32::MAX,
-                period: Duration::from_nanos(1),
-            },
-        );
+        let unlimited = Rate {
+            burst: u32::MAX,
+            period: Duration::from_nanos(1),
+        };
+        let limiter = LoginLimiter::new(PER_USER, unlimited, unlimited);
         let t0 = Instant::now();
         for i in 0..(5 * GENERATION) {
             limiter.attempt_at(&format!("u{i}"), A, t0).unwrap();
@@ -309,6 +326,22 @@ mod tests {
             .attempt_at("last", A, t0 + Duration::from_secs(120))
             .unwrap();
         assert_eq!(limiter.keys(), 2);
+    }
+
+    #[test]
+    fn logins_from_many_addresses_and_names_together_are_limited_for_everyone() {
+        let limiter = LoginLimiter::default();
+        let t0 = Instant::now();
+        let address = |i: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+        for i in 0..FOR_EVERYONE.burst {
+            assert_eq!(limiter.attempt_at(&format!("u{i}"), address(i), t0), Ok(()));
+        }
+        let refused = limiter.attempt_at("fresh", address(9999), t0).unwrap_err();
+        assert_eq!(refused.by, Limit::Everyone);
+        // One more a period later, for whoever comes first.
+        let later = t0 + FOR_EVERYONE.period;
+        assert_eq!(limiter.attempt_at("fresh", address(9999), later), Ok(()));
+        assert!(limiter.attempt_at("other", address(9998), later).is_err());
     }
 
     #[test]

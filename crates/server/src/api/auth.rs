@@ -134,6 +134,10 @@ fn too_many_logins(username: &Username, client: std::net::IpAddr, refused: Refus
             "address",
             format!("too many login attempts from your address ({client}); try again in {wait}"),
         ),
+        Limit::Everyone => (
+            "everyone",
+            format!("SDP is checking too many logins at once; try again in {wait}"),
+        ),
     };
     tracing::debug!(user = %username, %client, limit, retry_after = secs, "login refused: too many attempts");
     let mut response =
