@@ -334,13 +334,22 @@ pub async fn redeploy(
 }
 
 /// Refuses a new deployment while the file system of `data_dir` has less free space than
-/// `min_free_space`: its log and rows might not fit, and SQLite or a log failing in the middle
-/// of a deployment is worse than a clear refusal before it.
+/// `min_free_space` plus a full log (`max_log_size`) for each deployment in progress and for
+/// this one: its log and rows might not fit, and SQLite or a log failing in the middle of a
+/// deployment is worse than a clear refusal before it.
 async fn require_free_space(state: &AppState) -> Result<(), ApiError> {
-    let min = state.config.min_free_space.get();
-    if min == 0 {
+    let floor = state.config.min_free_space.get();
+    if floor == 0 {
         return Ok(());
     }
+    let active = state.db.active_deployments().await?;
+    let min = floor.saturating_add(
+        state
+            .config
+            .max_log_size
+            .get()
+            .saturating_mul(active.saturating_add(1)),
+    );
     let dir = state.config.data_dir.clone();
     let free = tokio::task::spawn_blocking(move || {
         nix::sys::statvfs::statvfs(&dir)
@@ -357,9 +366,10 @@ async fn require_free_space(state: &AppState) -> Result<(), ApiError> {
         StatusCode::INSUFFICIENT_STORAGE,
         "insufficient_storage",
         format!(
-            "the control plane's disk has only {} free, less than the {} it keeps free (min_free_space); no new deployment is taken until an operator frees space",
+            "the control plane's disk has only {} free, less than the {} it keeps free (min_free_space) plus room for the logs of {} deployments (max_log_size each); no new deployment is taken until an operator frees space",
             mib(free),
-            mib(min)
+            mib(floor),
+            active + 1
         ),
     ))
 }

@@ -375,6 +375,16 @@ impl Db {
             .await
     }
 
+    /// How many deployments are queued or running.
+    pub async fn active_deployments(&self) -> Result<u64, sqlx::Error> {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM deployments WHERE state IN ('queued', 'running')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     /// Agents with deployments in progress.
     pub async fn agents_with_running_deployments(&self) -> Result<Vec<String>, sqlx::Error> {
         sqlx::query_scalar(
