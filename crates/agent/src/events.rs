@@ -22,8 +22,10 @@ use tokio::sync::Notify;
 
 use crate::lines::MAX_LINE;
 
-/// Events kept unacknowledged at most.
+/// Events kept unacknowledged at most, and their encoded bytes at most: whichever comes
+/// first (100,000 lines of 8 KiB would be most of a gigabyte).
 const CAPACITY: usize = 100_000;
+const CAPACITY_BYTES: usize = 64 << 20;
 
 /// The most one event takes encoded: far above a log line ([`MAX_LINE`] plus its fields) and
 /// far below a frame, so that a batch always has room for at least one.
@@ -38,6 +40,8 @@ struct Queued {
 #[derive(Default)]
 struct State {
     queue: VecDeque<Queued>,
+    /// The encoded bytes of `queue`.
+    bytes: usize,
     /// How many of `queue` were sent on the current connection.
     sent: usize,
     next_seq: HashMap<String, u64>,
@@ -69,7 +73,7 @@ impl Outbox {
                 if state.closed.contains(deployment) {
                     return;
                 }
-                if state.queue.len() < CAPACITY {
+                if state.queue.len() < CAPACITY && state.bytes < CAPACITY_BYTES {
                     let seq = state.next_seq.entry(deployment.to_owned()).or_insert(0);
                     *seq += 1;
                     let mut event = Event {
@@ -89,6 +93,7 @@ impl Outbox {
                         event.body = oversize(event.body, bytes);
                         bytes = encoded_len(&event);
                     }
+                    state.bytes += bytes;
                     state.queue.push_back(Queued { event, bytes });
                     drop(state);
                     self.queued.notify_one();
@@ -185,15 +190,20 @@ impl Outbox {
         let mut removed_sent = 0;
         let sent = state.sent;
         let mut index = 0;
-        state.queue.retain(|Queued { event: e, .. }| {
+        let mut removed_bytes = 0;
+        state.queue.retain(|Queued { event: e, bytes }| {
             let keep = !(e.deployment == deployment && e.seq <= seq);
-            if !keep && index < sent {
-                removed_sent += 1;
+            if !keep {
+                removed_bytes += bytes;
+                if index < sent {
+                    removed_sent += 1;
+                }
             }
             index += 1;
             keep
         });
         state.sent -= removed_sent;
+        state.bytes -= removed_bytes;
         if state.queue.len() < before {
             drop(state);
             self.freed.notify_waiters();
@@ -282,6 +292,31 @@ mod tests {
             .collect();
         assert_eq!(resent, [("b".into(), 1), ("a".into(), 2)]);
         assert_eq!(outbox.pending_deployments(), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn unacknowledged_events_are_bounded_by_their_bytes_and_an_ack_makes_room() {
+        use futures_util::FutureExt;
+        let outbox = Outbox::default();
+        // Long lines reach the byte bound long before the count of events.
+        let line = "x".repeat(MAX_LINE - 100);
+        let mut emitted = 0u64;
+        while outbox.lock().bytes < CAPACITY_BYTES {
+            outbox.system("d", None, line.clone()).await;
+            emitted += 1;
+        }
+        assert!(emitted < CAPACITY as u64 / 10, "{emitted}");
+        let mut blocked = Box::pin(outbox.system("d", None, line.clone()));
+        assert!(
+            (&mut blocked).now_or_never().is_none(),
+            "the outbox is full"
+        );
+        outbox.ack("d", emitted);
+        assert!(
+            blocked.now_or_never().is_some(),
+            "room again once acknowledged"
+        );
+        assert!(outbox.lock().bytes < MAX_EVENT_BYTES);
     }
 
     #[tokio::test]
