@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of SDP. It first installs what the tests need, so it works on a fresh
 # machine with only the Rust toolchain: git (with git http-backend, for the test git server),
+# util-linux, passwd and procps (user code runs as a user the tests create),
 # python3 (the tests read the server's SQLite file with it), Go (the deploy tests build a
 # real Go service), busybox-static (the offline image the docker tests run services in), and
 # Chromium with chromedriver (the dashboard is tested in a real browser). The docker tests
@@ -15,6 +16,11 @@ command -v go >/dev/null 2>&1 || missing+=(golang-go)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+# The isolation tests run user code as another user (setpriv, flock and setsid from
+# util-linux, useradd) and end what it leaves behind (pkill).
+command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
+command -v useradd >/dev/null 2>&1 || missing+=(passwd)
+command -v pkill >/dev/null 2>&1 || missing+=(procps)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
