@@ -400,6 +400,12 @@ impl Deployer {
             .await
             .map_err(|e| e.to_string())?;
         let name = sandbox.as_str();
+        let strays = self
+            .users
+            .end_strays(&[self.layout.checkouts_of(name), self.layout.home_of(name)]);
+        if strays > 0 {
+            tracing::info!(%sandbox, processes = strays, "ended what the sandbox's builds left running");
+        }
         for dir in [
             self.layout.checkouts_of(name),
             self.layout.home_of(name),

@@ -83,6 +83,38 @@ impl UserCode {
         }
     }
 
+    /// Kills every process of user code's user whose working directory is in one of `dirs`
+    /// (a sandbox's checkouts and home): what its builds left behind, even outside their
+    /// process groups (`setsid`), once the sandbox is gone. Returns how many.
+    pub fn end_strays(&self, dirs: &[PathBuf]) -> usize {
+        let (uid, _) = self.owner();
+        let own = std::process::id();
+        let mut ended = 0;
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            if u32::try_from(pid).is_ok_and(|p| p == own)
+                || entry.metadata().map_or(true, |m| m.uid() != uid)
+            {
+                continue;
+            }
+            let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+                continue;
+            };
+            if dirs.iter().any(|dir| cwd.starts_with(dir))
+                && nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                )
+                .is_ok()
+            {
+                ended += 1;
+            }
+        }
+        ended
+    }
+
     /// Gives `path` (not what it points to) to the `run_as` user, so that user code can write
     /// in it; nothing to do without one.
     pub fn own(&self, path: &Path) -> std::io::Result<()> {

@@ -273,3 +273,44 @@ async fn what_a_build_leaves_running_ends_with_it() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_build_left_outside_its_process_group_ends_at_teardown() {
+    let env = TestEnv::start(Options::default()).await;
+    // Out of the build's process group (its own session) before the build ends.
+    env.git.create_repo_with("hostile", &["main"], |_| {
+        vec![(
+            "hostile.sh".into(),
+            "nohup setsid sleep 600 >/dev/null 2>&1 &\necho \"left $!\"\nsleep 1\nexit 1\n".into(),
+        )]
+    });
+    let token = env.login().await;
+    let (_, d) = env.deploy(&token, "escaper", &["hostile@main"]).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    let id = d["id"].as_str().unwrap();
+    let log = env
+        .get(&format!("/api/deployments/{id}/logs"), Some(&token))
+        .await
+        .body;
+    let pid: u32 = log
+        .lines()
+        .find_map(|l| l.split("left ").nth(1))
+        .and_then(|p| p.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the build said which process it left: {log}"));
+    let sleeping = || {
+        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\x00600"))
+    };
+    assert!(
+        sleeping(),
+        "the process escaped the build's group and still runs"
+    );
+    let reply = env
+        .http
+        .delete(format!("{}/api/sandboxes/escaper", env.url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 202);
+    wait_until("teardown ends what the build left", || !sleeping()).await;
+}
