@@ -243,65 +243,50 @@ async fn a_relative_work_dir_deploys_with_docker_and_builds_with_go() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn what_a_build_leaves_running_ends_with_it() {
-    let env = TestEnv::start(Options::default()).await;
-    // A build that starts a process in the background, holding its output open, and fails.
+/// Deploys sandbox `name` of a `hostile` repository whose build is `script`, which fails
+/// after printing `left <pid>` of a `sleep 600` it leaves behind; returns that pid.
+async fn deploy_a_build_that_leaves(env: &TestEnv, token: &str, name: &str, script: &str) -> u32 {
     env.git.create_repo_with("hostile", &["main"], |_| {
-        vec![(
-            "hostile.sh".into(),
-            "sleep 600 &\necho \"left $!\"\nexit 1\n".into(),
-        )]
+        vec![("hostile.sh".into(), script.into())]
     });
-    let token = env.login().await;
-    let (_, d) = env.deploy(&token, "leaver", &["hostile@main"]).await;
+    let (_, d) = env.deploy(token, name, &["hostile@main"]).await;
     assert_eq!(d["state"], "failed", "{d}");
     assert_eq!(d["services"][0]["step"], "building", "{d}");
     let id = d["id"].as_str().unwrap();
     let log = env
-        .get(&format!("/api/deployments/{id}/logs"), Some(&token))
+        .get(&format!("/api/deployments/{id}/logs"), Some(token))
         .await
         .body;
-    let pid: u32 = log
-        .lines()
+    log.lines()
         .find_map(|l| l.split("left ").nth(1))
         .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("the build said which process it left: {log}"));
-    wait_until("the process the build left is gone", || {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map_or(true, |c| !c.starts_with(b"sleep\x00600"))
-    })
-    .await;
+        .unwrap_or_else(|| panic!("the build said which process it left: {log}"))
+}
+
+/// Whether `pid` is still the `sleep 600` a build left.
+fn sleeping(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\x00600"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_build_leaves_running_ends_with_it() {
+    let env = TestEnv::start(Options::default()).await;
+    let token = env.login().await;
+    // A process in the background, holding the build's output open.
+    let script = "sleep 600 &\necho \"left $!\"\nexit 1\n";
+    let pid = deploy_a_build_that_leaves(&env, &token, "leaver", script).await;
+    wait_until("the process the build left is gone", || !sleeping(pid)).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn what_a_build_left_outside_its_process_group_ends_at_teardown() {
     let env = TestEnv::start(Options::default()).await;
-    // Out of the build's process group (its own session) before the build ends.
-    env.git.create_repo_with("hostile", &["main"], |_| {
-        vec![(
-            "hostile.sh".into(),
-            "nohup setsid sleep 600 >/dev/null 2>&1 &\necho \"left $!\"\nsleep 1\nexit 1\n".into(),
-        )]
-    });
     let token = env.login().await;
-    let (_, d) = env.deploy(&token, "escaper", &["hostile@main"]).await;
-    assert_eq!(d["state"], "failed", "{d}");
-    let id = d["id"].as_str().unwrap();
-    let log = env
-        .get(&format!("/api/deployments/{id}/logs"), Some(&token))
-        .await
-        .body;
-    let pid: u32 = log
-        .lines()
-        .find_map(|l| l.split("left ").nth(1))
-        .and_then(|p| p.trim().parse().ok())
-        .unwrap_or_else(|| panic!("the build said which process it left: {log}"));
-    let sleeping = || {
-        std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"sleep\x00600"))
-    };
+    // Out of the build's process group (its own session) before the build ends.
+    let script = "nohup setsid sleep 600 >/dev/null 2>&1 &\necho \"left $!\"\nsleep 1\nexit 1\n";
+    let pid = deploy_a_build_that_leaves(&env, &token, "escaper", script).await;
     assert!(
-        sleeping(),
+        sleeping(pid),
         "the process escaped the build's group and still runs"
     );
     let reply = env
@@ -312,5 +297,5 @@ async fn what_a_build_left_outside_its_process_group_ends_at_teardown() {
         .await
         .unwrap();
     assert_eq!(reply.status(), 202);
-    wait_until("teardown ends what the build left", || !sleeping()).await;
+    wait_until("teardown ends what the build left", || !sleeping(pid)).await;
 }
