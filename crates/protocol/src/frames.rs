@@ -8,14 +8,16 @@ use time::OffsetDateTime;
 
 use crate::sizing::split_escaped;
 use crate::{
-    AgentName, BranchName, Credentials, RepoUrl, RouteDecision, RouteTable, SandboxName,
-    ServiceName,
+    AgentName, BranchName, Credentials, DeploymentId, RepoUrl, RouteDecision, RouteTable,
+    SandboxId, SandboxName, ServiceName,
 };
 
 /// Bumped on any change an older peer would misread. The agent states it in `hello`; the
 /// control plane refuses an agent that speaks another version. 3: replies may come in parts
-/// (`more`), which an older control plane would take for the whole answer.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// (`more`), which an older control plane would take for the whole answer. 4: agents key
+/// sandboxes by id (`sandbox_id` in deploy and teardown jobs, ids in `hello`), and the
+/// control plane asks for events again with `resend`.
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// No frame in either direction may be larger than this. Senders size what they put in a
 /// frame by its encoded bytes ([`crate::encoded_len`]), so they never reach it.
@@ -49,8 +51,14 @@ pub enum ServerMessage {
     Job(Job),
     /// Events up to and including `seq` of `deployment` are stored; the agent may forget them.
     Ack {
-        deployment: String,
+        deployment: DeploymentId,
         seq: u64,
+    },
+    /// The control plane could not store `deployment`'s events from `from_seq` on: the agent
+    /// sends them again, from there, on this connection.
+    Resend {
+        deployment: DeploymentId,
+        from_seq: u64,
     },
     /// The control plane could not read a frame of the agent, or refuses it.
     Error(ProtocolError),
@@ -104,10 +112,11 @@ pub struct Hello {
     pub capabilities: Vec<Capability>,
     /// Deployments in progress on this agent (after a reconnect).
     #[serde(default)]
-    pub deployments: Vec<String>,
-    /// Sandboxes this agent runs something of, found at start by label or pid file.
+    pub deployments: Vec<DeploymentId>,
+    /// Sandboxes this agent holds something of (instances, checkouts), found at start by
+    /// label, pid file or folder.
     #[serde(default)]
-    pub sandboxes: Vec<SandboxName>,
+    pub sandboxes: Vec<SandboxId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,50 +154,109 @@ pub struct Job {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "name", rename_all = "snake_case")]
 pub enum JobKind {
-    /// Does the git server accept these credentials for `repo`? (`git ls-remote`)
-    ProbeCredentials {
-        repo: RepoUrl,
-        credentials: Credentials,
-    },
-    /// The branches of `repo` and their tip commits. (`git ls-remote --heads`)
-    ListBranches {
-        repo: RepoUrl,
-        credentials: Credentials,
-    },
-    /// Bring a sandbox's services to the given branches. Answered at once with `accepted`;
-    /// progress follows as events of `deployment`, ending with an `outcome` event.
+    ProbeCredentials(ProbeCredentials),
+    ListBranches(ListBranches),
     Deploy(DeployJob),
-    /// Stop and remove everything of `sandbox` on this agent, and delete its checkouts.
-    Teardown { sandbox: SandboxName },
-    /// Gateway agents: route by this table from now on. Answered with `routes_applied` once
-    /// new requests use it.
+    Teardown(Teardown),
     Routes(RouteTable),
-    /// Gateway agents: the router's last decisions for `sandbox`, newest first.
-    Requests { sandbox: SandboxName },
+    Requests(Requests),
 }
 
 impl JobKind {
     pub fn name(&self) -> &'static str {
         match self {
-            JobKind::ProbeCredentials { .. } => "probe_credentials",
-            JobKind::ListBranches { .. } => "list_branches",
-            JobKind::Deploy(_) => "deploy",
-            JobKind::Teardown { .. } => "teardown",
-            JobKind::Routes(_) => "routes",
-            JobKind::Requests { .. } => "requests",
+            JobKind::ProbeCredentials(_) => ProbeCredentials::NAME,
+            JobKind::ListBranches(_) => ListBranches::NAME,
+            JobKind::Deploy(_) => DeployJob::NAME,
+            JobKind::Teardown(_) => Teardown::NAME,
+            JobKind::Routes(_) => RouteTable::NAME,
+            JobKind::Requests(_) => Requests::NAME,
         }
     }
 }
 
+/// A kind of job and the answer it is owed: a caller sends a `JobSpec` and gets its `Reply`
+/// or a typed failure, never a [`JobOutput`] to sort out.
+pub trait JobSpec: Into<JobKind> + Send + 'static {
+    type Reply: Send + 'static;
+    const NAME: &'static str;
+    /// The answer of this job in `output`, or `output` back when it answers another job.
+    /// (`failed` is every job's possible answer, handled before this is asked.)
+    fn reply(output: JobOutput) -> Result<Self::Reply, JobOutput>;
+}
+
+macro_rules! job_spec {
+    ($job:ty, $variant:ident, $name:literal, $reply:ty, $output:pat => $value:expr) => {
+        impl From<$job> for JobKind {
+            fn from(job: $job) -> JobKind {
+                JobKind::$variant(job)
+            }
+        }
+
+        impl JobSpec for $job {
+            type Reply = $reply;
+            const NAME: &'static str = $name;
+            fn reply(output: JobOutput) -> Result<$reply, JobOutput> {
+                match output {
+                    $output => Ok($value),
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}
+
+/// Does the git server accept these credentials for `repo`? (`git ls-remote`)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeCredentials {
+    pub repo: RepoUrl,
+    pub credentials: Credentials,
+}
+job_spec!(ProbeCredentials, ProbeCredentials, "probe_credentials", (), JobOutput::CredentialsAccepted => ());
+
+/// The branches of `repo` and their tip commits. (`git ls-remote --heads`)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListBranches {
+    pub repo: RepoUrl,
+    pub credentials: Credentials,
+}
+job_spec!(ListBranches, ListBranches, "list_branches", Vec<Branch>, JobOutput::Branches { branches } => branches);
+
+/// Bring a sandbox's services to the given branches. Answered at once with `accepted`;
+/// progress follows as events of `deployment`, ending with an `outcome` event.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DeployJob {
-    pub deployment: String,
+    pub deployment: DeploymentId,
+    /// What the agent keys everything of the sandbox by.
+    pub sandbox_id: SandboxId,
+    /// For people and for services (`SDP_SANDBOX`); never a key.
     pub sandbox: SandboxName,
     pub credentials: Credentials,
     /// Given to services as `SDP_GATEWAY_URL`.
     pub gateway_url: String,
     pub services: Vec<ServiceSpec>,
 }
+job_spec!(DeployJob, Deploy, "deploy", (), JobOutput::Accepted => ());
+
+/// Stop and remove everything of a sandbox on this agent (a deployment of it in progress
+/// first), and delete its checkouts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Teardown {
+    pub sandbox_id: SandboxId,
+}
+job_spec!(Teardown, Teardown, "teardown", (), JobOutput::TornDown => ());
+
+// Gateway agents: route by this table from now on. Answered with `routes_applied` once new
+// requests use it.
+job_spec!(RouteTable, Routes, "routes", (), JobOutput::RoutesApplied => ());
+
+/// Gateway agents: the router's last decisions for `sandbox`, newest first. (The router
+/// knows sandboxes by the name in their host name.)
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Requests {
+    pub sandbox: SandboxName,
+}
+job_spec!(Requests, Requests, "requests", Vec<RouteDecision>, JobOutput::Requests { requests } => requests);
 
 /// One service to deploy: its catalog entry and the branch chosen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -264,7 +332,7 @@ pub enum JobErrorCode {
 /// gaps, which is how the control plane drops duplicates after a reconnect.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
-    pub deployment: String,
+    pub deployment: DeploymentId,
     pub seq: u64,
     #[serde(with = "time::serde::rfc3339")]
     pub ts: OffsetDateTime,
@@ -453,6 +521,14 @@ mod tests {
         RepoUrl::parse("https://git.example.com/scm/shop/orders.git").unwrap()
     }
 
+    fn dep() -> DeploymentId {
+        DeploymentId::parse("dep_0123456789abcdef").unwrap()
+    }
+
+    fn sbx() -> SandboxId {
+        SandboxId::parse("sbx_fedcba9876543210").unwrap()
+    }
+
     fn ts() -> OffsetDateTime {
         time::macros::datetime!(2026-11-26 12:00:00 UTC)
     }
@@ -467,8 +543,8 @@ mod tests {
                 version: "0.1.0".into(),
                 host: "deploy-host".into(),
                 capabilities: vec![Capability::Git, Capability::RuntimeProcess],
-                deployments: vec!["dep_1".into()],
-                sandboxes: vec![SandboxName::parse("pay-42").unwrap()],
+                deployments: vec![dep()],
+                sandboxes: vec![sbx()],
             }),
             AgentMessage::Heartbeat(Heartbeat {
                 load: 2,
@@ -500,7 +576,7 @@ mod tests {
             AgentMessage::Events {
                 events: vec![
                     Event {
-                        deployment: "d-1".into(),
+                        deployment: dep(),
                         seq: 1,
                         ts: ts(),
                         body: EventBody::Log {
@@ -510,7 +586,7 @@ mod tests {
                         },
                     },
                     Event {
-                        deployment: "d-1".into(),
+                        deployment: dep(),
                         seq: 2,
                         ts: ts(),
                         body: EventBody::Step {
@@ -520,7 +596,7 @@ mod tests {
                         },
                     },
                     Event {
-                        deployment: "d-1".into(),
+                        deployment: dep(),
                         seq: 3,
                         ts: ts(),
                         body: EventBody::Outcome {
@@ -600,22 +676,23 @@ mod tests {
             ServerMessage::Heartbeat,
             ServerMessage::Job(Job {
                 id: RequestId(1),
-                job: JobKind::ProbeCredentials {
+                job: JobKind::ProbeCredentials(ProbeCredentials {
                     repo: repo(),
                     credentials: creds(),
-                },
+                }),
             }),
             ServerMessage::Job(Job {
                 id: RequestId(2),
-                job: JobKind::ListBranches {
+                job: JobKind::ListBranches(ListBranches {
                     repo: repo(),
                     credentials: creds(),
-                },
+                }),
             }),
             ServerMessage::Job(Job {
                 id: RequestId(3),
                 job: JobKind::Deploy(DeployJob {
-                    deployment: "dep_1".into(),
+                    deployment: dep(),
+                    sandbox_id: sbx(),
                     sandbox: SandboxName::parse("pay-42").unwrap(),
                     credentials: creds(),
                     gateway_url: "http://127.0.0.1:8081".into(),
@@ -633,9 +710,7 @@ mod tests {
             }),
             ServerMessage::Job(Job {
                 id: RequestId(4),
-                job: JobKind::Teardown {
-                    sandbox: SandboxName::parse("pay-42").unwrap(),
-                },
+                job: JobKind::Teardown(Teardown { sandbox_id: sbx() }),
             }),
             ServerMessage::Job(Job {
                 id: RequestId(5),
@@ -658,13 +733,17 @@ mod tests {
             }),
             ServerMessage::Job(Job {
                 id: RequestId(6),
-                job: JobKind::Requests {
+                job: JobKind::Requests(Requests {
                     sandbox: SandboxName::parse("pay-42").unwrap(),
-                },
+                }),
             }),
             ServerMessage::Ack {
-                deployment: "d-1".into(),
+                deployment: dep(),
                 seq: 42,
+            },
+            ServerMessage::Resend {
+                deployment: dep(),
+                from_seq: 43,
             },
             ServerMessage::Error(ProtocolError {
                 code: "protocol_version".into(),

@@ -15,11 +15,15 @@ mod sizing;
 pub use credentials::{Credentials, InvalidPassword, Password};
 pub use frames::{
     AgentMessage, Branch, Capability, DeployJob, Event, EventBody, FrameError, Heartbeat, Hello,
-    Job, JobError, JobErrorCode, JobKind, JobOutput, LogStream, MAX_FRAME_BYTES, PROTOCOL_VERSION,
-    ProtocolError, Reply, RequestId, Role, ServerMessage, ServiceOutcome, ServiceSpec, Step,
-    StepState, Welcome, decode_agent_frame, decode_server_frame, encode, encode_frame,
+    Job, JobError, JobErrorCode, JobKind, JobOutput, JobSpec, ListBranches, LogStream,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, ProbeCredentials, ProtocolError, Reply, RequestId,
+    Requests, Role, ServerMessage, ServiceOutcome, ServiceSpec, Step, StepState, Teardown,
+    Welcome, decode_agent_frame, decode_server_frame, encode, encode_frame,
 };
-pub use names::{AgentName, BranchName, InvalidName, RepoUrl, SandboxName, ServiceName, Username};
+pub use names::{
+    AgentName, BranchName, DeploymentId, InvalidName, RepoUrl, SandboxId, SandboxName,
+    ServiceName, Username,
+};
 pub use replies::{MAX_REPLY_BYTES, ReplyAssembly, ReplyError};
 pub use routes::{RouteDecision, RouteKind, RouteTable, SandboxRoutes, ServiceRoutes};
 pub use sizing::{encoded_len, escaped_char_len, escaped_len, escaped_pieces, split_escaped};

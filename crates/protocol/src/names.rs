@@ -126,6 +126,38 @@ name_type!(
     echo = false
 );
 
+name_type!(
+    /// A sandbox's id: `sbx_` and 16 lower-case hex digits. Agents key everything of a
+    /// sandbox by it (its deployments in progress, checkouts, instances, labels, pid files),
+    /// never by its name: a name can be reused the moment its sandbox has ended.
+    SandboxId,
+    "sandbox id",
+    check_sandbox_id
+);
+name_type!(
+    /// A deployment's id: `dep_` and 16 lower-case hex digits. It names the deployment's log
+    /// file on the control plane, so it can never hold a path.
+    DeploymentId,
+    "deployment id",
+    check_deployment_id
+);
+
+fn check_id(s: &str, prefix: &str) -> Result<(), &'static str> {
+    let hex = s.strip_prefix(prefix).ok_or("it has the wrong prefix")?;
+    if hex.len() != 16 || !hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return Err("it must end in 16 lower-case hex digits");
+    }
+    Ok(())
+}
+
+fn check_sandbox_id(s: &str) -> Result<(), &'static str> {
+    check_id(s, "sbx_")
+}
+
+fn check_deployment_id(s: &str) -> Result<(), &'static str> {
+    check_id(s, "dep_")
+}
+
 fn check_dns_label(s: &str) -> Result<(), &'static str> {
     if s.is_empty() {
         return Err("it is empty");
@@ -233,6 +265,25 @@ fn check_repo_url(s: &str) -> Result<(), &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_a_prefix_and_sixteen_hex_digits_and_nothing_else() {
+        assert!(SandboxId::parse("sbx_0123456789abcdef").is_ok());
+        assert!(DeploymentId::parse("dep_0123456789abcdef").is_ok());
+        for bad in [
+            "",
+            "sbx_",
+            "dep_0123456789abcdef",
+            "sbx_0123456789ABCDEF",
+            "sbx_0123456789abcde",
+            "sbx_0123456789abcdef0",
+            "sbx_../../etc/passwd1",
+            "pay-42",
+        ] {
+            assert!(SandboxId::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        assert!(DeploymentId::parse("sbx_0123456789abcdef").is_err());
+    }
 
     #[test]
     fn branch_names_follow_git_rules_and_never_look_like_options() {
