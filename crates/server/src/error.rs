@@ -7,8 +7,11 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use sdp_protocol::{JobErrorCode, Role};
 use serde::de::DeserializeOwned;
 use serde_json::json;
+
+use crate::dispatch::CallError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -121,5 +124,60 @@ impl ApiError {
     fn with_log(self, cause: &dyn std::fmt::Display) -> Self {
         tracing::debug!(code = self.code, cause = %cause, "request refused");
         self
+    }
+}
+
+/// Every failure of a call to an agent, as the API says it; `what` names the repository a
+/// git job was about, for the message.
+pub fn agent_error(e: CallError, what: &str) -> ApiError {
+    match e {
+        CallError::NoAgent(role) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no_agent",
+            match role {
+                Role::Micro => "no micro agent is connected, so SDP cannot reach git right now; start `sdp agent --role micro` or try again shortly".to_owned(),
+                Role::Gateway => "no gateway agent is connected, so there are no routing decisions to show; start `sdp agent --role gateway`".to_owned(),
+            },
+        ),
+        CallError::Timeout { .. } => ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "agent_timeout",
+            format!("{e}; try again"),
+        ),
+        CallError::Disconnected { .. } | CallError::NotConnected(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "agent_disconnected",
+            format!("{e}; try again"),
+        ),
+        CallError::BadReply { .. } | CallError::WrongReply { .. } => {
+            ApiError::new(StatusCode::BAD_GATEWAY, "agent_error", e.to_string())
+        }
+        CallError::JobTooLarge { .. } => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "job_too_large",
+            e.to_string(),
+        ),
+        CallError::Failed { error, .. } => match error.code {
+            JobErrorCode::AuthFailed => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "repo_access_denied",
+                format!("Bitbucket refused your credentials for {what}"),
+            ),
+            JobErrorCode::RepoUnreachable => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "repo_unreachable",
+                format!("{what} cannot be reached: {}", error.message),
+            ),
+            JobErrorCode::Timeout => ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                "git_timeout",
+                format!("git did not answer in time for {what}"),
+            ),
+            JobErrorCode::Failed | JobErrorCode::Unsupported => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "git_failed",
+                format!("git failed for {what}: {}", error.message),
+            ),
+        },
     }
 }

@@ -1,5 +1,7 @@
-//! The agent hub: who is connected, and jobs sent to them with replies awaited under a
-//! timeout.
+//! The agent hub: the agents' WebSocket transport and the registry of who is connected. It
+//! implements [`Dispatch`] (jobs sent, replies awaited under a timeout) and reports what
+//! agents say on their own to the [`AgentReports`] it is built with. It knows nothing of
+//! sandboxes or deployments.
 //!
 //! Each agent connection is one task that owns its socket: it alone writes to it, fed by a
 //! bounded channel, so a job never waits on another job's frame and a stuck agent cannot grow
@@ -7,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, WebSocket};
@@ -21,11 +23,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::db::Db;
-use crate::deployments::Deployments;
-
-/// The error that asks an agent to reconnect and resend its unacknowledged events.
-const RESEND_CODE: &str = "resend";
+use crate::dispatch::{AgentReports, CallError, Dispatch, Target};
 
 /// How long a new connection has to say `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -73,29 +71,6 @@ pub struct AgentSnapshot {
     pub running: u32,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum CallError {
-    #[error("no {0} agent is connected")]
-    NoAgent(Role),
-    #[error("agent {0} is not connected")]
-    NotConnected(String),
-    #[error("agent {agent} did not answer within {}s", .after.as_secs_f32())]
-    Timeout { agent: String, after: Duration },
-    #[error("agent {agent} disconnected before answering")]
-    Disconnected { agent: String },
-    /// Refused before sending: the agent would drop the connection on reading it.
-    #[error(
-        "the {job} job for agent {agent} would be a frame of {bytes} bytes, over the limit of {MAX_FRAME_BYTES}; it was not sent"
-    )]
-    JobTooLarge {
-        agent: String,
-        job: &'static str,
-        bytes: usize,
-    },
-    #[error("the answer of agent {agent} was refused: {reason}")]
-    BadReply { agent: String, reason: ReplyError },
-}
-
 impl AgentConn {
     fn lock_pending(&self) -> std::sync::MutexGuard<'_, HashMap<RequestId, Waiter>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
@@ -113,10 +88,14 @@ impl AgentConn {
     }
 }
 
-#[derive(Default)]
 pub struct Hub {
     agents: Mutex<HashMap<String, Arc<AgentConn>>>,
     next_conn: AtomicU64,
+    /// Weak: what it reports to holds the hub (as its [`Dispatch`]).
+    reports: Weak<dyn AgentReports>,
+    /// Silence longer than this ends a connection.
+    agent_timeout: Duration,
+    shutdown: CancellationToken,
 }
 
 /// Decrements the in-flight count however the call ends.
@@ -129,6 +108,20 @@ impl Drop for InFlight<'_> {
 }
 
 impl Hub {
+    pub fn new(
+        reports: Weak<dyn AgentReports>,
+        agent_timeout: Duration,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            agents: Mutex::default(),
+            next_conn: AtomicU64::new(1),
+            reports,
+            agent_timeout,
+            shutdown,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AgentConn>>> {
         self.agents.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -142,54 +135,11 @@ impl Hub {
             .cloned()
     }
 
-    /// Sends `job` to the least busy agent of `role` and waits for its reply, at most
-    /// `timeout`: never longer, whatever the agent does. Returns who answered, and what.
-    pub async fn call(
-        &self,
-        role: Role,
-        job: JobKind,
-        timeout: Duration,
-    ) -> Result<(String, JobOutput), CallError> {
-        let agent = self.pick(role).ok_or(CallError::NoAgent(role))?;
-        Self::exchange(agent, job, timeout).await
-    }
-
-    /// As [`Hub::call`], on the agent named `name`.
-    pub async fn call_agent(
-        &self,
-        name: &str,
-        job: JobKind,
-        timeout: Duration,
-    ) -> Result<(String, JobOutput), CallError> {
-        let agent = self
-            .lock()
-            .get(name)
-            .cloned()
-            .ok_or_else(|| CallError::NotConnected(name.to_owned()))?;
-        Self::exchange(agent, job, timeout).await
-    }
-
-    /// The connected agents of `role`, by name.
-    pub fn names_of(&self, role: Role) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .lock()
-            .values()
-            .filter(|a| a.role == role)
-            .map(|a| a.name.to_string())
-            .collect();
-        names.sort();
-        names
-    }
-
-    pub fn is_connected(&self, name: &str) -> bool {
-        self.lock().contains_key(name)
-    }
-
     async fn exchange(
         agent: Arc<AgentConn>,
         job: JobKind,
         timeout: Duration,
-    ) -> Result<(String, JobOutput), CallError> {
+    ) -> Result<(AgentName, JobOutput), CallError> {
         agent.in_flight.fetch_add(1, Ordering::Relaxed);
         let _guard = InFlight(&agent);
         let id = RequestId(agent.next_request.fetch_add(1, Ordering::Relaxed));
@@ -203,7 +153,7 @@ impl Hub {
             };
             tracing::error!(agent = %agent.name, job = job_name, bytes, "job not sent: over the frame limit");
             CallError::JobTooLarge {
-                agent: agent.name.to_string(),
+                agent: agent.name.clone(),
                 job: job_name,
                 bytes,
             }
@@ -228,21 +178,21 @@ impl Hub {
         let result = tokio::time::timeout(timeout, exchange).await;
         agent.lock_pending().remove(&id);
         match result {
-            Ok(Ok(Ok(output))) => Ok((agent.name.to_string(), output)),
+            Ok(Ok(Ok(output))) => Ok((agent.name.clone(), output)),
             Ok(Ok(Err(reason))) => {
                 tracing::warn!(agent = %agent.name, job = job_name, %id, %reason, "agent's answer refused");
                 Err(CallError::BadReply {
-                    agent: agent.name.to_string(),
+                    agent: agent.name.clone(),
                     reason,
                 })
             }
             Ok(Err(())) => Err(CallError::Disconnected {
-                agent: agent.name.to_string(),
+                agent: agent.name.clone(),
             }),
             Err(_) => {
                 tracing::warn!(agent = %agent.name, job = job_name, %id, "agent did not answer in time");
                 Err(CallError::Timeout {
-                    agent: agent.name.to_string(),
+                    agent: agent.name.clone(),
                     after: timeout,
                 })
             }
@@ -306,13 +256,39 @@ impl Hub {
     }
 }
 
-/// Everything an agent connection needs from the server.
-pub struct ConnectionContext {
-    pub hub: Arc<Hub>,
-    pub deployments: Arc<Deployments>,
-    pub db: Db,
-    pub agent_timeout: Duration,
-    pub shutdown: CancellationToken,
+#[async_trait::async_trait]
+impl Dispatch for Hub {
+    async fn send(
+        &self,
+        target: Target,
+        job: JobKind,
+        timeout: Duration,
+    ) -> Result<(AgentName, JobOutput), CallError> {
+        let agent = match target {
+            Target::Any(role) => self.pick(role).ok_or(CallError::NoAgent(role))?,
+            Target::Agent(name) => self
+                .lock()
+                .get(name.as_str())
+                .cloned()
+                .ok_or(CallError::NotConnected(name))?,
+        };
+        Self::exchange(agent, job, timeout).await
+    }
+
+    async fn agents(&self, role: Role) -> Vec<AgentName> {
+        let mut names: Vec<AgentName> = self
+            .lock()
+            .values()
+            .filter(|a| a.role == role)
+            .map(|a| a.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    async fn is_connected(&self, agent: &AgentName) -> bool {
+        self.lock().contains_key(agent.as_str())
+    }
 }
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
@@ -345,9 +321,9 @@ async fn refuse(sink: &mut Sink, refusal: ProtocolError, limit: Duration) {
 
 /// Serves one agent's WebSocket until it closes, falls silent, is replaced or the server
 /// stops.
-pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
+pub async fn serve_agent(hub: Arc<Hub>, socket: WebSocket) {
     let (mut sink, mut stream) = socket.split();
-    let limit = ctx.agent_timeout;
+    let limit = hub.agent_timeout;
 
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, first_hello(&mut stream)).await {
         Ok(Ok(hello)) => hello,
@@ -361,7 +337,7 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
     let now = OffsetDateTime::now_utc();
     let (outbox, jobs) = mpsc::channel(OUTBOX);
     let conn = Arc::new(AgentConn {
-        conn_id: ctx.hub.next_conn.fetch_add(1, Ordering::Relaxed),
+        conn_id: hub.next_conn.fetch_add(1, Ordering::Relaxed),
         name: hello.name.clone(),
         role: hello.role,
         version: hello.version.clone(),
@@ -380,28 +356,17 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
         }),
         closed: CancellationToken::new(),
     });
-    if let Err(refusal) = ctx.hub.register(conn.clone()) {
+    if let Err(refusal) = hub.register(conn.clone()) {
         return refuse(&mut sink, refusal, limit).await;
     }
-    if let Err(e) = ctx
-        .db
-        .agent_connected(
-            hello.name.as_str(),
-            hello.role.as_str(),
-            &hello.version,
-            &hello.host,
-            now,
-        )
-        .await
-    {
-        tracing::error!(agent = %hello.name, error = %e, "cannot record agent");
-    }
     tracing::info!(agent = %conn.name, role = %conn.role, version = %conn.version, host = %conn.host, "agent connected");
-    reconcile(&ctx, &hello);
+    if let Some(reports) = hub.reports.upgrade() {
+        reports.hello(&hello).await;
+    }
 
     let welcome = ServerMessage::Welcome(Welcome {
         protocol: PROTOCOL_VERSION,
-        heartbeat_interval_ms: (ctx.agent_timeout / 3).as_millis() as u64,
+        heartbeat_interval_ms: (hub.agent_timeout / 3).as_millis() as u64,
     });
     let mut reason = "closed by the agent".to_owned();
     let welcomed = match checked(&welcome) {
@@ -417,14 +382,14 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         loop {
             let replies = tokio::select! {
-                _ = ctx.shutdown.cancelled() => { reason = "server shutting down".into(); break }
+                _ = hub.shutdown.cancelled() => { reason = "server shutting down".into(); break }
                 _ = conn.closed.cancelled() => { reason = "replaced by a new connection".into(); break }
                 _ = stop_writing.cancelled() => {
                     reason = "the socket failed or the agent stopped reading".into();
                     break;
                 }
                 _ = tick.tick() => {
-                    if last_heard.elapsed() > ctx.agent_timeout {
+                    if last_heard.elapsed() > hub.agent_timeout {
                         reason = "silent past the heartbeat timeout".into();
                         break;
                     }
@@ -449,7 +414,7 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
                     };
                     last_heard = tokio::time::Instant::now();
                     match frame {
-                        Message::Text(text) => handle_frame(&conn, &ctx.deployments, &text).await,
+                        Message::Text(text) => handle_frame(&conn, &hub.reports, &text).await,
                         Message::Binary(_) => vec![ServerMessage::Error(FrameError::Binary.to_protocol_error())],
                         Message::Close(_) => break,
                         Message::Ping(_) | Message::Pong(_) => continue,
@@ -473,25 +438,15 @@ pub async fn serve_agent(ctx: ConnectionContext, socket: WebSocket) {
     // Closing first makes new calls fail at once; dropping the pending senders wakes every
     // caller still waiting on this agent.
     conn.closed.cancel();
-    let current = ctx.hub.unregister(&conn);
+    let current = hub.unregister(&conn);
     conn.lock_pending().clear();
     let status = *conn.lock_status();
     tracing::info!(agent = %conn.name, reason, "agent disconnected");
-    // A newer connection of the same agent owns its row now.
-    if current
-        && let Err(e) = ctx
-            .db
-            .agent_disconnected(
-                conn.name.as_str(),
-                status.last_seen,
-                status.heartbeat.running,
-            )
-            .await
-    {
-        tracing::error!(agent = %conn.name, error = %e, "cannot record agent disconnect");
-    }
-    if current {
-        ctx.deployments.agent_disconnected(conn.name.to_string());
+    // A newer connection of the same agent owns what is reported of it now.
+    if current && let Some(reports) = hub.reports.upgrade() {
+        reports
+            .gone(&conn.name, status.last_seen, status.heartbeat)
+            .await;
     }
 }
 
@@ -521,46 +476,6 @@ async fn write_frames(
         }
     }
     let _ = tokio::time::timeout(limit, sink.close()).await;
-}
-
-/// After a hello: deployments the agent no longer knows fail, and what it runs of sandboxes
-/// that ended meanwhile is torn down.
-fn reconcile(ctx: &ConnectionContext, hello: &Hello) {
-    let deployments = ctx.deployments.clone();
-    let hub = ctx.hub.clone();
-    let agent = hello.name.to_string();
-    let in_progress = hello.deployments.clone();
-    let reported = hello.sandboxes.clone();
-    if hello.role == Role::Gateway {
-        // A gateway that just started (or whose control plane did) gets the table now.
-        let deployments = deployments.clone();
-        tokio::spawn(async move {
-            deployments
-                .routes
-                .publish_logged("a gateway agent connected")
-                .await
-        });
-    }
-    tokio::spawn(async move {
-        deployments.agent_connected(&agent, &in_progress).await;
-        let live = match deployments.db.live_sandbox_names().await {
-            Ok(live) => live,
-            Err(e) => {
-                tracing::error!(%agent, error = %e, "cannot read live sandboxes");
-                return;
-            }
-        };
-        for sandbox in reported
-            .into_iter()
-            .filter(|s| !live.iter().any(|l| l == s.as_str()))
-        {
-            tracing::info!(%agent, %sandbox, "removing what an agent runs of a sandbox that ended");
-            let job = JobKind::Teardown { sandbox };
-            if let Err(e) = hub.call_agent(&agent, job, Duration::from_secs(60)).await {
-                tracing::warn!(%agent, error = %e, "cannot remove a leftover sandbox");
-            }
-        }
-    });
 }
 
 /// Reads frames until the first one, which must be a `hello` in our protocol version.
@@ -609,7 +524,7 @@ async fn first_hello(
 /// Handles one text frame of a registered agent; returns the frames to answer with.
 async fn handle_frame(
     conn: &AgentConn,
-    deployments: &Arc<Deployments>,
+    reports: &Weak<dyn AgentReports>,
     text: &str,
 ) -> Vec<ServerMessage> {
     let msg = match decode_agent_frame(text) {
@@ -648,20 +563,24 @@ async fn handle_frame(
             message: "hello was already received on this connection".into(),
         })],
         AgentMessage::Events { events } => {
-            let (acks, missing) = deployments.ingest(conn.name.as_str(), events).await;
-            let mut replies: Vec<ServerMessage> = acks
+            // The server is stopping: nothing is acknowledged, the agent sends it again.
+            let Some(reports) = reports.upgrade() else {
+                return Vec::new();
+            };
+            let answer = reports.events(&conn.name, events).await;
+            let acks = answer
+                .acks
                 .into_iter()
-                .map(|(deployment, seq)| ServerMessage::Ack { deployment, seq })
-                .collect();
-            if missing {
-                // The agent resends what is unacknowledged after a reconnect: force one.
-                replies.push(ServerMessage::Error(ProtocolError {
-                    code: RESEND_CODE.into(),
-                    message: "some events could not be stored; reconnect and send them again"
-                        .into(),
-                }));
-            }
-            replies
+                .map(|(deployment, seq)| ServerMessage::Ack { deployment, seq });
+            let resend =
+                answer
+                    .resend
+                    .into_iter()
+                    .map(|(deployment, from_seq)| ServerMessage::Resend {
+                        deployment,
+                        from_seq,
+                    });
+            acks.chain(resend).collect()
         }
         AgentMessage::Error(e) => {
             tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");

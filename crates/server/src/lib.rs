@@ -7,13 +7,13 @@
 pub mod api;
 mod config;
 mod db;
-mod deployments;
+mod dispatch;
 mod error;
 mod http;
 mod hub;
+mod lifecycle;
 mod limiter;
 mod logs;
-mod routes;
 mod sessions;
 
 use std::net::SocketAddr;
@@ -115,12 +115,6 @@ impl Server {
                 dir: config.data_dir.clone(),
                 source,
             })?;
-        db.mark_all_agents_disconnected()
-            .await
-            .map_err(|source| ServerError::Database {
-                dir: config.data_dir.clone(),
-                source,
-            })?;
         let shutdown = CancellationToken::new();
         let logs_dir = config.data_dir.join("logs");
         let state = api::AppState::new(config, public_url, db, shutdown.clone(), dev_mode)
@@ -158,9 +152,8 @@ impl Server {
             shutdown,
         } = self;
         tracing::info!(addr = %listener.local_addr().map_err(ServerError::Serve)?, public_url = %state.public_url, data_dir = %state.config.data_dir.display(), "listening");
-        state.deployments.recover().await;
+        state.lifecycle.start_background().await;
         let sweeper = tokio::spawn(sweep_sessions(state.clone(), shutdown.clone()));
-        let expiry = tokio::spawn(state.deployments.clone().sweep_expired(shutdown.clone()));
         let app = api::router(state.clone());
         let stopping = shutdown.clone();
         tokio::spawn(async move {
@@ -174,7 +167,9 @@ impl Server {
         http::serve(listener, app, timeouts, shutdown.clone()).await;
         shutdown.cancel();
         let _ = sweeper.await;
-        let _ = expiry.await;
+        // The lifecycle's tasks end before the agents' connections (a teardown on its way
+        // hears its answer or is cut off), and both before the database closes.
+        state.lifecycle.shutdown(Duration::from_secs(5)).await;
         state.connections.close();
         if tokio::time::timeout(Duration::from_secs(5), state.connections.wait())
             .await

@@ -267,6 +267,16 @@ impl Logs {
         if let Err(e) = file.write_all(format!("{json}\n").as_bytes()) {
             // Leave no half line behind for the next one to glue onto.
             let _ = file.set_len(len);
+            if let Frame::End { .. } = frame {
+                // The deployment has ended all the same (its row says how): later events of
+                // it are acknowledged and dropped, and live viewers hear the end.
+                writer.ended = true;
+                let _ = stream.live.send(Arc::new(vec![Line {
+                    seq: frame.seq(),
+                    json: json.into(),
+                    end: true,
+                }]));
+            }
             return Err(e);
         }
         writer.stored(frame.seq(), json.len() as u64 + 1);

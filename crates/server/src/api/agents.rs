@@ -2,7 +2,7 @@
 
 use super::{AppState, rfc3339};
 use crate::error::ApiError;
-use crate::hub::{ConnectionContext, serve_agent};
+use crate::hub::serve_agent;
 use axum::Json;
 use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
@@ -67,17 +67,11 @@ pub async fn socket(
     let Ok(upgrade) = upgrade else {
         return super::websocket_required();
     };
-    let ctx = ConnectionContext {
-        hub: state.hub.clone(),
-        deployments: state.deployments.clone(),
-        db: state.db.clone(),
-        agent_timeout: state.config.agent_timeout.get(),
-        shutdown: state.shutdown.clone(),
-    };
+    let hub = state.hub.clone();
     upgrade
         .max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         // Tracked, so the server closes the database only after every connection has
         // recorded its end.
-        .on_upgrade(move |socket| state.connections.track_future(serve_agent(ctx, socket)))
+        .on_upgrade(move |socket| state.connections.track_future(serve_agent(hub, socket)))
 }

@@ -7,14 +7,16 @@ use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use sdp_protocol::{Credentials, JobErrorCode, JobKind, JobOutput, Password, Role, Username};
+use sdp_protocol::{Credentials, JobErrorCode, Password, ProbeCredentials, Role, Username};
 use serde::Deserialize;
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::{AppState, CurrentSession};
-use crate::error::{ApiError, ApiJson};
+use crate::db::Audit;
+use crate::dispatch::{CallError, Target, call};
+use crate::error::{ApiError, ApiJson, agent_error};
 use crate::limiter::{Limit, Refused, client_address};
 use crate::sessions::{self, COOKIE_NAME};
 
@@ -44,47 +46,42 @@ pub async fn login(
         password,
     };
 
-    let job = JobKind::ProbeCredentials {
+    let job = ProbeCredentials {
         repo: state.config.git.probe_repo.clone(),
         credentials: credentials.clone(),
     };
-    let output = state
-        .hub
-        .call(Role::Micro, job, state.config.job_timeout.get())
-        .await
-        .map_err(super::catalog::call_error)?
-        .1;
-    match output {
-        JobOutput::CredentialsAccepted => {}
-        JobOutput::Failed(e) if e.code == JobErrorCode::AuthFailed => {
+    let probe = call(
+        state.dispatch.as_ref(),
+        Target::Any(Role::Micro),
+        job,
+        state.config.job_timeout.get(),
+    )
+    .await;
+    match probe {
+        Ok(_) => {}
+        Err(CallError::Failed { error, .. }) if error.code == JobErrorCode::AuthFailed => {
             tracing::info!(user = %username, "login refused by the git server");
             return Err(ApiError::unauthorized(
                 "invalid_credentials",
                 "Bitbucket did not accept this username and password",
             ));
         }
-        JobOutput::Failed(e) => return Err(super::catalog::job_error(e, "the probe repository")),
-        other => {
-            return Err(ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "agent_error",
-                format!("the agent answered the credential check with {other:?}"),
-            ));
-        }
+        Err(e) => return Err(agent_error(e, "the probe repository")),
     }
 
     let now = OffsetDateTime::now_utc();
     let ttl = state.config.session_ttl.get();
     let expires_at = now + ttl;
     let (token, token_hash) = sessions::new_token();
-    state.db.upsert_user(username.as_str(), now).await?;
+    let audit = Audit {
+        actor: username.as_str(),
+        action: "login",
+        target: username.as_str(),
+        detail: "",
+    };
     state
         .db
-        .insert_session(&token_hash, username.as_str(), now, expires_at)
-        .await?;
-    state
-        .db
-        .audit(username.as_str(), "login", username.as_str(), "")
+        .login(&token_hash, username.as_str(), now, expires_at, &audit)
         .await?;
     // Last, so that a failure above leaves no password behind a token nobody received.
     state.vault.insert(
@@ -152,17 +149,14 @@ pub async fn logout(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
 ) -> Result<Response, ApiError> {
-    state.db.delete_session(&session.token_hash).await?;
+    let audit = Audit {
+        actor: session.username.as_str(),
+        action: "logout",
+        target: session.username.as_str(),
+        detail: "",
+    };
+    state.db.logout(&session.token_hash, &audit).await?;
     state.vault.remove(&session.token_hash);
-    state
-        .db
-        .audit(
-            session.username.as_str(),
-            "logout",
-            session.username.as_str(),
-            "",
-        )
-        .await?;
     tracing::info!(user = %session.username, "logged out");
     let clear = format!("{COOKIE_NAME}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
     Ok((StatusCode::NO_CONTENT, [(header::SET_COOKIE, clear)]).into_response())

@@ -56,14 +56,14 @@ struct DeploymentServiceView {
 
 pub(crate) fn deployment_view(row: DeploymentRow) -> DeploymentView {
     DeploymentView {
-        id: row.id,
-        sandbox_id: row.sandbox_id,
+        id: row.id.to_string(),
+        sandbox_id: row.sandbox_id.to_string(),
         requested_by: row.requested_by,
-        state: row.state,
+        state: row.state.to_string(),
         error: row.error,
         created_at: rfc3339(row.created_at),
         finished_at: row.finished_at.map(rfc3339),
-        agent: row.agent,
+        agent: row.agent.map(|a| a.to_string()),
         steps: None,
         services: row
             .services
@@ -100,19 +100,17 @@ pub async fn get(
     view.steps = Some(
         steps
             .into_iter()
-            .map(|(service, step, state, started, ended)| StepView {
-                service: Some(service).filter(|s| !s.is_empty()),
-                step,
-                state,
-                started_at: rfc3339(started),
-                ended_at: ended.map(rfc3339),
+            .map(|s| StepView {
+                service: s.service,
+                step: s.step,
+                state: s.state,
+                started_at: rfc3339(s.started_at),
+                ended_at: s.ended_at.map(rfc3339),
             })
             .collect(),
     );
     Ok(Json(view))
 }
-
-const DEPLOYMENT_STATES: &[&str] = &["queued", "running", "ready", "failed", "cancelled"];
 
 pub async fn list(
     State(state): State<AppState>,
@@ -120,10 +118,10 @@ pub async fn list(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let q = list_query(params, DEPLOYMENT_STATES)?;
+    let q = list_query(params, crate::db::DeploymentState::ALL)?;
     let rows = state.db.list_deployments(&q).await?;
     let next = (rows.len() == q.limit as usize)
-        .then(|| rows.last().map(|r| cursor(r.created_at, &r.id)))
+        .then(|| rows.last().map(|r| cursor(r.created_at, r.id.as_str())))
         .flatten();
     let items: Vec<DeploymentView> = rows.into_iter().map(deployment_view).collect();
     Ok(Json(json!({"items": items, "next": next})))
@@ -169,8 +167,8 @@ pub async fn logs(
 ) -> Result<Response, ApiError> {
     load(&state, &id).await?;
     let reader = state
-        .deployments
-        .logs
+        .lifecycle
+        .logs()
         .reader(&id, 1)
         .await
         .map_err(|e| ApiError::internal("read log", &e))?;
@@ -226,7 +224,7 @@ pub async fn socket(
     let connections = state.connections.clone();
     Ok(upgrade.on_upgrade(move |socket| {
         connections.track_future(async move {
-            let logs = &state.deployments.logs;
+            let logs = state.lifecycle.logs();
             if let Err(reason) = stream_log(logs, &id, from, socket, &state.shutdown).await {
                 tracing::debug!(deployment = %id, %reason, "log viewer left");
             }

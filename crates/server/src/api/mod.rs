@@ -10,7 +10,7 @@ mod catalog;
 mod deployments;
 mod sandboxes;
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode, header};
@@ -26,12 +26,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 use crate::db::Db;
-use crate::deployments::Deployments;
+use crate::dispatch::{AgentReports, Dispatch};
 use crate::error::ApiError;
 use crate::hub::Hub;
+use crate::lifecycle::{Lifecycle, RouteSource, Settings};
 use crate::limiter::LoginLimiter;
 use crate::logs::Logs;
-use crate::routes::Routes;
 use crate::sessions::{self, PasswordVault};
 
 /// The largest request body accepted.
@@ -157,8 +157,11 @@ pub(crate) struct Inner {
     pub config: ServerConfig,
     pub public_url: url::Url,
     pub db: Db,
+    /// The agents' connections: their WebSocket, and who is connected.
     pub hub: Arc<Hub>,
-    pub deployments: Arc<Deployments>,
+    /// Jobs for agents, wherever they are connected.
+    pub dispatch: Arc<dyn Dispatch>,
+    pub lifecycle: Arc<Lifecycle>,
     pub vault: PasswordVault,
     pub login_limiter: LoginLimiter,
     pub shutdown: CancellationToken,
@@ -188,7 +191,6 @@ impl AppState {
         dev_mode: bool,
     ) -> std::io::Result<Self> {
         let agent_token_digest = digest(config.agent_token.expose());
-        let hub = Arc::new(Hub::default());
         let catalog = config
             .services
             .iter()
@@ -198,29 +200,48 @@ impl AppState {
                 baseline: s.baseline.clone(),
             })
             .collect();
-        let routes = Arc::new(Routes::new(
-            db.clone(),
-            hub.clone(),
-            config.gateway.base_domain.clone(),
-            catalog,
-            config.job_timeout.get(),
-        ));
-        let deployments = Arc::new(Deployments {
-            db: db.clone(),
-            logs: Logs::new(config.data_dir.join("logs"), config.max_log_size)?,
-            hub: hub.clone(),
+        let logs = Logs::new(config.data_dir.join("logs"), config.max_log_size)?;
+        let settings = Settings {
             job_timeout: config.job_timeout.get(),
             agent_timeout: config.agent_timeout.get(),
             gateway_url: config.gateway.public_url.clone(),
-            routes,
-            shutdown: shutdown.clone(),
+        };
+        let source = |dispatch| RouteSource {
+            db: db.clone(),
+            dispatch,
+            base_domain: config.gateway.base_domain.clone(),
+            catalog,
+            timeout: config.job_timeout.get(),
+        };
+        // The hub reports to the lifecycle, which dispatches through the hub: the hub holds
+        // the lifecycle weakly, so that neither keeps the other alive.
+        let mut built_hub = None;
+        let lifecycle = Arc::new_cyclic(|me: &Weak<Lifecycle>| {
+            let reports: Weak<dyn AgentReports> = me.clone();
+            let hub = Arc::new(Hub::new(
+                reports,
+                config.agent_timeout.get(),
+                shutdown.clone(),
+            ));
+            built_hub = Some(hub.clone());
+            Lifecycle::new(
+                me.clone(),
+                db.clone(),
+                logs,
+                hub,
+                source,
+                settings,
+                shutdown.clone(),
+            )
         });
+        let hub = built_hub.expect("built with the lifecycle");
         Ok(Self(Arc::new(Inner {
             config,
             public_url,
             db,
+            dispatch: hub.clone(),
             hub,
-            deployments,
+            lifecycle,
             vault: PasswordVault::default(),
             login_limiter: LoginLimiter::default(),
             shutdown,

@@ -15,8 +15,10 @@ use time::OffsetDateTime;
 
 use super::deployments::{DeploymentView, deployment_view};
 use super::{AppState, CurrentSession, rfc3339};
-use crate::db::{ListQuery, SandboxRow, Selection, WriteError};
-use crate::error::{ApiError, ApiJson};
+use crate::db::{Ending, ListQuery, SandboxRow, SandboxState, WriteError};
+use crate::dispatch::{Target, call};
+use crate::error::{ApiError, ApiJson, agent_error};
+use crate::lifecycle::Request;
 
 /// At most this many services in one request.
 pub const MAX_SERVICES: usize = 16;
@@ -85,11 +87,11 @@ fn sandbox_url(state: &AppState, name: &str) -> String {
 
 pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> SandboxView {
     SandboxView {
-        url: sandbox_url(state, &row.name),
-        id: row.id,
-        name: row.name,
+        url: sandbox_url(state, row.name.as_str()),
+        id: row.id.to_string(),
+        name: row.name.to_string(),
         owner: row.owner,
-        state: row.state,
+        state: row.state.to_string(),
         created_at: rfc3339(row.created_at),
         expires_at: rfc3339(row.expires_at),
         services: row
@@ -99,7 +101,7 @@ pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> SandboxView {
                 service: s.service,
                 branch: s.branch,
                 commit: s.commit,
-                state: s.state,
+                state: s.state.to_string(),
                 upstream: s.upstream,
             })
             .collect(),
@@ -176,20 +178,6 @@ fn specs(state: &AppState, services: &[SelectionRequest]) -> Result<Vec<ServiceS
     Ok(out)
 }
 
-fn selections(specs: &[ServiceSpec]) -> Vec<Selection> {
-    specs
-        .iter()
-        .map(|s| Selection {
-            service: s.service.to_string(),
-            branch: s.branch.to_string(),
-        })
-        .collect()
-}
-
-fn new_id(prefix: &str) -> String {
-    format!("{prefix}_{}", hex::encode(rand::random::<[u8; 8]>()))
-}
-
 async fn load(state: &AppState, key: &str) -> Result<SandboxRow, ApiError> {
     state.db.sandbox(key).await?.ok_or_else(|| {
         ApiError::not_found(
@@ -200,10 +188,6 @@ async fn load(state: &AppState, key: &str) -> Result<SandboxRow, ApiError> {
             ),
         )
     })
-}
-
-fn ended(row: &SandboxRow) -> bool {
-    matches!(row.state.as_str(), "deleted" | "expired")
 }
 
 /// Owners act on their own sandboxes; everyone can read.
@@ -222,7 +206,7 @@ fn require_owner(row: &SandboxRow, session: &CurrentSession) -> Result<(), ApiEr
 }
 
 fn require_live(row: &SandboxRow) -> Result<(), ApiError> {
-    if ended(row) {
+    if row.state.has_ended() {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "sandbox_ended",
@@ -230,6 +214,15 @@ fn require_live(row: &SandboxRow) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// `service@branch …` of a request, for the audit trail.
+fn detail(requested: &[SelectionRequest]) -> String {
+    requested
+        .iter()
+        .map(|s| format!("{}@{}", s.service, s.branch))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 async fn accepted(
@@ -268,30 +261,19 @@ pub async fn create(
         .ok_or_else(super::catalog::reauth_required)?;
     require_free_space(&state).await?;
 
-    let now = OffsetDateTime::now_utc();
-    let (sandbox_id, deployment_id) = (new_id("sbx"), new_id("dep"));
-    state
-        .db
-        .create_sandbox(
-            &sandbox_id,
-            name.as_str(),
-            session.username.as_str(),
-            now + ttl,
-            &deployment_id,
-            &selections(&specs),
-            now,
-        )
+    let detail = detail(&req.services);
+    let request = Request {
+        requested_by: session.username.as_str(),
+        specs,
+        credentials,
+        detail: &detail,
+    };
+    let (sandbox_id, deployment_id) = state
+        .lifecycle
+        .create(name.clone(), OffsetDateTime::now_utc() + ttl, request)
         .await
         .map_err(|e| write_error(e, &name))?;
-    tracing::info!(sandbox = %name, deployment = %deployment_id, user = %session.username, "sandbox created");
-    let started = Started {
-        action: "create_sandbox",
-        sandbox_id,
-        name,
-        deployment_id,
-        agent: None,
-    };
-    start(&state, &session, &req.services, started, credentials, specs).await
+    accepted(&state, sandbox_id.as_str(), deployment_id.as_str()).await
 }
 
 pub async fn redeploy(
@@ -308,29 +290,20 @@ pub async fn redeploy(
         .vault
         .credentials(&session.token_hash, OffsetDateTime::now_utc())
         .ok_or_else(super::catalog::reauth_required)?;
-    let name = SandboxName::parse(sandbox.name.clone())
-        .map_err(|e| ApiError::internal("sandbox name", &e))?;
     require_free_space(&state).await?;
-    let deployment_id = new_id("dep");
-    state
-        .db
-        .create_redeploy(
-            &sandbox.id,
-            session.username.as_str(),
-            &deployment_id,
-            &selections(&specs),
-            OffsetDateTime::now_utc(),
-        )
-        .await
-        .map_err(|e| write_error(e, &name))?;
-    let started = Started {
-        action: "redeploy",
-        sandbox_id: sandbox.id.clone(),
-        name,
-        deployment_id,
-        agent: sandbox.agent.clone(),
+    let detail = detail(&req.services);
+    let request = Request {
+        requested_by: session.username.as_str(),
+        specs,
+        credentials,
+        detail: &detail,
     };
-    start(&state, &session, &req.services, started, credentials, specs).await
+    let deployment_id = state
+        .lifecycle
+        .redeploy(&sandbox, request)
+        .await
+        .map_err(|e| write_error(e, &sandbox.name))?;
+    accepted(&state, sandbox.id.as_str(), deployment_id.as_str()).await
 }
 
 /// Refuses a new deployment while the file system of `data_dir` has less free space than
@@ -378,59 +351,6 @@ fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
-/// A deployment just recorded, to audit and schedule.
-struct Started {
-    action: &'static str,
-    sandbox_id: String,
-    name: SandboxName,
-    deployment_id: String,
-    /// The agent that runs the sandbox already, if any.
-    agent: Option<String>,
-}
-
-/// Audits a recorded deployment, schedules it in the background and answers 202.
-async fn start(
-    state: &AppState,
-    session: &CurrentSession,
-    requested: &[SelectionRequest],
-    started: Started,
-    credentials: sdp_protocol::Credentials,
-    specs: Vec<ServiceSpec>,
-) -> Result<Response, ApiError> {
-    let detail: Vec<String> = requested
-        .iter()
-        .map(|s| format!("{}@{}", s.service, s.branch))
-        .collect();
-    state
-        .db
-        .audit(
-            session.username.as_str(),
-            started.action,
-            started.name.as_str(),
-            &detail.join(" "),
-        )
-        .await?;
-    let deployments = state.deployments.clone();
-    let Started {
-        sandbox_id,
-        name,
-        deployment_id,
-        agent,
-        ..
-    } = started;
-    let (d, s) = (deployment_id.clone(), sandbox_id.clone());
-    // A new sandbox is known to the router at once: requests naming it reach the baseline
-    // until its own services are up, instead of a 404.
-    let routes = deployments.routes.clone();
-    tokio::spawn(async move { routes.publish_logged("a deployment started").await });
-    tokio::spawn(async move {
-        deployments
-            .schedule(d, s, name, agent, credentials, specs)
-            .await;
-    });
-    accepted(state, &sandbox_id, &deployment_id).await
-}
-
 fn write_error(e: WriteError, name: &SandboxName) -> ApiError {
     match e {
         WriteError::NameTaken => ApiError::new(
@@ -444,6 +364,11 @@ fn write_error(e: WriteError, name: &SandboxName) -> ApiError {
             StatusCode::CONFLICT,
             "deployment_in_progress",
             format!("a deployment of {name} is in progress; wait for it to end, then deploy again"),
+        ),
+        WriteError::Ended => ApiError::new(
+            StatusCode::CONFLICT,
+            "sandbox_ended",
+            format!("sandbox {name} has ended; create it again"),
         ),
         WriteError::Db(e) => e.into(),
     }
@@ -463,38 +388,20 @@ pub async fn requests(
     Path(key): Path<String>,
 ) -> Result<Json<Vec<sdp_protocol::RouteDecision>>, ApiError> {
     let row = load(&state, &key).await?;
-    if ended(&row) {
+    if row.state.has_ended() {
         // The router forgot it with its routes.
         return Ok(Json(Vec::new()));
     }
-    let Ok(sandbox) = sdp_protocol::SandboxName::parse(row.name) else {
-        return Ok(Json(Vec::new()));
-    };
-    let job = sdp_protocol::JobKind::Requests { sandbox };
-    let timeout = state.config.job_timeout.get();
-    let output = match state
-        .hub
-        .call(sdp_protocol::Role::Gateway, job, timeout)
-        .await
-    {
-        Ok((_, output)) => output,
-        Err(crate::hub::CallError::NoAgent(_)) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no_agent",
-                "no gateway agent is connected, so there are no routing decisions to show; start `sdp agent --role gateway`",
-            ));
-        }
-        Err(e) => return Err(super::catalog::call_error(e)),
-    };
-    match output {
-        sdp_protocol::JobOutput::Requests { requests } => Ok(Json(requests)),
-        other => Err(ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "agent_error",
-            format!("the gateway agent answered with {other:?}"),
-        )),
-    }
+    let job = sdp_protocol::Requests { sandbox: row.name };
+    let (_, requests) = call(
+        state.dispatch.as_ref(),
+        Target::Any(sdp_protocol::Role::Gateway),
+        job,
+        state.config.job_timeout.get(),
+    )
+    .await
+    .map_err(|e| agent_error(e, "the router"))?;
+    Ok(Json(requests))
 }
 
 #[derive(Deserialize)]
@@ -505,13 +412,15 @@ pub struct ListParams {
     cursor: Option<String>,
 }
 
-const SANDBOX_STATES: &[&str] = &["deploying", "ready", "failed", "expired", "deleted"];
-
 /// Checks listing parameters into a query; `states` are the values `state` may take.
-pub(crate) fn list_query(params: ListParams, states: &[&str]) -> Result<ListQuery, ApiError> {
+pub(crate) fn list_query<S: std::fmt::Display + Copy>(
+    params: ListParams,
+    states: &[S],
+) -> Result<ListQuery, ApiError> {
     if let Some(s) = &params.state
-        && !states.contains(&s.as_str())
+        && !states.iter().any(|state| state.to_string() == *s)
     {
+        let states: Vec<String> = states.iter().map(ToString::to_string).collect();
         return Err(ApiError::bad_request(
             "invalid_state",
             format!("state must be one of {}", states.join(", ")),
@@ -554,10 +463,10 @@ pub async fn list(
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let q = list_query(params, SANDBOX_STATES)?;
+    let q = list_query(params, SandboxState::ALL)?;
     let rows = state.db.list_sandboxes(&q).await?;
     let next = (rows.len() == q.limit as usize)
-        .then(|| rows.last().map(|r| cursor(r.created_at, &r.id)))
+        .then(|| rows.last().map(|r| cursor(r.created_at, r.id.as_str())))
         .flatten();
     let items: Vec<SandboxView> = rows.into_iter().map(|r| sandbox_view(&state, r)).collect();
     Ok(Json(json!({"items": items, "next": next})))
@@ -571,34 +480,12 @@ pub async fn delete(
     let sandbox = load(&state, &key).await?;
     require_owner(&sandbox, &session)?;
     require_live(&sandbox)?;
-    let name = SandboxName::parse(sandbox.name.clone())
-        .map_err(|e| ApiError::internal("sandbox name", &e))?;
     state
-        .db
-        .audit(
-            session.username.as_str(),
-            "delete_sandbox",
-            name.as_str(),
-            "",
-        )
-        .await?;
-    let agent = state
-        .deployments
-        .end_sandbox(&sandbox.id, "deleted")
+        .lifecycle
+        .end(&sandbox, Ending::Deleted, session.username.as_str())
         .await
-        .or(sandbox.agent.clone());
-    let deployments = state.deployments.clone();
-    tokio::spawn(async move {
-        // Routes go first: no request reaches an instance being stopped.
-        deployments
-            .routes
-            .publish_logged("a sandbox was deleted")
-            .await;
-        if let Some(agent) = agent {
-            deployments.remove_on_agent(&name, &agent).await;
-        }
-    });
-    let row = load(&state, &sandbox.id).await?;
+        .map_err(|e| write_error(e, &sandbox.name))?;
+    let row = load(&state, sandbox.id.as_str()).await?;
     Ok((StatusCode::ACCEPTED, Json(sandbox_view(&state, row))).into_response())
 }
 
@@ -613,16 +500,11 @@ pub async fn extend(
     require_live(&sandbox)?;
     let ttl = parse_ttl(&req.ttl)?;
     let expires_at = OffsetDateTime::now_utc() + ttl;
-    state.db.extend_sandbox(&sandbox.id, expires_at).await?;
     state
-        .db
-        .audit(
-            session.username.as_str(),
-            "extend_sandbox",
-            &sandbox.name,
-            &req.ttl,
-        )
-        .await?;
-    let row = load(&state, &sandbox.id).await?;
+        .lifecycle
+        .extend(&sandbox, expires_at, session.username.as_str(), &req.ttl)
+        .await
+        .map_err(|e| write_error(e, &sandbox.name))?;
+    let row = load(&state, sandbox.id.as_str()).await?;
     Ok(Json(sandbox_view(&state, row)))
 }

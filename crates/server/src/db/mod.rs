@@ -1,16 +1,32 @@
 //! SQLite under `data_dir`, in WAL mode, with the migrations embedded in the binary.
 //!
-//! Every query of the control plane is a method here, so the schema has one owner.
+//! Every query of the control plane is a method here, one file per aggregate (sessions,
+//! agents, sandboxes, deployments, steps), so the schema has one owner. Rows come out as
+//! named structs with typed ids and states. Every transaction that writes takes the write
+//! lock at its start (`BEGIN IMMEDIATE`): one that read first under a deferred transaction
+//! could act on a snapshot another writer has changed meanwhile. A change made on someone's
+//! behalf is written with its audit row, in the same transaction.
 
+mod agents;
+mod deployments;
 mod sandboxes;
+mod sessions;
+mod states;
+mod steps;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{Row, SqlitePool};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
+
+pub use deployments::{DeploymentRow, Finish};
+pub use sandboxes::{Instance, SandboxRow, Selection, WriteError};
+pub use states::{DeploymentState, Ending, SandboxState, ServiceState};
 
 #[derive(Clone)]
 pub struct Db {
@@ -27,20 +43,68 @@ pub fn from_millis(ms: i64) -> OffsetDateTime {
         .unwrap_or(OffsetDateTime::UNIX_EPOCH)
 }
 
-pub use sandboxes::{DeploymentRow, ListQuery, SandboxRow, Selection, WriteError};
-
-pub struct SessionRow {
-    pub username: String,
-    pub expires_at: OffsetDateTime,
+/// A column parsed into its type (an id, a name, a state): a value that does not parse is a
+/// decode error, never a panic.
+fn parsed<T>(row: &SqliteRow, column: &str) -> Result<T, sqlx::Error>
+where
+    T: FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let raw: String = row.try_get(column)?;
+    raw.parse().map_err(|e: T::Err| sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: Box::new(e),
+    })
 }
 
-pub struct AgentRow {
-    pub name: String,
-    pub role: String,
-    pub version: String,
-    pub host: String,
-    pub last_seen: OffsetDateTime,
-    pub running: u32,
+fn parsed_opt<T>(row: &SqliteRow, column: &str) -> Result<Option<T>, sqlx::Error>
+where
+    T: FromStr,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    let raw: Option<String> = row.try_get(column)?;
+    raw.map(|raw| {
+        raw.parse().map_err(|e: T::Err| sqlx::Error::ColumnDecode {
+            index: column.to_owned(),
+            source: Box::new(e),
+        })
+    })
+    .transpose()
+}
+
+/// Filters and page of a listing, newest first.
+pub struct ListQuery {
+    pub owner: Option<String>,
+    pub state: Option<String>,
+    pub limit: u32,
+    /// `(created_at, id)` of the last item of the previous page.
+    pub after: Option<(i64, String)>,
+}
+
+/// Who did what to what: the audit row written with the change it describes.
+pub struct Audit<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target: &'a str,
+    pub detail: &'a str,
+}
+
+async fn insert_audit(
+    tx: &mut sqlx::SqliteConnection,
+    audit: &Audit<'_>,
+    at: OffsetDateTime,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO audit (at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .bind(to_millis(at))
+    .bind(audit.actor)
+    .bind(audit.action)
+    .bind(audit.target)
+    .bind(audit.detail)
+    .execute(tx)
+    .await?;
+    Ok(())
 }
 
 impl Db {
@@ -62,158 +126,24 @@ impl Db {
         Ok(Self { pool })
     }
 
-    pub async fn upsert_user(
-        &self,
-        username: &str,
-        now: OffsetDateTime,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO users (username, created_at, last_login_at) VALUES (?1, ?2, ?2)
-             ON CONFLICT (username) DO UPDATE SET last_login_at = excluded.last_login_at",
-        )
-        .bind(username)
-        .bind(to_millis(now))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn insert_session(
-        &self,
-        token_hash: &str,
-        username: &str,
-        now: OffsetDateTime,
-        expires_at: OffsetDateTime,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO sessions (token_hash, username, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-        )
-        .bind(token_hash)
-        .bind(username)
-        .bind(to_millis(now))
-        .bind(to_millis(expires_at))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn session(&self, token_hash: &str) -> Result<Option<SessionRow>, sqlx::Error> {
-        let row = sqlx::query("SELECT username, expires_at FROM sessions WHERE token_hash = ?1")
-            .bind(token_hash)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(row.map(|r| SessionRow {
-            username: r.get("username"),
-            expires_at: from_millis(r.get("expires_at")),
-        }))
-    }
-
-    pub async fn delete_session(&self, token_hash: &str) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM sessions WHERE token_hash = ?1")
-            .bind(token_hash)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    /// Deletes the sessions that expired before `before`.
-    pub async fn delete_expired_sessions(&self, before: OffsetDateTime) -> Result<(), sqlx::Error> {
-        sqlx::query("DELETE FROM sessions WHERE expires_at <= ?1")
-            .bind(to_millis(before))
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn audit(
-        &self,
-        actor: &str,
-        action: &str,
-        target: &str,
-        detail: &str,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO audit (at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )
-        .bind(to_millis(OffsetDateTime::now_utc()))
-        .bind(actor)
-        .bind(action)
-        .bind(target)
-        .bind(detail)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn agent_connected(
-        &self,
-        name: &str,
-        role: &str,
-        version: &str,
-        host: &str,
-        now: OffsetDateTime,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "INSERT INTO agents (name, role, version, host, connected, last_seen, running)
-             VALUES (?1, ?2, ?3, ?4, 1, ?5, 0)
-             ON CONFLICT (name) DO UPDATE SET role = excluded.role, version = excluded.version,
-               host = excluded.host, connected = 1, last_seen = excluded.last_seen",
-        )
-        .bind(name)
-        .bind(role)
-        .bind(version)
-        .bind(host)
-        .bind(to_millis(now))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    pub async fn agent_disconnected(
-        &self,
-        name: &str,
-        last_seen: OffsetDateTime,
-        running: u32,
-    ) -> Result<(), sqlx::Error> {
-        sqlx::query(
-            "UPDATE agents SET connected = 0, last_seen = ?2, running = ?3 WHERE name = ?1",
-        )
-        .bind(name)
-        .bind(to_millis(last_seen))
-        .bind(i64::from(running))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// At start no agent is connected yet, whatever the last run left behind.
-    pub async fn mark_all_agents_disconnected(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("UPDATE agents SET connected = 0")
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    pub async fn agents(&self) -> Result<Vec<AgentRow>, sqlx::Error> {
-        let rows = sqlx::query(
-            "SELECT name, role, version, host, last_seen, running FROM agents ORDER BY name",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| AgentRow {
-                name: r.get("name"),
-                role: r.get("role"),
-                version: r.get("version"),
-                host: r.get("host"),
-                last_seen: from_millis(r.get("last_seen")),
-                running: u32::try_from(r.get::<i64, _>("running")).unwrap_or(0),
-            })
-            .collect())
+    /// A write transaction, holding the write lock from its first statement.
+    async fn write(&self) -> Result<Transaction<'static, Sqlite>, sqlx::Error> {
+        self.pool.begin_with("BEGIN IMMEDIATE").await
     }
 
     pub async fn close(&self) {
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// A database in a temporary folder, dropped with it.
+    pub async fn temp_db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).await.unwrap();
+        (dir, db)
     }
 }

@@ -1,0 +1,124 @@
+//! The states of sandboxes, deployments and services, stored as TEXT.
+
+use std::fmt;
+use std::str::FromStr;
+
+macro_rules! state_enum {
+    ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name {
+            $($(#[$vdoc])* $variant),+
+        }
+
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownState;
+            fn from_str(s: &str) -> Result<Self, UnknownState> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(UnknownState(s.chars().take(40).collect())),
+                }
+            }
+        }
+    };
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("unknown state {0:?}")]
+pub struct UnknownState(String);
+
+state_enum!(
+    /// A sandbox's state (SPEC §3): it follows its latest deployment until it ends.
+    SandboxState {
+        Deploying => "deploying",
+        Ready => "ready",
+        Failed => "failed",
+        Expired => "expired",
+        Deleted => "deleted",
+    }
+);
+
+impl SandboxState {
+    pub const ALL: &[SandboxState] = &[
+        SandboxState::Deploying,
+        SandboxState::Ready,
+        SandboxState::Failed,
+        SandboxState::Expired,
+        SandboxState::Deleted,
+    ];
+
+    /// Ended sandboxes keep their rows for history; their names are free again.
+    pub fn has_ended(self) -> bool {
+        matches!(self, SandboxState::Expired | SandboxState::Deleted)
+    }
+}
+
+state_enum!(
+    /// A deployment's state. `queued` and `running` are in progress; the others are final.
+    DeploymentState {
+        Queued => "queued",
+        Running => "running",
+        Ready => "ready",
+        Failed => "failed",
+        /// Its sandbox ended while it was in progress.
+        Cancelled => "cancelled",
+    }
+);
+
+impl DeploymentState {
+    pub const ALL: &[DeploymentState] = &[
+        DeploymentState::Queued,
+        DeploymentState::Running,
+        DeploymentState::Ready,
+        DeploymentState::Failed,
+        DeploymentState::Cancelled,
+    ];
+
+    pub fn in_progress(self) -> bool {
+        matches!(self, DeploymentState::Queued | DeploymentState::Running)
+    }
+}
+
+state_enum!(
+    /// A sandbox's service: what runs of it now.
+    ServiceState {
+        /// A deployment of it is in progress.
+        Deploying => "deploying",
+        /// An instance runs, at `upstream`.
+        Running => "running",
+        /// No instance runs.
+        Failed => "failed",
+        /// Its sandbox ended.
+        Stopped => "stopped",
+    }
+);
+
+/// How the end of a sandbox came about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Deleted,
+    Expired,
+}
+
+impl Ending {
+    pub fn state(self) -> SandboxState {
+        match self {
+            Ending::Deleted => SandboxState::Deleted,
+            Ending::Expired => SandboxState::Expired,
+        }
+    }
+}
