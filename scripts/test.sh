@@ -41,5 +41,7 @@ if [ "$(id -u)" -eq 0 ]; then
 fi
 
 cargo fmt --all -- --check
+# The control plane's modules must not import each other in a circle (ARCHITECTURE.md).
+python3 scripts/check-acyclic.py crates/server/src crates/router/src
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo nextest run --workspace --locked --no-fail-fast

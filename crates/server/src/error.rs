@@ -13,6 +13,9 @@ use serde_json::json;
 
 use crate::dispatch::CallError;
 
+/// The largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 1 << 20;
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -112,7 +115,7 @@ fn json_rejection(rejection: JsonRejection) -> ApiError {
             "payload_too_large",
             format!(
                 "the body is larger than the limit of {} bytes",
-                crate::api::MAX_BODY_BYTES
+                MAX_BODY_BYTES
             ),
         )
         .with_log(&other),

@@ -34,8 +34,7 @@ use crate::limiter::LoginLimiter;
 use crate::logs::Logs;
 use crate::sessions::{self, PasswordVault};
 
-/// The largest request body accepted.
-pub const MAX_BODY_BYTES: usize = 1 << 20;
+pub use crate::error::MAX_BODY_BYTES;
 
 /// Who may call an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
