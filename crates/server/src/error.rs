@@ -9,7 +9,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sdp_protocol::{JobErrorCode, Role};
 use serde::de::DeserializeOwned;
-use serde_json::json;
 
 use crate::dispatch::CallError;
 
@@ -71,7 +70,12 @@ impl From<sqlx::Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = sdp_api::ErrorBody {
+            error: sdp_api::ErrorDetail {
+                code: self.code.to_owned(),
+                message: self.message,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }

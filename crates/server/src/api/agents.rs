@@ -8,28 +8,15 @@ use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::response::Response;
+use sdp_api::Agent;
 use sdp_protocol::{Capability, MAX_FRAME_BYTES};
-use serde::Serialize;
-
-#[derive(Serialize)]
-pub struct AgentView {
-    name: String,
-    role: String,
-    version: String,
-    host: String,
-    connected: bool,
-    last_seen: String,
-    running: u32,
-    load: u32,
-    capabilities: Vec<Capability>,
-}
 
 /// Connected agents with their live figures, then the ones seen before and gone.
-pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>, ApiError> {
+pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Agent>>, ApiError> {
     let live = state.hub.connected();
-    let mut views: Vec<AgentView> = live
+    let mut views: Vec<Agent> = live
         .iter()
-        .map(|a| AgentView {
+        .map(|a| Agent {
             name: a.name.clone(),
             role: a.role.to_string(),
             version: a.version.clone(),
@@ -38,14 +25,18 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<AgentView>>,
             last_seen: rfc3339(a.last_seen),
             running: a.running,
             load: a.load,
-            capabilities: a.capabilities.clone(),
+            capabilities: a
+                .capabilities
+                .iter()
+                .map(|c| capability(*c).to_owned())
+                .collect(),
         })
         .collect();
     for row in state.db.agents().await? {
         if live.iter().any(|a| a.name == row.name) {
             continue;
         }
-        views.push(AgentView {
+        views.push(Agent {
             name: row.name,
             role: row.role,
             version: row.version,
@@ -74,4 +65,15 @@ pub async fn socket(
         // Tracked, so the server closes the database only after every connection has
         // recorded its end.
         .on_upgrade(move |socket| state.connections.track_future(serve_agent(hub, socket)))
+}
+
+/// A capability as the agent said it.
+fn capability(c: Capability) -> &'static str {
+    match c {
+        Capability::Git => "git",
+        Capability::RuntimeDocker => "runtime_docker",
+        Capability::RuntimeProcess => "runtime_process",
+        Capability::Router => "router",
+        Capability::Unknown => "unknown",
+    }
 }

@@ -7,9 +7,8 @@ use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use sdp_api::{LoginRequest, LoginResponse, SessionInfo};
 use sdp_protocol::{Credentials, JobErrorCode, Password, ProbeCredentials, Role, Username};
-use serde::Deserialize;
-use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -19,12 +18,6 @@ use crate::dispatch::{CallError, Target, call};
 use crate::error::{ApiError, ApiJson, agent_error};
 use crate::limiter::{Limit, Refused, client_address};
 use crate::sessions::{self, COOKIE_NAME};
-
-#[derive(Deserialize)]
-pub struct LoginRequest {
-    username: String,
-    password: String,
-}
 
 pub async fn login(
     State(state): State<AppState>,
@@ -101,11 +94,11 @@ pub async fn login(
         "{COOKIE_NAME}={token}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
         ttl.as_secs()
     );
-    let body = json!({
-        "token": token,
-        "user": username.as_str(),
-        "expires_at": expires_at.format(&Rfc3339).unwrap_or_default(),
-    });
+    let body = LoginResponse {
+        token,
+        user: username.to_string(),
+        expires_at: expires_at.format(&Rfc3339).unwrap_or_default(),
+    };
     let mut response = Json(body).into_response();
     response.headers_mut().insert(
         header::SET_COOKIE,
@@ -164,9 +157,9 @@ pub async fn logout(
 
 /// Who the session belongs to, and until when: for pages and clients that hold a session but
 /// not its user (a new tab).
-pub async fn session(Extension(session): Extension<CurrentSession>) -> Json<serde_json::Value> {
-    Json(json!({
-        "user": session.username.as_str(),
-        "expires_at": session.expires_at.format(&Rfc3339).unwrap_or_default(),
-    }))
+pub async fn session(Extension(session): Extension<CurrentSession>) -> Json<SessionInfo> {
+    Json(SessionInfo {
+        user: session.username.to_string(),
+        expires_at: session.expires_at.format(&Rfc3339).unwrap_or_default(),
+    })
 }

@@ -3,29 +3,21 @@
 use axum::Extension;
 use axum::Json;
 use axum::extract::{Path, State};
+use sdp_api::Service;
 use sdp_protocol::{Branch, ListBranches, Role};
-use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{AppState, CurrentSession};
 use crate::dispatch::{Target, call};
 use crate::error::{ApiError, agent_error};
 
-#[derive(Serialize)]
-pub struct ServiceView {
-    name: String,
-    repo: String,
-    routes: Vec<String>,
-    baseline: String,
-}
-
-pub async fn services(State(state): State<AppState>) -> Json<Vec<ServiceView>> {
+pub async fn services(State(state): State<AppState>) -> Json<Vec<Service>> {
     Json(
         state
             .config
             .services
             .iter()
-            .map(|s| ServiceView {
+            .map(|s| Service {
                 name: s.name.to_string(),
                 repo: s.repo.to_string(),
                 routes: s.routes.clone(),

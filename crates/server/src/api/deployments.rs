@@ -9,53 +9,18 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
-use serde::{Deserialize, Serialize};
-use serde_json::json;
+use sdp_api::{Deployment, DeploymentService, ListParams, Page, StepInfo};
+use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use super::sandboxes::{ListParams, cursor, list_query};
+use super::sandboxes::{cursor, list_query};
 use super::{AppState, rfc3339};
 use crate::db::DeploymentRow;
 use crate::error::ApiError;
 use crate::logs::{Frame, Line, Logs};
 
-#[derive(Serialize)]
-pub struct DeploymentView {
-    id: String,
-    sandbox_id: String,
-    requested_by: String,
-    state: String,
-    error: Option<String>,
-    created_at: String,
-    finished_at: Option<String>,
-    /// The micro agent that ran it.
-    agent: Option<String>,
-    services: Vec<DeploymentServiceView>,
-    /// Every step with its start and end, in order (only in `GET /api/deployments/{id}`).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    steps: Option<Vec<StepView>>,
-}
-
-#[derive(Serialize)]
-struct StepView {
-    service: Option<String>,
-    step: String,
-    state: String,
-    started_at: String,
-    ended_at: Option<String>,
-}
-
-#[derive(Serialize)]
-struct DeploymentServiceView {
-    service: String,
-    branch: String,
-    commit: Option<String>,
-    step: String,
-    state: String,
-}
-
-pub(crate) fn deployment_view(row: DeploymentRow) -> DeploymentView {
-    DeploymentView {
+pub(crate) fn deployment_view(row: DeploymentRow) -> Deployment {
+    Deployment {
         id: row.id.to_string(),
         sandbox_id: row.sandbox_id.to_string(),
         requested_by: row.requested_by,
@@ -68,7 +33,7 @@ pub(crate) fn deployment_view(row: DeploymentRow) -> DeploymentView {
         services: row
             .services
             .into_iter()
-            .map(|s| DeploymentServiceView {
+            .map(|s| DeploymentService {
                 service: s.service,
                 branch: s.branch,
                 commit: s.commit,
@@ -94,13 +59,13 @@ async fn load(state: &AppState, id: &str) -> Result<DeploymentRow, ApiError> {
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<DeploymentView>, ApiError> {
+) -> Result<Json<Deployment>, ApiError> {
     let mut view = deployment_view(load(&state, &id).await?);
     let steps = state.db.steps(&id).await?;
     view.steps = Some(
         steps
             .into_iter()
-            .map(|s| StepView {
+            .map(|s| StepInfo {
                 service: s.service,
                 step: s.step,
                 state: s.state,
@@ -115,7 +80,7 @@ pub async fn get(
 pub async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Page<Deployment>>, ApiError> {
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let q = list_query(params, crate::db::DeploymentState::ALL)?;
@@ -123,8 +88,8 @@ pub async fn list(
     let next = (rows.len() == q.limit as usize)
         .then(|| rows.last().map(|r| cursor(r.created_at, r.id.as_str())))
         .flatten();
-    let items: Vec<DeploymentView> = rows.into_iter().map(deployment_view).collect();
-    Ok(Json(json!({"items": items, "next": next})))
+    let items: Vec<Deployment> = rows.into_iter().map(deployment_view).collect();
+    Ok(Json(Page { items, next }))
 }
 
 /// One frame as a line for people.

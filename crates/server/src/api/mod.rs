@@ -19,7 +19,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{MethodFilter, MethodRouter, on};
 use axum::{Json, Router};
 use sdp_protocol::{ServiceRoutes, Username};
-use serde_json::json;
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -295,13 +294,13 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
-    Json(json!({
-        "status": "ok",
-        "version": env!("CARGO_PKG_VERSION"),
-        "agents": state.hub.connected().len(),
-        "mode": if state.dev_mode { "dev" } else { "server" },
-    }))
+async fn health(State(state): State<AppState>) -> Json<sdp_api::Health> {
+    Json(sdp_api::Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        agents: state.hub.connected().len(),
+        mode: if state.dev_mode { "dev" } else { "server" }.into(),
+    })
 }
 
 async fn dashboard() -> axum::response::Html<&'static str> {

@@ -8,12 +8,14 @@ use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use sdp_api::{
+    Accepted, CreateSandbox, Deployment, Extend, ListParams, Page, Redeploy, Sandbox,
+    SandboxService, Selection,
+};
 use sdp_protocol::{BranchName, SandboxName, ServiceSpec};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
 use time::OffsetDateTime;
 
-use super::deployments::{DeploymentView, deployment_view};
+use super::deployments::deployment_view;
 use super::{AppState, CurrentSession, rfc3339};
 use crate::db::{Ending, ListQuery, SandboxRow, SandboxState, WriteError};
 use crate::dispatch::{Target, call};
@@ -24,54 +26,6 @@ use crate::lifecycle::Request;
 pub const MAX_SERVICES: usize = 16;
 /// The longest a sandbox may be given at once.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SelectionRequest {
-    service: String,
-    branch: String,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateRequest {
-    name: String,
-    services: Vec<SelectionRequest>,
-    ttl: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedeployRequest {
-    services: Vec<SelectionRequest>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ExtendRequest {
-    ttl: String,
-}
-
-#[derive(Serialize)]
-pub struct SandboxView {
-    id: String,
-    name: String,
-    owner: String,
-    state: String,
-    url: String,
-    created_at: String,
-    expires_at: String,
-    services: Vec<SandboxServiceView>,
-}
-
-#[derive(Serialize)]
-struct SandboxServiceView {
-    service: String,
-    branch: String,
-    commit: Option<String>,
-    state: String,
-    upstream: Option<String>,
-}
 
 /// `<scheme>://<sandbox>.<base_domain>[:port]` of the gateway's public URL.
 fn sandbox_url(state: &AppState, name: &str) -> String {
@@ -85,8 +39,8 @@ fn sandbox_url(state: &AppState, name: &str) -> String {
     }
 }
 
-pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> SandboxView {
-    SandboxView {
+pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> Sandbox {
+    Sandbox {
         url: sandbox_url(state, row.name.as_str()),
         id: row.id.to_string(),
         name: row.name.to_string(),
@@ -97,7 +51,7 @@ pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> SandboxView {
         services: row
             .services
             .into_iter()
-            .map(|s| SandboxServiceView {
+            .map(|s| SandboxService {
                 service: s.service,
                 branch: s.branch,
                 commit: s.commit,
@@ -131,7 +85,7 @@ fn parse_ttl(raw: &str) -> Result<Duration, ApiError> {
 }
 
 /// Checks the requested services against the catalog and git's rules, into deploy specs.
-fn specs(state: &AppState, services: &[SelectionRequest]) -> Result<Vec<ServiceSpec>, ApiError> {
+fn specs(state: &AppState, services: &[Selection]) -> Result<Vec<ServiceSpec>, ApiError> {
     if services.is_empty() {
         return Err(ApiError::bad_request(
             "no_services",
@@ -217,7 +171,7 @@ fn require_live(row: &SandboxRow) -> Result<(), ApiError> {
 }
 
 /// `service@branch …` of a request, for the audit trail.
-fn detail(requested: &[SelectionRequest]) -> String {
+fn detail(requested: &[Selection]) -> String {
     requested
         .iter()
         .map(|s| format!("{}@{}", s.service, s.branch))
@@ -231,14 +185,17 @@ async fn accepted(
     deployment_id: &str,
 ) -> Result<Response, ApiError> {
     let sandbox = load(state, sandbox_id).await?;
-    let deployment: Option<DeploymentView> = state
+    let deployment: Option<Deployment> = state
         .db
         .deployment(deployment_id)
         .await?
         .map(deployment_view);
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"sandbox": sandbox_view(state, sandbox), "deployment": deployment})),
+        Json(Accepted {
+            sandbox: sandbox_view(state, sandbox),
+            deployment,
+        }),
     )
         .into_response())
 }
@@ -246,7 +203,7 @@ async fn accepted(
 pub async fn create(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
-    ApiJson(req): ApiJson<CreateRequest>,
+    ApiJson(req): ApiJson<CreateSandbox>,
 ) -> Result<Response, ApiError> {
     let name = SandboxName::parse(req.name)
         .map_err(|e| ApiError::bad_request("invalid_sandbox_name", e.to_string()))?;
@@ -280,7 +237,7 @@ pub async fn redeploy(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
     Path(key): Path<String>,
-    ApiJson(req): ApiJson<RedeployRequest>,
+    ApiJson(req): ApiJson<Redeploy>,
 ) -> Result<Response, ApiError> {
     let sandbox = load(&state, &key).await?;
     require_owner(&sandbox, &session)?;
@@ -377,7 +334,7 @@ fn write_error(e: WriteError, name: &SandboxName) -> ApiError {
 pub async fn get(
     State(state): State<AppState>,
     Path(key): Path<String>,
-) -> Result<Json<SandboxView>, ApiError> {
+) -> Result<Json<Sandbox>, ApiError> {
     let row = load(&state, &key).await?;
     Ok(Json(sandbox_view(&state, row)))
 }
@@ -402,14 +359,6 @@ pub async fn requests(
     .await
     .map_err(|e| agent_error(e, "the router"))?;
     Ok(Json(requests))
-}
-
-#[derive(Deserialize)]
-pub struct ListParams {
-    owner: Option<String>,
-    state: Option<String>,
-    limit: Option<u32>,
-    cursor: Option<String>,
 }
 
 /// Checks listing parameters into a query; `states` are the values `state` may take.
@@ -462,14 +411,14 @@ fn parse_cursor(raw: &str) -> Option<(i64, String)> {
 pub async fn list(
     State(state): State<AppState>,
     Query(params): Query<ListParams>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<Page<Sandbox>>, ApiError> {
     let q = list_query(params, SandboxState::ALL)?;
     let rows = state.db.list_sandboxes(&q).await?;
     let next = (rows.len() == q.limit as usize)
         .then(|| rows.last().map(|r| cursor(r.created_at, r.id.as_str())))
         .flatten();
-    let items: Vec<SandboxView> = rows.into_iter().map(|r| sandbox_view(&state, r)).collect();
-    Ok(Json(json!({"items": items, "next": next})))
+    let items: Vec<Sandbox> = rows.into_iter().map(|r| sandbox_view(&state, r)).collect();
+    Ok(Json(Page { items, next }))
 }
 
 pub async fn delete(
@@ -493,8 +442,8 @@ pub async fn extend(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
     Path(key): Path<String>,
-    ApiJson(req): ApiJson<ExtendRequest>,
-) -> Result<Json<SandboxView>, ApiError> {
+    ApiJson(req): ApiJson<Extend>,
+) -> Result<Json<Sandbox>, ApiError> {
     let sandbox = load(&state, &key).await?;
     require_owner(&sandbox, &session)?;
     require_live(&sandbox)?;

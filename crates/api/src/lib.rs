@@ -1,0 +1,260 @@
+//! The request and response types of SDP's JSON API (SPEC §4, §11), in one place for the
+//! control plane that serves them, the CLI that sends them and the tests that check them.
+//!
+//! Requests that change something refuse unknown fields, so that a typo is an error rather
+//! than a silent default.
+//! Times are RFC 3339 strings; states are the lower-case words of SPEC §3.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use sdp_protocol::{Branch, RouteDecision, RouteKind};
+
+/// `POST /api/login`. (Unknown fields are ignored here, as they always were.)
+#[derive(Clone, Serialize, Deserialize)]
+pub struct LoginRequest {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for LoginRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginRequest")
+            .field("username", &self.username)
+            .field("password", &"[REDACTED]")
+            .finish()
+    }
+}
+
+/// The answer to a login: the session token (also set as a cookie) and until when it holds.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct LoginResponse {
+    pub token: String,
+    pub user: String,
+    pub expires_at: String,
+}
+
+impl fmt::Debug for LoginResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LoginResponse")
+            .field("token", &"[REDACTED]")
+            .field("user", &self.user)
+            .field("expires_at", &self.expires_at)
+            .finish()
+    }
+}
+
+/// `GET /api/session`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SessionInfo {
+    pub user: String,
+    pub expires_at: String,
+}
+
+/// `GET /api/health`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    /// Agents connected now.
+    pub agents: usize,
+    /// `server`, or `dev` (`sdp dev`: any password is accepted).
+    pub mode: String,
+}
+
+/// A catalog service (`GET /api/services`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Service {
+    pub name: String,
+    pub repo: String,
+    pub routes: Vec<String>,
+    pub baseline: String,
+}
+
+/// An agent, connected or seen before (`GET /api/agents`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Agent {
+    pub name: String,
+    pub role: String,
+    pub version: String,
+    pub host: String,
+    pub connected: bool,
+    pub last_seen: String,
+    pub running: u32,
+    pub load: u32,
+    pub capabilities: Vec<String>,
+}
+
+/// A service and the branch to deploy of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Selection {
+    pub service: String,
+    pub branch: String,
+}
+
+/// `POST /api/sandboxes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSandbox {
+    pub name: String,
+    pub services: Vec<Selection>,
+    /// A duration like `8h`; the server's `sandbox_ttl` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<String>,
+}
+
+/// `POST /api/sandboxes/{id}/deploy`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redeploy {
+    pub services: Vec<Selection>,
+}
+
+/// `POST /api/sandboxes/{id}/extend`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Extend {
+    pub ttl: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub name: String,
+    pub owner: String,
+    /// `deploying`, `ready`, `failed`, `expired` or `deleted`.
+    pub state: String,
+    pub url: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub services: Vec<SandboxService>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxService {
+    pub service: String,
+    pub branch: String,
+    pub commit: Option<String>,
+    /// `deploying`, `running`, `failed` or `stopped`.
+    pub state: String,
+    /// `host:port` of its instance, while one runs.
+    pub upstream: Option<String>,
+}
+
+/// The answer to a create or a redeploy (202): the sandbox and its new deployment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Accepted {
+    pub sandbox: Sandbox,
+    pub deployment: Option<Deployment>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Deployment {
+    pub id: String,
+    pub sandbox_id: String,
+    pub requested_by: String,
+    /// `queued`, `running`, `ready`, `failed` or `cancelled`.
+    pub state: String,
+    pub error: Option<String>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    /// The micro agent that ran it.
+    pub agent: Option<String>,
+    pub services: Vec<DeploymentService>,
+    /// Every step with its start and end, in order (only in `GET /api/deployments/{id}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<Vec<StepInfo>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeploymentService {
+    pub service: String,
+    pub branch: String,
+    pub commit: Option<String>,
+    pub step: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepInfo {
+    /// `None` for a step of the whole deployment (`routing`).
+    pub service: Option<String>,
+    pub step: String,
+    pub state: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+}
+
+/// The query of a listing: filters, and the page to read.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ListParams {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// 1 to 200; 50 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    /// The `next` of the previous page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cursor: Option<String>,
+}
+
+/// One page of a listing, newest first; `next` reads the following one, until it is `None`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<String>,
+}
+
+/// Every error's body: `{"error": {"code": "...", "message": "..."}}`, a stable `code` for
+/// programs and a `message` for people.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_with_an_unknown_field_is_refused() {
+        let typo = r#"{"name":"x","services":[],"tll":"2h"}"#;
+        assert!(serde_json::from_str::<CreateSandbox>(typo).is_err());
+        let ok = r#"{"name":"x","services":[{"service":"orders","branch":"main"}]}"#;
+        let req: CreateSandbox = serde_json::from_str(ok).unwrap();
+        assert_eq!(req.ttl, None);
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let login = LoginRequest {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        };
+        let answer = LoginResponse {
+            token: "sdp_token".into(),
+            user: "alice".into(),
+            expires_at: "2026-12-01T00:00:00Z".into(),
+        };
+        let shown = format!("{login:?} {answer:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("sdp_token"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn an_empty_query_encodes_as_nothing() {
+        assert_eq!(serde_json::to_string(&ListParams::default()).unwrap(), "{}");
+    }
+}
