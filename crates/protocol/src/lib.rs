@@ -16,13 +16,13 @@ pub use credentials::{Credentials, InvalidPassword, Password};
 pub use frames::{
     AgentMessage, Branch, Capability, DeployJob, Event, EventBody, FrameError, Heartbeat, Hello,
     Job, JobError, JobErrorCode, JobKind, JobOutput, JobSpec, ListBranches, LogStream,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION, ProbeCredentials, ProtocolError, Reply, RequestId,
-    Requests, Role, ServerMessage, ServiceOutcome, ServiceSpec, Step, StepState, Teardown,
-    Welcome, decode_agent_frame, decode_server_frame, encode, encode_frame,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION, ProbeCredentials, ProtocolError, Reply, RequestId, Requests,
+    Role, ServerMessage, ServiceOutcome, ServiceSpec, Step, StepState, Teardown, Welcome,
+    decode_agent_frame, decode_server_frame, encode, encode_frame,
 };
 pub use names::{
-    AgentName, BranchName, DeploymentId, InvalidName, RepoUrl, SandboxId, SandboxName,
-    ServiceName, Username,
+    AgentName, BranchName, DeploymentId, InvalidName, RepoUrl, SandboxId, SandboxName, ServiceName,
+    Username,
 };
 pub use replies::{MAX_REPLY_BYTES, ReplyAssembly, ReplyError};
 pub use routes::{RouteDecision, RouteKind, RouteTable, SandboxRoutes, ServiceRoutes};
