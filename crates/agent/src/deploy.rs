@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sdp_protocol::{
-    DeployJob, EventBody, LogStream, SandboxName, ServiceOutcome, ServiceSpec, Step, StepState,
+    DeployJob, EventBody, LogStream, SandboxId, ServiceOutcome, ServiceSpec, Step, StepState,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -118,18 +118,20 @@ impl Deployer {
         spec: &ServiceSpec,
         replacing: &mut bool,
     ) -> Result<ServiceOutcome, Failure> {
-        let d = job.deployment.as_str();
+        let d = &job.deployment;
         let service = &spec.service;
         let out = &self.outbox;
+        // By the sandbox's id: a checkout and its marker never pass to another sandbox, even
+        // one that took the name of an ended one.
         let checkout = self
             .layout
-            .checkouts_of(job.sandbox.as_str())
+            .checkouts_of(&job.sandbox_id)
             .join(service.as_str());
         // The agent's own record of what was built, out of user code's reach: a build cannot
         // claim a commit it was not given.
         let marker = self
             .layout
-            .state_of(job.sandbox.as_str())
+            .state_of(&job.sandbox_id)
             .join(format!("{service}.built"));
 
         out.step(d, service, Step::Fetching, StepState::Running)
@@ -186,7 +188,7 @@ impl Deployer {
         out.step(d, service, Step::Starting, StepState::Running)
             .await;
         *replacing = true;
-        let _ = self.runtime.stop_service(&job.sandbox, service).await;
+        let _ = self.runtime.stop_service(&job.sandbox_id, service).await;
         let mut env = spec.env.clone();
         env.insert("SDP_SANDBOX".into(), job.sandbox.to_string());
         env.insert("SDP_SERVICE".into(), service.to_string());
@@ -194,11 +196,12 @@ impl Deployer {
         let instance = match self
             .runtime
             .start(StartRequest {
+                sandbox_id: job.sandbox_id.clone(),
                 sandbox: job.sandbox.clone(),
                 service: service.clone(),
                 deployment: job.deployment.clone(),
                 checkout: checkout.clone(),
-                home: self.layout.home_of(job.sandbox.as_str()),
+                home: self.layout.home_of(&job.sandbox_id),
                 run: spec.run.clone(),
                 port: spec.port,
                 env,
@@ -219,7 +222,7 @@ impl Deployer {
         {
             out.step(d, service, Step::Starting, StepState::Failed)
                 .await;
-            let _ = self.runtime.stop_service(&job.sandbox, service).await;
+            let _ = self.runtime.stop_service(&job.sandbox_id, service).await;
             return Err(Failure(format!("{service} {reason}")));
         }
         if let Some(lines) = instance.output_lines {
@@ -282,7 +285,7 @@ impl Deployer {
             }
         }
         let cache = &self.layout.cache;
-        let home = self.layout.home_of(job.sandbox.as_str());
+        let home = self.layout.home_of(&job.sandbox_id);
         self.users
             .create_dir(&home)
             .map_err(|e| Failure(format!("cannot create {}: {e}", home.display())))?;
@@ -392,25 +395,34 @@ impl Deployer {
         )))
     }
 
-    /// Stops everything of `sandbox` and deletes its checkouts, its home and what the agent
-    /// recorded of it.
-    pub async fn teardown(&self, sandbox: &SandboxName) -> Result<(), String> {
+    /// Every sandbox this agent holds anything of: what the runtime runs, and the folders left
+    /// (a sandbox deleted while the agent was away, or one whose instances all stopped).
+    pub async fn sandboxes(&self) -> Vec<SandboxId> {
+        let mut ids = self.runtime.sandboxes().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list what the runtime runs");
+            Vec::new()
+        });
+        ids.extend(self.layout.sandboxes());
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    /// Stops everything of sandbox `sandbox` and deletes its checkouts, its home and what the
+    /// agent recorded of it; nothing of another id, whatever its name.
+    pub async fn teardown(&self, sandbox: &SandboxId) -> Result<(), String> {
         self.runtime
             .stop_sandbox(sandbox)
             .await
             .map_err(|e| e.to_string())?;
-        let name = sandbox.as_str();
-        let strays = self
-            .users
-            .end_strays(&[self.layout.checkouts_of(name), self.layout.home_of(name)]);
+        let strays = self.users.end_strays(&[
+            self.layout.checkouts_of(sandbox),
+            self.layout.home_of(sandbox),
+        ]);
         if strays > 0 {
             tracing::info!(%sandbox, processes = strays, "ended what the sandbox's builds left running");
         }
-        for dir in [
-            self.layout.checkouts_of(name),
-            self.layout.home_of(name),
-            self.layout.state_of(name),
-        ] {
+        for dir in self.layout.folders_of(sandbox) {
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -426,5 +438,146 @@ fn upstream_address(host: &str, port: u16) -> String {
     match host.parse::<std::net::Ipv6Addr>() {
         Ok(ip) => format!("[{ip}]:{port}"),
         Err(_) => format!("{host}:{port}"),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::process::{Child, Command};
+
+    use sdp_protocol::{DeploymentId, SandboxName, ServiceName};
+
+    use super::*;
+    use crate::runtime::ProcessRuntime;
+
+    /// A micro agent's deployer with the process runtime, its folders under `work_dir`.
+    pub(crate) fn deployer(work_dir: &Path) -> Deployer {
+        let layout = Layout::new(work_dir).unwrap();
+        let users = UserCode::default();
+        layout.prepare(&users).unwrap();
+        Deployer {
+            git: Git::new(
+                "askpass".into(),
+                layout.git_home.clone(),
+                layout.mirrors.clone(),
+                Duration::from_secs(60),
+                1,
+                false,
+            ),
+            runtime: Arc::new(ProcessRuntime::new(
+                &layout.run,
+                users.clone(),
+                (20000, 60000),
+                "127.0.0.1",
+            )),
+            outbox: Arc::new(Outbox::default()),
+            layout,
+            users,
+            advertise_host: "127.0.0.1".into(),
+            build_timeout: Duration::from_secs(60),
+            health_timeout: Duration::from_secs(5),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub(crate) fn id(n: u64) -> SandboxId {
+        SandboxId::parse(format!("sbx_{n:016x}")).unwrap()
+    }
+
+    /// What a deployment of `sandbox` leaves: a built checkout with its marker, a home and a
+    /// running instance of `orders`.
+    async fn deployed(deployer: &Deployer, sandbox: &SandboxId, deployment: u64) {
+        let layout = &deployer.layout;
+        let checkout = layout.checkouts_of(sandbox).join("orders");
+        std::fs::create_dir_all(&checkout).unwrap();
+        std::fs::write(checkout.join("main.go"), "package main").unwrap();
+        std::fs::create_dir_all(layout.state_of(sandbox)).unwrap();
+        std::fs::write(layout.state_of(sandbox).join("orders.built"), "0123abcd").unwrap();
+        deployer
+            .runtime
+            .start(StartRequest {
+                sandbox_id: sandbox.clone(),
+                sandbox: SandboxName::parse("pay-42").unwrap(),
+                service: ServiceName::parse("orders").unwrap(),
+                deployment: DeploymentId::parse(format!("dep_{deployment:016x}")).unwrap(),
+                checkout,
+                home: layout.home_of(sandbox),
+                run: "sleep 60".into(),
+                port: 8080,
+                env: BTreeMap::new(),
+                output: deployer.outbox.clone(),
+            })
+            .await
+            .unwrap();
+    }
+
+    /// A process a build left behind in `dir`, outside any instance's process group.
+    fn stray_in(dir: &Path) -> Child {
+        Command::new("sleep")
+            .arg("60")
+            .current_dir(dir)
+            .spawn()
+            .unwrap()
+    }
+
+    fn exited(child: &mut Child) -> bool {
+        for _ in 0..100 {
+            if child.try_wait().unwrap().is_some() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[tokio::test]
+    async fn a_teardown_removes_its_sandbox_and_leaves_another_of_the_same_name_alone() {
+        let work = tempfile::tempdir().unwrap();
+        let deployer = deployer(work.path());
+        let (old, new) = (id(0xa), id(0xb));
+        deployed(&deployer, &old, 1).await;
+        deployed(&deployer, &new, 2).await;
+        let mut old_stray = stray_in(&deployer.layout.checkouts_of(&old));
+        let mut new_stray = stray_in(&deployer.layout.home_of(&new));
+        assert_eq!(deployer.sandboxes().await, [old.clone(), new.clone()]);
+
+        deployer.teardown(&old).await.unwrap();
+
+        assert!(exited(&mut old_stray), "the old sandbox's stray was ended");
+        for dir in deployer.layout.folders_of(&old) {
+            assert!(!dir.exists(), "{} is left", dir.display());
+        }
+        assert_eq!(
+            deployer.runtime.sandboxes().await.unwrap(),
+            std::slice::from_ref(&new)
+        );
+        assert_eq!(deployer.sandboxes().await, std::slice::from_ref(&new));
+        assert!(
+            new_stray.try_wait().unwrap().is_none(),
+            "the new sandbox's stray was ended"
+        );
+        let layout = &deployer.layout;
+        assert!(layout.checkouts_of(&new).join("orders/main.go").exists());
+        assert!(layout.state_of(&new).join("orders.built").exists());
+        assert!(layout.home_of(&new).is_dir());
+
+        deployer.teardown(&new).await.unwrap();
+        assert!(exited(&mut new_stray));
+        assert!(deployer.sandboxes().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_sandboxes_held_include_those_only_folders_are_left_of() {
+        let work = tempfile::tempdir().unwrap();
+        let deployer = deployer(work.path());
+        deployed(&deployer, &id(2), 1).await;
+        // Deleted while the agent was away: its instance ended, its checkout stayed.
+        std::fs::create_dir_all(deployer.layout.checkouts_of(&id(1)).join("orders")).unwrap();
+        std::fs::create_dir_all(deployer.layout.state_of(&id(3))).unwrap();
+        assert_eq!(deployer.sandboxes().await, [id(1), id(2), id(3)]);
+        for n in 1..=3 {
+            deployer.teardown(&id(n)).await.unwrap();
+        }
+        assert!(deployer.sandboxes().await.is_empty());
     }
 }

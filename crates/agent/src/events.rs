@@ -2,9 +2,12 @@
 //!
 //! Each event gets the next `seq` of its deployment and stays here until the control plane
 //! acknowledges it; after a reconnect every unacknowledged event is sent again, in order,
-//! and the control plane drops the ones it already has. The outbox is bounded: when the
-//! control plane is away for long, whoever emits waits (a build's output pipe fills and the
-//! build pauses) rather than the agent's memory growing without end.
+//! and the control plane drops the ones it already has. When the control plane could not
+//! store some (`resend`), they go again on the same connection, from the `seq` it names.
+//!
+//! The outbox is bounded: when the control plane is away for long, whoever emits waits (a
+//! build's output pipe fills and the build pauses) rather than the agent's memory growing
+//! without end.
 //!
 //! Events are sized by their encoded bytes, never their raw length (JSON escapes a NUL as
 //! `\u0000`): a log line over [`MAX_LINE`] encoded is cut into several events, any event is at
@@ -14,8 +17,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Mutex;
 
 use sdp_protocol::{
-    AgentMessage, Event, EventBody, LogStream, ServiceName, Step, StepState, encoded_len,
-    escaped_len, escaped_pieces, split_escaped,
+    AgentMessage, DeploymentId, Event, EventBody, LogStream, ServiceName, Step, StepState,
+    encoded_len, escaped_len, escaped_pieces, split_escaped,
 };
 use time::OffsetDateTime;
 use tokio::sync::Notify;
@@ -44,10 +47,10 @@ struct State {
     bytes: usize,
     /// How many of `queue` were sent on the current connection.
     sent: usize,
-    next_seq: HashMap<String, u64>,
+    next_seq: HashMap<DeploymentId, u64>,
     /// Deployments whose outcome was emitted: later events of theirs (a service's output)
     /// would be refused by the control plane, so they are not sent.
-    closed: HashSet<String>,
+    closed: HashSet<DeploymentId>,
 }
 
 #[derive(Default)]
@@ -64,7 +67,7 @@ impl Outbox {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub async fn emit(&self, deployment: &str, body: EventBody) {
+    pub async fn emit(&self, deployment: &DeploymentId, body: EventBody) {
         let body = bounded(body);
         loop {
             let freed = self.freed.notified();
@@ -74,10 +77,10 @@ impl Outbox {
                     return;
                 }
                 if state.queue.len() < CAPACITY && state.bytes < CAPACITY_BYTES {
-                    let seq = state.next_seq.entry(deployment.to_owned()).or_insert(0);
+                    let seq = state.next_seq.entry(deployment.clone()).or_insert(0);
                     *seq += 1;
                     let mut event = Event {
-                        deployment: deployment.to_owned(),
+                        deployment: deployment.clone(),
                         seq: *seq,
                         ts: OffsetDateTime::now_utc(),
                         body,
@@ -85,7 +88,7 @@ impl Outbox {
                     let mut bytes = encoded_len(&event);
                     if bytes > MAX_EVENT_BYTES {
                         tracing::error!(
-                            deployment,
+                            %deployment,
                             seq = event.seq,
                             bytes,
                             "an event too large for a frame is replaced by a note"
@@ -108,7 +111,7 @@ impl Outbox {
     /// command's output, a masked line) goes out as several events.
     pub async fn log(
         &self,
-        deployment: &str,
+        deployment: &DeploymentId,
         service: Option<&ServiceName>,
         stream: LogStream,
         line: String,
@@ -126,13 +129,18 @@ impl Outbox {
         }
     }
 
-    pub async fn system(&self, deployment: &str, service: Option<&ServiceName>, line: String) {
+    pub async fn system(
+        &self,
+        deployment: &DeploymentId,
+        service: Option<&ServiceName>,
+        line: String,
+    ) {
         self.log(deployment, service, LogStream::System, line).await;
     }
 
     pub async fn step(
         &self,
-        deployment: &str,
+        deployment: &DeploymentId,
         service: &ServiceName,
         step: Step,
         state: StepState,
@@ -149,10 +157,10 @@ impl Outbox {
     }
 
     /// No more events of `deployment` after its outcome.
-    pub fn close(&self, deployment: &str) {
+    pub fn close(&self, deployment: &DeploymentId) {
         let mut state = self.lock();
         state.next_seq.remove(deployment);
-        state.closed.insert(deployment.to_owned());
+        state.closed.insert(deployment.clone());
     }
 
     /// The next events to send on this connection: at most `max_events`, and as many as an
@@ -184,7 +192,7 @@ impl Outbox {
     }
 
     /// The control plane stored `deployment`'s events up to `seq`.
-    pub fn ack(&self, deployment: &str, seq: u64) {
+    pub fn ack(&self, deployment: &DeploymentId, seq: u64) {
         let mut state = self.lock();
         let before = state.queue.len();
         let mut removed_sent = 0;
@@ -192,7 +200,7 @@ impl Outbox {
         let mut index = 0;
         let mut removed_bytes = 0;
         state.queue.retain(|Queued { event: e, bytes }| {
-            let keep = !(e.deployment == deployment && e.seq <= seq);
+            let keep = !(e.deployment == *deployment && e.seq <= seq);
             if !keep {
                 removed_bytes += bytes;
                 if index < sent {
@@ -216,10 +224,37 @@ impl Outbox {
         self.queued.notify_one();
     }
 
+    /// The control plane could not store `deployment`'s events from `from_seq` on: they go
+    /// out again on this connection, and so do the events of other deployments queued after
+    /// the first of them (the control plane drops what it already has). Events it asks for
+    /// that it had acknowledged are gone; the rest go again all the same.
+    pub fn resend(&self, deployment: &DeploymentId, from_seq: u64) {
+        let mut state = self.lock();
+        let first = state
+            .queue
+            .iter()
+            .position(|q| q.event.deployment == *deployment && q.event.seq >= from_seq);
+        let Some(first) = first else {
+            // Nothing of it from there is queued: all acknowledged, or not emitted yet.
+            tracing::warn!(%deployment, from_seq, "the control plane asks for events the agent no longer holds");
+            return;
+        };
+        let seq = state.queue[first].event.seq;
+        if seq != from_seq {
+            tracing::warn!(%deployment, from_seq, resending_from = seq, "the control plane asks for events it acknowledged; sending those the agent still holds");
+        }
+        // Not sent yet on this connection: they go in their turn anyway.
+        if first < state.sent {
+            state.sent = first;
+            drop(state);
+            self.queued.notify_one();
+        }
+    }
+
     /// Deployments with events not yet acknowledged.
-    pub fn pending_deployments(&self) -> Vec<String> {
+    pub fn pending_deployments(&self) -> Vec<DeploymentId> {
         let state = self.lock();
-        let mut list: Vec<String> = state
+        let mut list: Vec<DeploymentId> = state
             .queue
             .iter()
             .map(|q| q.event.deployment.clone())
@@ -269,49 +304,126 @@ fn oversize(body: EventBody, bytes: usize) -> EventBody {
 mod tests {
     use super::*;
 
+    fn dep(n: u64) -> DeploymentId {
+        DeploymentId::parse(format!("dep_{n:016x}")).unwrap()
+    }
+
+    /// `(deployment, seq)` of each event of `batch`.
+    fn seqs(batch: Vec<Event>) -> Vec<(DeploymentId, u64)> {
+        batch.into_iter().map(|e| (e.deployment, e.seq)).collect()
+    }
+
     #[tokio::test]
     async fn events_are_numbered_per_deployment_and_resent_until_acknowledged() {
         let outbox = Outbox::default();
-        for d in ["a", "b", "a"] {
+        let (a, b) = (dep(0xa), dep(0xb));
+        for d in [&a, &b, &a] {
             outbox.system(d, None, "x".into()).await;
         }
-        let seqs: Vec<(String, u64)> = outbox
-            .next_batch(2, usize::MAX)
-            .into_iter()
-            .chain(outbox.next_batch(10, usize::MAX))
-            .map(|e| (e.deployment, e.seq))
-            .collect();
-        assert_eq!(seqs, [("a".into(), 1), ("b".into(), 1), ("a".into(), 2)]);
-        outbox.ack("a", 1);
+        let mut sent = outbox.next_batch(2, usize::MAX);
+        sent.extend(outbox.next_batch(10, usize::MAX));
+        assert_eq!(seqs(sent), [(a.clone(), 1), (b.clone(), 1), (a.clone(), 2)]);
+        outbox.ack(&a, 1);
         assert!(outbox.next_batch(10, usize::MAX).is_empty());
         outbox.rewind();
-        let resent: Vec<(String, u64)> = outbox
-            .next_batch(10, usize::MAX)
-            .into_iter()
-            .map(|e| (e.deployment, e.seq))
-            .collect();
-        assert_eq!(resent, [("b".into(), 1), ("a".into(), 2)]);
-        assert_eq!(outbox.pending_deployments(), ["a", "b"]);
+        assert_eq!(
+            seqs(outbox.next_batch(10, usize::MAX)),
+            [(b.clone(), 1), (a.clone(), 2)]
+        );
+        assert_eq!(outbox.pending_deployments(), [a, b]);
+    }
+
+    #[tokio::test]
+    async fn resend_sends_again_from_the_seq_asked_for_on_the_same_connection() {
+        let outbox = Outbox::default();
+        let (a, b) = (dep(0xa), dep(0xb));
+        for d in [&a, &a, &b, &a, &b] {
+            outbox.system(d, None, "x".into()).await;
+        }
+        assert_eq!(outbox.next_batch(10, usize::MAX).len(), 5);
+        outbox.ack(&a, 1);
+        outbox.resend(&a, 2);
+        // From a's second event on, with b's events after it: the control plane drops those
+        // it already has.
+        assert_eq!(
+            seqs(outbox.next_batch(10, usize::MAX)),
+            [
+                (a.clone(), 2),
+                (b.clone(), 1),
+                (a.clone(), 3),
+                (b.clone(), 2)
+            ]
+        );
+        assert!(outbox.next_batch(10, usize::MAX).is_empty());
+        outbox.resend(&b, 2);
+        assert_eq!(seqs(outbox.next_batch(10, usize::MAX)), [(b.clone(), 2)]);
+    }
+
+    #[tokio::test]
+    async fn resend_wakes_the_writer_and_leaves_unsent_events_in_their_turn() {
+        use futures_util::FutureExt;
+        let outbox = Outbox::default();
+        let (a, b) = (dep(0xa), dep(0xb));
+        for d in [&a, &b, &a] {
+            outbox.system(d, None, "x".into()).await;
+        }
+        // The writer has sent a's first event and waits for more.
+        assert_eq!(seqs(outbox.next_batch(1, usize::MAX)), [(a.clone(), 1)]);
+        let _ = outbox.wait().now_or_never();
+        outbox.resend(&a, 1);
+        assert!(
+            outbox.wait().now_or_never().is_some(),
+            "the writer is woken"
+        );
+        // Asking for events not sent yet changes nothing: they go once, in their turn.
+        outbox.resend(&a, 2);
+        assert_eq!(
+            seqs(outbox.next_batch(10, usize::MAX)),
+            [(a.clone(), 1), (b.clone(), 1), (a.clone(), 2)]
+        );
+        assert!(outbox.next_batch(10, usize::MAX).is_empty());
+    }
+
+    #[tokio::test]
+    async fn resend_of_acknowledged_or_unknown_events_sends_what_is_still_held() {
+        let outbox = Outbox::default();
+        let (a, b) = (dep(0xa), dep(0xb));
+        for d in [&a, &a, &a, &b] {
+            outbox.system(d, None, "x".into()).await;
+        }
+        assert_eq!(outbox.next_batch(10, usize::MAX).len(), 4);
+        outbox.ack(&a, 2);
+        // a's first two are gone: what is held of it goes again, from its third.
+        outbox.resend(&a, 1);
+        assert_eq!(
+            seqs(outbox.next_batch(10, usize::MAX)),
+            [(a.clone(), 3), (b.clone(), 1)]
+        );
+        // Nothing of a deployment the agent does not know, nor past its last event.
+        outbox.resend(&dep(0xc), 1);
+        outbox.resend(&a, 4);
+        assert!(outbox.next_batch(10, usize::MAX).is_empty());
     }
 
     #[tokio::test]
     async fn unacknowledged_events_are_bounded_by_their_bytes_and_an_ack_makes_room() {
         use futures_util::FutureExt;
         let outbox = Outbox::default();
+        let d = dep(0xd);
         // Long lines reach the byte bound long before the count of events.
         let line = "x".repeat(MAX_LINE - 100);
         let mut emitted = 0u64;
         while outbox.lock().bytes < CAPACITY_BYTES {
-            outbox.system("d", None, line.clone()).await;
+            outbox.system(&d, None, line.clone()).await;
             emitted += 1;
         }
         assert!(emitted < CAPACITY as u64 / 10, "{emitted}");
-        let mut blocked = Box::pin(outbox.system("d", None, line.clone()));
+        let mut blocked = Box::pin(outbox.system(&d, None, line.clone()));
         assert!(
             (&mut blocked).now_or_never().is_none(),
             "the outbox is full"
         );
-        outbox.ack("d", emitted);
+        outbox.ack(&d, emitted);
         assert!(
             blocked.now_or_never().is_some(),
             "room again once acknowledged"
@@ -322,11 +434,12 @@ mod tests {
     #[tokio::test]
     async fn a_batch_is_sized_by_its_encoded_frame_whatever_its_lines_hold() {
         let outbox = Outbox::default();
+        let d = dep(0xd);
         // Lines of NUL and ESC take six bytes per byte once encoded.
         for i in 0..200 {
             let byte = if i % 2 == 0 { '\0' } else { '\u{1b}' };
             let line = byte.to_string().repeat(MAX_LINE / 6);
-            outbox.log("d", None, LogStream::Stdout, line).await;
+            outbox.log(&d, None, LogStream::Stdout, line).await;
         }
         let budget = 64 * 1024;
         let mut sent = 0;
@@ -345,8 +458,9 @@ mod tests {
     #[tokio::test]
     async fn a_line_too_long_for_one_event_is_cut_into_several() {
         let outbox = Outbox::default();
+        let d = dep(0xd);
         let line = format!("git said: {}", "\0".repeat(3 * MAX_LINE));
-        outbox.system("d", None, line.clone()).await;
+        outbox.system(&d, None, line.clone()).await;
         let events = outbox.next_batch(100, usize::MAX);
         assert!(events.len() > 3, "{} events", events.len());
         let mut joined = String::new();
@@ -363,7 +477,8 @@ mod tests {
     #[tokio::test]
     async fn an_event_too_large_for_a_frame_is_replaced_by_a_note_keeping_its_seq() {
         let outbox = Outbox::default();
-        outbox.system("d", None, "before".into()).await;
+        let d = dep(0xd);
+        outbox.system(&d, None, "before".into()).await;
         let service = ServiceName::parse("orders").unwrap();
         let outcome = EventBody::Outcome {
             ok: true,
@@ -376,7 +491,7 @@ mod tests {
                 })
                 .collect(),
         };
-        outbox.emit("d", outcome).await;
+        outbox.emit(&d, outcome).await;
         let events = outbox.next_batch(10, usize::MAX);
         assert_eq!(events.len(), 2);
         assert_eq!(events[1].seq, 2);

@@ -10,6 +10,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use sdp_protocol::SandboxId;
 use tokio::process::Command;
 
 /// Where `setpriv` is looked for when PATH does not have it.
@@ -236,8 +237,10 @@ fn find_program(name: &str, fallbacks: &[&str]) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The agent's folders under `work_dir`. Only `checkouts/<sandbox>/<service>`, `homes/<sandbox>`
-/// and `cache` are user code's; git's home and mirrors, pid files and build markers are the
+/// The agent's folders under `work_dir`. Everything of a sandbox is under its id, never its
+/// name (a name can be reused the moment its sandbox has ended, and a checkout with its build
+/// marker must never pass to another sandbox). Only `checkouts/<sandbox_id>/<service>`,
+/// `homes/<sandbox_id>` and `cache` are user code's; git's home and mirrors, pid files and build markers are the
 /// agent's alone (mode 0700), so user code can neither plant config or hooks where git reads
 /// them nor fake what the agent records.
 #[derive(Debug, Clone)]
@@ -247,9 +250,10 @@ pub struct Layout {
     pub git_home: PathBuf,
     /// One bare mirror per repository.
     pub mirrors: PathBuf,
-    /// Pid files of the process runtime.
+    /// Pid files of the process runtime, `run/<sandbox_id>/<service>.pid.json`.
     pub run: PathBuf,
-    /// What the agent records per sandbox: the commit each service was built at.
+    /// What the agent records per sandbox: the commit each service was built at,
+    /// `state/<sandbox_id>/<service>.built`.
     pub state: PathBuf,
     /// The working trees, one per sandbox and service, with no `.git`.
     pub checkouts: PathBuf,
@@ -302,16 +306,40 @@ impl Layout {
             .map_err(|e| io(&self.cache, e))
     }
 
-    pub fn checkouts_of(&self, sandbox: &str) -> PathBuf {
-        self.checkouts.join(sandbox)
+    pub fn checkouts_of(&self, sandbox: &SandboxId) -> PathBuf {
+        self.checkouts.join(sandbox.as_str())
     }
 
-    pub fn home_of(&self, sandbox: &str) -> PathBuf {
-        self.homes.join(sandbox)
+    pub fn home_of(&self, sandbox: &SandboxId) -> PathBuf {
+        self.homes.join(sandbox.as_str())
     }
 
-    pub fn state_of(&self, sandbox: &str) -> PathBuf {
-        self.state.join(sandbox)
+    pub fn state_of(&self, sandbox: &SandboxId) -> PathBuf {
+        self.state.join(sandbox.as_str())
+    }
+
+    /// Every folder of `sandbox`: its checkouts, home and state.
+    pub fn folders_of(&self, sandbox: &SandboxId) -> [PathBuf; 3] {
+        [
+            self.checkouts_of(sandbox),
+            self.home_of(sandbox),
+            self.state_of(sandbox),
+        ]
+    }
+
+    /// The sandboxes with a folder here (checkouts, home or state): after a sandbox was
+    /// deleted while the agent was away, what it left until the control plane tears it down.
+    pub fn sandboxes(&self) -> Vec<SandboxId> {
+        let mut ids: Vec<SandboxId> = [&self.checkouts, &self.homes, &self.state]
+            .into_iter()
+            .filter_map(|dir| std::fs::read_dir(dir).ok())
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str().map(SandboxId::parse)?.ok())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 }
 
@@ -324,5 +352,34 @@ mod tests {
         let layout = Layout::new(Path::new("./x/../agent")).unwrap();
         assert!(layout.root.is_absolute());
         assert!(layout.mirrors.starts_with(&layout.root));
+    }
+
+    fn id(n: u64) -> SandboxId {
+        SandboxId::parse(format!("sbx_{n:016x}")).unwrap()
+    }
+
+    #[test]
+    fn every_folder_of_a_sandbox_is_under_its_id() {
+        let layout = Layout::new(Path::new("/srv/sdp")).unwrap();
+        let a = id(0xa);
+        for dir in layout.folders_of(&a) {
+            assert_eq!(dir.file_name().unwrap(), "sbx_000000000000000a");
+        }
+        assert_ne!(layout.checkouts_of(&a), layout.checkouts_of(&id(0xb)));
+    }
+
+    #[test]
+    fn the_sandboxes_with_a_folder_are_found_and_other_entries_ignored() {
+        let work = tempfile::tempdir().unwrap();
+        let layout = Layout::new(work.path()).unwrap();
+        layout.prepare(&UserCode::default()).unwrap();
+        assert!(layout.sandboxes().is_empty());
+        std::fs::create_dir_all(layout.checkouts_of(&id(3)).join("orders")).unwrap();
+        std::fs::create_dir_all(layout.home_of(&id(1))).unwrap();
+        std::fs::create_dir_all(layout.state_of(&id(2))).unwrap();
+        std::fs::create_dir_all(layout.state_of(&id(3))).unwrap();
+        // A folder of an older layout, keyed by a sandbox's name, is no sandbox id.
+        std::fs::create_dir_all(layout.checkouts.join("pay-42")).unwrap();
+        assert_eq!(layout.sandboxes(), [id(1), id(2), id(3)]);
     }
 }

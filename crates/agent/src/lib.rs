@@ -24,9 +24,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use sdp_protocol::{
-    AgentMessage, AgentName, Capability, DeployJob, FrameError, Heartbeat, Hello, Job, JobError,
-    JobErrorCode, JobKind, JobOutput, MAX_FRAME_BYTES, PROTOCOL_VERSION, Reply, Role, SandboxName,
-    ServerMessage, decode_server_frame, encode,
+    AgentMessage, AgentName, Capability, DeployJob, DeploymentId, FrameError, Heartbeat, Hello,
+    Job, JobError, JobErrorCode, JobKind, JobOutput, ListBranches, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION, ProbeCredentials, Reply, Requests, Role, SandboxId, ServerMessage, Teardown,
+    decode_server_frame, encode,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -81,12 +82,13 @@ struct Worker {
     /// Gateway agents only.
     gateway: Option<Arc<Gateway>>,
     events: Arc<Outbox>,
-    /// Deployments running here, by sandbox, so that a teardown can stop its deployment.
-    active: Mutex<HashMap<SandboxName, Running>>,
+    /// Deployments running here, by sandbox id, so that a teardown can stop its deployment
+    /// and never another's: a new sandbox may take an ended one's name at once.
+    active: Mutex<HashMap<SandboxId, Running>>,
 }
 
 struct Running {
-    deployment: String,
+    deployment: DeploymentId,
     cancel: CancellationToken,
     done: tokio::sync::watch::Receiver<bool>,
 }
@@ -430,6 +432,14 @@ impl Agent {
                 self.worker.events.ack(&deployment, seq);
                 None
             }
+            ServerMessage::Resend {
+                deployment,
+                from_seq,
+            } => {
+                tracing::info!(%deployment, from_seq, "the control plane asks for events again");
+                self.worker.events.resend(&deployment, from_seq);
+                None
+            }
             ServerMessage::Heartbeat | ServerMessage::Welcome(_) => None,
             ServerMessage::Error(e) => {
                 tracing::warn!(code = %e.code, message = %e.message, "the control plane reported a protocol error");
@@ -464,13 +474,13 @@ impl Agent {
 }
 
 impl Worker {
-    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxName, Running>> {
+    fn lock_active(&self) -> std::sync::MutexGuard<'_, HashMap<SandboxId, Running>> {
         self.active.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Deployments in progress or with events not yet acknowledged.
-    fn in_progress(&self) -> Vec<String> {
-        let mut list: Vec<String> = self
+    fn in_progress(&self) -> Vec<DeploymentId> {
+        let mut list: Vec<DeploymentId> = self
             .lock_active()
             .values()
             .map(|r| r.deployment.clone())
@@ -481,37 +491,37 @@ impl Worker {
         list
     }
 
-    async fn sandboxes(&self) -> Vec<SandboxName> {
+    /// Every sandbox this agent holds anything of: instances, and folders (checkouts, home,
+    /// state). The control plane tears down those it no longer has, so that a sandbox deleted
+    /// while the agent was away leaves nothing behind here.
+    async fn sandboxes(&self) -> Vec<SandboxId> {
         match &self.deployer {
-            Some(d) => d.runtime.sandboxes().await.unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot list what the runtime runs");
-                Vec::new()
-            }),
+            Some(d) => d.sandboxes().await,
             None => Vec::new(),
         }
     }
 
     async fn run_job(self: &Arc<Self>, job: JobKind) -> JobOutput {
         match job {
-            JobKind::ProbeCredentials { repo, credentials } => {
+            JobKind::ProbeCredentials(ProbeCredentials { repo, credentials }) => {
                 match self.git.probe(&repo, &credentials).await {
                     Ok(()) => JobOutput::CredentialsAccepted,
                     Err(e) => JobOutput::Failed(e),
                 }
             }
-            JobKind::ListBranches { repo, credentials } => {
+            JobKind::ListBranches(ListBranches { repo, credentials }) => {
                 match self.git.branches(&repo, &credentials).await {
                     Ok(branches) => JobOutput::Branches { branches },
                     Err(e) => JobOutput::Failed(e),
                 }
             }
             JobKind::Deploy(job) => self.start_deploy(job),
-            JobKind::Teardown { sandbox } => self.teardown(sandbox).await,
+            JobKind::Teardown(Teardown { sandbox_id }) => self.teardown(sandbox_id).await,
             JobKind::Routes(table) => match &self.gateway {
                 Some(gateway) => gateway.install(&table),
                 None => unsupported("only gateway agents route"),
             },
-            JobKind::Requests { sandbox } => match &self.gateway {
+            JobKind::Requests(Requests { sandbox }) => match &self.gateway {
                 Some(gateway) => gateway.requests(&sandbox),
                 None => unsupported("only gateway agents route"),
             },
@@ -524,7 +534,7 @@ impl Worker {
             return unsupported("only micro agents deploy");
         };
         let mut active = self.lock_active();
-        if let Some(running) = active.get(&job.sandbox) {
+        if let Some(running) = active.get(&job.sandbox_id) {
             return JobOutput::Failed(JobError {
                 code: JobErrorCode::Failed,
                 message: format!(
@@ -535,9 +545,9 @@ impl Worker {
         }
         let cancel = CancellationToken::new();
         let (done_tx, done) = tokio::sync::watch::channel(false);
-        let sandbox = job.sandbox.clone();
+        let sandbox_id = job.sandbox_id.clone();
         active.insert(
-            sandbox.clone(),
+            sandbox_id.clone(),
             Running {
                 deployment: job.deployment.clone(),
                 cancel: cancel.clone(),
@@ -545,21 +555,22 @@ impl Worker {
             },
         );
         drop(active);
-        tracing::info!(deployment = %job.deployment, %sandbox, "deployment taken");
+        tracing::info!(deployment = %job.deployment, sandbox = %job.sandbox, %sandbox_id, "deployment taken");
         let worker = self.clone();
         tokio::spawn(async move {
             deployer.run(job, cancel).await;
-            worker.lock_active().remove(&sandbox);
+            worker.lock_active().remove(&sandbox_id);
             let _ = done_tx.send(true);
         });
         JobOutput::Accepted
     }
 
-    async fn teardown(&self, sandbox: SandboxName) -> JobOutput {
+    async fn teardown(&self, sandbox: SandboxId) -> JobOutput {
         let Some(deployer) = self.deployer.clone() else {
             return unsupported("only micro agents run sandboxes");
         };
-        // A deployment of this sandbox in progress stops first.
+        // A deployment of this sandbox in progress stops first; one of another sandbox of the
+        // same name runs on.
         let running = self
             .lock_active()
             .get(&sandbox)
@@ -570,7 +581,7 @@ impl Worker {
         }
         match deployer.teardown(&sandbox).await {
             Ok(()) => {
-                tracing::info!(%sandbox, "sandbox torn down");
+                tracing::info!(sandbox_id = %sandbox, "sandbox torn down");
                 JobOutput::TornDown
             }
             Err(message) => JobOutput::Failed(JobError {
@@ -719,6 +730,78 @@ pub fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::deploy::tests::{deployer, id};
+
+    fn worker(work_dir: &std::path::Path) -> Arc<Worker> {
+        let deployer = deployer(work_dir);
+        Arc::new(Worker {
+            git: deployer.git.clone(),
+            events: deployer.outbox.clone(),
+            deployer: Some(Arc::new(deployer)),
+            gateway: None,
+            active: Mutex::default(),
+        })
+    }
+
+    /// A deployment in progress of `sandbox`, as [`Worker::start_deploy`] records it, that
+    /// ends when cancelled. Returns its cancellation token.
+    fn deploying(worker: &Worker, sandbox: &SandboxId, deployment: u64) -> CancellationToken {
+        let cancel = CancellationToken::new();
+        let (done_tx, done) = tokio::sync::watch::channel(false);
+        let deployment = DeploymentId::parse(format!("dep_{deployment:016x}")).unwrap();
+        worker.lock_active().insert(
+            sandbox.clone(),
+            Running {
+                deployment,
+                cancel: cancel.clone(),
+                done,
+            },
+        );
+        let cancelled = cancel.clone();
+        tokio::spawn(async move {
+            cancelled.cancelled().await;
+            let _ = done_tx.send(true);
+        });
+        cancel
+    }
+
+    #[tokio::test]
+    async fn a_teardown_stops_only_the_deployment_of_its_own_sandbox_id() {
+        let work = tempfile::tempdir().unwrap();
+        let worker = worker(work.path());
+        let layout = &worker.deployer.as_ref().unwrap().layout;
+        // `rm x` and `deploy x` at once: the new sandbox x is deploying while the old one,
+        // of the same name, is torn down.
+        let (old, new) = (id(0xa), id(0xb));
+        let old_deploy = deploying(&worker, &old, 1);
+        let new_deploy = deploying(&worker, &new, 2);
+        for sandbox in [&old, &new] {
+            std::fs::create_dir_all(layout.checkouts_of(sandbox).join("orders")).unwrap();
+        }
+
+        assert_eq!(worker.teardown(old.clone()).await, JobOutput::TornDown);
+
+        assert!(old_deploy.is_cancelled());
+        assert!(
+            !new_deploy.is_cancelled(),
+            "the new sandbox's deployment was cancelled"
+        );
+        assert!(!layout.checkouts_of(&old).exists());
+        assert!(layout.checkouts_of(&new).join("orders").is_dir());
+    }
+
+    #[tokio::test]
+    async fn the_hello_lists_every_sandbox_with_folders_left_here() {
+        let work = tempfile::tempdir().unwrap();
+        let worker = worker(work.path());
+        let layout = &worker.deployer.as_ref().unwrap().layout;
+        assert!(worker.sandboxes().await.is_empty());
+        // Deleted while the agent was away: nothing runs, its checkout and home are left.
+        std::fs::create_dir_all(layout.checkouts_of(&id(7)).join("orders")).unwrap();
+        std::fs::create_dir_all(layout.home_of(&id(7))).unwrap();
+        std::fs::create_dir_all(layout.home_of(&id(5))).unwrap();
+        assert_eq!(worker.sandboxes().await, [id(5), id(7)]);
+    }
 
     #[test]
     fn backoff_grows_exponentially_with_jitter_up_to_a_cap() {

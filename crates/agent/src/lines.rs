@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use sdp_protocol::{Credentials, LogStream, ServiceName, escaped_char_len};
+use sdp_protocol::{Credentials, DeploymentId, LogStream, ServiceName, escaped_char_len};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::events::Outbox;
@@ -19,7 +19,7 @@ pub const MAX_LINE: usize = 8 * 1024;
 /// service and stream, with the user's password masked when given.
 pub struct LineSink {
     pub outbox: Arc<Outbox>,
-    pub deployment: String,
+    pub deployment: DeploymentId,
     pub service: ServiceName,
     pub stream: LogStream,
     pub mask: Option<Credentials>,

@@ -1,8 +1,10 @@
 //! The Docker runtime: each instance is a container of the configured image, with the
 //! checkout bind-mounted read-only at `/src` as its working directory, `sh -c <run>` as its
 //! command, the service's port published on a host port of `port_range`, resource limits,
-//! the labels `sdp.sandbox`, `sdp.service` and `sdp.deployment`, on one network per
-//! sandbox. Everything is found again by label, so a restarted agent loses nothing.
+//! the labels `sdp.sandbox` (the sandbox's id), `sdp.sandbox_name` (for people),
+//! `sdp.service`, `sdp.deployment` and `sdp.agent`, on one network per sandbox. Everything is
+//! found again by label, so a restarted agent loses nothing; nothing is ever found by a
+//! sandbox's name, which a new sandbox may carry the moment the old one has ended.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -14,12 +16,15 @@ use bollard::query_parameters::{
     RemoveContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
-use sdp_protocol::{LogStream, SandboxName, ServiceName};
+use sdp_protocol::{LogStream, SandboxId, ServiceName};
 
 use super::{Instance, Ports, Runtime, RuntimeError, StartRequest};
 use crate::lines::{LineSink, Splitter};
 
+/// The sandbox's id: what its containers and network are found by.
 pub const LABEL_SANDBOX: &str = "sdp.sandbox";
+/// The sandbox's name, for people reading `docker ps`; never used to find anything.
+pub const LABEL_SANDBOX_NAME: &str = "sdp.sandbox_name";
 pub const LABEL_SERVICE: &str = "sdp.service";
 pub const LABEL_DEPLOYMENT: &str = "sdp.deployment";
 /// The agent that started it: agents sharing an engine never touch each other's containers.
@@ -45,14 +50,14 @@ fn err(context: &str, e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError(format!("{context}: {e}"))
 }
 
-/// Sandbox and service names hold no `_` (they are DNS labels), so `_` keeps every pair apart
-/// (`a-b` + `c` and `a` + `b-c` would both be `sdp-a-b-c` with `-`); the agent's name comes
-/// last, as agents sharing an engine never share a container.
-fn container_name(agent: &str, sandbox: &str, service: &str) -> String {
+/// A sandbox id is `sbx_` and 16 hex digits, and a service name holds no `_` (a DNS label),
+/// so `_` keeps every triple apart; the agent's name comes last, as agents sharing an engine
+/// never share a container.
+fn container_name(agent: &str, sandbox: &SandboxId, service: &str) -> String {
     format!("sdp_{sandbox}_{service}_{agent}")
 }
 
-fn network_name(agent: &str, sandbox: &str) -> String {
+fn network_name(agent: &str, sandbox: &SandboxId) -> String {
     format!("sdp_{sandbox}_{agent}")
 }
 
@@ -126,14 +131,15 @@ impl DockerRuntime {
                 Err(e) if status_is(&e, &[404, 409]) => {}
                 Err(e) => return Err(err("cannot remove a container", e)),
             }
-            if let (Some(sandbox), Some(service)) =
-                (found.get(LABEL_SANDBOX), found.get(LABEL_SERVICE))
-            {
+            let sandbox = found
+                .get(LABEL_SANDBOX)
+                .and_then(|s| SandboxId::parse(s.as_str()).ok());
+            if let (Some(sandbox), Some(service)) = (sandbox, found.get(LABEL_SERVICE)) {
                 let port = self
                     .published
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&container_name(&self.agent, sandbox, service));
+                    .remove(&container_name(&self.agent, &sandbox, service));
                 if let Some(port) = port {
                     self.release(port);
                 }
@@ -142,7 +148,11 @@ impl DockerRuntime {
         Ok(())
     }
 
-    async fn ensure_network(&self, sandbox: &str) -> Result<(), RuntimeError> {
+    async fn ensure_network(
+        &self,
+        sandbox: &SandboxId,
+        sandbox_name: &str,
+    ) -> Result<(), RuntimeError> {
         // The engine accepts a second network of the same name, and then refuses to attach
         // containers to either: look before creating.
         match self
@@ -160,7 +170,8 @@ impl DockerRuntime {
         let request = NetworkCreateRequest {
             name: network_name(&self.agent, sandbox),
             labels: Some(HashMap::from([
-                (LABEL_SANDBOX.to_owned(), sandbox.to_owned()),
+                (LABEL_SANDBOX.to_owned(), sandbox.to_string()),
+                (LABEL_SANDBOX_NAME.to_owned(), sandbox_name.to_owned()),
                 (LABEL_AGENT.to_owned(), self.agent.clone()),
             ])),
             ..Default::default()
@@ -220,18 +231,19 @@ impl DockerRuntime {
 #[async_trait::async_trait]
 impl Runtime for DockerRuntime {
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
-        let (sandbox, service) = (req.sandbox.as_str(), req.service.as_str());
+        let (sandbox, service) = (&req.sandbox_id, req.service.as_str());
         let name = container_name(&self.agent, sandbox, service);
-        self.ensure_network(sandbox).await?;
-        self.stop_service(&req.sandbox, &req.service).await?;
+        self.ensure_network(sandbox, req.sandbox.as_str()).await?;
+        self.stop_service(sandbox, &req.service).await?;
         let host_port = self.ports.allocate()?;
         let container_port = format!("{}/tcp", req.port);
         let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.push(format!("PORT={}", req.port));
         let labels = HashMap::from([
-            (LABEL_SANDBOX.to_owned(), sandbox.to_owned()),
+            (LABEL_SANDBOX.to_owned(), sandbox.to_string()),
+            (LABEL_SANDBOX_NAME.to_owned(), req.sandbox.to_string()),
             (LABEL_SERVICE.to_owned(), service.to_owned()),
-            (LABEL_DEPLOYMENT.to_owned(), req.deployment.clone()),
+            (LABEL_DEPLOYMENT.to_owned(), req.deployment.to_string()),
             (LABEL_AGENT.to_owned(), self.agent.clone()),
         ]);
         let body = ContainerCreateBody {
@@ -303,7 +315,7 @@ impl Runtime for DockerRuntime {
 
     async fn stop_service(
         &self,
-        sandbox: &SandboxName,
+        sandbox: &SandboxId,
         service: &ServiceName,
     ) -> Result<(), RuntimeError> {
         self.remove(&[
@@ -313,7 +325,7 @@ impl Runtime for DockerRuntime {
         .await
     }
 
-    async fn stop_sandbox(&self, sandbox: &SandboxName) -> Result<(), RuntimeError> {
+    async fn stop_sandbox(&self, sandbox: &SandboxId) -> Result<(), RuntimeError> {
         self.remove(&[format!("{LABEL_SANDBOX}={sandbox}")]).await?;
         // By label, so that networks named by an older version go too.
         let filters = HashMap::from([(
@@ -342,16 +354,37 @@ impl Runtime for DockerRuntime {
         Ok(())
     }
 
-    async fn sandboxes(&self) -> Result<Vec<SandboxName>, RuntimeError> {
-        let mut names: Vec<SandboxName> = self
+    async fn sandboxes(&self) -> Result<Vec<SandboxId>, RuntimeError> {
+        let mut ids: Vec<SandboxId> = self
             .containers(&[LABEL_SANDBOX.to_owned()])
             .await?
             .into_iter()
-            .filter_map(|(_, labels)| SandboxName::parse(labels.get(LABEL_SANDBOX)?.clone()).ok())
+            .filter_map(|(_, labels)| SandboxId::parse(labels.get(LABEL_SANDBOX)?.as_str()).ok())
             .collect();
-        names.sort();
-        names.dedup();
-        Ok(names)
+        // A network outlives a deployment that failed before its first container started.
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                LABEL_SANDBOX.to_owned(),
+                format!("{LABEL_AGENT}={}", self.agent),
+            ],
+        )]);
+        let options = bollard::query_parameters::ListNetworksOptionsBuilder::default()
+            .filters(&filters)
+            .build();
+        let networks = self
+            .docker
+            .list_networks(Some(options))
+            .await
+            .map_err(|e| err("cannot list networks", e))?;
+        ids.extend(
+            networks
+                .into_iter()
+                .filter_map(|n| SandboxId::parse(n.labels?.get(LABEL_SANDBOX)?.as_str()).ok()),
+        );
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
     }
 }
 
@@ -365,17 +398,24 @@ impl DockerRuntime {
 mod tests {
     use super::*;
 
+    fn id(n: u64) -> SandboxId {
+        SandboxId::parse(format!("sbx_{n:016x}")).unwrap()
+    }
+
     #[test]
     fn container_names_of_different_sandboxes_and_services_never_collide() {
-        // With '-' between them, both pairs were `sdp-a-b-c`.
-        assert_ne!(
-            container_name("agent", "a-b", "c"),
-            container_name("agent", "a", "b-c")
+        assert_eq!(
+            container_name("agent", &id(1), "orders"),
+            "sdp_sbx_0000000000000001_orders_agent"
         );
-        assert_ne!(network_name("agent", "a-b"), network_name("agent-a", "b"));
         assert_ne!(
-            container_name("x", "s", "orders"),
-            container_name("y", "s", "orders")
+            container_name("agent", &id(1), "orders"),
+            container_name("agent", &id(2), "orders")
+        );
+        assert_ne!(network_name("agent", &id(1)), network_name("agent", &id(2)));
+        assert_ne!(
+            container_name("x", &id(1), "orders"),
+            container_name("y", &id(1), "orders")
         );
     }
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use sdp_protocol::{SandboxName, ServiceName};
+use sdp_protocol::{DeploymentId, SandboxId, SandboxName, ServiceName};
 
 pub use docker::{DockerLimits, DockerRuntime};
 pub(crate) use ports::Ports;
@@ -19,9 +19,12 @@ use crate::events::Outbox;
 
 /// What a runtime needs to start one service instance.
 pub struct StartRequest {
+    /// What the instance is keyed by: its name, labels and pid file.
+    pub sandbox_id: SandboxId,
+    /// For people only (a label); never a key.
     pub sandbox: SandboxName,
     pub service: ServiceName,
-    pub deployment: String,
+    pub deployment: DeploymentId,
     /// The checkout: `/src` in a container, the working directory of a process.
     pub checkout: PathBuf,
     /// `HOME` of the sandbox's user code (process runtime; a container has its own).
@@ -55,14 +58,14 @@ pub struct RuntimeError(pub String);
 pub trait Runtime: Send + Sync {
     /// Starts an instance; a previous instance of the same service must be stopped first.
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError>;
-    /// Stops and removes the instance of `service` in `sandbox`, if there is one.
+    /// Stops and removes the instance of `service` in sandbox `sandbox`, if there is one.
     async fn stop_service(
         &self,
-        sandbox: &SandboxName,
+        sandbox: &SandboxId,
         service: &ServiceName,
     ) -> Result<(), RuntimeError>;
-    /// Stops and removes every instance of `sandbox`.
-    async fn stop_sandbox(&self, sandbox: &SandboxName) -> Result<(), RuntimeError>;
+    /// Stops and removes every instance of sandbox `sandbox`, and nothing of another id.
+    async fn stop_sandbox(&self, sandbox: &SandboxId) -> Result<(), RuntimeError>;
     /// The sandboxes something runs of, found from the runtime itself (labels, pid files).
-    async fn sandboxes(&self) -> Result<Vec<SandboxName>, RuntimeError>;
+    async fn sandboxes(&self) -> Result<Vec<SandboxId>, RuntimeError>;
 }

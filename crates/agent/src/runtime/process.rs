@@ -1,6 +1,6 @@
 //! The process runtime: each instance is `sh -c <run>` in its own process group, as user
 //! code's user, with `PORT` a free port of `port_range`, supervised by the agent. A pid file
-//! per instance under `<work_dir>/run/<sandbox>/` lets a restarted agent find, report and
+//! per instance under `<work_dir>/run/<sandbox_id>/` lets a restarted agent find, report and
 //! stop what it started; it records the process's start time too, so that a pid the kernel
 //! has since given to another process is never signalled.
 
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use sdp_protocol::{LogStream, SandboxName, ServiceName};
+use sdp_protocol::{DeploymentId, LogStream, SandboxId, ServiceName};
 use serde::{Deserialize, Serialize};
 
 use super::{Instance, Ports, Runtime, RuntimeError, StartRequest};
@@ -26,7 +26,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 struct PidFile {
     pid: i32,
     port: u16,
-    deployment: String,
+    deployment: DeploymentId,
     /// When the process started, in clock ticks after boot (field 22 of `/proc/<pid>/stat`).
     #[serde(default)]
     start_time: Option<u64>,
@@ -91,7 +91,7 @@ pub struct ProcessRuntime {
     ports: Ports,
     /// Base environment: what services may see of the agent's own (PATH and the like).
     base_env: BTreeMap<String, String>,
-    children: Mutex<HashMap<(String, String), i32>>,
+    children: Mutex<HashMap<(SandboxId, ServiceName), i32>>,
 }
 
 fn err(message: impl Into<String>) -> RuntimeError {
@@ -120,9 +120,9 @@ impl ProcessRuntime {
         }
     }
 
-    fn pid_path(&self, sandbox: &str, service: &str) -> PathBuf {
+    fn pid_path(&self, sandbox: &SandboxId, service: &ServiceName) -> PathBuf {
         self.run_dir
-            .join(sandbox)
+            .join(sandbox.as_str())
             .join(format!("{service}.pid.json"))
     }
 
@@ -165,7 +165,7 @@ impl Runtime for ProcessRuntime {
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
         // No container maps the catalog's port here: the service listens on `PORT` itself.
         let port = self.ports.allocate()?;
-        tracing::debug!(sandbox = %req.sandbox, service = %req.service, port, catalog_port = req.port, "starting a process");
+        tracing::debug!(sandbox = %req.sandbox, sandbox_id = %req.sandbox_id, service = %req.service, port, catalog_port = req.port, "starting a process");
         if let Err(e) = self.users.create_dir(&req.home) {
             self.ports.release(port);
             return Err(err(format!("cannot create {}: {e}", req.home.display())));
@@ -194,7 +194,7 @@ impl Runtime for ProcessRuntime {
             .id()
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| err("the service exited at once"))?;
-        let path = self.pid_path(req.sandbox.as_str(), req.service.as_str());
+        let path = self.pid_path(&req.sandbox_id, &req.service);
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
@@ -211,7 +211,7 @@ impl Runtime for ProcessRuntime {
         self.children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((req.sandbox.to_string(), req.service.to_string()), pid);
+            .insert((req.sandbox_id.clone(), req.service.clone()), pid);
 
         for (pipe, stream) in [
             (
@@ -264,19 +264,18 @@ impl Runtime for ProcessRuntime {
 
     async fn stop_service(
         &self,
-        sandbox: &SandboxName,
+        sandbox: &SandboxId,
         service: &ServiceName,
     ) -> Result<(), RuntimeError> {
         self.children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(&(sandbox.to_string(), service.to_string()));
-        self.stop_by_file(&self.pid_path(sandbox.as_str(), service.as_str()))
-            .await;
+            .remove(&(sandbox.clone(), service.clone()));
+        self.stop_by_file(&self.pid_path(sandbox, service)).await;
         Ok(())
     }
 
-    async fn stop_sandbox(&self, sandbox: &SandboxName) -> Result<(), RuntimeError> {
+    async fn stop_sandbox(&self, sandbox: &SandboxId) -> Result<(), RuntimeError> {
         let dir = self.run_dir.join(sandbox.as_str());
         if let Ok(entries) = std::fs::read_dir(&dir) {
             for entry in entries.flatten() {
@@ -286,19 +285,18 @@ impl Runtime for ProcessRuntime {
         self.children
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(s, _), _| s != sandbox.as_str());
+            .retain(|(s, _), _| s != sandbox);
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
 
-    async fn sandboxes(&self) -> Result<Vec<SandboxName>, RuntimeError> {
+    async fn sandboxes(&self) -> Result<Vec<SandboxId>, RuntimeError> {
         let mut found = Vec::new();
         let Ok(entries) = std::fs::read_dir(&self.run_dir) else {
             return Ok(found);
         };
         for entry in entries.flatten() {
-            let Ok(name) = SandboxName::parse(entry.file_name().to_string_lossy().into_owned())
-            else {
+            let Ok(id) = SandboxId::parse(entry.file_name().to_string_lossy().into_owned()) else {
                 continue;
             };
             let files: Vec<PidFile> = std::fs::read_dir(entry.path())
@@ -314,7 +312,7 @@ impl Runtime for ProcessRuntime {
             }
             let alive = files.iter().any(PidFile::alive);
             if alive {
-                found.push(name);
+                found.push(id);
             } else {
                 let _ = std::fs::remove_dir_all(entry.path());
             }

@@ -199,7 +199,7 @@ async fn teardown_leaves_no_process_and_no_checkout() {
     let body: Value = reply.json().await.unwrap();
     assert_eq!(body["state"], "deleted");
 
-    let checkout = work.join("checkouts").join("gone");
+    let checkout = work.join("checkouts").join(sandbox["id"].as_str().unwrap());
     wait_until("the checkout is deleted", || !checkout.exists()).await;
     wait_until("no process is left", || processes_under(&work).is_empty()).await;
     assert!(
@@ -541,7 +541,7 @@ async fn listings_are_newest_first_paginated_and_filtered() {
 async fn an_expired_sandbox_is_torn_down_by_itself() {
     let env = TestEnv::start(Options::default()).await;
     let token = env.login().await;
-    let (_, d) = env.deploy(&token, "brief", &["orders@main"]).await;
+    let (created, d) = env.deploy(&token, "brief", &["orders@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
     // Shortened to a second from now: the sweeper ends it.
     let reply = env
@@ -567,7 +567,10 @@ async fn an_expired_sandbox_is_torn_down_by_itself() {
     })
     .await;
     wait_until("its checkout is gone", || {
-        !work.join("checkouts/brief").exists()
+        !work
+            .join("checkouts")
+            .join(created["id"].as_str().unwrap())
+            .exists()
     })
     .await;
 }
@@ -586,7 +589,7 @@ async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
         let (canary, stop) = (canary.clone().into_bytes(), stop.clone());
         std::thread::spawn(move || crate::canary::sample_cmdlines(canary, stop))
     };
-    let (_, d) = env.deploy(&token, "secret", &["orders@feature/x"]).await;
+    let (sandbox, d) = env.deploy(&token, "secret", &["orders@feature/x"]).await;
     assert_eq!(d["state"], "ready", "{d}");
     // A second deploy of a new commit fetches (not clones) with the credentials.
     env.git.push_change("orders", "feature/x", "fetch again\n");
@@ -607,8 +610,11 @@ async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
     // The working tree has no git metadata; the repository's only config is its mirror's,
     // which `assert_secret_nowhere` reads too.
     let work_dir = env.agent_work_dir("micro-0");
-    assert!(work_dir.join("checkouts/secret/orders/main.go").exists());
-    assert!(!work_dir.join("checkouts/secret/orders/.git").exists());
+    let checkout = work_dir
+        .join("checkouts")
+        .join(sandbox["id"].as_str().unwrap());
+    assert!(checkout.join("orders/main.go").exists());
+    assert!(!checkout.join("orders/.git").exists());
     let mirrors: Vec<_> = std::fs::read_dir(work_dir.join("git/mirrors"))
         .unwrap()
         .flatten()

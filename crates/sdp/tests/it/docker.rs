@@ -44,11 +44,13 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
     );
 
     let agent = &env.micro[0];
-    let container_name = format!("sdp_{name}_orders_{agent}");
-    let network_name = format!("sdp_{name}_{agent}");
+    let sandbox_id = sandbox["id"].as_str().unwrap();
+    let container_name = format!("sdp_{sandbox_id}_orders_{agent}");
+    let network_name = format!("sdp_{sandbox_id}_{agent}");
     let container = docker_inspect(&container_name).expect("the container exists");
     let labels = &container["Config"]["Labels"];
-    assert_eq!(labels["sdp.sandbox"], name.as_str());
+    assert_eq!(labels["sdp.sandbox"], sandbox_id);
+    assert_eq!(labels["sdp.sandbox_name"], name.as_str());
     assert_eq!(labels["sdp.service"], "orders");
     assert_eq!(labels["sdp.deployment"], deployment["id"]);
     let host = &container["HostConfig"];
@@ -124,7 +126,7 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
     let checkout = env
         .agent_work_dir(&env.micro[0])
         .join("checkouts")
-        .join(&name);
+        .join(sandbox_id);
     wait_until("the container is removed", || {
         docker_inspect(&container_name).is_none()
     })
@@ -149,10 +151,14 @@ async fn an_unhealthy_container_fails_at_starting_and_is_removed() {
     .await;
     let token = env.login().await;
     let name = unique("sick");
-    let (_, deployment) = env.deploy(&token, &name, &["orders@unhealthy"]).await;
+    let (sandbox, deployment) = env.deploy(&token, &name, &["orders@unhealthy"]).await;
     assert_eq!(deployment["state"], "failed", "{deployment}");
     assert_eq!(deployment["services"][0]["step"], "starting");
-    let container_name = format!("sdp_{name}_orders_{}", env.micro[0]);
+    let container_name = format!(
+        "sdp_{}_orders_{}",
+        sandbox["id"].as_str().unwrap(),
+        env.micro[0]
+    );
     wait_until("the container is removed", || {
         docker_inspect(&container_name).is_none()
     })
@@ -168,7 +174,7 @@ async fn an_agent_finds_its_containers_at_start_and_leftovers_of_ended_sandboxes
     let agent = format!("dock-{:08x}-0", rand::random::<u32>());
     env.micro.push(agent.clone());
     // A container this agent started in an earlier life, of a sandbox no longer known.
-    let ghost = unique("ghost");
+    let ghost = format!("sbx_{:016x}", rand::random::<u64>());
     let image = crate::harness::docker_image();
     let out = Command::new("docker")
         .args(["run", "-d", "--name", &format!("sdp-{ghost}-orders")])

@@ -174,11 +174,13 @@ async fn git_processes_on_an_agent_never_exceed_max_git_jobs() {
 async fn teardown_never_signals_a_pid_that_another_process_holds_now() {
     let env = TestEnv::start(Options::default()).await;
     let token = env.login().await;
-    let (_, d) = env.deploy(&token, "reused", &["orders@main"]).await;
+    let (sandbox, d) = env.deploy(&token, "reused", &["orders@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
     let pid_file = env
         .agent_work_dir("micro-0")
-        .join("run/reused/orders.pid.json");
+        .join("run")
+        .join(sandbox["id"].as_str().unwrap())
+        .join("orders.pid.json");
     let mut record: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&pid_file).unwrap()).unwrap();
     let instance = record["pid"].as_i64().unwrap();
@@ -232,8 +234,11 @@ async fn a_relative_work_dir_deploys_with_docker_and_builds_with_go() {
         format!("orders on feature/x in {name}\n")
     );
     let agent = &env.micro[0];
-    let container =
-        docker_inspect(&format!("sdp_{name}_orders_{agent}")).expect("the container exists");
+    let container = docker_inspect(&format!(
+        "sdp_{}_orders_{agent}",
+        sandbox["id"].as_str().unwrap()
+    ))
+    .expect("the container exists");
     let source = container["Mounts"][0]["Source"].as_str().unwrap();
     assert!(source.starts_with('/'), "{source}");
     // Go's caches went to the agent's folder, wherever the agent was started from.

@@ -236,9 +236,10 @@ async fn hostile_code_never_sees_another_users_password_or_the_agent_token(runti
     // The search reaches what user code can read: Ann's own checkout, by name.
     let control = readable_by_user_code(&dirs, &["orders on"]);
     assert!(
-        control
-            .iter()
-            .any(|f| f.contains("/checkouts/anns/orders/")),
+        control.iter().any(|f| f.contains(&format!(
+            "/checkouts/{}/orders/",
+            sandbox["id"].as_str().unwrap()
+        ))),
         "the search as run_as read nothing of Ann's checkout: {control:?}"
     );
     let found = readable_by_user_code(&dirs, &[&canary, AGENT_TOKEN]);
@@ -285,12 +286,14 @@ async fn a_user_without_access_to_a_repository_is_refused_even_when_its_mirror_i
     let carol = token_of(&env.login_as("carol", "carols password").await);
     let reply = env.get("/api/services/orders/branches", Some(&carol)).await;
     assert!(reply.status >= 400, "{} {}", reply.status, reply.body);
-    let (_, d) = env.deploy(&carol, "second", &["orders@feature/x"]).await;
+    let (sandbox, d) = env.deploy(&carol, "second", &["orders@feature/x"]).await;
     assert_eq!(d["state"], "failed", "{d}");
     assert_eq!(d["services"][0]["step"], "fetching", "{d}");
     let checkout = env
         .agent_work_dir(&env.micro[0])
-        .join("checkouts/second/orders");
+        .join("checkouts")
+        .join(sandbox["id"].as_str().unwrap())
+        .join("orders");
     assert!(!checkout.exists(), "nothing of the mirror reached carol");
 }
 
