@@ -16,6 +16,7 @@ mod exhaustion;
 mod frames;
 mod input;
 mod isolation;
+mod lifecycle;
 mod limits;
 mod login;
 mod router;
