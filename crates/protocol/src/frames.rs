@@ -395,6 +395,28 @@ impl Step {
     }
 }
 
+/// A word that names no step or step state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a step or step state")]
+pub struct UnknownStep(String);
+
+impl std::str::FromStr for Step {
+    type Err = UnknownStep;
+    fn from_str(s: &str) -> Result<Self, UnknownStep> {
+        [
+            Step::Queued,
+            Step::Fetching,
+            Step::Building,
+            Step::Starting,
+            Step::Healthy,
+            Step::Routing,
+        ]
+        .into_iter()
+        .find(|step| step.as_str() == s)
+        .ok_or_else(|| UnknownStep(s.chars().take(40).collect()))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LogStream {
@@ -432,6 +454,21 @@ impl StepState {
             StepState::Done => "done",
             StepState::Failed => "failed",
         }
+    }
+}
+
+impl std::str::FromStr for StepState {
+    type Err = UnknownStep;
+    fn from_str(s: &str) -> Result<Self, UnknownStep> {
+        [
+            StepState::Running,
+            StepState::Skipped,
+            StepState::Done,
+            StepState::Failed,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+        .ok_or_else(|| UnknownStep(s.chars().take(40).collect()))
     }
 }
 

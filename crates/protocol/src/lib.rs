@@ -17,8 +17,8 @@ pub use frames::{
     AgentMessage, Branch, Capability, DeployJob, Event, EventBody, FrameError, Heartbeat, Hello,
     Job, JobError, JobErrorCode, JobKind, JobOutput, JobSpec, ListBranches, LogStream,
     MAX_FRAME_BYTES, PROTOCOL_VERSION, ProbeCredentials, ProtocolError, Reply, RequestId, Requests,
-    Role, ServerMessage, ServiceOutcome, ServiceSpec, Step, StepState, Teardown, Welcome,
-    decode_agent_frame, decode_server_frame, encode, encode_frame,
+    Role, ServerMessage, ServiceOutcome, ServiceSpec, Step, StepState, Teardown, UnknownStep,
+    Welcome, decode_agent_frame, decode_server_frame, encode, encode_frame,
 };
 pub use names::{
     AgentName, BranchName, DeploymentId, InvalidName, RepoUrl, SandboxId, SandboxName, ServiceName,

@@ -37,8 +37,8 @@ pub(crate) fn deployment_view(row: DeploymentRow) -> Deployment {
                 service: s.service,
                 branch: s.branch,
                 commit: s.commit,
-                step: s.step,
-                state: s.state,
+                step: s.step.as_str().to_owned(),
+                state: s.state.as_str().to_owned(),
             })
             .collect(),
     }
@@ -67,8 +67,8 @@ pub async fn get(
             .into_iter()
             .map(|s| StepInfo {
                 service: s.service,
-                step: s.step,
-                state: s.state,
+                step: s.step.as_str().to_owned(),
+                state: s.state.as_str().to_owned(),
                 started_at: rfc3339(s.started_at),
                 ended_at: s.ended_at.map(rfc3339),
             })

@@ -1,6 +1,6 @@
 //! Deployments: one per request to bring a sandbox's services to branches.
 
-use sdp_protocol::{AgentName, DeploymentId, SandboxId};
+use sdp_protocol::{AgentName, DeploymentId, SandboxId, Step, StepState};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{Row, Sqlite, Transaction};
 use time::OffsetDateTime;
@@ -27,8 +27,9 @@ pub struct DeploymentServiceRow {
     pub service: String,
     pub branch: String,
     pub commit: Option<String>,
-    pub step: String,
-    pub state: String,
+    /// The step it is at, and how that step stands.
+    pub step: Step,
+    pub state: StepState,
 }
 
 /// How a deployment ends.
@@ -176,8 +177,8 @@ impl Db {
                     service: r.try_get("service")?,
                     branch: r.try_get("branch")?,
                     commit: r.try_get("commit_sha")?,
-                    step: r.try_get("step")?,
-                    state: r.try_get("state")?,
+                    step: parsed(r, "step")?,
+                    state: parsed(r, "state")?,
                 })
             })
             .collect()

@@ -5,13 +5,13 @@ use sdp_protocol::{DeploymentId, Step, StepState};
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use super::{Db, from_millis, to_millis};
+use super::{Db, from_millis, parsed, to_millis};
 
 pub struct StepRow {
     /// `None` for a step of the whole deployment.
     pub service: Option<String>,
-    pub step: String,
-    pub state: String,
+    pub step: Step,
+    pub state: StepState,
     pub started_at: OffsetDateTime,
     pub ended_at: Option<OffsetDateTime>,
 }
@@ -82,8 +82,8 @@ impl Db {
             .map(|r| {
                 Ok(StepRow {
                     service: Some(r.try_get::<String, _>("service")?).filter(|s| !s.is_empty()),
-                    step: r.try_get("step")?,
-                    state: r.try_get("state")?,
+                    step: parsed(r, "step")?,
+                    state: parsed(r, "state")?,
                     started_at: from_millis(r.try_get("started_at")?),
                     ended_at: r.try_get::<Option<i64>, _>("ended_at")?.map(from_millis),
                 })
