@@ -187,6 +187,13 @@ impl Logs {
             .clone()
     }
 
+    /// Closes what is open of a deployment's log (its file, its live channel, once its
+    /// viewers are gone), for a log that will take nothing more.
+    pub fn forget(&self, deployment: &str) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams.remove(deployment);
+    }
+
     /// Drops the entry of `deployment` when it is still `stream`.
     fn forget_if(&self, deployment: &str, stream: &Arc<Stream>) {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());

@@ -46,12 +46,12 @@ async fn a_sandbox_deleted_and_created_again_at_once_ends_ready_and_keeps_its_ch
     let (old, d) = env.deploy(&token, "again", &["orders@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
 
-    // The delete's teardown and the new deployment run side by side on the one agent.
-    let (deleted, created) = tokio::join!(
-        delete(&env, &token, "again"),
-        env.create_sandbox(&token, "again", &["orders@feature/x"]),
-    );
+    // The new deployment starts while the delete's teardown runs on the one agent.
+    let deleted = delete(&env, &token, "again").await;
     assert_eq!(deleted.status, 202, "{}", deleted.body);
+    let created = env
+        .create_sandbox(&token, "again", &["orders@feature/x"])
+        .await;
     assert_eq!(created.status, 202, "{}", created.body);
     let new = created.json()["sandbox"].clone();
     assert_ne!(new["id"], old["id"]);
@@ -77,7 +77,7 @@ async fn a_sandbox_deleted_and_created_again_at_once_ends_ready_and_keeps_its_ch
     let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
     assert_eq!(
         env.answer(upstream).await,
-        "orders on feature/x in again",
+        "orders on feature/x in again\n",
         "the new instance runs"
     );
 }
@@ -126,7 +126,7 @@ async fn an_agent_away_during_a_delete_reuses_nothing_of_that_sandbox_when_its_n
     let sandbox = env.get("/api/sandboxes/shared", Some(&bob)).await.json();
     assert_eq!(sandbox["owner"], "bob");
     let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
-    assert_eq!(env.answer(upstream).await, "orders on main in shared");
+    assert_eq!(env.answer(upstream).await, "orders on main in shared\n");
 }
 
 /// A tmpfs mounted over a folder for as long as it lives.
@@ -189,7 +189,7 @@ async fn a_log_that_cannot_be_stored_fails_its_deployment_and_the_next_deploymen
         let sandbox = env.get("/api/sandboxes/full", Some(&token)).await.json();
         if let Some(upstream) = sandbox["services"][0]["upstream"].as_str() {
             assert_eq!(sandbox["services"][0]["state"], "running", "{sandbox}");
-            assert_eq!(env.answer(upstream).await, "orders on main in full");
+            assert_eq!(env.answer(upstream).await, "orders on main in full\n");
             break;
         }
         assert!(
@@ -210,5 +210,5 @@ async fn a_log_that_cannot_be_stored_fails_its_deployment_and_the_next_deploymen
     assert_eq!(frames.last().unwrap()["type"], "end", "{frames:?}");
     let sandbox = env.get("/api/sandboxes/full", Some(&token)).await.json();
     let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
-    assert_eq!(env.answer(upstream).await, "orders on main in full");
+    assert_eq!(env.answer(upstream).await, "orders on main in full\n");
 }

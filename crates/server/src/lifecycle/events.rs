@@ -155,23 +155,22 @@ impl Lifecycle {
                     // its events are let go, so that the agent is not wedged on them.
                     let reason = format!("its log could not be stored on the control plane: {e}");
                     self.fail(&deployment, &reason).await;
-                    let last = batch.iter().map(|e| e.seq).max().unwrap_or(0);
-                    answer.acks.push((deployment.clone(), last));
-                    for event in batch {
-                        if let EventBody::Outcome { .. } = event.body {
-                            self.apply(agent, &deployment, event).await;
-                        }
-                    }
+                    self.let_go(agent, &deployment, batch, &mut answer).await;
                     continue;
                 }
             };
             let acked = ack.unwrap_or(0);
-            if let Some(missing) = batch.iter().map(|e| e.seq).filter(|s| *s > acked).min() {
-                // An event is missing before these: the agent sends again from the first
-                // one not stored.
-                answer
-                    .resend
-                    .push((deployment.clone(), acked.max(missing - 1) + 1));
+            if batch.iter().any(|e| e.seq > acked) {
+                if !self.in_progress(&deployment).await {
+                    // A gap in the log of a deployment that has ended: its log was closed
+                    // without the events before these (they could not be stored), and the
+                    // agent no longer holds them. Asking for them again would never end.
+                    self.let_go(agent, &deployment, batch, &mut answer).await;
+                    continue;
+                }
+                // An event is missing before these: the agent sends again from the first one
+                // not stored.
+                answer.resend.push((deployment.clone(), acked + 1));
             }
             for (i, event) in batch.iter().enumerate() {
                 if stored.contains(&i) {
@@ -188,6 +187,39 @@ impl Lifecycle {
             }
         }
         answer
+    }
+
+    /// Whether a deployment is still queued or running (not ended, and known).
+    async fn in_progress(&self, deployment: &DeploymentId) -> bool {
+        match self.db.outcome_target(deployment).await {
+            Ok(Some(target)) => target.deployment.in_progress(),
+            Ok(None) => false,
+            // Unsure: keep its events, and ask for what is missing.
+            Err(e) => {
+                tracing::error!(%deployment, error = %e, "cannot read the deployment");
+                true
+            }
+        }
+    }
+
+    /// Acknowledges a run of events of a deployment whose log is closed without storing
+    /// them, so that the agent forgets them; an outcome among them still counts (it says
+    /// what runs).
+    async fn let_go(
+        self: &Arc<Self>,
+        agent: &AgentName,
+        deployment: &DeploymentId,
+        batch: &[Event],
+        answer: &mut EventsAnswer,
+    ) {
+        self.logs.forget(deployment.as_str());
+        let last = batch.iter().map(|e| e.seq).max().unwrap_or(0);
+        answer.acks.push((deployment.clone(), last));
+        for event in batch {
+            if let EventBody::Outcome { .. } = event.body {
+                self.apply(agent, deployment, event).await;
+            }
+        }
     }
 
     /// Appends to a deployment's log, trying again after a failure.
