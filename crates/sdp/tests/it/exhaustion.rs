@@ -8,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::harness::{Options, TestEnv, docker_available, docker_inspect, wait_until};
+use sdp_testkit::{TestEnv, docker_available, docker_inspect, wait_until};
+
+use crate::SDP;
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -34,7 +36,10 @@ fn agent_pid(env: &TestEnv) -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_cancelled_deployments_leak_no_file_descriptor() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["stuck", "payments"])
+        .start()
+        .await;
     let token = env.login().await;
     let pid = agent_pid(&env);
     // Half hang in their fetch (the git server never answers `stuck`) and are cancelled
@@ -122,13 +127,13 @@ async fn a_thousand_cancelled_deployments_leak_no_file_descriptor() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn git_processes_on_an_agent_never_exceed_max_git_jobs() {
-    let env = TestEnv::start(Options {
-        agent_extra: "max_git_jobs = 2\n",
-        git_timeout: "3s",
-        job_timeout: "20s",
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["stuck"])
+        .agent_extra("max_git_jobs = 2\n")
+        .git_timeout("3s")
+        .job_timeout("20s")
+        .start()
+        .await;
     let token = env.login().await;
     let stop = Arc::new(AtomicBool::new(false));
     // This test's own git server: other tests' agents may list their `stuck` at the same time.
@@ -172,7 +177,11 @@ async fn git_processes_on_an_agent_never_exceed_max_git_jobs() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn teardown_never_signals_a_pid_that_another_process_holds_now() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let (_, d) = env.deploy(&token, "reused", &["orders@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
@@ -216,12 +225,13 @@ async fn a_relative_work_dir_deploys_with_docker_and_builds_with_go() {
     if !docker_available() {
         return;
     }
-    let env = TestEnv::start(Options {
-        runtime: "docker",
-        relative_work_dir: true,
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .runtime("docker")
+        .relative_work_dir()
+        .start()
+        .await;
     let token = env.login().await;
     let name = format!("rel-{:06x}", rand::random::<u32>() & 0xff_ffff);
     let (sandbox, d) = env.deploy(&token, &name, &["orders@feature/x"]).await;
@@ -270,7 +280,7 @@ fn sleeping(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn what_a_build_leaves_running_ends_with_it() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP).start().await;
     let token = env.login().await;
     // A process in the background, holding the build's output open.
     let script = "sleep 600 &\necho \"left $!\"\nexit 1\n";
@@ -280,7 +290,7 @@ async fn what_a_build_leaves_running_ends_with_it() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn what_a_build_left_outside_its_process_group_ends_at_teardown() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP).start().await;
     let token = env.login().await;
     // Out of the build's process group (its own session) before the build ends.
     let script = "nohup setsid sleep 600 >/dev/null 2>&1 &\necho \"left $!\"\nsleep 1\nexit 1\n";
