@@ -141,18 +141,24 @@ async fn git_processes_on_an_agent_never_exceed_max_git_jobs() {
     let sampler = {
         let stop = stop.clone();
         std::thread::spawn(move || {
+            let ours = |cmdline: &std::path::Path| {
+                std::fs::read(cmdline).is_ok_and(|c| {
+                    c.starts_with(b"git\0ls-remote\0")
+                        && c.windows(url.len()).any(|w| w == url.as_slice())
+                })
+            };
             let mut most = 0;
             while !stop.load(Ordering::Relaxed) {
-                let running = std::fs::read_dir("/proc")
+                let seen: Vec<_> = std::fs::read_dir("/proc")
                     .into_iter()
                     .flatten()
                     .flatten()
-                    .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-                    .filter(|c| {
-                        c.starts_with(b"git\0ls-remote\0")
-                            && c.windows(url.len()).any(|w| w == url.as_slice())
-                    })
-                    .count();
+                    .map(|e| e.path().join("cmdline"))
+                    .filter(|c| ours(c))
+                    .collect();
+                // A sweep of /proc takes a while: a git seen early in it may have ended before
+                // one seen late began. Those still there after the sweep all ran at its end.
+                let running = seen.iter().filter(|c| ours(c)).count();
                 most = most.max(running);
                 std::thread::sleep(Duration::from_millis(10));
             }
