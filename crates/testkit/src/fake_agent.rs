@@ -468,6 +468,12 @@ pub mod wire {
         }))
     }
 
+    /// Between a scripted deployment's steps. A real agent's quickest deployment takes a git
+    /// round trip or more before its outcome, and the control plane records a deployment as
+    /// running only once the `accepted` reply is in: it ignores an outcome that comes before
+    /// that record (seen here with events sent at once), so the fakes never outrun it.
+    const STEP_PAUSE: Duration = Duration::from_millis(50);
+
     /// A deployment's events, as a real agent sends them: per service its steps and a line
     /// of output, then the outcome.
     async fn run_deployment(
@@ -501,13 +507,16 @@ pub mod wire {
             if held && i == 0 {
                 let _ = released.wait_for(|go| *go).await;
             }
+            tokio::time::sleep(STEP_PAUSE).await;
             send(step(service, Step::Building, StepState::Running));
             send(EventBody::Log {
                 service: Some(service.clone()),
                 stream: LogStream::Stdout,
                 line: format!("building {service} from {}", spec.branch),
             });
+            tokio::time::sleep(STEP_PAUSE).await;
             send(step(service, Step::Starting, StepState::Running));
+            tokio::time::sleep(STEP_PAUSE).await;
             send(step(service, Step::Healthy, StepState::Done));
             outcomes.push(ServiceOutcome {
                 service: service.clone(),
@@ -515,6 +524,7 @@ pub mod wire {
                 upstream: Some(FAKE_UPSTREAM.to_owned()),
             });
         }
+        tokio::time::sleep(STEP_PAUSE).await;
         send(EventBody::Outcome {
             ok: true,
             error: None,
