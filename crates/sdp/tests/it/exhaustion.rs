@@ -36,8 +36,11 @@ fn agent_pid(env: &TestEnv) -> u32 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_thousand_cancelled_deployments_leak_no_file_descriptor() {
+    // A gateway too: each delete publishes routes before its teardown, which lets the
+    // deployments get further before they are cancelled.
     let env = TestEnv::builder(SDP)
         .repos(&["stuck", "payments"])
+        .gateway(true)
         .start()
         .await;
     let token = env.login().await;
