@@ -5,7 +5,8 @@
 # python3 (the tests read the server's SQLite file with it), Go (the deploy tests build a
 # real Go service), busybox-static (the offline image the docker tests run services in), and
 # Chromium with chromedriver (the dashboard is tested in a real browser). The docker tests
-# need a running Docker Engine; with CI=true its absence fails them.
+# need a running Docker Engine; with CI=true its absence fails them. Tests of the in-process
+# tier (crates/testkit, `InProcessEnv`) need none of these but python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,7 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # The integration tests run user code as an unprivileged user they create when run as root
-# (sdp-it-run, see crates/sdp/tests/it/harness); remove it, and anything left running as it,
+# (sdp-it-run, see crates/testkit/src/users.rs); remove it, and anything left running as it,
 # once they are done.
 if [ "$(id -u)" -eq 0 ]; then
   trap 'pkill -KILL -u sdp-it-run 2>/dev/null; userdel sdp-it-run 2>/dev/null; true' EXIT

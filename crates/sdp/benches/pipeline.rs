@@ -1,5 +1,5 @@
 //! Benchmarks of the deploy pipeline, with the real binary, git server and Go toolchain of the
-//! integration tests (their harness is included below). Run with
+//! integration tests (their test kit, `sdp-testkit`). Run with
 //! `cargo bench -p sdp --bench pipeline`; it prints figures, it asserts nothing about speed.
 //!
 //! 1. Platform overhead of a deploy: a deployment's total time minus its fetching, building
@@ -11,14 +11,10 @@
 //!    for 5 s (latency at that rate). Lines per second per viewer, latency from the agent's
 //!    emission (`ts`) to receipt, and a check that every viewer got every `seq` once, in order.
 
-#[allow(dead_code)]
-#[path = "../tests/it/harness/mod.rs"]
-mod harness;
-
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use harness::{Options, TestEnv};
+use sdp_testkit::TestEnv;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_tungstenite::tungstenite::Message;
@@ -156,12 +152,13 @@ async fn log_pipeline(env: &TestEnv, token: &str, service: &str, viewers: usize,
 
 #[tokio::main]
 async fn main() {
-    let env = TestEnv::start(Options {
-        log: "warn,sdp_server=info",
-        job_timeout: "60s",
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(env!("CARGO_BIN_EXE_sdp"))
+        .repos(&["orders", "chatty", "steady"])
+        .gateway(true)
+        .log("warn,sdp_server=info")
+        .job_timeout("60s")
+        .start()
+        .await;
     let token = env.login().await;
     // The first build fills the Go cache; it is not counted.
     let (_, warm) = env.deploy(&token, "warmup", &["orders@main"]).await;

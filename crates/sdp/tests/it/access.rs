@@ -4,7 +4,9 @@ use reqwest::Method;
 use sdp_server::api::{Access, route_table};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::harness::{AGENT_TOKEN, Options, TestEnv};
+use sdp_testkit::{AGENT_TOKEN, Api, InProcessEnv, Reply, TestEnv};
+
+use crate::SDP;
 
 /// `/api/services/{name}/branches` -> `/api/services/x/branches`.
 fn concrete(path: &str) -> String {
@@ -16,11 +18,7 @@ fn concrete(path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_route_but_login_and_health_refuses_a_missing_a_bad_and_an_expired_session() {
-    let env = TestEnv::start(Options {
-        session_ttl: "1s",
-        ..Options::default()
-    })
-    .await;
+    let env = InProcessEnv::builder().session_ttl("1s").start().await;
     let expired = env.login().await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let bad = format!("sdp_{}", "0".repeat(64));
@@ -56,7 +54,7 @@ async fn every_route_but_login_and_health_refuses_a_missing_a_bad_and_an_expired
                     if let Some(a) = auth {
                         req = req.header("authorization", a);
                     }
-                    let reply = crate::harness::Reply::from(req.send().await.unwrap()).await;
+                    let reply = Reply::from(req.send().await.unwrap()).await;
                     assert_eq!(
                         reply.status, 401,
                         "{} {} with {case}: {}",
@@ -89,7 +87,7 @@ async fn every_route_but_login_and_health_refuses_a_missing_a_bad_and_an_expired
                     if let Some(a) = auth.clone() {
                         req = req.header("authorization", a);
                     }
-                    let reply = crate::harness::Reply::from(req.send().await.unwrap()).await;
+                    let reply = Reply::from(req.send().await.unwrap()).await;
                     assert_eq!(
                         reply.status, 401,
                         "{} {} with {auth:?}: {}",
@@ -102,8 +100,8 @@ async fn every_route_but_login_and_health_refuses_a_missing_a_bad_and_an_expired
     }
 }
 
-async fn ws_status(env: &TestEnv, path: &str, headers: &[(&'static str, String)]) -> u16 {
-    let url = format!("{}{path}", env.url.replacen("http://", "ws://", 1));
+async fn ws_status(api: &Api, path: &str, headers: &[(&'static str, String)]) -> u16 {
+    let url = format!("{}{path}", api.url.replacen("http://", "ws://", 1));
     let mut req = url.into_client_request().unwrap();
     for (k, v) in headers {
         req.headers_mut().insert(*k, v.parse().unwrap());
@@ -117,7 +115,7 @@ async fn ws_status(env: &TestEnv, path: &str, headers: &[(&'static str, String)]
 
 #[tokio::test(flavor = "multi_thread")]
 async fn websocket_upgrades_without_a_session_or_from_a_foreign_origin_are_refused() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     let path = "/ws/deployments/d-1";
     assert_eq!(ws_status(&env, path, &[]).await, 401);
@@ -156,7 +154,7 @@ async fn websocket_upgrades_without_a_session_or_from_a_foreign_origin_are_refus
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_with_a_wrong_token_is_refused() {
-    let mut env = TestEnv::without_agents(Options::default()).await;
+    let mut env = TestEnv::builder(SDP).no_agents().start().await;
     assert_eq!(ws_status(&env, "/ws/agent", &[]).await, 401);
     assert_eq!(
         ws_status(

@@ -1,11 +1,13 @@
 use std::time::{Duration, Instant};
 
-use crate::harness::{FakeAgent, Options, TestEnv};
+use sdp_testkit::{AGENT_TOKEN, FakeAgent, InProcessEnv, TestEnv};
+
+use crate::SDP;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_agent_list_shows_connected_agents_with_role_version_and_host() {
-    let mut env = TestEnv::start(Options::default()).await;
-    env.start_agent("edge", "gateway", crate::harness::AGENT_TOKEN);
+    let mut env = TestEnv::builder(SDP).start().await;
+    env.start_agent("edge", "gateway", AGENT_TOKEN);
     env.wait_for_agents(2).await;
     let token = env.login().await;
     let reply = env.get("/api/agents", Some(&token)).await;
@@ -31,7 +33,7 @@ async fn the_agent_list_shows_connected_agents_with_role_version_and_host() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_malformed_frame_is_reported_to_the_agent_and_the_connection_survives() {
-    let env = TestEnv::without_agents(Options::default()).await;
+    let env = InProcessEnv::builder().no_agents().start().await;
     let mut fake = FakeAgent::connect(&env, "fake-sloppy").await;
     for bad in [
         "not json",
@@ -51,23 +53,23 @@ async fn a_malformed_frame_is_reported_to_the_agent_and_the_connection_survives(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_silent_past_the_heartbeat_timeout_is_dropped() {
-    let env = TestEnv::without_agents(Options {
-        agent_timeout: "2s",
-        ..Options::default()
-    })
-    .await;
+    let env = InProcessEnv::builder()
+        .no_agents()
+        .agent_timeout("2s")
+        .start()
+        .await;
     let _silent = FakeAgent::connect(&env, "fake-silent").await;
     env.wait_for_agents(1).await;
     let started = Instant::now();
     env.wait_for_agents(0).await;
     assert!(started.elapsed() < Duration::from_secs(6));
-    let log = env.server.as_ref().unwrap().log_text();
+    let log = env.server_log();
     assert!(log.contains("silent past the heartbeat timeout"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_reconnect_by_themselves_after_the_control_plane_restarts() {
-    let mut env = TestEnv::start(Options::default()).await;
+    let mut env = TestEnv::builder(SDP).repos(&["orders"]).start().await;
     let addr = env.url.trim_start_matches("http://").to_owned();
     env.stop_server();
     env.start_server(&addr);
@@ -79,7 +81,7 @@ async fn agents_reconnect_by_themselves_after_the_control_plane_restarts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_agent_under_a_taken_name_is_refused_and_the_first_keeps_working() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let answer = match FakeAgent::try_connect(&env, "micro-0", "another-host").await {
         Ok(_) => panic!("a second micro-0 was welcomed"),
         Err(answer) => answer,

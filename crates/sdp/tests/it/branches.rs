@@ -1,10 +1,12 @@
 use std::time::{Duration, Instant};
 
-use crate::harness::{FakeAgent, Options, TestEnv};
+use sdp_testkit::{FakeAgent, InProcessEnv, TestEnv};
+
+use crate::SDP;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_branch_list_equals_what_git_ls_remote_heads_says_with_commits() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP).repos(&["orders"]).start().await;
     let token = env.login().await;
     let listed = env.branches("orders", &token).await;
     let expected = env.git.heads("orders");
@@ -14,7 +16,7 @@ async fn the_branch_list_equals_what_git_ls_remote_heads_says_with_commits() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unknown_service_gets_404() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     for name in ["nope", "--upload-pack=x", "ORDERS"] {
         let reply = env
@@ -27,7 +29,7 @@ async fn an_unknown_service_gets_404() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_service_list_is_the_catalog() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     let reply = env.get("/api/services", Some(&token)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
@@ -52,18 +54,14 @@ async fn the_service_list_is_the_catalog() {
             "hostile",
         ]
     );
-    assert_eq!(services[0]["repo"], env.git.url("orders"));
+    assert_eq!(services[0]["repo"], env.repo_url("orders"));
     assert_eq!(services[0]["routes"], serde_json::json!(["/orders"]));
-    assert_eq!(services[0]["baseline"], env.baseline.url().as_str());
+    assert_eq!(services[0]["baseline"], env.baseline_url().as_str());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_branch_list_is_503_without_an_agent_and_504_with_a_hung_one() {
-    let mut env = TestEnv::start(Options {
-        job_timeout: "2s",
-        ..Options::default()
-    })
-    .await;
+    let mut env = InProcessEnv::builder().job_timeout("2s").start().await;
     let token = env.login().await;
     env.agents.clear();
     env.wait_for_agents(0).await;
@@ -85,11 +83,11 @@ async fn the_branch_list_is_503_without_an_agent_and_504_with_a_hung_one() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_git_server_that_hangs_is_cut_off_by_the_git_timeout() {
-    let env = TestEnv::start(Options {
-        git_timeout: "2s",
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["stuck"])
+        .git_timeout("2s")
+        .start()
+        .await;
     let token = env.login().await;
     let started = Instant::now();
     let reply = env.get("/api/services/stuck/branches", Some(&token)).await;

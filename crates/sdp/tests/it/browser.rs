@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Options, PASSWORD, Proc, TestEnv, USER};
+use sdp_testkit::{PASSWORD, Proc, TestEnv, USER};
+
+use crate::SDP;
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
@@ -164,7 +166,11 @@ async fn a_user_logs_in_sees_branches_deploys_watches_the_log_and_logs_out_in_a_
     let Some(browser) = Browser::start().await else {
         return;
     };
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     browser.open(&env.url).await;
     browser
         .wait_for(

@@ -3,7 +3,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use base64::Engine;
 
-use crate::harness::{Options, TestEnv, files_containing};
+use sdp_testkit::{AGENT_TOKEN, TestEnv, files_containing};
+
+use crate::SDP;
 
 /// Reads every process's command line until told to stop; returns the ones holding
 /// `canary` and how many command lines of git's HTTP helper it saw (to show it looked while
@@ -38,11 +40,12 @@ async fn the_password_appears_in_no_file_no_log_and_no_command_line() {
     // Everything at trace level, so that nothing logged at any level can hide it, and
     // directives naming the frame-tracing libraries' own modules, which must not lift their
     // cap.
-    let mut env = TestEnv::without_agents(Options {
-        log: "trace,tungstenite::protocol=trace,tokio_tungstenite=trace,hyper::proto=trace,reqwest::connect=trace",
-        ..Options::default()
-    })
-    .await;
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .no_agents()
+        .log("trace,tungstenite::protocol=trace,tokio_tungstenite=trace,hyper::proto=trace,reqwest::connect=trace")
+        .start()
+        .await;
     let canary = format!("canary-{:032x}", rand::random::<u128>());
     let wrong = format!("canary-wrong-{:032x}", rand::random::<u128>());
     env.git.add_user("carol", &canary);
@@ -51,7 +54,7 @@ async fn the_password_appears_in_no_file_no_log_and_no_command_line() {
     let home = env.agent_work_dir("micro-0").join("git").join("home");
     std::fs::create_dir_all(&home).unwrap();
     std::fs::write(home.join(".gitconfig"), "[credential]\n\thelper = store\n").unwrap();
-    env.start_agent("micro-0", "micro", crate::harness::AGENT_TOKEN);
+    env.start_agent("micro-0", "micro", AGENT_TOKEN);
     env.wait_for_agents(1).await;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -84,7 +87,7 @@ async fn the_password_appears_in_no_file_no_log_and_no_command_line() {
     let basic = |password: &str| {
         base64::engine::general_purpose::STANDARD.encode(format!("carol:{password}"))
     };
-    let agent_token = crate::harness::AGENT_TOKEN.to_owned();
+    let agent_token = AGENT_TOKEN.to_owned();
     for secret in [&canary, &wrong, &agent_token] {
         for form in [secret.clone(), basic(secret), hex::encode(secret)] {
             let files = files_containing(env.dir.path(), form.as_bytes());

@@ -1,4 +1,4 @@
-use crate::harness::run_sdp as sdp;
+use crate::run_sdp as sdp;
 
 #[test]
 fn config_print_shows_the_effective_config_with_secrets_redacted() {

@@ -1,12 +1,16 @@
 //! The deploy pipeline with the process runtime: a real Go service on the test git server,
-//! fetched, built with the real Go toolchain and run by a real agent.
+//! fetched, built with the real Go toolchain and run by a real agent. What is the control
+//! plane's alone (validation, ownership, one deployment at a time, listings, no agent) runs
+//! in-process, with scripted agents.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::harness::{Options, TestEnv, step_state, wait_until};
+use sdp_testkit::{Deploys, InProcessEnv, Reply, TestEnv, USER, step_state, wait_until};
+
+use crate::SDP;
 
 /// Processes whose working directory is under `dir`.
 fn processes_under(dir: &Path) -> Vec<String> {
@@ -30,12 +34,16 @@ fn seqs(frames: &[Value]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_branch_is_fetched_built_run_and_answers_from_that_branch() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let (sandbox, deployment) = env.deploy(&token, "feat", &["orders@feature/x"]).await;
     assert_eq!(deployment["state"], "ready", "{deployment}");
     assert_eq!(sandbox["state"], "ready", "{sandbox}");
-    assert_eq!(sandbox["owner"], crate::harness::USER);
+    assert_eq!(sandbox["owner"], USER);
 
     let heads = env.git.heads("orders");
     let tip = &heads.iter().find(|(b, _)| b == "feature/x").unwrap().1;
@@ -97,7 +105,11 @@ async fn a_branch_is_fetched_built_run_and_answers_from_that_branch() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_log_socket_replays_every_frame_in_order_from_any_seq_then_ends() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let reply = env.create_sandbox(&token, "live", &["orders@main"]).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
@@ -139,7 +151,11 @@ async fn the_log_socket_replays_every_frame_in_order_from_any_seq_then_ends() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_redeploy_of_the_same_commit_does_not_rebuild_and_a_new_commit_does() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let (_, first) = env.deploy(&token, "again", &["orders@main"]).await;
     assert_eq!(first["state"], "ready", "{first}");
@@ -175,7 +191,11 @@ async fn a_redeploy_of_the_same_commit_does_not_rebuild_and_a_new_commit_does() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn teardown_leaves_no_process_and_no_checkout() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let (sandbox, _) = env.deploy(&token, "gone", &["orders@main"]).await;
     let upstream = sandbox["services"][0]["upstream"]
@@ -227,7 +247,7 @@ async fn teardown_leaves_no_process_and_no_checkout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_that_fails_fails_the_deployment_at_building_with_its_exit_code() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP).repos(&["orders"]).start().await;
     let token = env.login().await;
     let (sandbox, deployment) = env.deploy(&token, "broken", &["orders@broken"]).await;
     assert_eq!(deployment["state"], "failed", "{deployment}");
@@ -258,11 +278,11 @@ async fn a_build_that_fails_fails_the_deployment_at_building_with_its_exit_code(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_service_that_never_becomes_healthy_fails_at_starting_and_is_removed() {
-    let env = TestEnv::start(Options {
-        health_timeout: "3s",
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .health_timeout("3s")
+        .start()
+        .await;
     let token = env.login().await;
     let (_, deployment) = env.deploy(&token, "sick", &["orders@unhealthy"]).await;
     assert_eq!(deployment["state"], "failed", "{deployment}");
@@ -282,7 +302,7 @@ async fn a_service_that_never_becomes_healthy_fails_at_starting_and_is_removed()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_is_refused_with_400_and_creates_nothing() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     let many: Vec<Value> = (0..17)
         .map(|i| json!({"service": "orders", "branch": format!("b{i}")}))
@@ -350,14 +370,14 @@ async fn hostile_input_is_refused_with_400_and_creates_nothing() {
     ] {
         assert_eq!(env.count_rows(table), 0, "{table}");
     }
-    let checkouts = env.agent_work_dir("micro-0").join("checkouts");
-    assert_eq!(std::fs::read_dir(&checkouts).unwrap().count(), 0);
+    // Nothing reached the agent.
+    assert!(env.script.jobs("deploy").is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn owners_change_their_own_sandboxes_and_everyone_can_read() {
-    let env = TestEnv::start(Options::default()).await;
-    env.git.add_user("bob", "bobs password");
+    let env = InProcessEnv::builder().gateway(true).start().await;
+    env.script.add_user("bob", "bobs password");
     let alice = env.login().await;
     let bob = env.login_as("bob", "bobs password").await.json()["token"]
         .as_str()
@@ -374,7 +394,7 @@ async fn owners_change_their_own_sandboxes_and_everyone_can_read() {
             json!({"ttl": "2h"}),
         )
         .await,
-        crate::harness::Reply::from(
+        Reply::from(
             env.http
                 .delete(format!("{}/api/sandboxes/mine", env.url))
                 .bearer_auth(&bob)
@@ -412,7 +432,9 @@ async fn owners_change_their_own_sandboxes_and_everyone_can_read() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_deployment_of_a_busy_sandbox_is_refused_with_409() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().gateway(true).start().await;
+    // The agent holds the deployment until the test has tried the others.
+    env.script.set_deploys(Deploys::Held);
     let token = env.login().await;
     let reply = env.create_sandbox(&token, "busy", &["orders@main"]).await;
     assert_eq!(reply.status, 202);
@@ -426,17 +448,15 @@ async fn a_second_deployment_of_a_busy_sandbox_is_refused_with_409() {
     let taken = env.create_sandbox(&token, "busy", &["orders@main"]).await;
     assert_eq!(taken.status, 409, "{}", taken.body);
     assert_eq!(taken.error_code(), "sandbox_exists");
+    env.script.release();
     assert_eq!(env.wait_deployment(&token, &id).await["state"], "ready");
     assert_eq!(env.count_rows("deployments"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_micro_agent_a_deployment_fails_at_once_saying_so() {
-    let env = TestEnv::without_agents(Options::default()).await;
-    let mut env = env;
+    let mut env = InProcessEnv::builder().start().await;
     // Log in through an agent, then let it go.
-    env.start_agent("micro-0", "micro", crate::harness::AGENT_TOKEN);
-    env.wait_for_agents(1).await;
     let token = env.login().await;
     env.agents.clear();
     env.wait_for_agents(0).await;
@@ -463,9 +483,7 @@ async fn without_a_micro_agent_a_deployment_fails_at_once_saying_so() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn listings_are_newest_first_paginated_and_filtered() {
-    let mut env = TestEnv::without_agents(Options::default()).await;
-    env.start_agent("micro-0", "micro", crate::harness::AGENT_TOKEN);
-    env.wait_for_agents(1).await;
+    let mut env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     env.agents.clear();
     env.wait_for_agents(0).await;
@@ -500,10 +518,7 @@ async fn listings_are_newest_first_paginated_and_filtered() {
     assert!(rest["next"].is_null());
 
     let mine = env
-        .get(
-            &format!("/api/deployments?owner={}", crate::harness::USER),
-            Some(&token),
-        )
+        .get(&format!("/api/deployments?owner={}", USER), Some(&token))
         .await
         .json();
     assert_eq!(mine["items"].as_array().unwrap().len(), 3);
@@ -539,7 +554,11 @@ async fn listings_are_newest_first_paginated_and_filtered() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_sandbox_is_torn_down_by_itself() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let (created, d) = env.deploy(&token, "brief", &["orders@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
@@ -577,7 +596,11 @@ async fn an_expired_sandbox_is_torn_down_by_itself() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let canary = format!("canary-{:032x}", rand::random::<u128>());
     env.git.add_user("dora", &canary);
     let token = env.login_as("dora", &canary).await.json()["token"]
@@ -626,7 +649,11 @@ async fn a_deploy_leaves_the_password_in_no_file_log_or_git_config() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_control_plane_restart_mid_deployment_loses_no_log_line_and_the_deployment_finishes() {
-    let mut env = TestEnv::start(Options::default()).await;
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let reply = env
         .create_sandbox(&token, "restart", &["orders@main"])
@@ -673,11 +700,11 @@ async fn a_control_plane_restart_mid_deployment_loses_no_log_line_and_the_deploy
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_viewer_that_stops_reading_slows_nothing_and_still_gets_every_frame() {
-    let env = TestEnv::start(Options {
-        health_timeout: "2s",
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["chatty"])
+        .health_timeout("2s")
+        .start()
+        .await;
     let token = env.login().await;
     let reply = env.create_sandbox(&token, "flood", &["chatty@main"]).await;
     assert_eq!(reply.status, 202, "{}", reply.body);
@@ -723,9 +750,7 @@ async fn a_viewer_that_stops_reading_slows_nothing_and_still_gets_every_frame() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn hostile_input_to_a_redeploy_is_refused_with_400_and_creates_nothing() {
-    let mut env = TestEnv::without_agents(Options::default()).await;
-    env.start_agent("micro-0", "micro", crate::harness::AGENT_TOKEN);
-    env.wait_for_agents(1).await;
+    let mut env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     env.agents.clear();
     env.wait_for_agents(0).await;

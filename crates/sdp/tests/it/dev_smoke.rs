@@ -1,12 +1,15 @@
 use std::process::Command;
 
-use crate::harness::{Api, Proc, git_server::heads_of, sdp_bin};
+use sdp_testkit::git_server::heads_of;
+use sdp_testkit::{Api, Proc};
+
+use crate::SDP;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
-    let mut cmd = Command::new(sdp_bin());
+    let mut cmd = Command::new(SDP);
     cmd.args(["dev", "--port", "0", "--data"]).arg(&data);
     let mut dev = Proc::spawn("sdp dev", cmd);
     let line = dev.wait_for_line("its URL", |l| l.contains("Dashboard and API:"));

@@ -3,15 +3,16 @@
 
 use std::process::Command;
 
-use crate::harness::{
-    Options, TestEnv, docker_available, docker_inspect, run_as_ids, step_state, wait_until,
+use sdp_testkit::{
+    AGENT_TOKEN, EnvBuilder, TestEnv, docker_available, docker_image, docker_inspect, run_as_ids,
+    step_state, wait_until,
 };
 
-fn docker_options() -> Options {
-    Options {
-        runtime: "docker",
-        ..Options::default()
-    }
+use crate::SDP;
+
+/// The docker runtime, with the Go services' repository.
+fn docker_env() -> EnvBuilder {
+    TestEnv::builder(SDP).repos(&["orders"]).runtime("docker")
 }
 
 /// A sandbox name no other test on this engine uses.
@@ -24,7 +25,7 @@ async fn a_branch_runs_in_a_labelled_limited_container_and_teardown_removes_ever
     if !docker_available() {
         return;
     }
-    let env = TestEnv::start(docker_options()).await;
+    let env = docker_env().gateway(true).start().await;
     let canary = format!("canary-{:032x}", rand::random::<u128>());
     env.git.add_user("dora", &canary);
     let token = env.login_as("dora", &canary).await.json()["token"]
@@ -144,11 +145,7 @@ async fn an_unhealthy_container_fails_at_starting_and_is_removed() {
     if !docker_available() {
         return;
     }
-    let env = TestEnv::start(Options {
-        health_timeout: "3s",
-        ..docker_options()
-    })
-    .await;
+    let env = docker_env().health_timeout("3s").start().await;
     let token = env.login().await;
     let name = unique("sick");
     let (sandbox, deployment) = env.deploy(&token, &name, &["orders@unhealthy"]).await;
@@ -170,12 +167,12 @@ async fn an_agent_finds_its_containers_at_start_and_leftovers_of_ended_sandboxes
     if !docker_available() {
         return;
     }
-    let mut env = TestEnv::without_agents(docker_options()).await;
+    let mut env = docker_env().no_agents().start().await;
     let agent = format!("dock-{:08x}-0", rand::random::<u32>());
     env.micro.push(agent.clone());
     // A container this agent started in an earlier life, of a sandbox no longer known.
     let ghost = format!("sbx_{:016x}", rand::random::<u64>());
-    let image = crate::harness::docker_image();
+    let image = docker_image();
     let out = Command::new("docker")
         .args(["run", "-d", "--name", &format!("sdp-{ghost}-orders")])
         .args(["--label", &format!("sdp.sandbox={ghost}")])
@@ -190,7 +187,7 @@ async fn an_agent_finds_its_containers_at_start_and_leftovers_of_ended_sandboxes
         String::from_utf8_lossy(&out.stderr)
     );
 
-    env.start_agent(&agent, "micro", crate::harness::AGENT_TOKEN);
+    env.start_agent(&agent, "micro", AGENT_TOKEN);
     env.wait_for_agents(1).await;
     wait_until("the leftover container is removed", || {
         docker_inspect(&format!("sdp-{ghost}-orders")).is_none()

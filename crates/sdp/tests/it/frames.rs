@@ -4,8 +4,10 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use crate::harness::git_server::run_git;
-use crate::harness::{Options, TestEnv, sdp_bin};
+use sdp_testkit::git_server::run_git;
+use sdp_testkit::{AGENT_TOKEN, TestEnv};
+
+use crate::SDP;
 
 /// A build that prints 4 MB of NUL bytes (3 MB of them on one line) and 2 MB of ESC bytes
 /// (half in lines of 1,000, half on one line), then builds nothing: the service is the `sdp`
@@ -25,7 +27,7 @@ echo "noise done"
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_printing_megabytes_of_nul_and_escape_bytes_ends_ready_without_the_agent_dropping()
 {
-    let mut env = TestEnv::without_agents(Options::default()).await;
+    let mut env = TestEnv::builder(SDP).no_agents().start().await;
     env.git.create_repo_with("noisy", &["main"], |_| {
         vec![
             ("noise.sh".into(), NOISE.into()),
@@ -35,11 +37,11 @@ async fn a_build_printing_megabytes_of_nul_and_escape_bytes_ends_ready_without_t
     let noisy = format!(
         "[[services]]\nname = \"noisy\"\nrepo = \"{}\"\nbuild = \"sh noise.sh\"\nrun = \"{} demo-service\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/noisy\"]\nbaseline = \"http://127.0.0.1:9\"\n",
         env.git.url("noisy"),
-        sdp_bin()
+        SDP
     );
     env.restart_server_with("", &noisy);
     env.start_gateway();
-    env.start_agent("micro-0", "micro", crate::harness::AGENT_TOKEN);
+    env.start_agent("micro-0", "micro", AGENT_TOKEN);
     env.wait_for_agents(1).await;
     let token = env.login().await;
 
@@ -90,11 +92,11 @@ fn long_name(i: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn all_20000_branches_of_a_repository_are_listed_with_their_commits() {
-    let env = TestEnv::start(Options {
-        job_timeout: "60s",
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["payments"])
+        .job_timeout("60s")
+        .start()
+        .await;
     let repo = env.git.repo_path("payments");
     // Four tips, so that each branch's commit is checked, not one for all.
     let mut commits = Vec::new();

@@ -1,10 +1,10 @@
 use serde_json::json;
 
-use crate::harness::{Options, TestEnv};
+use sdp_testkit::{InProcessEnv, Reply};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_login_bodies_get_4xx_in_the_error_shape_and_change_nothing() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let url = format!("{}/api/login", env.url);
     let raw = |body: Vec<u8>, content_type: &'static str| {
         env.http
@@ -86,7 +86,7 @@ async fn malformed_login_bodies_get_4xx_in_the_error_shape_and_change_nothing() 
         ),
     ];
     for (case, body, ct, status, code) in cases {
-        let reply = crate::harness::Reply::from(raw(body, ct).await.unwrap()).await;
+        let reply = Reply::from(raw(body, ct).await.unwrap()).await;
         assert_eq!(reply.status, status, "{case}: {}", reply.body);
         assert_eq!(reply.error_code(), code, "{case}");
     }
@@ -101,7 +101,7 @@ async fn malformed_login_bodies_get_4xx_in_the_error_shape_and_change_nothing() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unknown_paths_and_methods_answer_in_the_error_shape() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     let reply = env.get("/api/nothing-here", Some(&token)).await;
     assert_eq!(reply.status, 404);

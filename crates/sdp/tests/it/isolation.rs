@@ -5,10 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::harness::{
-    AGENT_TOKEN, Options, RUN_AS, TestEnv, docker_available, ensure_run_as_user, sdp_bin,
-    wait_until,
+use sdp_testkit::{
+    AGENT_TOKEN, RUN_AS, Reply, TestEnv, USER, docker_available, ensure_run_as_user, wait_until,
 };
+
+use crate::SDP;
 
 /// A branch's build that attacks whoever deploys after it: it plants config, hooks and
 /// helpers wherever git could read them (its `HOME`, every git config and hooks folder it can
@@ -161,7 +162,7 @@ fn around(text: &str, needles: &[&str]) -> String {
     out
 }
 
-fn token_of(reply: &crate::harness::Reply) -> String {
+fn token_of(reply: &Reply) -> String {
     reply.json()["token"].as_str().unwrap().to_owned()
 }
 
@@ -169,11 +170,12 @@ async fn hostile_code_never_sees_another_users_password_or_the_agent_token(runti
     if !can_switch_users() {
         return;
     }
-    let env = TestEnv::start(Options {
-        runtime,
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .runtime(runtime)
+        .start()
+        .await;
     env.git.create_repo_with("hostile", &["main"], |_| {
         vec![("hostile.sh".into(), HOSTILE_BUILD.into())]
     });
@@ -276,13 +278,17 @@ async fn a_hostile_build_reaches_no_other_users_password_or_the_agent_token_with
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_user_without_access_to_a_repository_is_refused_even_when_its_mirror_is_on_disk() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let alice = env.login().await;
     let (_, d) = env.deploy(&alice, "first", &["orders@feature/x"]).await;
     assert_eq!(d["state"], "ready", "{d}");
 
     env.git.add_user("carol", "carols password");
-    env.git.grant_only("orders", &[crate::harness::USER]);
+    env.git.grant_only("orders", &[USER]);
     let carol = token_of(&env.login_as("carol", "carols password").await);
     let reply = env.get("/api/services/orders/branches", Some(&carol)).await;
     assert!(reply.status >= 400, "{} {}", reply.status, reply.body);
@@ -318,7 +324,7 @@ fn agent_config_in(dir: &Path, work_dir: &Path, extra: &str) -> PathBuf {
 
 fn run_agent_briefly(config: &Path) -> (Option<i32>, String) {
     let child = Command::new("timeout")
-        .args(["3", sdp_bin(), "agent", "--config"])
+        .args(["3", SDP, "agent", "--config"])
         .arg(config)
         .env("SDP_TOKEN", AGENT_TOKEN)
         .stdout(std::process::Stdio::piped())
@@ -417,7 +423,7 @@ async fn an_agents_environment_is_closed_even_to_code_of_its_own_user() {
             &format!("--reuid={RUN_AS}"),
             &format!("--regid={RUN_AS}"),
             "--clear-groups",
-            sdp_bin(),
+            SDP,
             "agent",
             "--config",
         ])
@@ -490,14 +496,18 @@ async fn an_agent_run_by_a_plain_user_checks_passwords_and_deploys_with_real_git
         return;
     }
     ensure_run_as_user();
-    let mut env = TestEnv::without_agents(Options::default()).await;
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .no_agents()
+        .start()
+        .await;
     env.start_gateway();
     env.start_unprivileged_agent("plain");
     env.micro.push("plain".to_owned());
     env.wait_for_agents(1).await;
     // git asks the askpass helper (the agent's own binary) for the password: it must reach
     // it although the agent is not dumpable.
-    let refused = env.login_as(crate::harness::USER, "wrong").await;
+    let refused = env.login_as(USER, "wrong").await;
     assert_eq!(refused.status, 401, "{}", refused.body);
     let token = env.login().await;
     assert!(!env.branches("orders", &token).await.is_empty());

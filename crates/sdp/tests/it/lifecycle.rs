@@ -5,11 +5,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::harness::{AGENT_TOKEN, Options, Reply, TestEnv, step_state, wait_until};
+use sdp_testkit::{
+    AGENT_TOKEN, Api, FakeAgent, InProcessEnv, Reply, TestEnv, step_state, wait_until,
+};
 
-async fn delete(env: &TestEnv, token: &str, name: &str) -> Reply {
+use crate::SDP;
+
+async fn delete(env: &Api, token: &str, name: &str) -> Reply {
     Reply::from(
         env.http
             .delete(format!("{}/api/sandboxes/{name}", env.url))
@@ -41,7 +45,11 @@ fn entries(dir: &Path) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sandbox_deleted_and_created_again_at_once_ends_ready_and_keeps_its_checkout() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let (old, d) = env.deploy(&token, "again", &["orders@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
@@ -84,7 +92,11 @@ async fn a_sandbox_deleted_and_created_again_at_once_ends_ready_and_keeps_its_ch
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_away_during_a_delete_reuses_nothing_of_that_sandbox_when_its_name_returns() {
-    let mut env = TestEnv::start(Options::default()).await;
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     env.git.add_user("bob", "bobs password");
     let alice = env.login().await;
     let bob = env.login_as("bob", "bobs password").await.json()["token"]
@@ -169,7 +181,11 @@ impl Drop for SmallDisk {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_log_that_cannot_be_stored_fails_its_deployment_and_the_next_deployment_proceeds() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     let disk = SmallDisk::mount(&env.server_data_dir().join("logs"), "256k");
     let filler = disk.fill();
@@ -211,4 +227,165 @@ async fn a_log_that_cannot_be_stored_fails_its_deployment_and_the_next_deploymen
     let sandbox = env.get("/api/sandboxes/full", Some(&token)).await.json();
     let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
     assert_eq!(env.answer(upstream).await, "orders on main in full\n");
+}
+
+/// An HTTP server on loopback that answers every request with `body`: an instance that runs.
+async fn instance(body: &'static str) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// The upstreams of `sandbox` in the last route table the scripted gateway applied.
+fn routed(env: &InProcessEnv, sandbox: &str) -> Option<Value> {
+    let tables = env.script.jobs("routes");
+    let table = tables.last()?;
+    table["job"]["sandboxes"]
+        .as_array()?
+        .iter()
+        .find(|s| s["sandbox"] == sandbox)
+        .map(|s| s["upstreams"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_silent_past_agent_timeout_mid_deploy_that_reports_later_is_routed_to_what_runs() {
+    let mut env = InProcessEnv::builder()
+        .gateway(true)
+        .agent_timeout("1s")
+        .start()
+        .await;
+    let token = env.login().await;
+    // From here the only micro agent is one that does what the test says.
+    env.agents.clear();
+    let mut agent = FakeAgent::connect(&env, "quiet").await;
+    let created = env.create_sandbox(&token, "late", &["orders@main"]).await;
+    assert_eq!(created.status, 202, "{}", created.body);
+    let job = agent.next_job("deploy").await;
+    agent.reply(&job, json!({"outcome": "accepted"})).await;
+    let deployment = job["job"]["deployment"].as_str().unwrap().to_owned();
+    let sandbox_id = job["job"]["sandbox_id"].as_str().unwrap().to_owned();
+
+    // Silent: no heartbeat, nothing read. The control plane lets the connection go after
+    // `agent_timeout`, and fails the deployment when the agent is not back after another.
+    let d = env.wait_deployment(&token, &deployment).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(
+        d["error"].as_str().unwrap().contains("quiet went offline"),
+        "{d}"
+    );
+    drop(agent);
+
+    // The agent comes back: it went on with the deployment meanwhile, and its new instance
+    // runs (the previous one, if any, it has stopped).
+    let upstream = instance("the late instance").await;
+    let mut agent = FakeAgent::come_back(&env, "quiet", &[&deployment], &[&sandbox_id]).await;
+    let outcome = json!({"type": "events", "events": [{
+        "deployment": deployment, "seq": 1, "ts": "2026-12-01T12:00:00Z",
+        "kind": "outcome", "ok": true, "error": null,
+        "services": [{"service": "orders", "commit": "5dc0ffee5dc0ffee5dc0ffee5dc0ffee5dc0ffee", "upstream": upstream}],
+    }]});
+    agent.send_text(&outcome.to_string()).await;
+    let ack = loop {
+        let frame = agent.next_json().await;
+        if frame["type"] == "ack" {
+            break frame;
+        }
+    };
+    assert_eq!(ack["deployment"], deployment.as_str(), "{ack}");
+
+    // What runs is recorded, and the gateways route to it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let sandbox = loop {
+        let sandbox = env.get("/api/sandboxes/late", Some(&token)).await.json();
+        if sandbox["services"][0]["upstream"] == upstream.as_str() {
+            break sandbox;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the late outcome was never recorded: {sandbox}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(sandbox["services"][0]["state"], "running", "{sandbox}");
+    wait_until(
+        "the gateway routes the sandbox to its running instance",
+        || routed(&env, "late").is_some_and(|u| u["orders"] == upstream.as_str()),
+    )
+    .await;
+    assert_eq!(env.answer(&upstream).await, "the late instance");
+    // The deployment stays failed: it did not end as asked, only what runs is recorded.
+    let d = env
+        .get(&format!("/api/deployments/{deployment}"), Some(&token))
+        .await
+        .json();
+    assert_eq!(d["state"], "failed", "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_outcome_of_a_sandbox_that_ended_meanwhile_has_its_instances_removed() {
+    let mut env = InProcessEnv::builder()
+        .gateway(true)
+        .agent_timeout("1s")
+        .start()
+        .await;
+    let token = env.login().await;
+    env.agents.clear();
+    let mut agent = FakeAgent::connect(&env, "quiet").await;
+    let created = env.create_sandbox(&token, "gone", &["orders@main"]).await;
+    assert_eq!(created.status, 202, "{}", created.body);
+    let job = agent.next_job("deploy").await;
+    agent.reply(&job, json!({"outcome": "accepted"})).await;
+    let deployment = job["job"]["deployment"].as_str().unwrap().to_owned();
+    let sandbox_id = job["job"]["sandbox_id"].as_str().unwrap().to_owned();
+    let d = env.wait_deployment(&token, &deployment).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    drop(agent);
+    let tables = env.script.jobs("routes").len();
+    let deleted = delete(&env, &token, "gone").await;
+    assert_eq!(deleted.status, 202, "{}", deleted.body);
+    // The delete's own teardown goes once the routes are without the sandbox, and finds the
+    // agent away; only then does it come back.
+    wait_until("the routes drop the sandbox", || {
+        env.script.jobs("routes").len() > tables && routed(&env, "gone").is_none()
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    // It held nothing of the sandbox when it said hello (its fetch was still going), then
+    // started an instance and says so.
+    let mut agent = FakeAgent::come_back(&env, "quiet", &[&deployment], &[]).await;
+    let outcome = json!({"type": "events", "events": [{
+        "deployment": deployment, "seq": 1, "ts": "2026-12-01T12:00:00Z",
+        "kind": "outcome", "ok": true, "error": null,
+        "services": [{"service": "orders", "commit": null, "upstream": "127.0.0.1:9"}],
+    }]});
+    agent.send_text(&outcome.to_string()).await;
+    // The sandbox has ended: the agent is told to remove everything of it, by id.
+    let teardown = agent.next_job("teardown").await;
+    assert_eq!(
+        teardown["job"]["sandbox_id"],
+        sandbox_id.as_str(),
+        "{teardown}"
+    );
+    let sandbox = env.get("/api/sandboxes/gone", Some(&token)).await.json();
+    assert_eq!(sandbox["state"], "deleted", "{sandbox}");
+    assert!(sandbox["services"][0]["upstream"].is_null(), "{sandbox}");
+    assert!(routed(&env, "gone").is_none());
 }

@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::harness::{
-    AGENT_TOKEN, Api, Options, Proc, Reply, TestEnv, USER, run_sdp as sdp, sdp_bin,
-};
+use sdp_testkit::{AGENT_TOKEN, Api, InProcessEnv, Proc, Reply, TestEnv, USER};
+
+use crate::{SDP, run_sdp as sdp};
 
 /// How the notice of a cut log begins.
 const CUT_NOTICE: &str = "the log was cut here";
@@ -79,10 +79,11 @@ fn let_through(replies: &[Reply], refused_for: &str) -> usize {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_login_flood_gets_429s_before_reaching_git_and_another_user_still_logs_in() {
-    let mut env = TestEnv::without_agents(Options::default()).await;
+    let mut env = TestEnv::builder(SDP).no_agents().start().await;
     // The test is the proxy: its X-Forwarded-For gives each request its client address.
     env.restart_server_with("trusted_proxies = [\"127.0.0.1/32\"]", "");
-    start_agents(&mut env).await;
+    env.start_agent("micro-0", "micro", AGENT_TOKEN);
+    env.wait_for_agents(1).await;
     env.git.add_user("bob", "bob's own password");
     let probes_before = env.git.contacts("probe");
 
@@ -144,8 +145,11 @@ async fn read_until_closed(what: &str, mut conn: tokio::net::TcpStream) -> Strin
 
 #[tokio::test(flavor = "multi_thread")]
 async fn connections_that_send_half_a_request_head_or_nothing_or_idle_or_no_body_are_closed() {
-    let mut env = TestEnv::without_agents(Options::default()).await;
-    env.restart_server_with("http_header_timeout = \"1s\"", "");
+    let env = InProcessEnv::builder()
+        .no_agents()
+        .server_keys("http_header_timeout = \"1s\"")
+        .start()
+        .await;
     let addr = env.url.trim_start_matches("http://").to_owned();
 
     let mut half = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -179,7 +183,11 @@ async fn connections_that_send_half_a_request_head_or_nothing_or_idle_or_no_body
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_that_prints_past_max_log_size_is_cut_with_a_notice_and_still_ends_ready() {
-    let mut env = TestEnv::without_agents(Options::default()).await;
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["payments"])
+        .no_agents()
+        .start()
+        .await;
     let loud = loud_service(&env, "loud", 20_000);
     // A header timeout far shorter than the deployment: upgraded connections (the agents',
     // the viewers') are not bound by it.
@@ -269,7 +277,11 @@ async fn a_build_that_prints_past_max_log_size_is_cut_with_a_notice_and_still_en
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_log_viewer_that_stops_reading_is_dropped_after_the_write_timeout() {
-    let mut env = TestEnv::without_agents(Options::default()).await;
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["payments"])
+        .no_agents()
+        .start()
+        .await;
     let flood = loud_service(&env, "flood", 150_000);
     env.restart_server_with("http_write_timeout = \"2s\"", &flood);
     start_agents(&mut env).await;
@@ -327,9 +339,7 @@ fn free_bytes(dir: &Path) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn with_less_free_disk_than_min_free_space_deployments_are_refused_and_nothing_is_recorded() {
-    let mut env = TestEnv::without_agents(Options::default()).await;
-    env.start_agent("micro-0", "micro", AGENT_TOKEN);
-    env.wait_for_agents(1).await;
+    let mut env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     // A sandbox made while there was room (its deployment fails at once: no agent left).
     env.agents.clear();
@@ -346,12 +356,14 @@ async fn with_less_free_disk_than_min_free_space_deployments_are_refused_and_not
 
     // Now the disk has less free space than the server wants kept free.
     let wanted = free_bytes(&env.server_data_dir()) * 2 + (1 << 30);
-    env.restart_server_with(&format!("min_free_space = \"{wanted}\""), "");
-    env.start_agent("micro-0", "micro", AGENT_TOKEN);
+    env.restart_server_with(&format!("min_free_space = \"{wanted}\""), "")
+        .await;
+    env.connect_micro("micro-0");
     env.wait_for_agents(1).await;
     let token = env.login().await;
-    let counts =
-        |env: &TestEnv| ["sandboxes", "deployments", "audit"].map(|table| env.count_rows(table));
+    let counts = |env: &InProcessEnv| {
+        ["sandboxes", "deployments", "audit"].map(|table| env.count_rows(table))
+    };
     let before = counts(&env);
 
     let created = env
@@ -381,7 +393,7 @@ async fn a_relative_data_dir_is_resolved_once_against_the_directory_the_server_s
         "listen = \"127.0.0.1:0\"\ndata_dir = \"../data\"\n[git]\nprobe_repo = \"http://127.0.0.1:9/probe.git\"\n",
     )
     .unwrap();
-    let mut cmd = Command::new(sdp_bin());
+    let mut cmd = Command::new(SDP);
     cmd.args(["--log-format", "json", "server", "--config"])
         .arg(&config)
         .current_dir(&cwd)

@@ -1,10 +1,10 @@
 use std::time::{Duration, Instant};
 
-use crate::harness::{FakeAgent, Options, PASSWORD, TestEnv, USER};
+use sdp_testkit::{FakeAgent, InProcessEnv, PASSWORD, USER};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn right_password_gives_a_session_usable_by_bearer_and_by_cookie() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let reply = env.login_as(USER, PASSWORD).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     let body = reply.json();
@@ -36,7 +36,7 @@ async fn right_password_gives_a_session_usable_by_bearer_and_by_cookie() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn wrong_password_is_refused_with_401_and_a_message_a_person_understands() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let reply = env.login_as(USER, "wrong password").await;
     assert_eq!(reply.status, 401, "{}", reply.body);
     assert_eq!(reply.error_code(), "invalid_credentials");
@@ -55,7 +55,7 @@ async fn wrong_password_is_refused_with_401_and_a_message_a_person_understands()
 
 #[tokio::test(flavor = "multi_thread")]
 async fn login_without_a_connected_agent_is_503_saying_so() {
-    let env = TestEnv::without_agents(Options::default()).await;
+    let env = InProcessEnv::builder().no_agents().start().await;
     let reply = env.login_as(USER, PASSWORD).await;
     assert_eq!(reply.status, 503, "{}", reply.body);
     assert_eq!(reply.error_code(), "no_agent");
@@ -68,11 +68,11 @@ async fn login_without_a_connected_agent_is_503_saying_so() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hung_agent_gives_504_within_the_configured_timeout() {
-    let env = TestEnv::without_agents(Options {
-        job_timeout: "2s",
-        ..Options::default()
-    })
-    .await;
+    let env = InProcessEnv::builder()
+        .no_agents()
+        .job_timeout("2s")
+        .start()
+        .await;
     // Connected, says hello, then never answers a job.
     let _hung = FakeAgent::connect(&env, "fake-hung").await;
     env.wait_for_agents(1).await;
@@ -89,7 +89,7 @@ async fn a_hung_agent_gives_504_within_the_configured_timeout() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn logout_ends_the_session() {
-    let env = TestEnv::start(Options::default()).await;
+    let env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     let reply = env
         .post_json("/api/logout", Some(&token), serde_json::json!({}))
@@ -108,11 +108,7 @@ async fn logout_ends_the_session() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_expired_session_gets_401() {
-    let env = TestEnv::start(Options {
-        session_ttl: "2s",
-        ..Options::default()
-    })
-    .await;
+    let env = InProcessEnv::builder().session_ttl("2s").start().await;
     let token = env.login().await;
     assert_eq!(
         env.get("/api/services/orders/branches", Some(&token))
@@ -134,10 +130,10 @@ async fn an_expired_session_gets_401() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn after_a_control_plane_restart_the_session_holds_no_password_and_asks_to_log_in_again() {
-    let mut env = TestEnv::start(Options::default()).await;
+    let mut env = InProcessEnv::builder().start().await;
     let token = env.login().await;
-    env.stop_server();
-    env.start_server("127.0.0.1:0");
+    env.stop_server().await;
+    env.start_server("127.0.0.1:0").await;
     assert_eq!(env.get("/api/services", Some(&token)).await.status, 200);
     let reply = env.get("/api/services/orders/branches", Some(&token)).await;
     assert_eq!(reply.status, 401, "{}", reply.body);

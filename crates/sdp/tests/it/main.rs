@@ -1,7 +1,7 @@
-//! Integration tests: the real `sdp` binary against a real git server with Basic auth.
-//! One binary, so everything links once.
-
-mod harness;
+//! Integration tests, in one binary so that everything links once, on the test kit
+//! (`crates/testkit`) in two tiers: the real `sdp` binary against a real git server with Basic
+//! auth (`sdp_testkit::TestEnv`), and the control plane in this process with scripted fake
+//! agents (`sdp_testkit::InProcessEnv`) for the API and the deployment state machine.
 
 mod access;
 mod agents;
@@ -21,3 +21,12 @@ mod limits;
 mod login;
 mod router;
 mod tls;
+
+/// The binary under test, which the kit's end-to-end tier runs.
+const SDP: &str = env!("CARGO_BIN_EXE_sdp");
+
+/// Runs `sdp` with `args` and, of the `SDP_*` variables, only those of `env`; returns its
+/// exit status, stdout and stderr.
+fn run_sdp(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    sdp_testkit::run_sdp(SDP, args, env)
+}

@@ -1,5 +1,6 @@
 //! The sandbox router end to end: the real `sdp` gateway agent routing to a real Go service
-//! deployed in a sandbox and to a local baseline server, fed by the real control plane.
+//! deployed in a sandbox and to a local baseline server, fed by the real control plane. What
+//! the control plane decides alone (no gateway agent) runs in-process, with scripted agents.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::harness::{AGENT_TOKEN, BASE_DOMAIN, FakeAgent, Options, Reply, TestEnv, wait_until};
+use sdp_testkit::{AGENT_TOKEN, BASE_DOMAIN, FakeAgent, InProcessEnv, Reply, TestEnv, wait_until};
+
+use crate::SDP;
 
 /// A client that resolves `<sandbox>.sdp.test` to the router, as wildcard DNS would.
 fn client(env: &TestEnv, sandboxes: &[&str]) -> reqwest::Client {
@@ -51,11 +54,12 @@ async fn requests(env: &TestEnv, token: &str, sandbox: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_the_rest() {
-    let env = TestEnv::start(Options {
-        upstream_timeout: "2s",
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .upstream_timeout("2s")
+        .start()
+        .await;
     let token = env.login().await;
     let (sandbox, deployment) = env.deploy(&token, "feat", &["orders@feature/x"]).await;
     assert_eq!(deployment["state"], "ready", "{deployment}");
@@ -253,12 +257,7 @@ async fn a_sandbox_gets_its_services_by_host_header_or_baggage_and_the_baseline_
 /// `trusted_proxies` is `trusted`, the request carrying `X-Forwarded-*` fields as a proxy in
 /// front would (or as a client pretending to be one).
 async fn forwarded_through_gateway_trusting(trusted: &str) -> (TestEnv, Reply, Reply) {
-    let mut env = TestEnv::start(Options {
-        micro_agents: 0,
-        gateway: false,
-        ..Options::default()
-    })
-    .await;
+    let mut env = TestEnv::builder(SDP).no_agents().start().await;
     env.start_gateway_with(&format!("trusted_proxies = {trusted}\n"));
     let http = client(&env, &[]);
     let router = env.router_url();
@@ -324,11 +323,12 @@ async fn forwarding_fields_from_a_trusted_proxy_are_kept_with_the_peer_appended(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bodies_stream_through_both_ways_websockets_pass_and_a_route_change_drops_nothing() {
-    let env = TestEnv::start(Options {
-        upstream_timeout: "60s",
-        ..Options::default()
-    })
-    .await;
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders", "billing"])
+        .gateway(true)
+        .upstream_timeout("60s")
+        .start()
+        .await;
     let token = env.login().await;
     let (_, deployment) = env.deploy(&token, "big", &["orders@main"]).await;
     assert_eq!(deployment["state"], "ready", "{deployment}");
@@ -437,7 +437,11 @@ async fn bodies_stream_through_both_ways_websockets_pass_and_a_route_change_drop
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_redeploy_keeps_routes_which_go_before_instances_at_teardown_and_outlive_restarts()
 {
-    let mut env = TestEnv::start(Options::default()).await;
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
     let token = env.login().await;
     for name in ["keep", "drop"] {
         let (_, d) = env.deploy(&token, name, &["orders@feature/x"]).await;
@@ -515,11 +519,7 @@ async fn a_failed_redeploy_keeps_routes_which_go_before_instances_at_teardown_an
 
 #[tokio::test(flavor = "multi_thread")]
 async fn without_a_gateway_agent_a_deployment_fails_at_routing_saying_so() {
-    let env = TestEnv::start(Options {
-        gateway: false,
-        ..Options::default()
-    })
-    .await;
+    let env = InProcessEnv::builder().start().await;
     let token = env.login().await;
     let (sandbox, deployment) = env.deploy(&token, "lost", &["orders@main"]).await;
     assert_eq!(deployment["state"], "failed", "{deployment}");
@@ -599,13 +599,12 @@ struct Held {
 
 impl Held {
     async fn deploy(sandbox: &str) -> Held {
-        let env = TestEnv::start(Options {
-            gateway: false,
-            job_timeout: "60s",
-            agent_timeout: "60s",
-            ..Options::default()
-        })
-        .await;
+        let env = TestEnv::builder(SDP)
+            .repos(&["orders"])
+            .job_timeout("60s")
+            .agent_timeout("60s")
+            .start()
+            .await;
         let token = env.login().await;
         let mut gateway = FakeAgent::connect_as(&env, "slow-gateway", "gateway").await;
         let reply = env.create_sandbox(&token, sandbox, &["orders@main"]).await;

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio_rustls::rustls;
 
-use crate::harness::{Options, TestEnv, sdp_bin};
+use sdp_testkit::{PASSWORD, TestEnv, USER};
+
+use crate::SDP;
 
 /// TLS in front of the control plane, as nginx is in production: it terminates TLS with a
 /// certificate for `localhost` and `127.0.0.1` signed by a test CA (`ca_file`), and forwards
@@ -95,12 +97,7 @@ impl TlsProxy {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_with_the_ca_file_connects_over_wss_and_a_login_works_through_it() {
-    let mut env = TestEnv::start(Options {
-        micro_agents: 0,
-        gateway: false,
-        ..Options::default()
-    })
-    .await;
+    let mut env = TestEnv::builder(SDP).no_agents().start().await;
     let proxy = TlsProxy::start(&env).await;
     for (name, host) in [("tls-by-name", "localhost"), ("tls-by-ip", "127.0.0.1")] {
         let extra = format!("ca_file = \"{}\"\n", proxy.ca_file.display());
@@ -130,12 +127,7 @@ async fn an_agent_with_the_ca_file_connects_over_wss_and_a_login_works_through_i
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_agent_without_the_ca_file_refuses_a_certificate_it_does_not_trust_and_says_why() {
-    let mut env = TestEnv::start(Options {
-        micro_agents: 0,
-        gateway: false,
-        ..Options::default()
-    })
-    .await;
+    let mut env = TestEnv::builder(SDP).no_agents().start().await;
     let proxy = TlsProxy::start(&env).await;
     // It trusts the system's certificates, here the HTTPS baseline's CA only
     // (`SSL_CERT_FILE`): not the one that signed the proxy's.
@@ -150,9 +142,7 @@ async fn an_agent_without_the_ca_file_refuses_a_certificate_it_does_not_trust_an
     env.agents.push(agent);
     assert_eq!(proxy.sessions.load(Ordering::SeqCst), 0);
     assert_eq!(env.health().await["agents"], 0);
-    let reply = env
-        .login_as(crate::harness::USER, crate::harness::PASSWORD)
-        .await;
+    let reply = env.login_as(USER, PASSWORD).await;
     assert_eq!(reply.status, 503, "{}", reply.body);
 }
 
@@ -168,7 +158,7 @@ fn run_with_config(env: &TestEnv, command: &str, server: &str, extra: &str) -> (
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(sdp_bin());
+    let mut cmd = Command::new(SDP);
     for (key, _) in std::env::vars() {
         if key.starts_with("SDP_") {
             cmd.env_remove(key);
@@ -192,7 +182,7 @@ fn run_with_config(env: &TestEnv, command: &str, server: &str, extra: &str) -> (
 
 #[tokio::test(flavor = "multi_thread")]
 async fn plain_ws_to_another_host_is_refused_at_start_unless_insecure() {
-    let env = TestEnv::without_agents(Options::default()).await;
+    let env = TestEnv::builder(SDP).no_agents().start().await;
     // Never dialled: the agent stops at its configuration, and with `insecure` only the
     // configuration is checked.
     let remote = "ws://10.1.2.3:8080/ws/agent";

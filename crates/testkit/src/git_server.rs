@@ -146,6 +146,30 @@ impl GitServer {
         std::fs::remove_dir_all(&work).unwrap();
     }
 
+    /// Creates repository `name` of the kit's catalog with its branches: `orders` (a Go
+    /// service on `main`, `feature/x`, `release/1.0`, `broken` and `unhealthy`), `billing` (a
+    /// Go service on `main` and `feature/y`), `payments` and `stuck` (a `message.txt` on
+    /// `main`), `chatty` and `steady` (the log benchmark's emitter on `main`).
+    pub fn create_catalog_repo(&self, name: &str) {
+        match name {
+            "orders" => self.create_repo_with(
+                name,
+                &["main", "feature/x", "release/1.0", "broken", "unhealthy"],
+                |branch| go_service(name, branch),
+            ),
+            "billing" => self.create_repo_with(name, &["main", "feature/y"], |branch| {
+                go_service(name, branch)
+            }),
+            "payments" | STUCK_REPO => self.create_repo(name, &["main"]),
+            "chatty" | "steady" => self.create_repo_with(name, &["main"], |_| {
+                vec![("emit.py".into(), STEADY_EMITTER.into())]
+            }),
+            other => panic!(
+                "{other} is no repository of the kit's catalog (orders, billing, payments, stuck, chatty, steady): create it with create_repo"
+            ),
+        }
+    }
+
     /// Adds a commit to `branch` of `name` that changes `message.txt`.
     pub fn push_change(&self, name: &str, branch: &str, message: &str) {
         let work = self.root.join(format!(".{name}.change"));

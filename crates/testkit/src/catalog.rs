@@ -1,0 +1,89 @@
+//! The control plane's configuration in both tiers: the same knobs and the same catalog, so
+//! that a test reads the same whether its server is a process or in the test's own.
+
+use std::path::Path;
+
+use crate::BASE_DOMAIN;
+use crate::env::Options;
+
+/// Where the catalog's repositories and baselines are.
+pub(crate) struct Upstreams {
+    /// `http://host:port` of the git server; a repository is `<git>/<name>.git`.
+    pub git: String,
+    /// What `orders` and `billing` fall back to.
+    pub baseline: String,
+    /// `host:port` of the HTTPS baseline, whose certificate names `localhost`.
+    pub tls_baseline: String,
+    /// The sandbox router's URL (`SDP_GATEWAY_URL`, the sandboxes' URLs).
+    pub router: String,
+}
+
+impl Upstreams {
+    pub fn repo(&self, name: &str) -> String {
+        format!("{}/{name}.git", self.git)
+    }
+}
+
+/// The server's config file: `keys` (top-level `key = value` lines) before the kit's own,
+/// `tables` (say `[[services]]`) after it.
+pub(crate) fn server_toml(
+    listen: &str,
+    data_dir: &Path,
+    o: &Options,
+    up: &Upstreams,
+    keys: &str,
+    tables: &str,
+) -> String {
+    let tls_port = up.tls_baseline.rsplit(':').next().unwrap_or("9");
+    let service = |name: &str, build: &str, run: &str| {
+        // The two Go services fall back to the local baseline; the others to a port where
+        // nothing listens.
+        let baseline = match name {
+            "orders" | "billing" => up.baseline.clone(),
+            "secure" => format!("https://localhost:{tls_port}"),
+            "untrusted" => format!("https://{}", up.tls_baseline),
+            _ => "http://127.0.0.1:9".to_owned(),
+        };
+        format!(
+            "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"{build}\"\nrun = \"{run}\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"{baseline}\"\nenv = {{ GREETING = \"hi\" }}\n\n",
+            up.repo(name)
+        )
+    };
+    format!(
+        "{keys}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}\n{tables}",
+        data_dir.display(),
+        o.session_ttl,
+        o.sandbox_ttl,
+        o.job_timeout,
+        o.agent_timeout,
+        up.repo("probe"),
+        up.router,
+        // Real Go services; the echo shows the build's output in the log.
+        service(
+            "orders",
+            "echo building $SDP_SERVICE && CGO_ENABLED=0 go build -o .sdp/bin/app .",
+            "./.sdp/bin/app",
+        ),
+        service(
+            "billing",
+            "CGO_ENABLED=0 go build -o .sdp/bin/app .",
+            "./.sdp/bin/app",
+        ),
+        service("payments", "true", "true"),
+        service("stuck", "true", "true"),
+        // For the log pipeline benchmark: a build that prints as fast as it can, and one
+        // that prints 10,000 lines a second for 5 seconds.
+        service(
+            "chatty",
+            "seq -f 'line %g of the chatty build' 1 100000",
+            "true",
+        ),
+        service("steady", "python3 emit.py 10000 5", "true"),
+        // Never deployed: their baselines are the HTTPS one.
+        service("secure", "true", "true"),
+        service("untrusted", "true", "true"),
+        // A branch's own script, for the isolation tests' hostile builds (the test creates
+        // the repository).
+        service("hostile", "sh hostile.sh", "true"),
+    )
+}

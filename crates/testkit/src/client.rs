@@ -1,0 +1,278 @@
+//! A typed client of one SDP server's API, and the helpers tests wait and assert with.
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::{PASSWORD, USER};
+
+/// Typed requests to one SDP server.
+pub struct Api {
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(url: &str) -> Api {
+        Api {
+            url: url.to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(60))
+                .build()
+                .unwrap(),
+        }
+    }
+
+    pub async fn post_json(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
+        let mut req = self.http.post(format!("{}{path}", self.url)).json(&body);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
+        let mut req = self.http.get(format!("{}{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    pub async fn login_as(&self, user: &str, password: &str) -> Reply {
+        self.post_json(
+            "/api/login",
+            None,
+            json!({"username": user, "password": password}),
+        )
+        .await
+    }
+
+    /// Logs in as the test user ([`USER`]) and returns the session token.
+    pub async fn login(&self) -> String {
+        let reply = self.login_as(USER, PASSWORD).await;
+        assert_eq!(reply.status, 200, "login failed: {}", reply.body);
+        reply.json()["token"].as_str().unwrap().to_owned()
+    }
+
+    /// `GET /api/health`.
+    pub async fn health(&self) -> Value {
+        self.http
+            .get(format!("{}/api/health", self.url))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the server reports exactly `n` connected agents.
+    pub async fn wait_for_connected_agents(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let health = self.health().await;
+            if health["agents"].as_u64() == Some(n as u64) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} connected agents, health says {health}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A service instance's answer to `GET /` at `upstream` (`host:port`).
+    pub async fn answer(&self, upstream: &str) -> String {
+        self.http
+            .get(format!("http://{upstream}/"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// `POST /api/sandboxes` with `SERVICE@BRANCH` selections.
+    pub async fn create_sandbox(&self, token: &str, name: &str, selections: &[&str]) -> Reply {
+        self.post_json(
+            "/api/sandboxes",
+            Some(token),
+            json!({"name": name, "services": selection_list(selections)}),
+        )
+        .await
+    }
+
+    /// `POST /api/sandboxes/{name}/deploy`.
+    pub async fn redeploy(&self, token: &str, name: &str, selections: &[&str]) -> Reply {
+        self.post_json(
+            &format!("/api/sandboxes/{name}/deploy"),
+            Some(token),
+            json!({"services": selection_list(selections)}),
+        )
+        .await
+    }
+
+    /// `POST /api/sandboxes/{name}/deploy`, then waits for that deployment to end.
+    pub async fn redeploy_and_wait(&self, token: &str, name: &str, selections: &[&str]) -> Value {
+        let reply = self.redeploy(token, name, selections).await;
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        let id = reply.json()["deployment"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        self.wait_deployment(token, &id).await
+    }
+
+    /// Waits until deployment `id` ends, and returns it.
+    pub async fn wait_deployment(&self, token: &str, id: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let reply = self
+                .get(&format!("/api/deployments/{id}"), Some(token))
+                .await;
+            assert_eq!(reply.status, 200, "{}", reply.body);
+            let d = reply.json();
+            if !matches!(d["state"].as_str(), Some("queued" | "running")) {
+                return d;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deployment {id} never ended: {d}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Creates a sandbox and waits for its first deployment; returns (sandbox, deployment).
+    pub async fn deploy(&self, token: &str, name: &str, selections: &[&str]) -> (Value, Value) {
+        let reply = self.create_sandbox(token, name, selections).await;
+        assert_eq!(reply.status, 202, "{}", reply.body);
+        let id = reply.json()["deployment"]["id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let deployment = self.wait_deployment(token, &id).await;
+        let sandbox = self
+            .get(&format!("/api/sandboxes/{name}"), Some(token))
+            .await
+            .json();
+        (sandbox, deployment)
+    }
+
+    /// Every frame of `/ws/deployments/{id}?from=`, until the server closes.
+    pub async fn log_frames(&self, token: &str, id: &str, from: u64) -> Vec<Value> {
+        let url = format!(
+            "{}/ws/deployments/{id}?from={from}",
+            self.url.replacen("http://", "ws://", 1)
+        );
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        let mut frames = Vec::new();
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(120), socket.next())
+                .await
+                .expect("a frame or the close within 120s");
+            match next {
+                Some(Ok(Message::Text(t))) => frames.push(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Close(_))) | None => return frames,
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("log socket failed after {frames:?}: {e}"),
+            }
+        }
+    }
+
+    /// `GET /api/services/{service}/branches` as sorted (name, commit) pairs.
+    pub async fn branches(&self, service: &str, token: &str) -> Vec<(String, String)> {
+        let reply = self
+            .get(&format!("/api/services/{service}/branches"), Some(token))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let mut pairs: Vec<(String, String)> = reply
+            .json()
+            .as_array()
+            .unwrap_or_else(|| panic!("not a list: {}", reply.body))
+            .iter()
+            .map(|b| {
+                (
+                    b["name"].as_str().unwrap().to_owned(),
+                    b["commit"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        pairs.sort();
+        pairs
+    }
+}
+
+/// A response read whole, for assertions that print it.
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub async fn from(resp: reqwest::Response) -> Reply {
+        Reply {
+            status: resp.status().as_u16(),
+            headers: resp.headers().clone(),
+            body: resp.text().await.unwrap(),
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// Asserts the error shape of SPEC §11 and returns the code.
+    pub fn error_code(&self) -> String {
+        let v = self.json();
+        let code = v["error"]["code"]
+            .as_str()
+            .unwrap_or_else(|| panic!("not an error body: {}", self.body));
+        let message = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.is_empty(),
+            "an error needs a message: {}",
+            self.body
+        );
+        code.to_owned()
+    }
+}
+
+/// The state of step `name` in a deployment from `GET /api/deployments/{id}`.
+pub fn step_state(deployment: &Value, name: &str) -> String {
+    deployment["steps"]
+        .as_array()
+        .and_then(|steps| steps.iter().find(|s| s["step"] == name))
+        .and_then(|s| s["state"].as_str())
+        .unwrap_or_else(|| panic!("no step {name} in {deployment}"))
+        .to_owned()
+}
+
+/// Polls `check` until it holds, for at most 30 s.
+pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !check() {
+        assert!(Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn selection_list(selections: &[&str]) -> Value {
+    selections
+        .iter()
+        .map(|s| {
+            let (service, branch) = s.split_once('@').unwrap();
+            json!({"service": service, "branch": branch})
+        })
+        .collect()
+}

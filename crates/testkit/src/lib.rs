@@ -1,0 +1,54 @@
+//! The test kit of SDP's integration tests (`crates/sdp/tests/it`), in two tiers:
+//!
+//! - [`TestEnv`]: the real `sdp` binary started as a server and as agents, on port 0, in a
+//!   temporary directory per test, against a real git server with Basic auth
+//!   ([`git_server`]), local baselines ([`baseline`]) and, for the docker runtime, the real
+//!   Docker Engine ([`docker`]). For what crosses processes: agents, git, builds, the router,
+//!   TLS, the command line, isolation. Its builder starts only what a test asks for: the git
+//!   repositories it uses, a gateway agent or not, how many micro agents.
+//! - [`InProcessEnv`]: the control plane in the test's own process ([`sdp_server::Server`] on
+//!   port 0), with scripted fake agents ([`fake_agent`]) over the real WebSocket. For the HTTP
+//!   API, validation, sessions, limits, the agent protocol and the deployment state machine:
+//!   no Go, no Docker, no git, no process to start.
+//!
+//! Both hand out the same typed client ([`client::Api`], by `Deref`) and read the server's
+//! SQLite file the same way ([`database`]). When a test fails, dropping its environment
+//! prints every process's command line and log (or the in-process server's log and what the
+//! fake agents were sent), so a red test says why without a rerun.
+//!
+//! Only the `sdp` crate's own tests know where its binary is (`env!("CARGO_BIN_EXE_sdp")`):
+//! they hand that path to [`TestEnv::builder`] and [`run_sdp`].
+
+pub mod baseline;
+mod catalog;
+pub mod client;
+pub mod database;
+pub mod docker;
+pub mod env;
+pub mod fake_agent;
+pub mod git_server;
+pub mod in_process;
+pub mod process;
+pub mod users;
+
+pub use baseline::{Baseline, TlsBaseline};
+pub use client::{Api, Reply, step_state, wait_until};
+pub use docker::{docker_available, docker_image, docker_inspect};
+pub use env::{EnvBuilder, Options, TestEnv, files_containing};
+pub use fake_agent::{Deploys, FakeAgent, Script, ScriptedAgent};
+pub use git_server::GitServer;
+pub use in_process::{InProcessBuilder, InProcessEnv};
+pub use process::{Proc, run_sdp};
+pub use users::{RUN_AS, ensure_run_as_user, run_as_ids};
+
+/// The token every test agent and server share.
+pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";
+/// The user the git server (and the fake agents) know from the start.
+pub const USER: &str = "alice";
+pub const PASSWORD: &str = "correct horse battery staple";
+/// Sandboxes are `<name>.sdp.test` on the router (`.test` never resolves outside).
+pub const BASE_DOMAIN: &str = "sdp.test";
+
+/// The log level of the processes a test starts (and of the in-process server): ours at
+/// debug.
+pub const DEFAULT_LOG: &str = "info,sdp=debug,sdp_server=debug,sdp_agent=debug";
