@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -27,7 +27,17 @@ impl Api {
     }
 
     pub async fn post_json(&self, path: &str, token: Option<&str>, body: Value) -> Reply {
-        let mut req = self.http.post(format!("{}{path}", self.url)).json(&body);
+        self.post(path, token, &body).await
+    }
+
+    /// `POST` of a typed request body (the API's own types, `sdp_api`).
+    pub async fn post<T: serde::Serialize>(
+        &self,
+        path: &str,
+        token: Option<&str>,
+        body: &T,
+    ) -> Reply {
+        let mut req = self.http.post(format!("{}{path}", self.url)).json(body);
         if let Some(t) = token {
             req = req.bearer_auth(t);
         }
@@ -43,19 +53,18 @@ impl Api {
     }
 
     pub async fn login_as(&self, user: &str, password: &str) -> Reply {
-        self.post_json(
-            "/api/login",
-            None,
-            json!({"username": user, "password": password}),
-        )
-        .await
+        let login = sdp_api::LoginRequest {
+            username: user.to_owned(),
+            password: password.to_owned(),
+        };
+        self.post("/api/login", None, &login).await
     }
 
     /// Logs in as the test user ([`USER`]) and returns the session token.
     pub async fn login(&self) -> String {
         let reply = self.login_as(USER, PASSWORD).await;
         assert_eq!(reply.status, 200, "login failed: {}", reply.body);
-        reply.json()["token"].as_str().unwrap().to_owned()
+        reply.typed::<sdp_api::LoginResponse>().token
     }
 
     /// `GET /api/health`.
@@ -100,20 +109,23 @@ impl Api {
 
     /// `POST /api/sandboxes` with `SERVICE@BRANCH` selections.
     pub async fn create_sandbox(&self, token: &str, name: &str, selections: &[&str]) -> Reply {
-        self.post_json(
-            "/api/sandboxes",
-            Some(token),
-            json!({"name": name, "services": selection_list(selections)}),
-        )
-        .await
+        let create = sdp_api::CreateSandbox {
+            name: name.to_owned(),
+            services: selection_list(selections),
+            ttl: None,
+        };
+        self.post("/api/sandboxes", Some(token), &create).await
     }
 
     /// `POST /api/sandboxes/{name}/deploy`.
     pub async fn redeploy(&self, token: &str, name: &str, selections: &[&str]) -> Reply {
-        self.post_json(
+        let redeploy = sdp_api::Redeploy {
+            services: selection_list(selections),
+        };
+        self.post(
             &format!("/api/sandboxes/{name}/deploy"),
             Some(token),
-            json!({"services": selection_list(selections)}),
+            &redeploy,
         )
         .await
     }
@@ -232,19 +244,22 @@ impl Reply {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
+    /// The body as one of the API's types (`sdp_api`): a body that does not fit the type
+    /// the server declares fails the test.
+    pub fn typed<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not a {} ({e}): {}", std::any::type_name::<T>(), self.body))
+    }
+
     /// Asserts the error shape of SPEC §11 and returns the code.
     pub fn error_code(&self) -> String {
-        let v = self.json();
-        let code = v["error"]["code"]
-            .as_str()
-            .unwrap_or_else(|| panic!("not an error body: {}", self.body));
-        let message = v["error"]["message"].as_str().unwrap_or_default();
+        let sdp_api::ErrorBody { error } = self.typed();
         assert!(
-            !message.is_empty(),
+            !error.message.is_empty(),
             "an error needs a message: {}",
             self.body
         );
-        code.to_owned()
+        error.code
     }
 }
 
@@ -267,12 +282,15 @@ pub async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn selection_list(selections: &[&str]) -> Value {
+fn selection_list(selections: &[&str]) -> Vec<sdp_api::Selection> {
     selections
         .iter()
         .map(|s| {
             let (service, branch) = s.split_once('@').unwrap();
-            json!({"service": service, "branch": branch})
+            sdp_api::Selection {
+                service: service.to_owned(),
+                branch: branch.to_owned(),
+            }
         })
         .collect()
 }

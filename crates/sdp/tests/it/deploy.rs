@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
+use sdp_api::{Deployment, Page, Sandbox};
 use sdp_testkit::{Deploys, InProcessEnv, Reply, TestEnv, USER, step_state, wait_until};
 
 use crate::SDP;
@@ -492,41 +493,37 @@ async fn listings_are_newest_first_paginated_and_filtered() {
         assert_eq!(reply.status, 202, "{}", reply.body);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let page = env.get("/api/sandboxes?limit=2", Some(&token)).await.json();
-    let names: Vec<&str> = page["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["three", "two"]);
-    let cursor = page["next"].as_str().unwrap();
-    let rest = env
+    // Read as the API's own types: a field missing or of another shape fails here.
+    let names = |page: &Page<Sandbox>| -> Vec<String> {
+        page.items.iter().map(|s| s.name.clone()).collect()
+    };
+    let page: Page<Sandbox> = env
+        .get("/api/sandboxes?limit=2", Some(&token))
+        .await
+        .typed();
+    assert_eq!(names(&page), ["three", "two"]);
+    let cursor = page.next.as_deref().unwrap();
+    let rest: Page<Sandbox> = env
         .get(
             &format!("/api/sandboxes?limit=2&cursor={cursor}"),
             Some(&token),
         )
         .await
-        .json();
-    let names: Vec<&str> = rest["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["name"].as_str().unwrap())
-        .collect();
-    assert_eq!(names, ["one"]);
-    assert!(rest["next"].is_null());
+        .typed();
+    assert_eq!(names(&rest), ["one"]);
+    assert!(rest.next.is_none());
 
-    let mine = env
+    let mine: Page<Deployment> = env
         .get(&format!("/api/deployments?owner={}", USER), Some(&token))
         .await
-        .json();
-    assert_eq!(mine["items"].as_array().unwrap().len(), 3);
-    let nobody = env
+        .typed();
+    assert_eq!(mine.items.len(), 3);
+    assert!(mine.items.iter().all(|d| d.requested_by == USER));
+    let nobody: Page<Sandbox> = env
         .get("/api/sandboxes?owner=nobody", Some(&token))
         .await
-        .json();
-    assert!(nobody["items"].as_array().unwrap().is_empty());
+        .typed();
+    assert!(nobody.items.is_empty());
     // Every deployment failed at once: no agent.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
