@@ -15,8 +15,8 @@
 use std::time::Duration;
 
 use sdp_protocol::{
-    AgentName, DeploymentId, Event, Heartbeat, Hello, JobError, JobKind, JobOutput, JobSpec,
-    MAX_FRAME_BYTES, ReplyError, Role,
+    AgentName, Capability, DeploymentId, Event, Heartbeat, Hello, JobError, JobKind, JobOutput,
+    JobSpec, MAX_FRAME_BYTES, ReplyError, Role,
 };
 
 /// Which agent a job is for.
@@ -80,6 +80,21 @@ pub trait Dispatch: Send + Sync {
     async fn agents(&self, role: Role) -> Vec<AgentName>;
 
     async fn is_connected(&self, agent: &AgentName) -> bool;
+
+    /// Every connected agent with its live figures, by name.
+    async fn connected(&self) -> Vec<AgentSnapshot>;
+}
+
+/// What `/api/agents` shows of a connected agent.
+pub struct AgentSnapshot {
+    pub name: String,
+    pub role: Role,
+    pub version: String,
+    pub host: String,
+    pub capabilities: Vec<Capability>,
+    pub last_seen: time::OffsetDateTime,
+    pub load: u32,
+    pub running: u32,
 }
 
 /// Sends a job of kind `J` and returns its typed answer.

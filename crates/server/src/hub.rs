@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::dispatch::{AgentReports, CallError, Dispatch, Target};
+use crate::dispatch::{AgentReports, AgentSnapshot, CallError, Dispatch, Target};
 
 /// How long a new connection has to say `hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,18 +57,6 @@ pub struct AgentConn {
 struct Status {
     heartbeat: Heartbeat,
     last_seen: OffsetDateTime,
-}
-
-/// What `/api/agents` shows of a connected agent.
-pub struct AgentSnapshot {
-    pub name: String,
-    pub role: Role,
-    pub version: String,
-    pub host: String,
-    pub capabilities: Vec<Capability>,
-    pub last_seen: OffsetDateTime,
-    pub load: u32,
-    pub running: u32,
 }
 
 impl AgentConn {
@@ -199,28 +187,6 @@ impl Hub {
         }
     }
 
-    pub fn connected(&self) -> Vec<AgentSnapshot> {
-        let mut list: Vec<_> = self
-            .lock()
-            .values()
-            .map(|a| {
-                let status = *a.lock_status();
-                AgentSnapshot {
-                    name: a.name.to_string(),
-                    role: a.role,
-                    version: a.version.clone(),
-                    host: a.host.clone(),
-                    capabilities: a.capabilities.clone(),
-                    last_seen: status.last_seen,
-                    load: a.in_flight.load(Ordering::Relaxed) + status.heartbeat.load,
-                    running: status.heartbeat.running,
-                }
-            })
-            .collect();
-        list.sort_by(|a, b| a.name.cmp(&b.name));
-        list
-    }
-
     /// Registers `conn`. An older connection of the same name, role and host is the same
     /// agent reconnecting before its old socket timed out, and is replaced; a different agent
     /// under a taken name is refused, so that two agents never knock each other off in turn.
@@ -288,6 +254,28 @@ impl Dispatch for Hub {
 
     async fn is_connected(&self, agent: &AgentName) -> bool {
         self.lock().contains_key(agent.as_str())
+    }
+
+    async fn connected(&self) -> Vec<AgentSnapshot> {
+        let mut list: Vec<_> = self
+            .lock()
+            .values()
+            .map(|a| {
+                let status = *a.lock_status();
+                AgentSnapshot {
+                    name: a.name.to_string(),
+                    role: a.role,
+                    version: a.version.clone(),
+                    host: a.host.clone(),
+                    capabilities: a.capabilities.clone(),
+                    last_seen: status.last_seen,
+                    load: a.in_flight.load(Ordering::Relaxed) + status.heartbeat.load,
+                    running: status.heartbeat.running,
+                }
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
     }
 }
 

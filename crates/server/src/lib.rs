@@ -167,9 +167,9 @@ impl Server {
         http::serve(listener, app, timeouts, shutdown.clone()).await;
         shutdown.cancel();
         let _ = sweeper.await;
-        // The lifecycle's tasks end before the agents' connections (a teardown on its way
-        // hears its answer or is cut off), and both before the database closes.
-        state.lifecycle.shutdown(Duration::from_secs(5)).await;
+        // The agents' connections end first: what they report on their way out may start
+        // lifecycle tasks, which end next (their calls to agents fail at once now), and
+        // both before the database closes.
         state.connections.close();
         if tokio::time::timeout(Duration::from_secs(5), state.connections.wait())
             .await
@@ -177,6 +177,7 @@ impl Server {
         {
             tracing::warn!("agent connections did not end within 5s");
         }
+        state.lifecycle.shutdown(Duration::from_secs(5)).await;
         state.db.close().await;
         tracing::info!("server stopped");
         Ok(())

@@ -187,6 +187,15 @@ impl Logs {
             .clone()
     }
 
+    /// The last `seq` the log holds (or dropped past its cut): the agent's next event is the
+    /// one after.
+    pub async fn last_seq(&self, deployment: &str) -> std::io::Result<u64> {
+        let stream = self.stream(deployment);
+        let mut writer = stream.writer.lock().await;
+        self.open(deployment, &mut writer).await?;
+        Ok(writer.last_seq)
+    }
+
     /// Closes what is open of a deployment's log (its file, its live channel, once its
     /// viewers are gone), for a log that will take nothing more.
     pub fn forget(&self, deployment: &str) {

@@ -389,3 +389,86 @@ async fn a_late_outcome_of_a_sandbox_that_ended_meanwhile_has_its_instances_remo
     assert!(sandbox["services"][0]["upstream"].is_null(), "{sandbox}");
     assert!(routed(&env, "gone").is_none());
 }
+
+/// The frames an agent is sent within `within`.
+async fn frames_for(agent: &mut FakeAgent, within: std::time::Duration) -> Vec<Value> {
+    let mut frames = Vec::new();
+    let _ = tokio::time::timeout(within, async {
+        loop {
+            frames.push(agent.next_json().await);
+        }
+    })
+    .await;
+    frames
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_outcome_that_comes_before_the_deploy_jobs_answer_tears_nothing_down() {
+    let mut env = InProcessEnv::builder().gateway(true).start().await;
+    let token = env.login().await;
+    env.agents.clear();
+    let mut agent = FakeAgent::connect(&env, "hasty").await;
+    let created = env.create_sandbox(&token, "hasty", &["orders@main"]).await;
+    assert_eq!(created.status, 202, "{}", created.body);
+    let job = agent.next_job("deploy").await;
+    let deployment = job["job"]["deployment"].as_str().unwrap().to_owned();
+    // The agent's events and its answer to the job travel apart: here the failure is first.
+    let outcome = json!({"type": "events", "events": [{
+        "deployment": deployment, "seq": 1, "ts": "2026-12-01T12:00:00Z",
+        "kind": "outcome", "ok": false, "error": "branch main has no commit", "services": [],
+    }]});
+    agent.send_text(&outcome.to_string()).await;
+    let d = env.wait_deployment(&token, &deployment).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    agent.reply(&job, json!({"outcome": "accepted"})).await;
+    let frames = frames_for(&mut agent, std::time::Duration::from_secs(1)).await;
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f["type"] == "job" && f["job"]["name"] == "teardown"),
+        "a live sandbox was torn down: {frames:?}"
+    );
+    let sandbox = env.get("/api/sandboxes/hasty", Some(&token)).await.json();
+    assert_eq!(sandbox["state"], "failed", "{sandbox}");
+    let d = env
+        .get(&format!("/api/deployments/{deployment}"), Some(&token))
+        .await
+        .json();
+    assert_eq!(d["agent"], "hasty", "{d}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deploy_job_whose_answer_was_lost_is_torn_down_on_the_agent_that_took_it() {
+    let mut env = InProcessEnv::builder()
+        .gateway(true)
+        .agent_timeout("1s")
+        .start()
+        .await;
+    let token = env.login().await;
+    env.agents.clear();
+    let agent = FakeAgent::connect(&env, "cut-off").await;
+    let created = env.create_sandbox(&token, "cut", &["orders@main"]).await;
+    assert_eq!(created.status, 202, "{}", created.body);
+    let mut agent = agent;
+    let job = agent.next_job("deploy").await;
+    let deployment = job["job"]["deployment"].as_str().unwrap().to_owned();
+    let sandbox_id = job["job"]["sandbox_id"].as_str().unwrap().to_owned();
+    // The connection drops before the answer: the agent may well be running the job.
+    drop(agent);
+    let d = env.wait_deployment(&token, &deployment).await;
+    assert_eq!(d["state"], "failed", "{d}");
+    assert!(
+        d["error"].as_str().unwrap().contains("cut-off"),
+        "the error names the agent: {d}"
+    );
+
+    let mut agent = FakeAgent::come_back(&env, "cut-off", &[&deployment], &[&sandbox_id]).await;
+    let deleted = delete(&env, &token, "cut").await;
+    assert_eq!(deleted.status, 202, "{}", deleted.body);
+    let teardown = agent.next_job("teardown").await;
+    assert_eq!(
+        teardown["job"]["sandbox_id"],
+        sandbox_id.as_str(),
+        "{teardown}"
+    );
+}

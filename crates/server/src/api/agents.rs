@@ -13,7 +13,7 @@ use sdp_protocol::{Capability, MAX_FRAME_BYTES};
 
 /// Connected agents with their live figures, then the ones seen before and gone.
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Agent>>, ApiError> {
-    let live = state.hub.connected();
+    let live = state.dispatch.connected().await;
     let mut views: Vec<Agent> = live
         .iter()
         .map(|a| Agent {

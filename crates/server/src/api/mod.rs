@@ -298,7 +298,7 @@ async fn health(State(state): State<AppState>) -> Json<sdp_api::Health> {
     Json(sdp_api::Health {
         status: "ok".into(),
         version: env!("CARGO_PKG_VERSION").into(),
-        agents: state.hub.connected().len(),
+        agents: state.dispatch.connected().await.len(),
         mode: if state.dev_mode { "dev" } else { "server" }.into(),
     })
 }

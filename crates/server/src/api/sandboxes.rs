@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 use super::deployments::deployment_view;
 use super::{AppState, CurrentSession, rfc3339};
 use crate::db::{Ending, ListQuery, SandboxRow, SandboxState, WriteError};
-use crate::dispatch::{Target, call};
+use crate::dispatch::{CallError, Target, call};
 use crate::error::{ApiError, ApiJson, agent_error};
 use crate::lifecycle::Request;
 
@@ -357,7 +357,14 @@ pub async fn requests(
         state.config.job_timeout.get(),
     )
     .await
-    .map_err(|e| agent_error(e, "the router"))?;
+    .map_err(|e| match e {
+        CallError::Failed { agent, error } => ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "agent_error",
+            format!("gateway agent {agent} could not say: {}", error.message),
+        ),
+        e => agent_error(e, "the router"),
+    })?;
     Ok(Json(requests))
 }
 

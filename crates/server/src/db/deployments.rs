@@ -210,33 +210,37 @@ impl Db {
         Ok(out)
     }
 
-    /// Records that `agent` took the deployment; false when it is no longer queued (the
-    /// sandbox ended meanwhile), so that the caller undoes the agent's work.
-    pub async fn set_deployment_running(
+    /// Records that `agent` has (or may have) taken the deployment: it runs the sandbox from
+    /// now on, so its redeploys and its teardown go there. The deployment becomes `running`
+    /// if it was still `queued` (its outcome may have come first). Returns whether the
+    /// sandbox is still live; if not, the caller undoes the agent's work.
+    pub async fn record_agent(
         &self,
         deployment_id: &DeploymentId,
         sandbox_id: &SandboxId,
         agent: &AgentName,
     ) -> Result<bool, sqlx::Error> {
         let mut tx = self.write().await?;
-        let taken = sqlx::query(
-            "UPDATE deployments SET state = 'running', agent = ?2 WHERE id = ?1 AND state = 'queued'",
+        sqlx::query(
+            "UPDATE deployments SET agent = ?2,
+               state = CASE WHEN state = 'queued' THEN 'running' ELSE state END
+             WHERE id = ?1",
         )
         .bind(deployment_id.as_str())
         .bind(agent.as_str())
         .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        sqlx::query(
+        .await?;
+        let live = sqlx::query(
             "UPDATE sandboxes SET agent = ?2 WHERE id = ?1 AND state NOT IN ('expired', 'deleted')",
         )
         .bind(sandbox_id.as_str())
         .bind(agent.as_str())
         .execute(&mut *tx)
-        .await?;
+        .await?
+        .rows_affected()
+            == 1;
         tx.commit().await?;
-        Ok(taken)
+        Ok(live)
     }
 
     /// Deployments still queued: after a restart of the control plane none of them will
@@ -392,6 +396,7 @@ impl Db {
     pub async fn record_outcome(
         &self,
         deployment_id: &DeploymentId,
+        agent: &AgentName,
         instances: &[Instance],
     ) -> Result<bool, sqlx::Error> {
         let mut tx = self.write().await?;
@@ -407,6 +412,12 @@ impl Db {
         };
         let sandbox_id: SandboxId = parsed(&row, "sandbox_id")?;
         record_instances(&mut tx, &sandbox_id, deployment_id, instances).await?;
+        // What runs of the sandbox runs there: its teardown and redeploys go to that agent.
+        sqlx::query("UPDATE sandboxes SET agent = ?2 WHERE id = ?1")
+            .bind(sandbox_id.as_str())
+            .bind(agent.as_str())
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -562,7 +573,12 @@ mod tests {
             commit: None,
             upstream: Some("127.0.0.1:1".into()),
         }];
-        assert!(!db.record_outcome(&dep(1), &instances).await.unwrap());
+        let agent = AgentName::parse("micro-0").unwrap();
+        assert!(
+            !db.record_outcome(&dep(1), &agent, &instances)
+                .await
+                .unwrap()
+        );
         // The two creations and the delete; nothing of what was refused.
         assert_eq!(audit_rows(&db).await, 3);
     }

@@ -154,8 +154,11 @@ impl Lifecycle {
                     // Retried, and still failing: the deployment fails for it, visibly, and
                     // its events are let go, so that the agent is not wedged on them.
                     let reason = format!("its log could not be stored on the control plane: {e}");
-                    self.fail(&deployment, &reason).await;
-                    self.let_go(agent, &deployment, batch, &mut answer).await;
+                    if self.fail(&deployment, &reason).await {
+                        self.let_go(agent, &deployment, batch, &mut answer).await;
+                    }
+                    // Otherwise the database failed too: nothing is acknowledged, and the
+                    // agent keeps the events until they can be stored.
                     continue;
                 }
             };
@@ -169,8 +172,13 @@ impl Lifecycle {
                     continue;
                 }
                 // An event is missing before these: the agent sends again from the first one
-                // not stored.
-                answer.resend.push((deployment.clone(), acked + 1));
+                // the log does not hold.
+                match self.logs.last_seq(deployment.as_str()).await {
+                    Ok(last) => answer.resend.push((deployment.clone(), last + 1)),
+                    Err(e) => {
+                        tracing::error!(%deployment, error = %e, "cannot read the deployment log")
+                    }
+                }
             }
             for (i, event) in batch.iter().enumerate() {
                 if stored.contains(&i) {
@@ -298,7 +306,7 @@ impl Lifecycle {
                     if matches!(self.db.routing_begun(deployment).await, Ok(true)) {
                         return;
                     }
-                    if let Err(e) = self.db.record_outcome(deployment, &instances).await {
+                    if let Err(e) = self.db.record_outcome(deployment, agent, &instances).await {
                         tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
                     }
                     // From here the deployment is the control plane's: its agent may go and

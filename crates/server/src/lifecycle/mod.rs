@@ -54,6 +54,9 @@ pub struct Lifecycle {
     routes: RoutePublisher,
     settings: Settings,
     tasks: TaskTracker,
+    /// Per agent, how many times its connection has ended: a watch for its return belongs to
+    /// one absence, and a later absence starts its own.
+    absences: std::sync::Mutex<std::collections::HashMap<AgentName, u64>>,
     /// The control plane is stopping: what is interrupted then is resumed at the next start,
     /// not failed.
     shutdown: CancellationToken,
@@ -129,6 +132,7 @@ impl Lifecycle {
             routes,
             settings,
             tasks,
+            absences: std::sync::Mutex::default(),
             shutdown,
         }
     }
@@ -247,24 +251,24 @@ impl Lifecycle {
         .await;
         let reason = match result {
             Ok((agent, ())) => {
-                match self
-                    .db
-                    .set_deployment_running(&s.deployment, &s.sandbox_id, &agent)
-                    .await
-                {
-                    Ok(true) => {
-                        tracing::info!(deployment = %s.deployment, %agent, "deployment started")
-                    }
-                    Ok(false) => {
-                        // The sandbox ended while the job was on its way: undo it.
-                        tracing::info!(deployment = %s.deployment, %agent, "deployment taken after its sandbox ended; removing it");
-                        self.teardown(&s.sandbox_id, &agent).await;
-                    }
-                    Err(e) => {
-                        tracing::error!(deployment = %s.deployment, error = %e, "cannot record the deployment's agent")
-                    }
-                }
+                tracing::info!(deployment = %s.deployment, %agent, "deployment started");
+                self.took(&s.deployment, &s.sandbox_id, &agent).await;
                 return;
+            }
+            // The job may have reached the agent, and the agent may be running it: its
+            // teardown and later deployments must go there.
+            Err(
+                ref e @ (CallError::Timeout { ref agent, .. }
+                | CallError::Disconnected { ref agent }
+                | CallError::BadReply { ref agent, .. }),
+            ) => {
+                self.took(&s.deployment, &s.sandbox_id, agent).await;
+                if self.shutdown.is_cancelled() {
+                    // Cut off by our own shutdown: the next start settles it (`start_background`).
+                    tracing::info!(deployment = %s.deployment, error = %e, "deploy job interrupted by the shutdown");
+                    return;
+                }
+                e.to_string()
             }
             Err(CallError::Failed { agent, error }) => {
                 format!("agent {agent} refused the deployment: {}", error.message)
@@ -281,8 +285,24 @@ impl Lifecycle {
         self.fail(&s.deployment, &reason).await;
     }
 
-    /// Ends a deployment as failed, with a system line and the end frame saying why.
-    async fn fail(&self, deployment: &DeploymentId, reason: &str) {
+    /// Records that `agent` has, or may have, taken a deployment; if its sandbox ended
+    /// meanwhile, what the agent started of it is removed.
+    async fn took(&self, deployment: &DeploymentId, sandbox_id: &SandboxId, agent: &AgentName) {
+        match self.db.record_agent(deployment, sandbox_id, agent).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::info!(%deployment, %agent, "deployment taken after its sandbox ended; removing it");
+                self.teardown(sandbox_id, agent).await;
+            }
+            Err(e) => {
+                tracing::error!(%deployment, error = %e, "cannot record the deployment's agent")
+            }
+        }
+    }
+
+    /// Ends a deployment as failed, with a system line and the end frame saying why; says
+    /// whether its end is recorded.
+    async fn fail(&self, deployment: &DeploymentId, reason: &str) -> bool {
         tracing::warn!(%deployment, %reason, "deployment failed");
         let line = format!("deployment failed: {reason}");
         self.append_own(deployment, |seq| Frame::Log {
@@ -298,12 +318,12 @@ impl Lifecycle {
             error: Some(reason),
             instances: &[],
         };
-        self.finish(deployment, &finish).await;
+        self.finish(deployment, &finish).await
     }
 
     /// Records the end of a deployment in progress, then its log's end frame; nothing when it
-    /// had ended already.
-    async fn finish(&self, deployment: &DeploymentId, finish: &Finish<'_>) {
+    /// had ended already. Says whether it has ended, now or before.
+    async fn finish(&self, deployment: &DeploymentId, finish: &Finish<'_>) -> bool {
         match self
             .db
             .finish_deployment(deployment, finish, OffsetDateTime::now_utc())
@@ -313,10 +333,12 @@ impl Lifecycle {
                 let state = if finish.ok { "ready" } else { "failed" };
                 self.end_log(deployment, state, finish.error.map(str::to_owned))
                     .await;
+                true
             }
-            Ok(false) => {}
+            Ok(false) => true,
             Err(e) => {
-                tracing::error!(%deployment, error = %e, "cannot record the end of a deployment")
+                tracing::error!(%deployment, error = %e, "cannot record the end of a deployment");
+                false
             }
         }
     }
@@ -548,13 +570,26 @@ impl Lifecycle {
     /// An agent is gone: if it is not back within the heartbeat timeout, its deployments in
     /// progress fail.
     fn watch_absence(self: &Arc<Self>, agent: AgentName) {
+        let absence = {
+            let mut absences = self.absences.lock().unwrap_or_else(|e| e.into_inner());
+            let n = absences.entry(agent.clone()).or_default();
+            *n += 1;
+            *n
+        };
         let this = self.clone();
         self.spawn(async move {
             tokio::select! {
                 _ = this.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(this.settings.agent_timeout) => {}
             }
-            if this.dispatch.is_connected(&agent).await {
+            let latest = this
+                .absences
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&agent)
+                .copied();
+            // Back and gone again since: that absence has its own full timeout.
+            if latest != Some(absence) || this.dispatch.is_connected(&agent).await {
                 return;
             }
             match this.db.active_deployments_on(&agent).await {
@@ -612,7 +647,7 @@ impl Lifecycle {
         deployment: &DeploymentId,
         instances: &[Instance],
     ) {
-        match self.db.record_outcome(deployment, instances).await {
+        match self.db.record_outcome(deployment, agent, instances).await {
             Ok(true) => {
                 tracing::info!(%deployment, "a late outcome recorded: the routes follow what runs");
                 self.routes.request("a late outcome");
