@@ -264,23 +264,70 @@ fn routed(env: &InProcessEnv, sandbox: &str) -> Option<Value> {
         .map(|s| s["upstreams"].clone())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn an_agent_silent_past_agent_timeout_mid_deploy_that_reports_later_is_routed_to_what_runs() {
+/// A control plane in this process (agents silent past `agent_timeout` are gone) whose only
+/// micro agent is a [`FakeAgent`] named `agent`, which does what the test says, and a
+/// sandbox `name` whose first deploy job it has been sent (not answered).
+struct Deploying {
+    env: InProcessEnv,
+    token: String,
+    agent: FakeAgent,
+    job: Value,
+    deployment: String,
+    sandbox_id: String,
+}
+
+async fn deploying(agent: &str, name: &str, agent_timeout: &'static str) -> Deploying {
     let mut env = InProcessEnv::builder()
         .gateway(true)
-        .agent_timeout("1s")
+        .agent_timeout(agent_timeout)
         .start()
         .await;
     let token = env.login().await;
-    // From here the only micro agent is one that does what the test says.
+    // The scripted agent that accepted the login goes: the fake is the only one left.
     env.agents.clear();
-    let mut agent = FakeAgent::connect(&env, "quiet").await;
-    let created = env.create_sandbox(&token, "late", &["orders@main"]).await;
+    let mut agent = FakeAgent::connect(&env, agent).await;
+    let created = env.create_sandbox(&token, name, &["orders@main"]).await;
     assert_eq!(created.status, 202, "{}", created.body);
     let job = agent.next_job("deploy").await;
-    agent.reply(&job, json!({"outcome": "accepted"})).await;
     let deployment = job["job"]["deployment"].as_str().unwrap().to_owned();
     let sandbox_id = job["job"]["sandbox_id"].as_str().unwrap().to_owned();
+    Deploying {
+        env,
+        token,
+        agent,
+        job,
+        deployment,
+        sandbox_id,
+    }
+}
+
+/// An `events` frame holding a deployment's outcome, as its agent's first event.
+fn outcome(deployment: &str, ok: bool, upstream: Option<&str>) -> String {
+    let (error, services) = match upstream {
+        Some(upstream) => (
+            Value::Null,
+            json!([{"service": "orders", "commit": null, "upstream": upstream}]),
+        ),
+        None => (json!("branch main has no commit"), json!([])),
+    };
+    json!({"type": "events", "events": [{
+        "deployment": deployment, "seq": 1, "ts": "2026-12-01T12:00:00Z",
+        "kind": "outcome", "ok": ok, "error": error, "services": services,
+    }]})
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_silent_past_agent_timeout_mid_deploy_that_reports_later_is_routed_to_what_runs() {
+    let Deploying {
+        env,
+        token,
+        mut agent,
+        job,
+        deployment,
+        sandbox_id,
+    } = deploying("quiet", "late", "1s").await;
+    agent.reply(&job, json!({"outcome": "accepted"})).await;
 
     // Silent: no heartbeat, nothing read. The control plane lets the connection go after
     // `agent_timeout`, and fails the deployment when the agent is not back after another.
@@ -296,12 +343,9 @@ async fn an_agent_silent_past_agent_timeout_mid_deploy_that_reports_later_is_rou
     // runs (the previous one, if any, it has stopped).
     let upstream = instance("the late instance").await;
     let mut agent = FakeAgent::come_back(&env, "quiet", &[&deployment], &[&sandbox_id]).await;
-    let outcome = json!({"type": "events", "events": [{
-        "deployment": deployment, "seq": 1, "ts": "2026-12-01T12:00:00Z",
-        "kind": "outcome", "ok": true, "error": null,
-        "services": [{"service": "orders", "commit": "5dc0ffee5dc0ffee5dc0ffee5dc0ffee5dc0ffee", "upstream": upstream}],
-    }]});
-    agent.send_text(&outcome.to_string()).await;
+    agent
+        .send_text(&outcome(&deployment, true, Some(&upstream)))
+        .await;
     let ack = loop {
         let frame = agent.next_json().await;
         if frame["type"] == "ack" {
@@ -340,20 +384,15 @@ async fn an_agent_silent_past_agent_timeout_mid_deploy_that_reports_later_is_rou
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_outcome_of_a_sandbox_that_ended_meanwhile_has_its_instances_removed() {
-    let mut env = InProcessEnv::builder()
-        .gateway(true)
-        .agent_timeout("1s")
-        .start()
-        .await;
-    let token = env.login().await;
-    env.agents.clear();
-    let mut agent = FakeAgent::connect(&env, "quiet").await;
-    let created = env.create_sandbox(&token, "gone", &["orders@main"]).await;
-    assert_eq!(created.status, 202, "{}", created.body);
-    let job = agent.next_job("deploy").await;
+    let Deploying {
+        env,
+        token,
+        mut agent,
+        job,
+        deployment,
+        sandbox_id,
+    } = deploying("quiet", "gone", "1s").await;
     agent.reply(&job, json!({"outcome": "accepted"})).await;
-    let deployment = job["job"]["deployment"].as_str().unwrap().to_owned();
-    let sandbox_id = job["job"]["sandbox_id"].as_str().unwrap().to_owned();
     let d = env.wait_deployment(&token, &deployment).await;
     assert_eq!(d["state"], "failed", "{d}");
     drop(agent);
@@ -371,12 +410,9 @@ async fn a_late_outcome_of_a_sandbox_that_ended_meanwhile_has_its_instances_remo
     // It held nothing of the sandbox when it said hello (its fetch was still going), then
     // started an instance and says so.
     let mut agent = FakeAgent::come_back(&env, "quiet", &[&deployment], &[]).await;
-    let outcome = json!({"type": "events", "events": [{
-        "deployment": deployment, "seq": 1, "ts": "2026-12-01T12:00:00Z",
-        "kind": "outcome", "ok": true, "error": null,
-        "services": [{"service": "orders", "commit": null, "upstream": "127.0.0.1:9"}],
-    }]});
-    agent.send_text(&outcome.to_string()).await;
+    agent
+        .send_text(&outcome(&deployment, true, Some("127.0.0.1:9")))
+        .await;
     // The sandbox has ended: the agent is told to remove everything of it, by id.
     let teardown = agent.next_job("teardown").await;
     assert_eq!(
@@ -404,20 +440,16 @@ async fn frames_for(agent: &mut FakeAgent, within: std::time::Duration) -> Vec<V
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_outcome_that_comes_before_the_deploy_jobs_answer_tears_nothing_down() {
-    let mut env = InProcessEnv::builder().gateway(true).start().await;
-    let token = env.login().await;
-    env.agents.clear();
-    let mut agent = FakeAgent::connect(&env, "hasty").await;
-    let created = env.create_sandbox(&token, "hasty", &["orders@main"]).await;
-    assert_eq!(created.status, 202, "{}", created.body);
-    let job = agent.next_job("deploy").await;
-    let deployment = job["job"]["deployment"].as_str().unwrap().to_owned();
+    let Deploying {
+        env,
+        token,
+        mut agent,
+        job,
+        deployment,
+        ..
+    } = deploying("hasty", "hasty", "10s").await;
     // The agent's events and its answer to the job travel apart: here the failure is first.
-    let outcome = json!({"type": "events", "events": [{
-        "deployment": deployment, "seq": 1, "ts": "2026-12-01T12:00:00Z",
-        "kind": "outcome", "ok": false, "error": "branch main has no commit", "services": [],
-    }]});
-    agent.send_text(&outcome.to_string()).await;
+    agent.send_text(&outcome(&deployment, false, None)).await;
     let d = env.wait_deployment(&token, &deployment).await;
     assert_eq!(d["state"], "failed", "{d}");
     agent.reply(&job, json!({"outcome": "accepted"})).await;
@@ -439,20 +471,14 @@ async fn an_outcome_that_comes_before_the_deploy_jobs_answer_tears_nothing_down(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_deploy_job_whose_answer_was_lost_is_torn_down_on_the_agent_that_took_it() {
-    let mut env = InProcessEnv::builder()
-        .gateway(true)
-        .agent_timeout("1s")
-        .start()
-        .await;
-    let token = env.login().await;
-    env.agents.clear();
-    let agent = FakeAgent::connect(&env, "cut-off").await;
-    let created = env.create_sandbox(&token, "cut", &["orders@main"]).await;
-    assert_eq!(created.status, 202, "{}", created.body);
-    let mut agent = agent;
-    let job = agent.next_job("deploy").await;
-    let deployment = job["job"]["deployment"].as_str().unwrap().to_owned();
-    let sandbox_id = job["job"]["sandbox_id"].as_str().unwrap().to_owned();
+    let Deploying {
+        env,
+        token,
+        agent,
+        deployment,
+        sandbox_id,
+        ..
+    } = deploying("cut-off", "cut", "10s").await;
     // The connection drops before the answer: the agent may well be running the job.
     drop(agent);
     let d = env.wait_deployment(&token, &deployment).await;
