@@ -7,7 +7,7 @@ use time::OffsetDateTime;
 
 use super::sandboxes::{is_unique_violation, record_instances};
 use super::{
-    Audit, Db, DeploymentState, Instance, ListQuery, Selection, WriteError, from_millis,
+    Audit, Db, DeploymentState, Instance, ListQuery, Listing, Selection, WriteError, from_millis,
     insert_audit, parsed, parsed_opt, to_millis,
 };
 
@@ -186,21 +186,7 @@ impl Db {
 
     /// Deployments, newest first; `owner` filters on who requested them.
     pub async fn list_deployments(&self, q: &ListQuery) -> Result<Vec<DeploymentRow>, sqlx::Error> {
-        let (after_t, after_id) = q.after.clone().unwrap_or((i64::MAX, String::new()));
-        let rows = sqlx::query(
-            "SELECT * FROM deployments
-             WHERE (?1 IS NULL OR requested_by = ?1) AND (?2 IS NULL OR state = ?2)
-               AND (created_at < ?3 OR (created_at = ?3 AND id < ?4) OR ?5)
-             ORDER BY created_at DESC, id DESC LIMIT ?6",
-        )
-        .bind(&q.owner)
-        .bind(&q.state)
-        .bind(after_t)
-        .bind(&after_id)
-        .bind(q.after.is_none())
-        .bind(i64::from(q.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = self.page(Listing::Deployments, q).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut d = deployment_from(row)?;

@@ -81,6 +81,14 @@ pub struct ListQuery {
     pub after: Option<(i64, String)>,
 }
 
+/// What a listing lists.
+#[derive(Clone, Copy)]
+enum Listing {
+    Sandboxes,
+    /// Owned by whoever requested them.
+    Deployments,
+}
+
 /// Who did what to what: the audit row written with the change it describes.
 pub struct Audit<'a> {
     pub actor: &'a str,
@@ -124,6 +132,31 @@ impl Db {
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool })
+    }
+
+    /// One page of a listing's rows, newest first, after the cursor's `(created_at, id)`.
+    async fn page(&self, listing: Listing, q: &ListQuery) -> Result<Vec<SqliteRow>, sqlx::Error> {
+        // Both names are ours, never the request's.
+        let (table, owner) = match listing {
+            Listing::Sandboxes => ("sandboxes", "owner"),
+            Listing::Deployments => ("deployments", "requested_by"),
+        };
+        let sql = format!(
+            "SELECT * FROM {table}
+             WHERE (?1 IS NULL OR {owner} = ?1) AND (?2 IS NULL OR state = ?2)
+               AND (created_at < ?3 OR (created_at = ?3 AND id < ?4) OR ?5)
+             ORDER BY created_at DESC, id DESC LIMIT ?6"
+        );
+        let (after_t, after_id) = q.after.clone().unwrap_or((i64::MAX, String::new()));
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(&q.owner)
+            .bind(&q.state)
+            .bind(after_t)
+            .bind(&after_id)
+            .bind(q.after.is_none())
+            .bind(i64::from(q.limit))
+            .fetch_all(&self.pool)
+            .await
     }
 
     /// A write transaction, holding the write lock from its first statement.

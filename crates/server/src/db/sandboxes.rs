@@ -7,8 +7,8 @@ use time::OffsetDateTime;
 
 use super::deployments::insert_deployment;
 use super::{
-    Audit, Db, Ending, ListQuery, SandboxState, ServiceState, from_millis, insert_audit, parsed,
-    parsed_opt, to_millis,
+    Audit, Db, Ending, ListQuery, Listing, SandboxState, ServiceState, from_millis, insert_audit,
+    parsed, parsed_opt, to_millis,
 };
 
 pub struct SandboxRow {
@@ -188,21 +188,7 @@ impl Db {
     }
 
     pub async fn list_sandboxes(&self, q: &ListQuery) -> Result<Vec<SandboxRow>, sqlx::Error> {
-        let (after_t, after_id) = q.after.clone().unwrap_or((i64::MAX, String::new()));
-        let rows = sqlx::query(
-            "SELECT * FROM sandboxes
-             WHERE (?1 IS NULL OR owner = ?1) AND (?2 IS NULL OR state = ?2)
-               AND (created_at < ?3 OR (created_at = ?3 AND id < ?4) OR ?5)
-             ORDER BY created_at DESC, id DESC LIMIT ?6",
-        )
-        .bind(&q.owner)
-        .bind(&q.state)
-        .bind(after_t)
-        .bind(&after_id)
-        .bind(q.after.is_none())
-        .bind(i64::from(q.limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = self.page(Listing::Sandboxes, q).await?;
         let mut out = Vec::with_capacity(rows.len());
         for row in &rows {
             let mut sandbox = sandbox_from(row)?;
