@@ -134,9 +134,29 @@ impl ApiError {
     }
 }
 
-/// Every failure of a call to an agent, as the API says it; `what` names the repository a
-/// git job was about, for the message.
-pub fn agent_error(e: CallError, what: &str) -> ApiError {
+/// What a job sent to an agent was about, for the API's error.
+pub enum Asked<'a> {
+    /// git, on the repository named so (for the message).
+    Git(&'a str),
+    /// The router of a gateway agent.
+    Router,
+}
+
+/// Every failure of a call to an agent, as the API says it.
+pub fn agent_error(e: CallError, asked: Asked<'_>) -> ApiError {
+    let what = match asked {
+        Asked::Git(what) => what,
+        Asked::Router => {
+            if let CallError::Failed { agent, error } = e {
+                return ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "agent_error",
+                    format!("gateway agent {agent} could not say: {}", error.message),
+                );
+            }
+            "the router"
+        }
+    };
     match e {
         CallError::NoAgent(role) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -15,7 +15,7 @@ use time::format_description::well_known::Rfc3339;
 use super::{AppState, CurrentSession};
 use crate::db::Audit;
 use crate::dispatch::{CallError, Target, call};
-use crate::error::{ApiError, ApiJson, agent_error};
+use crate::error::{ApiError, ApiJson, Asked, agent_error};
 use crate::limiter::{Limit, Refused, client_address};
 use crate::sessions::{self, COOKIE_NAME};
 
@@ -59,7 +59,7 @@ pub async fn login(
                 "Bitbucket did not accept this username and password",
             ));
         }
-        Err(e) => return Err(agent_error(e, "the probe repository")),
+        Err(e) => return Err(agent_error(e, Asked::Git("the probe repository"))),
     }
 
     let now = OffsetDateTime::now_utc();

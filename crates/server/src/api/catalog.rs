@@ -9,7 +9,7 @@ use time::OffsetDateTime;
 
 use super::{AppState, CurrentSession};
 use crate::dispatch::{Target, call};
-use crate::error::{ApiError, agent_error};
+use crate::error::{ApiError, Asked, agent_error};
 
 pub async fn services(State(state): State<AppState>) -> Json<Vec<Service>> {
     Json(
@@ -56,7 +56,7 @@ pub async fn branches(
         state.config.job_timeout.get(),
     )
     .await
-    .map_err(|e| agent_error(e, &format!("the repository of {name}")))?;
+    .map_err(|e| agent_error(e, Asked::Git(&format!("the repository of {name}"))))?;
     branches.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(Json(branches))
 }

@@ -18,8 +18,8 @@ use time::OffsetDateTime;
 use super::deployments::deployment_view;
 use super::{AppState, CurrentSession, rfc3339};
 use crate::db::{Ending, ListQuery, SandboxRow, SandboxState, WriteError};
-use crate::dispatch::{CallError, Target, call};
-use crate::error::{ApiError, ApiJson, agent_error};
+use crate::dispatch::{Target, call};
+use crate::error::{ApiError, ApiJson, Asked, agent_error};
 use crate::lifecycle::Request;
 
 /// At most this many services in one request.
@@ -357,14 +357,7 @@ pub async fn requests(
         state.config.job_timeout.get(),
     )
     .await
-    .map_err(|e| match e {
-        CallError::Failed { agent, error } => ApiError::new(
-            StatusCode::BAD_GATEWAY,
-            "agent_error",
-            format!("gateway agent {agent} could not say: {}", error.message),
-        ),
-        e => agent_error(e, "the router"),
-    })?;
+    .map_err(|e| agent_error(e, Asked::Router))?;
     Ok(Json(requests))
 }
 
