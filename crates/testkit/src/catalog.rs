@@ -50,7 +50,7 @@ pub(crate) fn server_toml(
         )
     };
     format!(
-        "{keys}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}\n{tables}",
+        "{keys}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}{}\n{tables}",
         data_dir.display(),
         o.session_ttl,
         o.sandbox_ttl,
@@ -85,5 +85,8 @@ pub(crate) fn server_toml(
         // A branch's own script, for the isolation tests' hostile builds (the test creates
         // the repository).
         service("hostile", "sh hostile.sh", "true"),
+        // A service that prints a line every 20 ms while it serves, and dies of SIGPIPE
+        // when its output is a pipe nobody reads, as most programs do.
+        service("talker", "true", "python3 talk.py"),
     )
 }

@@ -149,7 +149,8 @@ impl GitServer {
     /// Creates repository `name` of the kit's catalog with its branches: `orders` (a Go
     /// service on `main`, `feature/x`, `release/1.0`, `broken` and `unhealthy`), `billing` (a
     /// Go service on `main` and `feature/y`), `payments` and `stuck` (a `message.txt` on
-    /// `main`), `chatty` and `steady` (the log benchmark's emitter on `main`).
+    /// `main`), `chatty` and `steady` (the log benchmark's emitter on `main`), `talker` (a
+    /// service that prints while it serves, on `main`).
     pub fn create_catalog_repo(&self, name: &str) {
         match name {
             "orders" => self.create_repo_with(
@@ -164,8 +165,11 @@ impl GitServer {
             "chatty" | "steady" => self.create_repo_with(name, &["main"], |_| {
                 vec![("emit.py".into(), STEADY_EMITTER.into())]
             }),
+            "talker" => {
+                self.create_repo_with(name, &["main"], |_| vec![("talk.py".into(), TALKER.into())])
+            }
             other => panic!(
-                "{other} is no repository of the kit's catalog (orders, billing, payments, stuck, chatty, steady): create it with create_repo"
+                "{other} is no repository of the kit's catalog (orders, billing, payments, stuck, chatty, steady, talker): create it with create_repo"
             ),
         }
     }
@@ -388,6 +392,36 @@ for i in range(int(rate * seconds)):
         if delay > 0:
             time.sleep(delay)
 sys.stdout.flush()
+"#;
+
+/// Serves `talker on <SDP_SANDBOX>` on every path of `PORT`, and prints `tick N` every 20 ms
+/// to stdout, flushed. SIGPIPE is left at its default, so a write to a pipe nobody reads
+/// ends it, as it does most programs.
+pub const TALKER: &str = r#"import os, signal, sys, threading, time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+class Answer(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"talker on {os.environ['SDP_SANDBOX']}\n".encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+def tick():
+    i = 0
+    while True:
+        sys.stdout.write(f"tick {i}\n")
+        sys.stdout.flush()
+        i += 1
+        time.sleep(0.02)
+
+threading.Thread(target=tick, daemon=True).start()
+ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Answer).serve_forever()
 "#;
 
 /// Repositories under this name never answer, like a git server that hangs.

@@ -2,6 +2,7 @@
 //! plain supervised process groups (hosts without Docker, and `sdp dev`).
 
 mod docker;
+mod output;
 mod ports;
 mod process;
 

@@ -2,7 +2,9 @@
 //! code's user, with `PORT` a free port of `port_range`, supervised by the agent. A pid file
 //! per instance under `<work_dir>/run/<sandbox_id>/` lets a restarted agent find, report and
 //! stop what it started; it records the process's start time too, so that a pid the kernel
-//! has since given to another process is never signalled.
+//! has since given to another process is never signalled. Its output goes to files beside
+//! the pid file, which the agent follows (`output.rs`): the instance never writes to the
+//! agent, so it outlives the agent's restarts.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -15,9 +17,12 @@ use nix::unistd::Pid;
 use sdp_protocol::{DeploymentId, LogStream, SandboxId, ServiceName};
 use serde::{Deserialize, Serialize};
 
+use tokio_util::sync::CancellationToken;
+
+use super::output;
 use super::{Instance, Ports, Runtime, RuntimeError, StartRequest};
 use crate::isolation::UserCode;
-use crate::lines::{LineSink, pump};
+use crate::lines::LineSink;
 
 /// How long an instance has to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -91,7 +96,9 @@ pub struct ProcessRuntime {
     ports: Ports,
     /// Base environment: what services may see of the agent's own (PATH and the like).
     base_env: BTreeMap<String, String>,
-    children: Mutex<HashMap<(SandboxId, ServiceName), i32>>,
+    /// Instances whose output files this agent follows: cancelling the token ends the
+    /// followers.
+    followed: Mutex<HashMap<(SandboxId, ServiceName), CancellationToken>>,
 }
 
 fn err(message: impl Into<String>) -> RuntimeError {
@@ -116,7 +123,50 @@ impl ProcessRuntime {
             users,
             ports: Ports::new(ports, bind_host),
             base_env,
-            children: Mutex::default(),
+            followed: Mutex::default(),
+        }
+    }
+
+    fn output_path(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        stream: LogStream,
+    ) -> PathBuf {
+        self.run_dir
+            .join(sandbox.as_str())
+            .join(format!("{service}.{}.log", stream.as_str()))
+    }
+
+    /// Follows the output files of an instance this agent did not start (a previous run of
+    /// it did), only to keep them bounded: their lines belong to no deployment any more.
+    fn keep_bounded(&self, sandbox: &SandboxId, service: &ServiceName) {
+        let mut followed = self.followed.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (sandbox.clone(), service.clone());
+        if followed.contains_key(&key) {
+            return;
+        }
+        let stop = CancellationToken::new();
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
+            tokio::spawn(output::follow(
+                self.output_path(sandbox, service, stream),
+                None,
+                None,
+                stop.clone(),
+            ));
+        }
+        followed.insert(key, stop);
+    }
+
+    /// Stops following an instance's output, after one last read.
+    fn unfollow(&self, sandbox: &SandboxId, service: &ServiceName) {
+        if let Some(stop) = self
+            .followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(sandbox.clone(), service.clone()))
+        {
+            stop.cancel();
         }
     }
 
@@ -170,6 +220,31 @@ impl Runtime for ProcessRuntime {
             self.ports.release(port);
             return Err(err(format!("cannot create {}: {e}", req.home.display())));
         }
+        let dir = self.run_dir.join(req.sandbox_id.as_str());
+        let files = std::fs::create_dir_all(&dir).and_then(|()| {
+            Ok((
+                output::create(&self.output_path(
+                    &req.sandbox_id,
+                    &req.service,
+                    LogStream::Stdout,
+                ))?,
+                output::create(&self.output_path(
+                    &req.sandbox_id,
+                    &req.service,
+                    LogStream::Stderr,
+                ))?,
+            ))
+        });
+        let (stdout, stderr) = match files {
+            Ok(files) => files,
+            Err(e) => {
+                self.ports.release(port);
+                return Err(err(format!(
+                    "cannot create the output files in {}: {e}",
+                    dir.display()
+                )));
+            }
+        };
         let mut cmd = self.users.command("sh");
         cmd.arg("-c")
             .arg(&req.run)
@@ -180,8 +255,8 @@ impl Runtime for ProcessRuntime {
             .envs(&req.env)
             .env("PORT", port.to_string())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
             .process_group(0);
         let mut child = match cmd.spawn() {
             Ok(child) => child,
@@ -195,10 +270,6 @@ impl Runtime for ProcessRuntime {
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| err("the service exited at once"))?;
         let path = self.pid_path(&req.sandbox_id, &req.service);
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
-        }
         let pid_file = PidFile {
             pid,
             port,
@@ -208,28 +279,14 @@ impl Runtime for ProcessRuntime {
         };
         std::fs::write(&path, serde_json::to_vec(&pid_file).expect("serializes"))
             .map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
-        self.children
+        let stop = CancellationToken::new();
+        self.unfollow(&req.sandbox_id, &req.service);
+        self.followed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert((req.sandbox_id.clone(), req.service.clone()), pid);
-
-        for (pipe, stream) in [
-            (
-                child
-                    .stdout
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-                LogStream::Stdout,
-            ),
-            (
-                child
-                    .stderr
-                    .take()
-                    .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-                LogStream::Stderr,
-            ),
-        ] {
-            let Some(pipe) = pipe else { continue };
+            .insert((req.sandbox_id.clone(), req.service.clone()), stop.clone());
+        let (lines, output_lines) = tokio::sync::watch::channel(0);
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
             let sink = LineSink {
                 outbox: req.output.clone(),
                 deployment: req.deployment.clone(),
@@ -237,7 +294,12 @@ impl Runtime for ProcessRuntime {
                 stream,
                 mask: None,
             };
-            tokio::spawn(pump(pipe, sink));
+            tokio::spawn(output::follow(
+                self.output_path(&req.sandbox_id, &req.service, stream),
+                Some(sink),
+                Some(lines.clone()),
+                stop.clone(),
+            ));
         }
         let (outbox, deployment, service) = (
             req.output.clone(),
@@ -258,7 +320,8 @@ impl Runtime for ProcessRuntime {
         Ok(Instance {
             host_port: port,
             health_host: "127.0.0.1".to_owned(),
-            output_lines: None,
+            // Read from its files a moment after it is written.
+            output_lines: Some(output_lines),
         })
     }
 
@@ -267,11 +330,11 @@ impl Runtime for ProcessRuntime {
         sandbox: &SandboxId,
         service: &ServiceName,
     ) -> Result<(), RuntimeError> {
-        self.children
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(sandbox.clone(), service.clone()));
         self.stop_by_file(&self.pid_path(sandbox, service)).await;
+        self.unfollow(sandbox, service);
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
+            let _ = std::fs::remove_file(self.output_path(sandbox, service, stream));
+        }
         Ok(())
     }
 
@@ -282,10 +345,15 @@ impl Runtime for ProcessRuntime {
                 self.stop_by_file(&entry.path()).await;
             }
         }
-        self.children
+        self.followed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(s, _), _| s != sandbox);
+            .retain(|(s, _), stop| {
+                if s == sandbox {
+                    stop.cancel();
+                }
+                s != sandbox
+            });
         let _ = std::fs::remove_dir_all(&dir);
         Ok(())
     }
@@ -299,18 +367,26 @@ impl Runtime for ProcessRuntime {
             let Ok(id) = SandboxId::parse(entry.file_name().to_string_lossy().into_owned()) else {
                 continue;
             };
-            let files: Vec<PidFile> = std::fs::read_dir(entry.path())
+            let files: Vec<(ServiceName, PidFile)> = std::fs::read_dir(entry.path())
                 .into_iter()
                 .flatten()
                 .flatten()
-                .filter_map(|f| std::fs::read_to_string(f.path()).ok())
-                .filter_map(|t| serde_json::from_str::<PidFile>(&t).ok())
+                .filter_map(|f| {
+                    let name = f.file_name().to_string_lossy().into_owned();
+                    let service = ServiceName::parse(name.strip_suffix(".pid.json")?).ok()?;
+                    let text = std::fs::read_to_string(f.path()).ok()?;
+                    Some((service, serde_json::from_str::<PidFile>(&text).ok()?))
+                })
                 .collect();
             // Ports of instances a previous run started stay taken.
-            for p in &files {
+            for (_, p) in &files {
                 self.ports.claim(p.port);
             }
-            let alive = files.iter().any(PidFile::alive);
+            // Instances a previous run started still print: their files are kept bounded.
+            for (service, _) in files.iter().filter(|(_, p)| p.alive()) {
+                self.keep_bounded(&id, service);
+            }
+            let alive = files.iter().any(|(_, p)| p.alive());
             if alive {
                 found.push(id);
             } else {

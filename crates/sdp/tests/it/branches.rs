@@ -52,6 +52,7 @@ async fn the_service_list_is_the_catalog() {
             "secure",
             "untrusted",
             "hostile",
+            "talker",
         ]
     );
     assert_eq!(services[0]["repo"], env.repo_url("orders"));

@@ -20,6 +20,7 @@ mod lifecycle;
 mod limits;
 mod login;
 mod router;
+mod runtime;
 mod tls;
 
 /// The binary under test, which the kit's end-to-end tier runs.
