@@ -129,6 +129,8 @@ pub struct Sandbox {
     pub url: String,
     pub created_at: String,
     pub expires_at: String,
+    /// A live sandbox that expires within the hour: extend it, or it is deleted.
+    pub expires_soon: bool,
     pub services: Vec<SandboxService>,
 }
 

@@ -263,6 +263,14 @@ async fn a_user_logs_in_sees_branches_deploys_watches_the_log_and_logs_out_in_a_
         )
         .await;
     assert_eq!(state, json!("ready"));
+    // The test's sandboxes live an hour: the list warns that this one expires soon.
+    let soon = browser
+        .wait_for(
+            "the expiry warning",
+            "var b = document.querySelector('[data-sandbox=\"web\"] [data-expires-soon]'); return b && b.textContent",
+        )
+        .await;
+    assert_eq!(soon, json!("expires soon"));
     let sandbox = env.get("/api/sandboxes/web", None).await;
     assert_eq!(sandbox.status, 401, "the page's session is its own");
 

@@ -789,3 +789,48 @@ async fn hostile_input_to_a_redeploy_is_refused_with_400_and_creates_nothing() {
     assert_eq!(reply.status, 404, "{}", reply.body);
     assert_eq!(env.count_rows("deployments"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_that_expires_within_the_hour_says_so_until_it_is_extended() {
+    let env = InProcessEnv::builder().gateway(true).start().await;
+    let token = env.login().await;
+    let create = |name: &str, ttl: &str| sdp_api::CreateSandbox {
+        name: name.to_owned(),
+        services: vec![sdp_api::Selection {
+            service: "payments".to_owned(),
+            branch: "main".to_owned(),
+        }],
+        ttl: Some(ttl.to_owned()),
+    };
+    let brief: sdp_api::Accepted = env
+        .post("/api/sandboxes", Some(&token), &create("brief", "30m"))
+        .await
+        .typed();
+    assert!(brief.sandbox.expires_soon, "{brief:?}");
+    let long: sdp_api::Accepted = env
+        .post("/api/sandboxes", Some(&token), &create("long", "3h"))
+        .await
+        .typed();
+    assert!(!long.sandbox.expires_soon, "{long:?}");
+
+    let extend = sdp_api::Extend { ttl: "2h".into() };
+    let extended = env
+        .post("/api/sandboxes/brief/extend", Some(&token), &extend)
+        .await;
+    assert_eq!(extended.status, 200, "{}", extended.body);
+    assert!(!extended.typed::<Sandbox>().expires_soon);
+    let listed: Page<Sandbox> = env.get("/api/sandboxes", Some(&token)).await.typed();
+    assert!(listed.items.iter().all(|s| !s.expires_soon), "{listed:?}");
+
+    // An ended sandbox expires no more.
+    let deleted = Reply::from(
+        env.http
+            .delete(format!("{}/api/sandboxes/long", env.url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert!(!deleted.typed::<Sandbox>().expires_soon, "{}", deleted.body);
+}

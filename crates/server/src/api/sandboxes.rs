@@ -26,6 +26,8 @@ use crate::lifecycle::Request;
 pub const MAX_SERVICES: usize = 16;
 /// The longest a sandbox may be given at once.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A live sandbox this close to its expiry is shown as expiring soon.
+const EXPIRY_WARNING: time::Duration = time::Duration::hours(1);
 
 /// `<scheme>://<sandbox>.<base_domain>[:port]` of the gateway's public URL.
 fn sandbox_url(state: &AppState, name: &str) -> String {
@@ -48,6 +50,8 @@ pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> Sandbox {
         state: row.state.to_string(),
         created_at: rfc3339(row.created_at),
         expires_at: rfc3339(row.expires_at),
+        expires_soon: !row.state.has_ended()
+            && row.expires_at - OffsetDateTime::now_utc() <= EXPIRY_WARNING,
         services: row
             .services
             .into_iter()
