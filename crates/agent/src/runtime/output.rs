@@ -7,7 +7,10 @@
 //! The agent follows each file into log lines ([`follow`]) and keeps it bounded: once it has
 //! read past [`MAX_OUTPUT_FILE`], it empties the file. The instance writes with `O_APPEND`, so
 //! its next line lands at the new start; what it wrote between the follower's last read and
-//! the emptying is lost, a few lines at most.
+//! the emptying is lost, a few lines at most. A file nobody reads fast enough (its lines wait
+//! for room in the agent's outbox, or the instance prints faster than they are read) is
+//! emptied all the same once it passes [`HARD_CAP`], unread lines and all: the instance's
+//! output never fills the disk.
 
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
@@ -21,6 +24,10 @@ use crate::lines::{LineSink, Splitter};
 
 /// The most an output file holds before it is emptied.
 pub const MAX_OUTPUT_FILE: u64 = 8 << 20;
+/// The most an output file holds however far behind its follower is.
+pub const HARD_CAP: u64 = 4 * MAX_OUTPUT_FILE;
+/// How often the hard cap is checked.
+const CAP_CHECK: Duration = Duration::from_millis(500);
 
 /// How often a file is read while its instance prints, and while it is quiet.
 const BUSY_POLL: Duration = Duration::from_millis(20);
@@ -51,6 +58,7 @@ pub async fn follow(
     lines: Option<watch::Sender<u64>>,
     stop: CancellationToken,
 ) {
+    tokio::spawn(cap(path.clone(), stop.clone()));
     let mut file = None;
     let mut offset = 0u64;
     let mut splitter = Splitter::default();
@@ -83,6 +91,7 @@ pub async fn follow(
                     emit(&sink, &lines, line).await;
                 }
             }
+            // Read to its end: what it held is in log lines now.
             if offset >= MAX_OUTPUT_FILE && f.set_len(0).await.is_ok() {
                 offset = 0;
                 let _ = f.seek(SeekFrom::Start(0)).await;
@@ -103,6 +112,22 @@ pub async fn follow(
             // One last read after the stop, for what was written just before it.
             _ = stop.cancelled() => {}
             _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Empties the file at `path` whenever it passes [`HARD_CAP`], until `stop`.
+async fn cap(path: PathBuf, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(CAP_CHECK) => {}
+        }
+        if std::fs::metadata(&path).is_ok_and(|m| m.len() > HARD_CAP)
+            && let Ok(f) = std::fs::OpenOptions::new().write(true).open(&path)
+        {
+            tracing::warn!(path = %path.display(), "an instance's output outran its follower; emptied");
+            let _ = f.set_len(0);
         }
     }
 }
@@ -169,6 +194,36 @@ mod tests {
         stop.cancel();
         follower.await.unwrap();
         assert_eq!(logged(&outbox), ["one", "two", "three, unfinished"]);
+    }
+
+    #[tokio::test]
+    async fn a_file_nobody_reads_is_emptied_past_the_hard_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("flood.stdout.log");
+        let mut writer = create(&path).unwrap();
+        // More than the outbox holds: once it is full, the follower waits for room that never
+        // comes (nothing sends or acknowledges here).
+        let outbox = Arc::new(Outbox::default());
+        let deployment = DeploymentId::parse("dep_0123456789abcdef").unwrap();
+        let huge = format!("{}\n", "x".repeat(60 * 1024));
+        for _ in 0..2000 {
+            writer.write_all(huge.as_bytes()).unwrap();
+        }
+        assert!(2000 * huge.len() as u64 > HARD_CAP);
+        let stop = CancellationToken::new();
+        let follower = tokio::spawn(follow(
+            path.clone(),
+            Some(sink(&outbox, &deployment)),
+            None,
+            stop.clone(),
+        ));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&path).unwrap().len() > HARD_CAP {
+            assert!(tokio::time::Instant::now() < deadline, "never emptied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        stop.cancel();
+        follower.abort();
     }
 
     #[tokio::test]
