@@ -109,25 +109,7 @@ impl EnvBuilder {
         self
     }
 
-    pub fn session_ttl(mut self, ttl: &'static str) -> Self {
-        self.opts.session_ttl = ttl;
-        self
-    }
-
-    pub fn sandbox_ttl(mut self, ttl: &'static str) -> Self {
-        self.opts.sandbox_ttl = ttl;
-        self
-    }
-
-    pub fn job_timeout(mut self, timeout: &'static str) -> Self {
-        self.opts.job_timeout = timeout;
-        self
-    }
-
-    pub fn agent_timeout(mut self, timeout: &'static str) -> Self {
-        self.opts.agent_timeout = timeout;
-        self
-    }
+    crate::server_knobs!();
 
     pub fn git_timeout(mut self, timeout: &'static str) -> Self {
         self.opts.git_timeout = timeout;

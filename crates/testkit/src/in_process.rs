@@ -54,25 +54,7 @@ impl InProcessBuilder {
         self.gateway(false).micro_agents(0)
     }
 
-    pub fn session_ttl(mut self, ttl: &'static str) -> Self {
-        self.opts.session_ttl = ttl;
-        self
-    }
-
-    pub fn sandbox_ttl(mut self, ttl: &'static str) -> Self {
-        self.opts.sandbox_ttl = ttl;
-        self
-    }
-
-    pub fn job_timeout(mut self, timeout: &'static str) -> Self {
-        self.opts.job_timeout = timeout;
-        self
-    }
-
-    pub fn agent_timeout(mut self, timeout: &'static str) -> Self {
-        self.opts.agent_timeout = timeout;
-        self
-    }
+    crate::server_knobs!();
 
     /// Top-level `key = value` lines of the server's config, before the kit's own.
     pub fn server_keys(mut self, keys: &str) -> Self {

@@ -19,6 +19,33 @@
 //! Only the `sdp` crate's own tests know where its binary is (`env!("CARGO_BIN_EXE_sdp")`):
 //! they hand that path to [`TestEnv::builder`] and [`run_sdp`].
 
+/// The control plane's knobs, which both tiers' builders (`opts: Options`) set alike.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! server_knobs {
+    () => {
+        pub fn session_ttl(mut self, ttl: &'static str) -> Self {
+            self.opts.session_ttl = ttl;
+            self
+        }
+
+        pub fn sandbox_ttl(mut self, ttl: &'static str) -> Self {
+            self.opts.sandbox_ttl = ttl;
+            self
+        }
+
+        pub fn job_timeout(mut self, timeout: &'static str) -> Self {
+            self.opts.job_timeout = timeout;
+            self
+        }
+
+        pub fn agent_timeout(mut self, timeout: &'static str) -> Self {
+            self.opts.agent_timeout = timeout;
+            self
+        }
+    };
+}
+
 pub mod baseline;
 mod catalog;
 pub mod client;
