@@ -440,6 +440,7 @@ impl Agent {
                 self.worker.events.resend(&deployment, from_seq);
                 None
             }
+            ServerMessage::RuntimeAck { .. } | ServerMessage::RuntimeResend { .. } => None,
             ServerMessage::Heartbeat | ServerMessage::Welcome(_) => None,
             ServerMessage::Error(e) => {
                 tracing::warn!(code = %e.code, message = %e.message, "the control plane reported a protocol error");

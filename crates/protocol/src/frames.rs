@@ -16,8 +16,10 @@ use crate::{
 /// control plane refuses an agent that speaks another version. 3: replies may come in parts
 /// (`more`), which an older control plane would take for the whole answer. 4: agents key
 /// sandboxes by id (`sandbox_id` in deploy and teardown jobs, ids in `hello`), and the
-/// control plane asks for events again with `resend`.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// control plane asks for events again with `resend`. 5: agents watch instances after
+/// `ready` and report them in `runtime` frames (a sandbox's runtime log and its instances'
+/// states), acknowledged with `runtime_ack`; deploy jobs say how to watch each service.
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// No frame in either direction may be larger than this. Senders size what they put in a
 /// frame by its encoded bytes ([`crate::encoded_len`]), so they never reach it.
@@ -35,6 +37,11 @@ pub enum AgentMessage {
     /// flood of log lines costs few frames and few acknowledgements.
     Events {
         events: Vec<Event>,
+    },
+    /// Events of sandboxes' runtime logs, in the order they happened: what instances print,
+    /// and how they fare, after they started.
+    Runtime {
+        events: Vec<RuntimeEvent>,
     },
     /// The agent could not read a frame of the control plane.
     Error(ProtocolError),
@@ -58,6 +65,17 @@ pub enum ServerMessage {
     /// sends them again, from there, on this connection.
     Resend {
         deployment: DeploymentId,
+        from_seq: u64,
+    },
+    /// Runtime events of `sandbox` up to and including `seq` are stored.
+    RuntimeAck {
+        sandbox: SandboxId,
+        seq: u64,
+    },
+    /// The control plane could not store `sandbox`'s runtime events from `from_seq` on: the
+    /// agent sends them again, from there, on this connection.
+    RuntimeResend {
+        sandbox: SandboxId,
         from_seq: u64,
     },
     /// The control plane could not read a frame of the agent, or refuses it.
@@ -270,6 +288,37 @@ pub struct ServiceSpec {
     pub health: String,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// What the agent does when the instance dies, or stays unhealthy, after it was healthy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// How often `health` is checked after the instance was healthy; three failures in a row
+    /// make it `unhealthy`.
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+}
+
+fn default_health_interval_ms() -> u64 {
+    10_000
+}
+
+/// A catalog service's `restart` (SPEC §9).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restarted with exponential backoff, until it fails too often in a window.
+    #[default]
+    OnFailure,
+    /// Left `crashed` (or `unhealthy`) for the user to look at.
+    Never,
+}
+
+impl RestartPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Never => "never",
+        }
+    }
 }
 
 /// An agent's answer to a job, or one part of it ([`Reply::into_frames`]).
@@ -359,6 +408,92 @@ pub enum EventBody {
         error: Option<String>,
         services: Vec<ServiceOutcome>,
     },
+}
+
+/// Something an agent reports about a sandbox's instances after they started: their output
+/// and their state. `seq` grows by one per sandbox without gaps, across the agent's restarts
+/// (the agent keeps the last acknowledged `seq` on disk), which is how the control plane drops
+/// duplicates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuntimeEvent {
+    pub sandbox: SandboxId,
+    pub seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub ts: OffsetDateTime,
+    #[serde(flatten)]
+    pub body: RuntimeBody,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum RuntimeBody {
+    /// A line an instance printed (`stdout`, `stderr`), or the agent's note about it
+    /// (`system`: a restart, a health check that failed).
+    Log {
+        service: ServiceName,
+        stream: LogStream,
+        line: String,
+    },
+    /// An instance's state changed.
+    Instance(InstanceReport),
+}
+
+/// An instance's new state, and what explains it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceReport {
+    pub service: ServiceName,
+    pub state: InstanceState,
+    /// Why, for people: `exit code 1`, `killed by SIGKILL`, `/healthz gave status 500`.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// The instance's last lines before it crashed, oldest first.
+    #[serde(default)]
+    pub last_lines: Vec<String>,
+    /// `host:port` where the gateway reaches it, when `running` (a restart may move it).
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Restarts of this instance since it was deployed.
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+/// How an instance fares after it was healthy (SPEC §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceState {
+    /// Healthy and serving, at `upstream`.
+    Running,
+    /// Running, but its health check failed three times in a row.
+    Unhealthy,
+    /// It ended by itself; a restart may follow (see `restarting`).
+    Crashed,
+    /// Being started again after a crash, or after it stayed unhealthy.
+    Restarting,
+    /// Stopped on purpose, its build kept (a sleeping sandbox).
+    Sleeping,
+}
+
+impl InstanceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceState::Running => "running",
+            InstanceState::Unhealthy => "unhealthy",
+            InstanceState::Crashed => "crashed",
+            InstanceState::Restarting => "restarting",
+            InstanceState::Sleeping => "sleeping",
+        }
+    }
+
+    /// Whether requests can reach it.
+    pub fn serves(self) -> bool {
+        self == InstanceState::Running
+    }
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A service's result on the agent.
@@ -690,6 +825,46 @@ mod tests {
                     }],
                 },
             }),
+            AgentMessage::Runtime {
+                events: vec![
+                    RuntimeEvent {
+                        sandbox: sbx(),
+                        seq: 1,
+                        ts: ts(),
+                        body: RuntimeBody::Log {
+                            service: ServiceName::parse("orders").unwrap(),
+                            stream: LogStream::Stderr,
+                            line: "panic: nil map".into(),
+                        },
+                    },
+                    RuntimeEvent {
+                        sandbox: sbx(),
+                        seq: 2,
+                        ts: ts(),
+                        body: RuntimeBody::Instance(InstanceReport {
+                            service: ServiceName::parse("orders").unwrap(),
+                            state: InstanceState::Crashed,
+                            reason: Some("exit code 2".into()),
+                            last_lines: vec!["panic: nil map".into()],
+                            upstream: None,
+                            restarts: 0,
+                        }),
+                    },
+                    RuntimeEvent {
+                        sandbox: sbx(),
+                        seq: 3,
+                        ts: ts(),
+                        body: RuntimeBody::Instance(InstanceReport {
+                            service: ServiceName::parse("orders").unwrap(),
+                            state: InstanceState::Running,
+                            reason: None,
+                            last_lines: Vec::new(),
+                            upstream: Some("127.0.0.1:20002".into()),
+                            restarts: 1,
+                        }),
+                    },
+                ],
+            },
             AgentMessage::Error(ProtocolError {
                 code: "malformed_frame".into(),
                 message: "expected value at line 1 column 1".into(),
@@ -742,6 +917,8 @@ mod tests {
                         port: 8080,
                         health: "/healthz".into(),
                         env: BTreeMap::from([("LOG_LEVEL".into(), "debug".into())]),
+                        restart: RestartPolicy::Never,
+                        health_interval_ms: 2000,
                     }],
                 }),
             }),
@@ -765,6 +942,10 @@ mod tests {
                             ServiceName::parse("orders").unwrap(),
                             "127.0.0.1:20001".into(),
                         )]),
+                        down: BTreeMap::from([(
+                            ServiceName::parse("payments").unwrap(),
+                            InstanceState::Crashed,
+                        )]),
                     }],
                 }),
             }),
@@ -781,6 +962,14 @@ mod tests {
             ServerMessage::Resend {
                 deployment: dep(),
                 from_seq: 43,
+            },
+            ServerMessage::RuntimeAck {
+                sandbox: sbx(),
+                seq: 9,
+            },
+            ServerMessage::RuntimeResend {
+                sandbox: sbx(),
+                from_seq: 10,
             },
             ServerMessage::Error(ProtocolError {
                 code: "protocol_version".into(),

@@ -15,10 +15,11 @@ mod sizing;
 pub use credentials::{Credentials, InvalidPassword, Password};
 pub use frames::{
     AgentMessage, Branch, Capability, DeployJob, Event, EventBody, FrameError, Heartbeat, Hello,
-    Job, JobError, JobErrorCode, JobKind, JobOutput, JobSpec, ListBranches, LogStream,
-    MAX_FRAME_BYTES, PROTOCOL_VERSION, ProbeCredentials, ProtocolError, Reply, RequestId, Requests,
-    Role, ServerMessage, ServiceOutcome, ServiceSpec, Step, StepState, Teardown, UnknownStep,
-    Welcome, decode_agent_frame, decode_server_frame, encode, encode_frame,
+    InstanceReport, InstanceState, Job, JobError, JobErrorCode, JobKind, JobOutput, JobSpec,
+    ListBranches, LogStream, MAX_FRAME_BYTES, PROTOCOL_VERSION, ProbeCredentials, ProtocolError,
+    Reply, RequestId, Requests, RestartPolicy, Role, RuntimeBody, RuntimeEvent, ServerMessage,
+    ServiceOutcome, ServiceSpec, Step, StepState, Teardown, UnknownStep, Welcome,
+    decode_agent_frame, decode_server_frame, encode, encode_frame,
 };
 pub use names::{
     AgentName, BranchName, DeploymentId, InvalidName, RepoUrl, SandboxId, SandboxName, ServiceName,

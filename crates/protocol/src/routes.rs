@@ -38,6 +38,11 @@ pub struct SandboxRoutes {
     pub sandbox: SandboxName,
     /// The services this sandbox runs, and where (`host:port`).
     pub upstreams: BTreeMap<ServiceName, String>,
+    /// Services of this sandbox whose instance cannot serve now (crashed, unhealthy,
+    /// restarting): requests for them get 503 `instance_down` with the state, not the
+    /// baseline and not a bare 502.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub down: BTreeMap<ServiceName, crate::InstanceState>,
 }
 
 /// Where a request went.

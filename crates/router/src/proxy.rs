@@ -87,7 +87,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
 }
 
 fn json_error(status: StatusCode, code: &str, message: &str, route: RouteKind) -> Response<Body> {
-    let body = serde_json::json!({ "error": { "code": code, "message": message } }).to_string();
+    error_response(
+        status,
+        serde_json::json!({ "error": { "code": code, "message": message } }),
+        route,
+    )
+}
+
+fn error_response(status: StatusCode, body: serde_json::Value, route: RouteKind) -> Response<Body> {
+    let body = body.to_string();
     let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -221,6 +229,28 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) 
                     service.name
                 ),
                 RouteKind::Baseline,
+            );
+        }
+        Route::Down { service, state } => {
+            pending.record(
+                Some(&service.name),
+                RouteKind::Sandbox,
+                None,
+                StatusCode::SERVICE_UNAVAILABLE,
+            );
+            let message = format!(
+                "service {} of this sandbox is {state}: see its runtime log; it answers again once it runs",
+                service.name
+            );
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "error": {
+                    "code": "instance_down",
+                    "message": message,
+                    "service": service.name.as_str(),
+                    "state": state.as_str(),
+                } }),
+                RouteKind::Sandbox,
             );
         }
         Route::To {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
-use sdp_protocol::{RouteKind, RouteTable, ServiceName};
+use sdp_protocol::{InstanceState, RouteKind, RouteTable, ServiceName};
 
 /// The header that names a sandbox, and that the router passes upstream. Header names are
 /// made once: a lookup by `&str` parses the name on every request.
@@ -164,6 +164,8 @@ pub struct Service {
 struct Sandbox {
     /// By service index.
     upstreams: FastMap<usize, Upstream>,
+    /// Services whose instance cannot serve now, by service index.
+    down: FastMap<usize, InstanceState>,
 }
 
 /// How the request named its sandbox.
@@ -183,6 +185,11 @@ pub enum Route<'t> {
     NoRoute,
     /// The service is not in the sandbox, and has no baseline.
     NoBaseline { service: &'t Service },
+    /// The sandbox runs the service, but its instance cannot serve now.
+    Down {
+        service: &'t Service,
+        state: InstanceState,
+    },
     To {
         service: &'t Service,
         upstream: &'t Upstream,
@@ -278,9 +285,19 @@ impl Table {
                     }),
                 }
             }
+            // A service down is the sandbox's all the same: its requests never fall back to the
+            // baseline, which would answer for code the user did not deploy.
+            let down = sandbox
+                .down
+                .iter()
+                .filter(|(service, state)| {
+                    !state.serves() && !sandbox.upstreams.contains_key(*service)
+                })
+                .filter_map(|(service, state)| Some((*index.get(service)?, *state)))
+                .collect();
             compiled
                 .sandboxes
-                .insert(sandbox.sandbox.to_string(), Sandbox { upstreams });
+                .insert(sandbox.sandbox.to_string(), Sandbox { upstreams, down });
         }
         Ok(compiled)
     }
@@ -363,6 +380,9 @@ impl Table {
             return Route::NoRoute;
         };
         let service = &self.services[i];
+        if let Some(&state) = sandbox.and_then(|s| s.down.get(&i)) {
+            return Route::Down { service, state };
+        }
         match sandbox.and_then(|s| s.upstreams.get(&i)) {
             Some(upstream) => Route::To {
                 service,
@@ -445,6 +465,7 @@ mod tests {
                     ServiceName::parse("orders").unwrap(),
                     "127.0.0.1:20001".into(),
                 )]),
+                down: BTreeMap::new(),
             }],
         })
         .unwrap()
@@ -547,6 +568,61 @@ mod tests {
     }
 
     #[test]
+    fn a_service_whose_instance_is_down_is_refused_and_never_sent_to_the_baseline() {
+        let t = Table::compile(&RouteTable {
+            base_domain: "sandbox.example.com".into(),
+            services: vec![
+                service("orders", &["/orders"]),
+                service("items", &["/items"]),
+                service("web", &["/"]),
+            ],
+            sandboxes: vec![SandboxRoutes {
+                sandbox: SandboxName::parse("pay-42").unwrap(),
+                upstreams: BTreeMap::from([(
+                    ServiceName::parse("orders").unwrap(),
+                    "127.0.0.1:20001".into(),
+                )]),
+                down: BTreeMap::from([
+                    (ServiceName::parse("items").unwrap(), InstanceState::Crashed),
+                    // A state that serves is no reason to refuse.
+                    (ServiceName::parse("web").unwrap(), InstanceState::Running),
+                ]),
+            }],
+            ..RouteTable::default()
+        })
+        .unwrap();
+        match t.route(Some("pay-42"), "/items/1") {
+            Route::Down { service, state } => {
+                assert_eq!(service.name.as_str(), "items");
+                assert_eq!(state, InstanceState::Crashed);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            t.route(Some("pay-42"), "/orders"),
+            Route::To {
+                kind: RouteKind::Sandbox,
+                ..
+            }
+        ));
+        assert!(matches!(
+            t.route(Some("pay-42"), "/"),
+            Route::To {
+                kind: RouteKind::Baseline,
+                ..
+            }
+        ));
+        // Without a sandbox, the baseline as always.
+        assert!(matches!(
+            t.route(None, "/items/1"),
+            Route::To {
+                kind: RouteKind::Baseline,
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn a_bad_sandbox_entry_is_left_out_and_the_rest_is_routed() {
         let t = Table::compile(&RouteTable {
             services: vec![
@@ -566,6 +642,7 @@ mod tests {
                     ),
                     (ServiceName::parse("gone").unwrap(), "127.0.0.1:1".into()),
                 ]),
+                down: BTreeMap::new(),
             }],
             ..RouteTable::default()
         })

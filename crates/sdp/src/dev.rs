@@ -181,6 +181,8 @@ fn service(repos: &Path, demo: &Demo, exe: &Path) -> anyhow::Result<ServiceConfi
         routes: vec![demo.route.to_owned()],
         baseline: String::new(),
         env: Default::default(),
+        restart: Default::default(),
+        health_interval: ConfigDuration::from_secs(10),
     })
 }
 

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use sdp_config::{ByteSize, ConfigDuration, Secret};
-use sdp_protocol::{RepoUrl, ServiceName};
+use sdp_protocol::{RepoUrl, RestartPolicy, ServiceName};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +94,12 @@ pub struct ServiceConfig {
     pub baseline: String,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// What the agent does when an instance dies or stays unhealthy after `ready`.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// How often `health` is checked after `ready`; three failures in a row = `unhealthy`.
+    #[serde(default = "default_health_interval")]
+    pub health_interval: ConfigDuration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -132,6 +138,9 @@ fn default_base_domain() -> String {
 fn default_gateway_url() -> String {
     "http://127.0.0.1:8081".to_owned()
 }
+fn default_health_interval() -> ConfigDuration {
+    ConfigDuration::from_secs(10)
+}
 fn default_health() -> String {
     "/".to_owned()
 }
@@ -167,6 +176,12 @@ impl ServerConfig {
         // Route prefixes as the router compares them: `/orders/` is `/orders`.
         let mut prefixes: std::collections::HashMap<&str, &str> = Default::default();
         for s in &self.services {
+            if s.health_interval.get() < std::time::Duration::from_millis(100) {
+                return Err(format!(
+                    "`health_interval` of `{}` must be at least 100ms, not {}",
+                    s.name, s.health_interval
+                ));
+            }
             for route in &s.routes {
                 let prefix = match route.trim_end_matches('/') {
                     "" => "/",

@@ -570,6 +570,10 @@ async fn handle_frame(
                     });
             acks.chain(resend).collect()
         }
+        AgentMessage::Runtime { events } => {
+            tracing::debug!(agent = %conn.name, events = events.len(), "runtime events are not stored yet");
+            Vec::new()
+        }
         AgentMessage::Error(e) => {
             tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");
             Vec::new()
@@ -618,6 +622,7 @@ mod tests {
             .map(|i| SandboxRoutes {
                 sandbox: SandboxName::parse(format!("sandbox-{i}")).unwrap(),
                 upstreams: BTreeMap::from([(service.clone(), format!("10.0.0.1:{}", 20_000 + i))]),
+                down: BTreeMap::new(),
             })
             .collect();
         let table = RouteTable {

@@ -447,6 +447,8 @@ pub mod wire {
                 | ServerMessage::Heartbeat
                 | ServerMessage::Ack { .. }
                 | ServerMessage::Resend { .. }
+                | ServerMessage::RuntimeAck { .. }
+                | ServerMessage::RuntimeResend { .. }
                 | ServerMessage::Error(_),
             )
             | Err(_) => return Vec::new(),

@@ -131,6 +131,8 @@ fn specs(state: &AppState, services: &[Selection]) -> Result<Vec<ServiceSpec>, A
             port: service.port,
             health: service.health.clone(),
             env: service.env.clone(),
+            restart: service.restart,
+            health_interval_ms: service.health_interval.get().as_millis() as u64,
         })
     }
     Ok(out)

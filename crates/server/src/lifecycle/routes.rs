@@ -139,7 +139,11 @@ impl RouteSource {
             services: self.catalog.clone(),
             sandboxes: sandboxes
                 .into_iter()
-                .map(|(sandbox, upstreams)| SandboxRoutes { sandbox, upstreams })
+                .map(|(sandbox, upstreams)| SandboxRoutes {
+                    sandbox,
+                    upstreams,
+                    down: BTreeMap::new(),
+                })
                 .collect(),
         })
     }
