@@ -526,6 +526,9 @@ impl Worker {
                 Some(gateway) => gateway.requests(&sandbox),
                 None => unsupported("only gateway agents route"),
             },
+            JobKind::Sleep(_) | JobKind::Wake(_) => {
+                unsupported("this agent cannot put sandboxes to sleep yet")
+            }
         }
     }
 

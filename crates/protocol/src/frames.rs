@@ -43,6 +43,16 @@ pub enum AgentMessage {
     Runtime {
         events: Vec<RuntimeEvent>,
     },
+    /// Gateway agents: the sandboxes that had requests routed to them since the last report
+    /// (sent every few seconds while there are any): what keeps a sandbox awake.
+    Activity {
+        sandboxes: Vec<SandboxName>,
+    },
+    /// Gateway agents: a request names `sandbox`, which sleeps: the router holds it until the
+    /// sandbox runs again (a route table without `sleeping`), or gives up.
+    Wake {
+        sandbox: SandboxName,
+    },
     /// The agent could not read a frame of the control plane.
     Error(ProtocolError),
 }
@@ -178,6 +188,8 @@ pub enum JobKind {
     Teardown(Teardown),
     Routes(RouteTable),
     Requests(Requests),
+    Sleep(Sleep),
+    Wake(WakeJob),
 }
 
 impl JobKind {
@@ -189,6 +201,8 @@ impl JobKind {
             JobKind::Teardown(_) => Teardown::NAME,
             JobKind::Routes(_) => RouteTable::NAME,
             JobKind::Requests(_) => Requests::NAME,
+            JobKind::Sleep(_) => Sleep::NAME,
+            JobKind::Wake(_) => WakeJob::NAME,
         }
     }
 }
@@ -276,6 +290,22 @@ pub struct Requests {
 }
 job_spec!(Requests, Requests, "requests", Vec<RouteDecision>, JobOutput::Requests { requests } => requests);
 
+/// Micro agents: stop every instance of a sandbox and keep its builds, so that a wake starts
+/// them again with no fetch and no build. Answered with `slept` once they are stopped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Sleep {
+    pub sandbox_id: SandboxId,
+}
+job_spec!(Sleep, Sleep, "sleep", (), JobOutput::Slept => ());
+
+/// Micro agents: start a sleeping sandbox's instances again from the builds kept, and answer
+/// once each is healthy, with where each runs now.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WakeJob {
+    pub sandbox_id: SandboxId,
+}
+job_spec!(WakeJob, Wake, "wake", Vec<ServiceOutcome>, JobOutput::Woken { services } => services);
+
 /// One service to deploy: its catalog entry and the branch chosen.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
@@ -343,6 +373,10 @@ pub enum JobOutput {
     Accepted,
     TornDown,
     RoutesApplied,
+    Slept,
+    Woken {
+        services: Vec<ServiceOutcome>,
+    },
     Requests {
         requests: Vec<RouteDecision>,
     },
@@ -865,6 +899,28 @@ mod tests {
                     },
                 ],
             },
+            AgentMessage::Activity {
+                sandboxes: vec![SandboxName::parse("pay-42").unwrap()],
+            },
+            AgentMessage::Wake {
+                sandbox: SandboxName::parse("pay-42").unwrap(),
+            },
+            AgentMessage::Reply(Reply {
+                id: RequestId(15),
+                more: false,
+                output: JobOutput::Slept,
+            }),
+            AgentMessage::Reply(Reply {
+                id: RequestId(16),
+                more: false,
+                output: JobOutput::Woken {
+                    services: vec![ServiceOutcome {
+                        service: ServiceName::parse("orders").unwrap(),
+                        commit: Some("0123456789abcdef0123456789abcdef01234567".into()),
+                        upstream: Some("127.0.0.1:20003".into()),
+                    }],
+                },
+            }),
             AgentMessage::Error(ProtocolError {
                 code: "malformed_frame".into(),
                 message: "expected value at line 1 column 1".into(),
@@ -946,7 +1002,9 @@ mod tests {
                             ServiceName::parse("payments").unwrap(),
                             InstanceState::Crashed,
                         )]),
+                        sleeping: false,
                     }],
+                    wake_timeout_ms: 60_000,
                 }),
             }),
             ServerMessage::Job(Job {
@@ -954,6 +1012,14 @@ mod tests {
                 job: JobKind::Requests(Requests {
                     sandbox: SandboxName::parse("pay-42").unwrap(),
                 }),
+            }),
+            ServerMessage::Job(Job {
+                id: RequestId(7),
+                job: JobKind::Sleep(Sleep { sandbox_id: sbx() }),
+            }),
+            ServerMessage::Job(Job {
+                id: RequestId(8),
+                job: JobKind::Wake(WakeJob { sandbox_id: sbx() }),
             }),
             ServerMessage::Ack {
                 deployment: dep(),

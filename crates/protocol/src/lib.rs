@@ -18,7 +18,7 @@ pub use frames::{
     InstanceReport, InstanceState, Job, JobError, JobErrorCode, JobKind, JobOutput, JobSpec,
     ListBranches, LogStream, MAX_FRAME_BYTES, PROTOCOL_VERSION, ProbeCredentials, ProtocolError,
     Reply, RequestId, Requests, RestartPolicy, Role, RuntimeBody, RuntimeEvent, ServerMessage,
-    ServiceOutcome, ServiceSpec, Step, StepState, Teardown, UnknownStep, Welcome,
+    ServiceOutcome, ServiceSpec, Sleep, Step, StepState, Teardown, UnknownStep, WakeJob, Welcome,
     decode_agent_frame, decode_server_frame, encode, encode_frame,
 };
 pub use names::{

@@ -54,6 +54,11 @@ impl Reply {
                     JobOutput::Requests { requests }
                 })
             }
+            JobOutput::Woken { services } => {
+                in_parts(id, "list of services", services, |services| {
+                    JobOutput::Woken { services }
+                })
+            }
             JobOutput::Failed(JobError { code, message }) => {
                 let (kept, _) = split_escaped(&message, MAX_MESSAGE_BYTES);
                 let message = kept.to_owned();
@@ -67,7 +72,8 @@ impl Reply {
             output @ (JobOutput::CredentialsAccepted
             | JobOutput::Accepted
             | JobOutput::TornDown
-            | JobOutput::RoutesApplied) => vec![reply_frame(id, output, false)],
+            | JobOutput::RoutesApplied
+            | JobOutput::Slept) => vec![reply_frame(id, output, false)],
         }
     }
 }
@@ -180,6 +186,10 @@ impl ReplyAssembly {
                 requests.extend(next);
                 JobOutput::Requests { requests }
             }
+            (Some(JobOutput::Woken { mut services }), JobOutput::Woken { services: next }) => {
+                services.extend(next);
+                JobOutput::Woken { services }
+            }
             (Some(_), _) => return Err(ReplyError::Mismatch),
         };
         if !reply.more {
@@ -187,7 +197,7 @@ impl ReplyAssembly {
         }
         if !matches!(
             joined,
-            JobOutput::Branches { .. } | JobOutput::Requests { .. }
+            JobOutput::Branches { .. } | JobOutput::Requests { .. } | JobOutput::Woken { .. }
         ) {
             return Err(ReplyError::Mismatch);
         }

@@ -22,6 +22,14 @@ pub struct RouteTable {
     /// Every live sandbox, also those with nothing running yet: a sandbox missing here is
     /// unknown, and requests naming it get a 404.
     pub sandboxes: Vec<SandboxRoutes>,
+    /// How long the router holds a request for a sleeping sandbox before it answers 503 with
+    /// `Retry-After` (server config `wake_timeout`).
+    #[serde(default = "default_wake_timeout_ms")]
+    pub wake_timeout_ms: u64,
+}
+
+fn default_wake_timeout_ms() -> u64 {
+    60_000
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +51,10 @@ pub struct SandboxRoutes {
     /// baseline and not a bare 502.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub down: BTreeMap<ServiceName, crate::InstanceState>,
+    /// The sandbox sleeps: a request for it is held while the router asks the control plane
+    /// to wake it (`wake`), until a table says it is awake, up to `wake_timeout_ms`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub sleeping: bool,
 }
 
 /// Where a request went.

@@ -453,6 +453,7 @@ mod tests {
     fn table() -> Table {
         Table::compile(&RouteTable {
             generation: 1,
+            wake_timeout_ms: 60_000,
             base_domain: "sandbox.example.com".into(),
             services: vec![
                 service("orders", &["/orders"]),
@@ -466,6 +467,7 @@ mod tests {
                     "127.0.0.1:20001".into(),
                 )]),
                 down: BTreeMap::new(),
+                sleeping: false,
             }],
         })
         .unwrap()
@@ -587,6 +589,7 @@ mod tests {
                     // A state that serves is no reason to refuse.
                     (ServiceName::parse("web").unwrap(), InstanceState::Running),
                 ]),
+                sleeping: false,
             }],
             ..RouteTable::default()
         })
@@ -643,6 +646,7 @@ mod tests {
                     (ServiceName::parse("gone").unwrap(), "127.0.0.1:1".into()),
                 ]),
                 down: BTreeMap::new(),
+                sleeping: false,
             }],
             ..RouteTable::default()
         })

@@ -126,6 +126,8 @@ fn output_name(output: &JobOutput) -> &'static str {
         JobOutput::TornDown => "torn_down",
         JobOutput::RoutesApplied => "routes_applied",
         JobOutput::Requests { .. } => "requests",
+        JobOutput::Slept => "slept",
+        JobOutput::Woken { .. } => "woken",
         JobOutput::Failed(_) => "failed",
     }
 }

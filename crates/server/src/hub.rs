@@ -574,6 +574,7 @@ async fn handle_frame(
             tracing::debug!(agent = %conn.name, events = events.len(), "runtime events are not stored yet");
             Vec::new()
         }
+        AgentMessage::Activity { .. } | AgentMessage::Wake { .. } => Vec::new(),
         AgentMessage::Error(e) => {
             tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");
             Vec::new()
@@ -623,6 +624,7 @@ mod tests {
                 sandbox: SandboxName::parse(format!("sandbox-{i}")).unwrap(),
                 upstreams: BTreeMap::from([(service.clone(), format!("10.0.0.1:{}", 20_000 + i))]),
                 down: BTreeMap::new(),
+                sleeping: false,
             })
             .collect();
         let table = RouteTable {

@@ -488,6 +488,10 @@ pub mod wire {
             JobKind::Requests { .. } => JobOutput::Requests {
                 requests: Vec::new(),
             },
+            JobKind::Sleep(_) => JobOutput::Slept,
+            JobKind::Wake(_) => JobOutput::Woken {
+                services: Vec::new(),
+            },
         };
         Reply::new(job.id, output).into_frames()
     }

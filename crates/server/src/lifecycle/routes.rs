@@ -137,12 +137,14 @@ impl RouteSource {
             generation: generation.0,
             base_domain: self.base_domain.clone(),
             services: self.catalog.clone(),
+            wake_timeout_ms: 60_000,
             sandboxes: sandboxes
                 .into_iter()
                 .map(|(sandbox, upstreams)| SandboxRoutes {
                     sandbox,
                     upstreams,
                     down: BTreeMap::new(),
+                    sleeping: false,
                 })
                 .collect(),
         })
