@@ -35,7 +35,8 @@ pub(crate) fn server_toml(
     tables: &str,
 ) -> String {
     let tls_port = up.tls_baseline.rsplit(':').next().unwrap_or("9");
-    let service = |name: &str, build: &str, run: &str| {
+    // `extra`: more keys of the entry (its restart policy, its health interval).
+    let watched = |name: &str, repo: &str, build: &str, run: &str, extra: &str| {
         // The two Go services fall back to the local baseline; the others to a port where
         // nothing listens.
         let baseline = match name {
@@ -45,12 +46,13 @@ pub(crate) fn server_toml(
             _ => "http://127.0.0.1:9".to_owned(),
         };
         format!(
-            "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"{build}\"\nrun = \"{run}\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"{baseline}\"\nenv = {{ GREETING = \"hi\" }}\n\n",
-            up.repo(name)
+            "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"{build}\"\nrun = \"{run}\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"{baseline}\"\nenv = {{ GREETING = \"hi\" }}\n{extra}\n",
+            up.repo(repo)
         )
     };
+    let service = |name: &str, build: &str, run: &str| watched(name, name, build, run, "");
     format!(
-        "{keys}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}{}\n{tables}",
+        "{keys}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}{}{}{}\n{tables}",
         data_dir.display(),
         o.session_ttl,
         o.sandbox_ttl,
@@ -87,6 +89,29 @@ pub(crate) fn server_toml(
         service("hostile", "sh hostile.sh", "true"),
         // A service that prints a line every 20 ms while it serves, and dies of SIGPIPE
         // when its output is a pipe nobody reads, as most programs do.
-        service("talker", "true", "python3 talk.py"),
+        // Checked often, so that the supervision tests see a crash or a hang soon.
+        watched(
+            "talker",
+            "talker",
+            "true",
+            "python3 talk.py",
+            "health_interval = \"300ms\"\n",
+        ),
+        // The same service, left down when it dies.
+        watched(
+            "fragile",
+            "talker",
+            "true",
+            "python3 talk.py",
+            "health_interval = \"300ms\"\nrestart = \"never\"\n",
+        ),
+        // The same service printing as fast as it can: the runtime log's bound.
+        watched(
+            "flood",
+            "talker",
+            "true",
+            "TICK_SECONDS=0 python3 talk.py",
+            "",
+        ),
     )
 }

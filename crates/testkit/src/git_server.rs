@@ -395,7 +395,7 @@ sys.stdout.flush()
 "#;
 
 /// Serves `talker on <SDP_SANDBOX>` on every path of `PORT`, and prints `tick N` every 20 ms
-/// to stdout, flushed. SIGPIPE is left at its default, so a write to a pipe nobody reads
+/// (`TICK_SECONDS`, if set) to stdout, flushed. SIGPIPE is left at its default, so a write to a pipe nobody reads
 /// ends it, as it does most programs.
 pub const TALKER: &str = r#"import os, signal, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -414,11 +414,13 @@ class Answer(BaseHTTPRequestHandler):
 
 def tick():
     i = 0
+    pause = float(os.environ.get("TICK_SECONDS", "0.02"))
     while True:
         sys.stdout.write(f"tick {i}\n")
         sys.stdout.flush()
         i += 1
-        time.sleep(0.02)
+        if pause:
+            time.sleep(pause)
 
 threading.Thread(target=tick, daemon=True).start()
 ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), Answer).serve_forever()

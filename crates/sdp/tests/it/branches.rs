@@ -53,6 +53,8 @@ async fn the_service_list_is_the_catalog() {
             "untrusted",
             "hostile",
             "talker",
+            "fragile",
+            "flood",
         ]
     );
     assert_eq!(services[0]["repo"], env.repo_url("orders"));
