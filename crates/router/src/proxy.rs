@@ -484,7 +484,11 @@ pub(crate) async fn hold(
     // Subscribed before the table is read: an install in between is seen, not missed.
     let mut installed = inner.shared.installed.subscribe();
     let mut table = inner.table();
-    let deadline = since.started() + table.wake_timeout;
+    // A timeout past what an `Instant` holds (the control plane's to choose) is a year.
+    let deadline = since
+        .started()
+        .checked_add(table.wake_timeout)
+        .unwrap_or_else(|| since.started() + Duration::from_secs(365 * 24 * 3600));
     let mut ask_at = since.started();
     loop {
         let host_name = host.as_ref().and_then(|h| h.to_str().ok());
