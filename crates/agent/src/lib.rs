@@ -356,6 +356,14 @@ impl Agent {
         let (outbox, replies) = mpsc::channel::<AgentMessage>(OUTBOX);
         let connection_done = CancellationToken::new();
         let _stop_jobs = connection_done.clone().drop_guard();
+        if let Some(gateway) = &self.worker.gateway {
+            // The router's wakes and activity, on this connection only.
+            tokio::spawn(
+                gateway
+                    .clone()
+                    .report(outbox.clone(), connection_done.clone()),
+            );
+        }
         let events = self.worker.events.clone();
         // Whatever the control plane has not acknowledged goes out again on this connection.
         events.rewind();

@@ -8,13 +8,23 @@
 //! a keep-alive pool, and streams the answer back with `X-SDP-Route`. Decisions for sandboxes
 //! are kept by the [`inspector::Inspector`].
 //!
+//! A request naming a sandbox that sleeps is held instead (`proxy::hold`): the router asks its
+//! owner to wake the sandbox ([`Reports::wake`], once per [`WAKE_REPEAT`] however many
+//! requests wait), waits for installs until a table shows the sandbox awake, and routes the
+//! request by that table; past the table's `wake_timeout`, 503 `sandbox_waking` with
+//! `Retry-After`. The sandboxes whose requests reached their instances, or were held, are
+//! noted (one flag per sandbox, read before written) until [`Router::take_activity`].
+//!
 //! The table is swapped whole ([`Router::install`]); each request holds the table it started
-//! with until it ends, so a change never drops or reroutes a request in flight. The router
-//! knows nothing of the database or the control plane: the gateway agent feeds it.
+//! with until it ends, so a change never drops or reroutes a request in flight (a held
+//! request, which no table could route, takes the one that wakes its sandbox). The router
+//! knows nothing of the database or the control plane: the gateway agent feeds it, and hears
+//! its wakes and activity.
 
 mod inspector;
 mod pool;
 mod proxy;
+mod sleep;
 pub mod table;
 
 use std::convert::Infallible;
@@ -32,8 +42,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use inspector::KEPT_PER_SANDBOX;
-use table::Table;
+pub use sleep::{RETRY_AFTER, Reports, WAKE_REPEAT};
 pub use table::TableError;
+use table::{Activity, Table};
 
 /// The router's bounded waits.
 #[derive(Debug, Clone)]
@@ -81,6 +92,13 @@ struct Shared {
     inspector: inspector::Inspector,
     config: RouterConfig,
     tls: Arc<pool::Tls>,
+    /// Counts installs: requests held for a sleeping sandbox wait for it to change, rather
+    /// than each polling the table.
+    installed: tokio::sync::watch::Sender<u64>,
+    /// Which sandboxes had requests routed, until [`Router::take_activity`].
+    activity: Activity,
+    /// Wakes asked, so that many held requests ask once.
+    wakes: sleep::Wakes,
 }
 
 /// One serving thread's view: its table, and its own upstream pool. A connection and the
@@ -104,7 +122,13 @@ const HANDOFF: usize = 256;
 
 impl Router {
     /// A router with an empty table: every request gets a 404 until [`Router::install`].
-    pub fn new(mut config: RouterConfig) -> Self {
+    /// Nobody hears of its wakes: see [`Router::with_reports`].
+    pub fn new(config: RouterConfig) -> Self {
+        Self::with_reports(config, Arc::new(sleep::NoReports))
+    }
+
+    /// A router that asks `reports` to wake the sleeping sandboxes its requests name.
+    pub fn with_reports(mut config: RouterConfig, reports: Arc<dyn Reports>) -> Self {
         if config.threads == 0 {
             config.threads = std::thread::available_parallelism().map_or(1, usize::from);
         }
@@ -116,6 +140,9 @@ impl Router {
                 inspector: inspector::Inspector::new(config.threads),
                 config,
                 tls: Arc::default(),
+                installed: tokio::sync::watch::Sender::new(0),
+                activity: Activity::default(),
+                wakes: sleep::Wakes::new(reports),
             }),
         }
     }
@@ -126,7 +153,7 @@ impl Router {
         // Compiled once per thread rather than cloned: a clone would share the upstreams'
         // `Host` values, and threads would again contend for their reference counts.
         let compiled = (0..self.shared.tables.len())
-            .map(|_| Table::compile(table).map(Arc::new))
+            .map(|_| Table::compile_with(table, &self.shared.activity).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         for skipped in &compiled[0].skipped {
             tracing::warn!(reason = %skipped, "route left out of the table");
@@ -139,7 +166,21 @@ impl Router {
         self.shared
             .inspector
             .retain(|name| compiled[0].has_sandbox(name));
+        self.shared
+            .activity
+            .retain(|name| compiled[0].has_sandbox(name));
+        self.shared
+            .wakes
+            .retain(|name| compiled[0].sandbox(name).is_some_and(|s| s.sleeping()));
+        // Last: a held request that sees the change finds every thread's table new.
+        self.shared.installed.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// The sandboxes that had requests routed to their instances, or held while they slept,
+    /// since the last call (sorted); what keeps a sandbox awake.
+    pub fn take_activity(&self) -> Vec<String> {
+        self.shared.activity.take()
     }
 
     /// The last decisions for `sandbox`, newest first.

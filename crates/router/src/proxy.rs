@@ -1,7 +1,7 @@
 //! One request through the router: choose, rewrite, forward, stream back.
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
@@ -12,9 +12,9 @@ use hyper_util::rt::TokioIo;
 use sdp_protocol::{RouteDecision, RouteKind, ServiceName};
 use time::OffsetDateTime;
 
-use crate::Inner;
 use crate::pool::{PooledBody, RequestBody};
-use crate::table::{Route, SANDBOX_HEADER};
+use crate::table::{Route, SANDBOX_HEADER, Sandbox, Table};
+use crate::{Inner, sleep};
 
 pub type Body = Either<PooledBody, Full<Bytes>>;
 
@@ -86,7 +86,12 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     upgrade
 }
 
-fn json_error(status: StatusCode, code: &str, message: &str, route: RouteKind) -> Response<Body> {
+pub(crate) fn json_error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    route: RouteKind,
+) -> Response<Body> {
     error_response(
         status,
         serde_json::json!({ "error": { "code": code, "message": message } }),
@@ -109,21 +114,57 @@ fn error_response(status: StatusCode, body: serde_json::Value, route: RouteKind)
 
 /// What the inspector is told once the response's head is known. Only requests naming a
 /// sandbox the table holds are recorded; the others pay nothing for it.
-struct Pending<'a> {
+pub(crate) struct Pending<'a> {
     inner: &'a Inner,
     recording: Option<Recording<'a>>,
 }
 
 struct Recording<'a> {
     sandbox: &'a str,
-    started: Instant,
-    time: OffsetDateTime,
+    since: Since,
     method: String,
     path: String,
 }
 
-impl Pending<'_> {
-    fn record(
+/// When a request came: what its recorded duration counts from.
+#[derive(Clone, Copy)]
+pub(crate) struct Since {
+    started: Instant,
+    time: OffsetDateTime,
+}
+
+impl Since {
+    pub(crate) fn now() -> Self {
+        Self {
+            started: Instant::now(),
+            time: OffsetDateTime::now_utc(),
+        }
+    }
+
+    pub(crate) fn started(&self) -> Instant {
+        self.started
+    }
+}
+
+impl<'a> Pending<'a> {
+    pub(crate) fn new(
+        inner: &'a Inner,
+        req: &Request<Incoming>,
+        named: Option<Named<'a>>,
+        since: Option<Since>,
+    ) -> Self {
+        Self {
+            inner,
+            recording: named.filter(|n| n.entry.is_some()).map(|named| Recording {
+                sandbox: named.name,
+                since: since.unwrap_or_else(Since::now),
+                method: req.method().to_string(),
+                path: req.uri().path().to_owned(),
+            }),
+        }
+    }
+
+    pub(crate) fn record(
         self,
         service: Option<&ServiceName>,
         route: RouteKind,
@@ -137,17 +178,48 @@ impl Pending<'_> {
             self.inner.thread,
             r.sandbox,
             RouteDecision {
-                time: r.time,
+                time: r.since.time,
                 method: r.method,
                 path: r.path,
                 service: service.cloned(),
                 route,
                 upstream: upstream.map(str::to_owned),
                 status: status.as_u16(),
-                duration_ms: r.started.elapsed().as_secs_f64() * 1000.0,
+                duration_ms: r.since.started.elapsed().as_secs_f64() * 1000.0,
             },
         );
     }
+}
+
+/// The sandbox a request names, as one table has it.
+#[derive(Clone, Copy)]
+pub(crate) struct Named<'t> {
+    pub name: &'t str,
+    /// None: the table does not hold it.
+    pub entry: Option<&'t Sandbox>,
+}
+
+impl<'t> Named<'t> {
+    /// What `table` makes of `name`.
+    pub(crate) fn find(table: &'t Table, name: &'t str) -> Self {
+        Self {
+            name,
+            entry: table.sandbox(name),
+        }
+    }
+
+    pub(crate) fn sleeping(&self) -> bool {
+        self.entry.is_some_and(Sandbox::sleeping)
+    }
+}
+
+/// The `Host` a request came for: the field, else the authority of an absolute-form target.
+pub(crate) fn host_of(req: &Request<Incoming>) -> Option<HeaderValue> {
+    req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
 }
 
 /// What a connection's requests share: made once per connection, not per request.
@@ -169,31 +241,41 @@ impl Client {
     }
 }
 
-pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) -> Response<Body> {
+pub async fn handle(inner: &Inner, req: Request<Incoming>, client: &Client) -> Response<Body> {
     // Held until this request has its answer: a table installed meanwhile is for the next.
     let table = inner.table();
-    let host = req.headers().get(header::HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    let host = host_of(&req);
     let named = table.sandbox_of(host.as_ref().and_then(|h| h.to_str().ok()), req.headers());
-    let sandbox = named.as_ref().map(|(name, _)| name.as_str());
-    let path = req.uri().path();
-    let pending = Pending {
-        inner,
-        recording: sandbox
-            .filter(|s| table.has_sandbox(s))
-            .map(|sandbox| Recording {
-                sandbox,
-                started: Instant::now(),
-                time: OffsetDateTime::now_utc(),
-                method: req.method().to_string(),
-                path: path.to_owned(),
-            }),
-    };
+    let named = named.as_ref().map(|(name, _)| Named::find(&table, name));
+    if named.is_some_and(|n| n.sleeping()) {
+        let name = named.map(|n| n.name.to_owned()).unwrap_or_default();
+        drop(table);
+        return hold(inner, req, client, host, name).await;
+    }
+    forward(inner, &table, req, client, host, named, None).await
+}
 
-    let (service, upstream, kind) = match table.route(sandbox, path) {
+/// Routes a request by `table`, in the sandbox it names (`named`, found in that table), and
+/// forwards it. `held`: since when the request waited for its sandbox to wake.
+pub(crate) async fn forward(
+    inner: &Inner,
+    table: &Table,
+    mut req: Request<Incoming>,
+    client: &Client,
+    host: Option<HeaderValue>,
+    named: Option<Named<'_>>,
+    held: Option<Since>,
+) -> Response<Body> {
+    let sandbox = named.map(|n| n.name);
+    let entry = named.and_then(|n| n.entry);
+    let pending = Pending::new(inner, &req, named, held);
+    let path = req.uri().path();
+
+    let route = match (sandbox, entry) {
+        (Some(_), None) => Route::UnknownSandbox,
+        _ => table.route_in(entry, path),
+    };
+    let (service, upstream, kind) = match route {
         Route::UnknownSandbox => {
             let name = sandbox.unwrap_or_default();
             return json_error(
@@ -257,7 +339,14 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) 
             service,
             upstream,
             kind,
-        } => (service, upstream, kind),
+        } => {
+            if kind == RouteKind::Sandbox
+                && let Some(entry) = entry
+            {
+                entry.mark_active();
+            }
+            (service, upstream, kind)
+        }
     };
 
     let target = match upstream.target(req.uri().path_and_query()) {
@@ -374,6 +463,86 @@ pub async fn handle(inner: &Inner, mut req: Request<Incoming>, client: &Client) 
         .insert(ROUTE_HEADER, HeaderValue::from_static(kind.as_str()));
     pending.record(Some(&service.name), kind, Some(upstream.label()), status);
     response.map(Either::Left)
+}
+
+/// Holds a request for `sandbox`, which sleeps in the table it came with, until a table shows
+/// the sandbox awake (then routes it by that table) or gone (404), for at most the
+/// `wake_timeout` of the table it came with.
+///
+/// Held requests wait on the count of installs (a `watch`), never polling the table: a
+/// thousand of them cost a thousand parked futures, which wake when a table comes or when it
+/// is time to ask again. A client that goes away drops its request's future, and with it the
+/// wait.
+pub(crate) async fn hold(
+    inner: &Inner,
+    req: Request<Incoming>,
+    client: &Client,
+    host: Option<HeaderValue>,
+    sandbox: String,
+) -> Response<Body> {
+    let since = Since::now();
+    // Subscribed before the table is read: an install in between is seen, not missed.
+    let mut installed = inner.shared.installed.subscribe();
+    let mut table = inner.table();
+    // A timeout past what an `Instant` holds (the control plane's to choose) is a year.
+    let deadline = since
+        .started()
+        .checked_add(table.wake_timeout)
+        .unwrap_or_else(|| since.started() + Duration::from_secs(365 * 24 * 3600));
+    let mut ask_at = since.started();
+    loop {
+        let host_name = host.as_ref().and_then(|h| h.to_str().ok());
+        let named = table.sandbox_of(host_name, req.headers());
+        let named = named.as_ref().map(|(name, _)| Named::find(&table, name));
+        if !named.is_some_and(|n| n.sleeping()) {
+            return forward(inner, &table, req, client, host, named, Some(since)).await;
+        }
+        if let Some(entry) = named.and_then(|n| n.entry) {
+            entry.mark_active();
+        }
+        let now = Instant::now();
+        if now >= ask_at {
+            inner.shared.wakes.ask(&sandbox);
+            ask_at = now + sleep::WAKE_REPEAT;
+        }
+        if now >= deadline {
+            let pending = Pending::new(inner, &req, named, Some(since));
+            let service = table.service_for(req.uri().path()).map(|s| &s.name);
+            pending.record(
+                service,
+                RouteKind::Sandbox,
+                None,
+                StatusCode::SERVICE_UNAVAILABLE,
+            );
+            return waking(&sandbox, table.wake_timeout);
+        }
+        // Not held across the wait: the next table is read fresh.
+        drop(table);
+        tokio::select! {
+            // The sender lives as long as the router, which outlives its requests.
+            _ = installed.changed() => {}
+            _ = tokio::time::sleep_until(ask_at.min(deadline).into()) => {}
+        }
+        table = inner.table();
+    }
+}
+
+/// 503 `sandbox_waking`, with `Retry-After`.
+fn waking(sandbox: &str, waited: Duration) -> Response<Body> {
+    let mut response = json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "sandbox_waking",
+        &format!(
+            "sandbox {sandbox} was asleep and is still waking after {}s; try again shortly",
+            waited.as_secs_f32()
+        ),
+        RouteKind::Sandbox,
+    );
+    response.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(sleep::RETRY_AFTER.as_secs()),
+    );
+    response
 }
 
 /// Rewrites the request's fields for the upstream: hop-by-hop fields out, the forwarding

@@ -2,6 +2,9 @@
 //! belongs to, and where it goes. Pure functions, no IO.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hyper::header::{HeaderMap, HeaderName, HeaderValue};
 use hyper::http::uri::{Authority, PathAndQuery, Scheme, Uri};
@@ -160,12 +163,67 @@ pub struct Service {
     pub baseline: Option<Upstream>,
 }
 
+/// One sandbox of the table.
 #[derive(Debug, Default)]
-struct Sandbox {
+pub struct Sandbox {
     /// By service index.
     upstreams: FastMap<usize, Upstream>,
     /// Services whose instance cannot serve now, by service index.
     down: FastMap<usize, InstanceState>,
+    /// Its requests are held until a table says it is awake.
+    sleeping: bool,
+    /// Set when a request for it is routed; shared by every thread's table and by the tables
+    /// that follow while the sandbox stays in them, and cleared by [`Activity::take`].
+    active: Arc<AtomicBool>,
+}
+
+impl Sandbox {
+    pub fn sleeping(&self) -> bool {
+        self.sleeping
+    }
+
+    /// Notes that a request for this sandbox was routed. Read before written: once set, the
+    /// threads only read the flag, and its cache line is not passed between them.
+    pub fn mark_active(&self) {
+        if !self.active.load(Ordering::Relaxed) {
+            self.active.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Which sandboxes had requests routed since last asked: one flag per sandbox, by name, made
+/// when a table first holds the sandbox. Requests touch only their sandbox's flag, through
+/// the table; the lock is for installs and takers.
+#[derive(Debug, Default)]
+pub struct Activity {
+    flags: Mutex<FastMap<String, Arc<AtomicBool>>>,
+}
+
+impl Activity {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<String, Arc<AtomicBool>>> {
+        self.flags.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn flag(&self, sandbox: &str) -> Arc<AtomicBool> {
+        self.lock().entry(sandbox.to_owned()).or_default().clone()
+    }
+
+    /// The sandboxes with requests routed since the last call, sorted; their flags are cleared.
+    pub fn take(&self) -> Vec<String> {
+        let mut taken: Vec<String> = self
+            .lock()
+            .iter()
+            .filter(|(_, flag)| flag.load(Ordering::Relaxed) && flag.swap(false, Ordering::Relaxed))
+            .map(|(name, _)| name.clone())
+            .collect();
+        taken.sort();
+        taken
+    }
+
+    /// Forgets the sandboxes no longer routed.
+    pub fn retain(&self, live: impl Fn(&str) -> bool) {
+        self.lock().retain(|name, _| live(name));
+    }
 }
 
 /// How the request named its sandbox.
@@ -200,6 +258,8 @@ pub enum Route<'t> {
 #[derive(Debug, Default)]
 pub struct Table {
     base_domain: String,
+    /// How long a request for a sleeping sandbox is held.
+    pub wake_timeout: Duration,
     /// Normalized prefix (no trailing `/`, except the root `/`) to service index.
     prefixes: FastMap<String, usize>,
     services: Vec<Service>,
@@ -217,9 +277,16 @@ fn normalize_prefix(route: &str) -> &str {
 }
 
 impl Table {
+    /// A table with activity flags of its own (tests).
     pub fn compile(table: &RouteTable) -> Result<Self, TableError> {
+        Self::compile_with(table, &Activity::default())
+    }
+
+    /// A table whose sandboxes note their requests in `activity`.
+    pub fn compile_with(table: &RouteTable, activity: &Activity) -> Result<Self, TableError> {
         let mut compiled = Table {
             base_domain: table.base_domain.trim_matches('.').to_ascii_lowercase(),
+            wake_timeout: Duration::from_millis(table.wake_timeout_ms),
             ..Table::default()
         };
         let mut index = HashMap::new();
@@ -295,15 +362,25 @@ impl Table {
                 })
                 .filter_map(|(service, state)| Some((*index.get(service)?, *state)))
                 .collect();
-            compiled
-                .sandboxes
-                .insert(sandbox.sandbox.to_string(), Sandbox { upstreams, down });
+            compiled.sandboxes.insert(
+                sandbox.sandbox.to_string(),
+                Sandbox {
+                    upstreams,
+                    down,
+                    sleeping: sandbox.sleeping,
+                    active: activity.flag(sandbox.sandbox.as_str()),
+                },
+            );
         }
         Ok(compiled)
     }
 
     pub fn has_sandbox(&self, name: &str) -> bool {
         self.sandboxes.contains_key(name)
+    }
+
+    pub fn sandbox(&self, name: &str) -> Option<&Sandbox> {
+        self.sandboxes.get(name)
     }
 
     /// The service whose longest route prefix matches `path` on a segment boundary:
@@ -369,13 +446,17 @@ impl Table {
 
     /// Where a request for `path`, naming `sandbox` or none, goes.
     pub fn route(&self, sandbox: Option<&str>, path: &str) -> Route<'_> {
-        let sandbox = match sandbox {
+        match sandbox {
             Some(name) => match self.sandboxes.get(name) {
-                Some(s) => Some(s),
-                None => return Route::UnknownSandbox,
+                Some(s) => self.route_in(Some(s), path),
+                None => Route::UnknownSandbox,
             },
-            None => None,
-        };
+            None => self.route_in(None, path),
+        }
+    }
+
+    /// Where a request for `path` goes, in `sandbox` (found by [`Table::sandbox`]) or none.
+    pub fn route_in<'t>(&'t self, sandbox: Option<&'t Sandbox>, path: &str) -> Route<'t> {
         let Some(i) = self.service_index(path) else {
             return Route::NoRoute;
         };

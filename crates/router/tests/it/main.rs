@@ -1,0 +1,4 @@
+//! The router's integration tests, on real sockets on loopback: one binary, so they link once.
+
+mod harness;
+mod sleeping;
