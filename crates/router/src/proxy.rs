@@ -340,9 +340,9 @@ pub(crate) async fn forward(
             upstream,
             kind,
         } => {
-            if kind == RouteKind::Sandbox
-                && let Some(entry) = entry
-            {
+            // Someone uses the sandbox, whether this path is one of its own services or the
+            // baseline's: its host name is what they test through.
+            if let Some(entry) = entry {
                 entry.mark_active();
             }
             (service, upstream, kind)

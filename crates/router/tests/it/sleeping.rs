@@ -158,7 +158,7 @@ async fn other_sandboxes_and_the_baseline_are_answered_while_one_sandbox_sleeps(
 }
 
 #[tokio::test]
-async fn the_activity_names_sandboxes_routed_to_their_instances_or_held_and_is_emptied_when_taken()
+async fn the_activity_names_sandboxes_whose_requests_were_routed_or_held_and_is_emptied_when_taken()
 {
     let upstream = Upstream::start().await;
     let router = TestRouter::start(&table(
