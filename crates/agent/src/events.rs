@@ -1,4 +1,6 @@
-//! The agent's outbox of deployment events.
+//! The agent's outboxes of numbered events: a generic bounded [`Queue`] over a [`Stream`],
+//! used for deployments' events ([`Outbox`]) and sandboxes' runtime logs
+//! ([`crate::runtime_log`]). Below, "deployment" stands for either's key.
 //!
 //! Each event gets the next `seq` of its deployment and stays here until the control plane
 //! acknowledges it; after a reconnect every unacknowledged event is sent again, in order,

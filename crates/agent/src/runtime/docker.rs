@@ -4,7 +4,10 @@
 //! the labels `sdp.sandbox` (the sandbox's id), `sdp.sandbox_name` (for people),
 //! `sdp.service`, `sdp.deployment` and `sdp.agent`, on one network per sandbox. Everything is
 //! found again by label, so a restarted agent loses nothing; nothing is ever found by a
-//! sandbox's name, which a new sandbox may carry the moment the old one has ended.
+//! sandbox's name, which a new sandbox may carry the moment the old one has ended. A
+//! container's engine restart policy follows the service's (`unless-stopped` for
+//! `on-failure`, `no` for `never`), so that an engine restart brings it back; crashes after
+//! that are the agent's supervisor's (`crate::supervise`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
