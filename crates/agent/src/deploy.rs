@@ -2,7 +2,9 @@
 //! start it in the runtime, wait for its health path; then report the outcome.
 //!
 //! Every step is an event of the deployment (see [`crate::events`]); the last event is the
-//! outcome, with each service's commit and upstream address.
+//! outcome, with each service's commit and upstream address. A healthy instance is handed to
+//! the [`Supervisor`] with what starts it again; the one it replaces is unwatched before it
+//! is stopped, so that its end is no crash.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -18,9 +20,10 @@ use tokio_util::sync::CancellationToken;
 use crate::events::Outbox;
 use crate::git::{BASE_PASS_THROUGH, Git};
 use crate::group::GroupGuard;
+use crate::health;
 use crate::isolation::{Layout, UserCode};
 use crate::lines::{LineSink, pump};
-use crate::runtime::{Runtime, StartRequest};
+use crate::supervise::{InstanceSpec, Supervisor};
 
 /// A build's own variables on top of [`BASE_PASS_THROUGH`]: the locale and Go's.
 const BUILD_PASS_THROUGH: &[&str] = &[
@@ -53,11 +56,10 @@ async fn settle(mut lines: tokio::sync::watch::Receiver<u64>) {
 
 pub struct Deployer {
     pub git: Git,
-    pub runtime: Arc<dyn Runtime>,
+    pub supervisor: Arc<Supervisor>,
     pub outbox: Arc<Outbox>,
     pub layout: Layout,
     pub users: UserCode,
-    pub advertise_host: String,
     pub build_timeout: Duration,
     pub health_timeout: Duration,
     pub http: reqwest::Client,
@@ -188,27 +190,35 @@ impl Deployer {
         out.step(d, service, Step::Starting, StepState::Running)
             .await;
         *replacing = true;
-        let _ = self.runtime.stop_service(&job.sandbox_id, service).await;
+        let sandbox = &job.sandbox_id;
+        // Unwatched first: the end of the instance it replaces is no crash, and nothing may
+        // start that one again.
+        self.supervisor.unwatch(sandbox, service).await;
+        self.supervisor.forget(sandbox, service);
+        let runtime = &self.supervisor.runtime;
+        let _ = runtime.stop_service(sandbox, service).await;
         let mut env = spec.env.clone();
         env.insert("SDP_SANDBOX".into(), job.sandbox.to_string());
         env.insert("SDP_SERVICE".into(), service.to_string());
         env.insert("SDP_GATEWAY_URL".into(), job.gateway_url.clone());
-        let instance = match self
-            .runtime
-            .start(StartRequest {
-                sandbox_id: job.sandbox_id.clone(),
-                sandbox: job.sandbox.clone(),
-                service: service.clone(),
-                deployment: job.deployment.clone(),
-                checkout: checkout.clone(),
-                home: self.layout.home_of(&job.sandbox_id),
-                run: spec.run.clone(),
-                port: spec.port,
-                env,
-                output: self.outbox.clone(),
-            })
-            .await
-        {
+        let kept = InstanceSpec {
+            service: service.clone(),
+            sandbox: job.sandbox.clone(),
+            deployment: job.deployment.clone(),
+            commit: commit.clone(),
+            run: spec.run.clone(),
+            port: spec.port,
+            env,
+            health: spec.health.clone(),
+            restart: spec.restart,
+            health_interval_ms: spec.health_interval_ms,
+            checkout: checkout.clone(),
+            home: self.layout.home_of(sandbox),
+        };
+        let (request, tail) = self
+            .supervisor
+            .request(sandbox, &kept, Some(self.outbox.clone()));
+        let mut instance = match runtime.start(request).await {
             Ok(instance) => instance,
             Err(e) => {
                 out.step(d, service, Step::Starting, StepState::Failed)
@@ -216,23 +226,36 @@ impl Deployer {
                 return Err(Failure(format!("starting {service}: {e}")));
             }
         };
-        if let Err(Failure(reason)) = self
-            .wait_healthy(&instance.health_host, instance.host_port, &spec.health)
-            .await
+        if let Err(reason) = health::wait_healthy(
+            &self.http,
+            &instance.health_host,
+            instance.host_port,
+            &spec.health,
+            self.health_timeout,
+        )
+        .await
         {
             out.step(d, service, Step::Starting, StepState::Failed)
                 .await;
-            let _ = self.runtime.stop_service(&job.sandbox_id, service).await;
+            let _ = runtime.stop_service(sandbox, service).await;
             return Err(Failure(format!("{service} {reason}")));
         }
-        if let Some(lines) = instance.output_lines {
+        if let Some(lines) = instance.output_lines.take() {
             settle(lines).await;
         }
+        self.supervisor
+            .save(sandbox, &kept)
+            .map_err(|e| Failure(format!("cannot keep what starts {service} again: {e}")))?;
         out.step(d, service, Step::Healthy, StepState::Done).await;
+        let upstream = self.supervisor.upstream(&instance);
+        self.supervisor
+            .running(sandbox, service, upstream.clone(), 0)
+            .await;
+        self.supervisor.watch(sandbox, kept, Some((instance, tail)));
         Ok(ServiceOutcome {
             service: service.clone(),
             commit: Some(commit),
-            upstream: Some(upstream_address(&self.advertise_host, instance.host_port)),
+            upstream: Some(upstream),
         })
     }
 
@@ -364,44 +387,18 @@ impl Deployer {
         }
     }
 
-    /// Polls `health` until it answers 200, or the health timeout passes.
-    async fn wait_healthy(&self, host: &str, port: u16, health: &str) -> Result<(), Failure> {
-        let host = if host.contains(':') {
-            format!("[{host}]")
-        } else {
-            host.to_owned()
-        };
-        let url = format!("http://{host}:{port}{health}");
-        let deadline = tokio::time::Instant::now() + self.health_timeout;
-        let mut last = String::from("no answer");
-        while tokio::time::Instant::now() < deadline {
-            match self
-                .http
-                .get(&url)
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-            {
-                Ok(resp) if resp.status() == reqwest::StatusCode::OK => return Ok(()),
-                Ok(resp) => last = format!("status {}", resp.status().as_u16()),
-                Err(e) if e.is_connect() => last = "connection refused".into(),
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Err(Failure(format!(
-            "did not become healthy within {}s: {health} gave {last}",
-            self.health_timeout.as_secs()
-        )))
-    }
-
     /// Every sandbox this agent holds anything of: what the runtime runs, and the folders left
     /// (a sandbox deleted while the agent was away, or one whose instances all stopped).
     pub async fn sandboxes(&self) -> Vec<SandboxId> {
-        let mut ids = self.runtime.sandboxes().await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot list what the runtime runs");
-            Vec::new()
-        });
+        let mut ids = self
+            .supervisor
+            .runtime
+            .sandboxes()
+            .await
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot list what the runtime runs");
+                Vec::new()
+            });
         ids.extend(self.layout.sandboxes());
         ids.sort();
         ids.dedup();
@@ -411,7 +408,10 @@ impl Deployer {
     /// Stops everything of sandbox `sandbox` and deletes its checkouts, its home and what the
     /// agent recorded of it; nothing of another id, whatever its name.
     pub async fn teardown(&self, sandbox: &SandboxId) -> Result<(), String> {
-        self.runtime
+        // Unwatched first: nothing may start again what is being removed.
+        self.supervisor.unwatch_sandbox(sandbox).await;
+        self.supervisor
+            .runtime
             .stop_sandbox(sandbox)
             .await
             .map_err(|e| e.to_string())?;
@@ -429,12 +429,13 @@ impl Deployer {
                 Err(e) => return Err(format!("cannot delete {}: {e}", dir.display())),
             }
         }
+        self.supervisor.log.close(sandbox);
         Ok(())
     }
 }
 
 /// `host:port` as the router reads it: an IPv6 address goes in brackets.
-fn upstream_address(host: &str, port: u16) -> String {
+pub(crate) fn upstream_address(host: &str, port: u16) -> String {
     match host.parse::<std::net::Ipv6Addr>() {
         Ok(ip) => format!("[{ip}]:{port}"),
         Err(_) => format!("{host}:{port}"),
@@ -448,7 +449,8 @@ pub(crate) mod tests {
     use sdp_protocol::{DeploymentId, SandboxName, ServiceName};
 
     use super::*;
-    use crate::runtime::ProcessRuntime;
+    use crate::runtime::{ProcessRuntime, StartRequest};
+    use crate::runtime_log::RuntimeLog;
 
     /// A micro agent's deployer with the process runtime, its folders under `work_dir`.
     pub(crate) fn deployer(work_dir: &Path) -> Deployer {
@@ -464,16 +466,21 @@ pub(crate) mod tests {
                 1,
                 false,
             ),
-            runtime: Arc::new(ProcessRuntime::new(
-                &layout.run,
-                users.clone(),
-                (20000, 60000),
+            supervisor: Arc::new(Supervisor::new(
+                Arc::new(ProcessRuntime::new(
+                    &layout.run,
+                    users.clone(),
+                    (20000, 60000),
+                    "127.0.0.1",
+                )),
+                Arc::new(RuntimeLog::new(&layout.state)),
+                layout.clone(),
                 "127.0.0.1",
+                Duration::from_secs(5),
             )),
             outbox: Arc::new(Outbox::default()),
             layout,
             users,
-            advertise_host: "127.0.0.1".into(),
             build_timeout: Duration::from_secs(60),
             health_timeout: Duration::from_secs(5),
             http: reqwest::Client::new(),
@@ -482,6 +489,24 @@ pub(crate) mod tests {
 
     pub(crate) fn id(n: u64) -> SandboxId {
         SandboxId::parse(format!("sbx_{n:016x}")).unwrap()
+    }
+
+    /// What starts a service that sleeps a minute.
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            service: ServiceName::parse("orders").unwrap(),
+            sandbox: SandboxName::parse("pay-42").unwrap(),
+            deployment: DeploymentId::parse("dep_0000000000000001").unwrap(),
+            commit: "0123abcd".into(),
+            run: "sleep 60".into(),
+            port: 8080,
+            env: BTreeMap::new(),
+            health: "/healthz".into(),
+            restart: sdp_protocol::RestartPolicy::Never,
+            health_interval_ms: 1000,
+            checkout: "/nonexistent".into(),
+            home: "/nonexistent".into(),
+        }
     }
 
     /// What a deployment of `sandbox` leaves: a built checkout with its marker, a home and a
@@ -493,7 +518,9 @@ pub(crate) mod tests {
         std::fs::write(checkout.join("main.go"), "package main").unwrap();
         std::fs::create_dir_all(layout.state_of(sandbox)).unwrap();
         std::fs::write(layout.state_of(sandbox).join("orders.built"), "0123abcd").unwrap();
+        let output = deployer.supervisor.request(sandbox, &spec(), None).0.output;
         deployer
+            .supervisor
             .runtime
             .start(StartRequest {
                 sandbox_id: sandbox.clone(),
@@ -505,7 +532,8 @@ pub(crate) mod tests {
                 run: "sleep 60".into(),
                 port: 8080,
                 env: BTreeMap::new(),
-                output: deployer.outbox.clone(),
+                restart: sdp_protocol::RestartPolicy::Never,
+                output,
             })
             .await
             .unwrap();
@@ -548,7 +576,7 @@ pub(crate) mod tests {
             assert!(!dir.exists(), "{} is left", dir.display());
         }
         assert_eq!(
-            deployer.runtime.sandboxes().await.unwrap(),
+            deployer.supervisor.runtime.sandboxes().await.unwrap(),
             std::slice::from_ref(&new)
         );
         assert_eq!(deployer.sandboxes().await, std::slice::from_ref(&new));

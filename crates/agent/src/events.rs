@@ -1,4 +1,6 @@
-//! The agent's outbox of deployment events.
+//! The agent's outboxes of numbered events: a generic bounded [`Queue`] over a [`Stream`],
+//! used for deployments' events ([`Outbox`]) and sandboxes' runtime logs
+//! ([`crate::runtime_log`]). Below, "deployment" stands for either's key.
 //!
 //! Each event gets the next `seq` of its deployment and stays here until the control plane
 //! acknowledges it; after a reconnect every unacknowledged event is sent again, in order,
@@ -14,12 +16,14 @@
 //! most [`MAX_EVENT_BYTES`], and a batch's frame at most the budget it is given.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::sync::Mutex;
 
 use sdp_protocol::{
     AgentMessage, DeploymentId, Event, EventBody, LogStream, ServiceName, Step, StepState,
     encoded_len, escaped_len, escaped_pieces, split_escaped,
 };
+use serde::Serialize;
 use time::OffsetDateTime;
 use tokio::sync::Notify;
 
@@ -34,70 +38,104 @@ const CAPACITY_BYTES: usize = 64 << 20;
 /// far below a frame, so that a batch always has room for at least one.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
 
-struct Queued {
-    event: Event,
-    /// Its encoded length.
-    bytes: usize,
+/// One kind of numbered event stream: deployments' events, or sandboxes' runtime events.
+/// The queue's rules (numbering, acknowledgement, resending, bounds) are the same for both.
+pub trait Stream {
+    /// What `seq` counts per: a deployment, a sandbox.
+    type Key: Clone + Eq + Hash + Ord + std::fmt::Display;
+    type Event: Clone + Serialize;
+    type Body;
+    /// Kept with each event until it is acknowledged, and handed back then: what the
+    /// acknowledgement means beyond the `seq` (where a follower may resume).
+    type Tag;
+    fn event(key: &Self::Key, seq: u64, ts: OffsetDateTime, body: Self::Body) -> Self::Event;
+    fn key(event: &Self::Event) -> &Self::Key;
+    fn seq(event: &Self::Event) -> u64;
+    /// Makes an event too large for a frame into a note that keeps its `seq`.
+    fn shrink(event: &mut Self::Event, bytes: usize);
+    /// The frame that carries a batch.
+    fn frame(events: Vec<Self::Event>) -> AgentMessage;
 }
 
-#[derive(Default)]
-struct State {
-    queue: VecDeque<Queued>,
+struct Queued<S: Stream> {
+    event: S::Event,
+    /// Its encoded length.
+    bytes: usize,
+    tag: S::Tag,
+}
+
+struct State<S: Stream> {
+    queue: VecDeque<Queued<S>>,
     /// The encoded bytes of `queue`.
     bytes: usize,
     /// How many of `queue` were sent on the current connection.
     sent: usize,
-    next_seq: HashMap<DeploymentId, u64>,
-    /// Deployments whose outcome was emitted: later events of theirs (a service's output)
-    /// would be refused by the control plane, so they are not sent.
-    closed: HashSet<DeploymentId>,
+    /// The last `seq` given, per key.
+    last_seq: HashMap<S::Key, u64>,
+    /// Keys whose stream has ended (a deployment's outcome, a sandbox's teardown): later
+    /// events of theirs would be refused by the control plane, so they are not sent.
+    closed: HashSet<S::Key>,
 }
 
-#[derive(Default)]
-pub struct Outbox {
-    state: Mutex<State>,
+/// A bounded queue of unacknowledged events of one [`Stream`].
+pub struct Queue<S: Stream> {
+    state: Mutex<State<S>>,
     /// Woken when an event is queued.
     queued: Notify,
     /// Woken when events are acknowledged.
     freed: Notify,
 }
 
-impl Outbox {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+impl<S: Stream> Default for Queue<S> {
+    fn default() -> Self {
+        Queue {
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                bytes: 0,
+                sent: 0,
+                last_seq: HashMap::new(),
+                closed: HashSet::new(),
+            }),
+            queued: Notify::new(),
+            freed: Notify::new(),
+        }
+    }
+}
+
+impl<S: Stream> Queue<S> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<S>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub async fn emit(&self, deployment: &DeploymentId, body: EventBody) {
-        let body = bounded(body);
+    /// Queues `body` as the next event of `key`, waiting for room; nothing when `key` was
+    /// closed.
+    pub async fn push(&self, key: &S::Key, body: S::Body, tag: S::Tag) {
+        let mut item = Some((body, tag));
         loop {
             let freed = self.freed.notified();
             {
                 let mut state = self.lock();
-                if state.closed.contains(deployment) {
+                if state.closed.contains(key) {
                     return;
                 }
                 if state.queue.len() < CAPACITY && state.bytes < CAPACITY_BYTES {
-                    let seq = state.next_seq.entry(deployment.clone()).or_insert(0);
+                    let (body, tag) = item.take().expect("queued once");
+                    let seq = state.last_seq.entry(key.clone()).or_insert(0);
                     *seq += 1;
-                    let mut event = Event {
-                        deployment: deployment.clone(),
-                        seq: *seq,
-                        ts: OffsetDateTime::now_utc(),
-                        body,
-                    };
+                    let mut event = S::event(key, *seq, OffsetDateTime::now_utc(), body);
                     let mut bytes = encoded_len(&event);
                     if bytes > MAX_EVENT_BYTES {
                         tracing::error!(
-                            %deployment,
-                            seq = event.seq,
+                            key = %key,
+                            seq = S::seq(&event),
                             bytes,
                             "an event too large for a frame is replaced by a note"
                         );
-                        event.body = oversize(event.body, bytes);
+                        S::shrink(&mut event, bytes);
                         bytes = encoded_len(&event);
                     }
                     state.bytes += bytes;
-                    state.queue.push_back(Queued { event, bytes });
+                    state.queue.push_back(Queued { event, bytes, tag });
                     drop(state);
                     self.queued.notify_one();
                     return;
@@ -105,6 +143,175 @@ impl Outbox {
             }
             freed.await;
         }
+    }
+
+    /// `key`'s events go on from `seq + 1`, unless it has events here already: its numbering
+    /// was kept elsewhere (on disk) across the agent's restart.
+    pub fn continue_after(&self, key: &S::Key, seq: u64) {
+        self.lock().last_seq.entry(key.clone()).or_insert(seq);
+    }
+
+    /// No more events of `key`.
+    pub fn close(&self, key: &S::Key) {
+        let mut state = self.lock();
+        state.last_seq.remove(key);
+        state.closed.insert(key.clone());
+    }
+
+    /// Forgets `key`'s queued events: nobody wants them any more.
+    pub fn discard(&self, key: &S::Key) {
+        self.take_acked(|k, _| k == key);
+    }
+
+    /// The next events to send on this connection: at most `max_events`, and as many as a
+    /// frame of at most `max_bytes` holds (at least one, whose frame is at most
+    /// [`MAX_EVENT_BYTES`] and a few bytes).
+    pub fn next_batch(&self, max_events: usize, max_bytes: usize) -> Vec<S::Event> {
+        let mut state = self.lock();
+        let mut batch = Vec::new();
+        let mut bytes = encoded_len(&S::frame(Vec::new()));
+        while batch.len() < max_events {
+            let Some(next) = state.queue.get(state.sent) else {
+                break;
+            };
+            // With the comma before it.
+            let more = next.bytes + 1;
+            if !batch.is_empty() && bytes + more > max_bytes {
+                break;
+            }
+            bytes += more;
+            batch.push(next.event.clone());
+            state.sent += 1;
+        }
+        batch
+    }
+
+    /// Waits until an event is queued.
+    pub async fn wait(&self) {
+        self.queued.notified().await;
+    }
+
+    /// The control plane stored `key`'s events up to `seq`: they are forgotten, and their tags
+    /// handed back, oldest first.
+    pub fn ack(&self, key: &S::Key, seq: u64) -> Vec<S::Tag> {
+        self.take_acked(|k, s| k == key && s <= seq)
+    }
+
+    fn take_acked(&self, acked: impl Fn(&S::Key, u64) -> bool) -> Vec<S::Tag> {
+        let mut state = self.lock();
+        let sent = state.sent;
+        let mut tags = Vec::new();
+        let mut removed_sent = 0;
+        let mut removed_bytes = 0;
+        let queue = std::mem::take(&mut state.queue);
+        for (index, queued) in queue.into_iter().enumerate() {
+            if acked(S::key(&queued.event), S::seq(&queued.event)) {
+                removed_bytes += queued.bytes;
+                if index < sent {
+                    removed_sent += 1;
+                }
+                tags.push(queued.tag);
+            } else {
+                state.queue.push_back(queued);
+            }
+        }
+        state.sent -= removed_sent;
+        state.bytes -= removed_bytes;
+        if !tags.is_empty() {
+            drop(state);
+            self.freed.notify_waiters();
+        }
+        tags
+    }
+
+    /// A new connection: everything unacknowledged goes out again.
+    pub fn rewind(&self) {
+        self.lock().sent = 0;
+        self.queued.notify_one();
+    }
+
+    /// The control plane could not store `key`'s events from `from_seq` on: they go out
+    /// again on this connection, and so do the events of other keys queued after the first of
+    /// them (the control plane drops what it already has). Events it asks for that it had
+    /// acknowledged are gone; the rest go again all the same.
+    pub fn resend(&self, key: &S::Key, from_seq: u64) {
+        let mut state = self.lock();
+        let first = state
+            .queue
+            .iter()
+            .position(|q| S::key(&q.event) == key && S::seq(&q.event) >= from_seq);
+        let Some(first) = first else {
+            // Nothing of it from there is queued: all acknowledged, or not emitted yet.
+            tracing::warn!(%key, from_seq, "the control plane asks for events the agent no longer holds");
+            return;
+        };
+        let seq = S::seq(&state.queue[first].event);
+        if seq != from_seq {
+            tracing::warn!(%key, from_seq, resending_from = seq, "the control plane asks for events it acknowledged; sending those the agent still holds");
+        }
+        // Not sent yet on this connection: they go in their turn anyway.
+        if first < state.sent {
+            state.sent = first;
+            drop(state);
+            self.queued.notify_one();
+        }
+    }
+
+    /// Keys with events not yet acknowledged.
+    pub fn pending(&self) -> Vec<S::Key> {
+        let state = self.lock();
+        let mut list: Vec<S::Key> = state
+            .queue
+            .iter()
+            .map(|q| S::key(&q.event).clone())
+            .collect();
+        list.sort();
+        list.dedup();
+        list
+    }
+}
+
+/// Deployments' events: numbered per deployment, ended by the outcome.
+pub struct Deployments;
+
+impl Stream for Deployments {
+    type Key = DeploymentId;
+    type Event = Event;
+    type Body = EventBody;
+    type Tag = ();
+
+    fn event(key: &DeploymentId, seq: u64, ts: OffsetDateTime, body: EventBody) -> Event {
+        Event {
+            deployment: key.clone(),
+            seq,
+            ts,
+            body,
+        }
+    }
+
+    fn key(event: &Event) -> &DeploymentId {
+        &event.deployment
+    }
+
+    fn seq(event: &Event) -> u64 {
+        event.seq
+    }
+
+    fn shrink(event: &mut Event, bytes: usize) {
+        event.body = oversize(&event.body, bytes);
+    }
+
+    fn frame(events: Vec<Event>) -> AgentMessage {
+        AgentMessage::Events { events }
+    }
+}
+
+/// The outbox of deployments' events.
+pub type Outbox = Queue<Deployments>;
+
+impl Queue<Deployments> {
+    pub async fn emit(&self, deployment: &DeploymentId, body: EventBody) {
+        self.push(deployment, bounded(body), ()).await;
     }
 
     /// A line that would take more than [`MAX_LINE`] encoded (a system line quoting a
@@ -156,112 +363,9 @@ impl Outbox {
         .await;
     }
 
-    /// No more events of `deployment` after its outcome.
-    pub fn close(&self, deployment: &DeploymentId) {
-        let mut state = self.lock();
-        state.next_seq.remove(deployment);
-        state.closed.insert(deployment.clone());
-    }
-
-    /// The next events to send on this connection: at most `max_events`, and as many as an
-    /// `events` frame of at most `max_bytes` holds (at least one, whose frame is at most
-    /// [`MAX_EVENT_BYTES`] and a few bytes).
-    pub fn next_batch(&self, max_events: usize, max_bytes: usize) -> Vec<Event> {
-        let mut state = self.lock();
-        let mut batch = Vec::new();
-        let mut bytes = encoded_len(&AgentMessage::Events { events: Vec::new() });
-        while batch.len() < max_events {
-            let Some(next) = state.queue.get(state.sent) else {
-                break;
-            };
-            // With the comma before it.
-            let more = next.bytes + 1;
-            if !batch.is_empty() && bytes + more > max_bytes {
-                break;
-            }
-            bytes += more;
-            batch.push(next.event.clone());
-            state.sent += 1;
-        }
-        batch
-    }
-
-    /// Waits until an event is queued.
-    pub async fn wait(&self) {
-        self.queued.notified().await;
-    }
-
-    /// The control plane stored `deployment`'s events up to `seq`.
-    pub fn ack(&self, deployment: &DeploymentId, seq: u64) {
-        let mut state = self.lock();
-        let before = state.queue.len();
-        let mut removed_sent = 0;
-        let sent = state.sent;
-        let mut index = 0;
-        let mut removed_bytes = 0;
-        state.queue.retain(|Queued { event: e, bytes }| {
-            let keep = !(e.deployment == *deployment && e.seq <= seq);
-            if !keep {
-                removed_bytes += bytes;
-                if index < sent {
-                    removed_sent += 1;
-                }
-            }
-            index += 1;
-            keep
-        });
-        state.sent -= removed_sent;
-        state.bytes -= removed_bytes;
-        if state.queue.len() < before {
-            drop(state);
-            self.freed.notify_waiters();
-        }
-    }
-
-    /// A new connection: everything unacknowledged goes out again.
-    pub fn rewind(&self) {
-        self.lock().sent = 0;
-        self.queued.notify_one();
-    }
-
-    /// The control plane could not store `deployment`'s events from `from_seq` on: they go
-    /// out again on this connection, and so do the events of other deployments queued after
-    /// the first of them (the control plane drops what it already has). Events it asks for
-    /// that it had acknowledged are gone; the rest go again all the same.
-    pub fn resend(&self, deployment: &DeploymentId, from_seq: u64) {
-        let mut state = self.lock();
-        let first = state
-            .queue
-            .iter()
-            .position(|q| q.event.deployment == *deployment && q.event.seq >= from_seq);
-        let Some(first) = first else {
-            // Nothing of it from there is queued: all acknowledged, or not emitted yet.
-            tracing::warn!(%deployment, from_seq, "the control plane asks for events the agent no longer holds");
-            return;
-        };
-        let seq = state.queue[first].event.seq;
-        if seq != from_seq {
-            tracing::warn!(%deployment, from_seq, resending_from = seq, "the control plane asks for events it acknowledged; sending those the agent still holds");
-        }
-        // Not sent yet on this connection: they go in their turn anyway.
-        if first < state.sent {
-            state.sent = first;
-            drop(state);
-            self.queued.notify_one();
-        }
-    }
-
     /// Deployments with events not yet acknowledged.
     pub fn pending_deployments(&self) -> Vec<DeploymentId> {
-        let state = self.lock();
-        let mut list: Vec<DeploymentId> = state
-            .queue
-            .iter()
-            .map(|q| q.event.deployment.clone())
-            .collect();
-        list.sort();
-        list.dedup();
-        list
+        self.pending()
     }
 }
 
@@ -283,7 +387,7 @@ fn bounded(body: EventBody) -> EventBody {
 
 /// What is sent instead of an event too large for a frame (an outcome of thousands of
 /// services): it keeps its `seq`, so that nothing after it is held up, and says what happened.
-fn oversize(body: EventBody, bytes: usize) -> EventBody {
+fn oversize(body: &EventBody, bytes: usize) -> EventBody {
     match body {
         EventBody::Outcome { .. } => EventBody::Outcome {
             ok: false,
@@ -293,7 +397,7 @@ fn oversize(body: EventBody, bytes: usize) -> EventBody {
             services: Vec::new(),
         },
         EventBody::Log { service, .. } | EventBody::Step { service, .. } => EventBody::Log {
-            service,
+            service: service.clone(),
             stream: LogStream::System,
             line: format!("an event of {bytes} bytes was too large to send, and was left out"),
         },

@@ -3,6 +3,10 @@
 //! An agent always dials out to the control plane's `/ws/agent`, presents the agent token in
 //! the handshake, says `hello`, then answers jobs and sends heartbeats. When the connection
 //! is lost it reconnects with exponential backoff and jitter, for as long as it runs.
+//!
+//! A micro agent also watches the instances it runs after they are healthy
+//! ([`supervise`]), and sends what they print and how they fare as each sandbox's runtime log
+//! ([`runtime_log`]) in `runtime` frames beside the deployments' events.
 
 pub mod askpass;
 mod config;
@@ -11,9 +15,12 @@ mod events;
 mod gateway;
 mod git;
 mod group;
+mod health;
 mod isolation;
 mod lines;
 mod runtime;
+mod runtime_log;
+mod supervise;
 mod tls;
 
 use std::collections::HashMap;
@@ -26,8 +33,8 @@ use futures_util::{SinkExt, StreamExt};
 use sdp_protocol::{
     AgentMessage, AgentName, Capability, DeployJob, DeploymentId, FrameError, Heartbeat, Hello,
     Job, JobError, JobErrorCode, JobKind, JobOutput, ListBranches, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION, ProbeCredentials, Reply, Requests, Role, SandboxId, ServerMessage, Teardown,
-    decode_server_frame, encode,
+    PROTOCOL_VERSION, ProbeCredentials, Reply, Requests, Role, SandboxId, ServerMessage, Sleep,
+    Teardown, WakeJob, decode_server_frame, encode,
 };
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -40,10 +47,12 @@ pub use config::{
     AgentConfig, DockerConfig, GatewayConfig, Runtime, parse_bytes, parse_port_range,
 };
 use deploy::Deployer;
-use events::Outbox;
+use events::{Outbox, Queue, Stream};
 use gateway::Gateway;
 pub use git::Git;
 use runtime::{DockerLimits, DockerRuntime, ProcessRuntime};
+use runtime_log::RuntimeLog;
+use supervise::Supervisor;
 
 /// How long to wait for the TCP and WebSocket handshake, and then for `welcome`.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -82,6 +91,8 @@ struct Worker {
     /// Gateway agents only.
     gateway: Option<Arc<Gateway>>,
     events: Arc<Outbox>,
+    /// Sandboxes' runtime logs (micro agents; empty on gateway agents).
+    runtime_log: Arc<RuntimeLog>,
     /// Deployments running here, by sandbox id, so that a teardown can stop its deployment
     /// and never another's: a new sandbox may take an ended one's name at once.
     active: Mutex<HashMap<SandboxId, Running>>,
@@ -133,6 +144,7 @@ impl Agent {
             config.allow_local_repos,
         );
         let events = Arc::new(Outbox::default());
+        let runtime_log = Arc::new(RuntimeLog::new(&layout.state));
         let deployer = if config.role == Role::Micro {
             let ports = parse_port_range(&config.port_range).map_err(AgentError::Config)?;
             let runtime: Arc<dyn runtime::Runtime> = match config.runtime {
@@ -170,11 +182,16 @@ impl Agent {
             };
             Some(Arc::new(Deployer {
                 git: git.clone(),
-                runtime,
+                supervisor: Arc::new(Supervisor::new(
+                    runtime,
+                    runtime_log.clone(),
+                    layout.clone(),
+                    &config.advertise_host,
+                    config.health_timeout.get(),
+                )),
                 outbox: events.clone(),
                 layout: layout.clone(),
                 users,
-                advertise_host: config.advertise_host.clone(),
                 build_timeout: config.build_timeout.get(),
                 health_timeout: config.health_timeout.get(),
                 http: reqwest::Client::new(),
@@ -202,6 +219,7 @@ impl Agent {
                 deployer,
                 gateway,
                 events,
+                runtime_log,
                 active: Mutex::default(),
             }),
             in_flight: Arc::default(),
@@ -251,11 +269,20 @@ impl Agent {
             let shutdown = shutdown.clone();
             tokio::spawn(async move { gateway.serve(listener, shutdown).await });
         }
+        // Before the first hello: instances an earlier run started are watched again, and
+        // their output followed from where the control plane's acknowledgements end.
+        let supervisor = self.worker.deployer.as_ref().map(|d| d.supervisor.clone());
+        if let Some(supervisor) = &supervisor {
+            supervisor.recover().await;
+        }
         let mut attempt: u32 = 0;
         loop {
             let end = self.connection(&shutdown).await;
             let reason = match end {
                 End::Shutdown => {
+                    if let Some(supervisor) = &supervisor {
+                        supervisor.stop().await;
+                    }
                     tracing::info!(agent = %self.name, "agent stopped");
                     return Ok(());
                 }
@@ -269,7 +296,12 @@ impl Agent {
             attempt = attempt.saturating_add(1);
             tracing::warn!(agent = %self.name, %reason, retry_in_ms = delay.as_millis() as u64, "not connected to the control plane");
             tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => {
+                    if let Some(supervisor) = &supervisor {
+                        supervisor.stop().await;
+                    }
+                    return Ok(());
+                }
                 _ = tokio::time::sleep(delay) => {}
             }
         }
@@ -367,10 +399,18 @@ impl Agent {
         let events = self.worker.events.clone();
         // Whatever the control plane has not acknowledged goes out again on this connection.
         events.rewind();
+        let runtime_log = self.worker.runtime_log.clone();
+        runtime_log.rewind();
         // Reading and writing run apart, so that a flood of events going out never keeps the
         // acknowledgements coming in from being read.
         let stop_writing = CancellationToken::new();
-        let writer = tokio::spawn(write_frames(sink, replies, events, stop_writing.clone()));
+        let writer = tokio::spawn(write_frames(
+            sink,
+            replies,
+            events,
+            runtime_log,
+            stop_writing.clone(),
+        ));
         let end = loop {
             let answer = tokio::select! {
                 _ = shutdown.cancelled() => break End::Shutdown,
@@ -448,7 +488,15 @@ impl Agent {
                 self.worker.events.resend(&deployment, from_seq);
                 None
             }
-            ServerMessage::RuntimeAck { .. } | ServerMessage::RuntimeResend { .. } => None,
+            ServerMessage::RuntimeAck { sandbox, seq } => {
+                self.worker.runtime_log.ack(&sandbox, seq);
+                None
+            }
+            ServerMessage::RuntimeResend { sandbox, from_seq } => {
+                tracing::info!(%sandbox, from_seq, "the control plane asks for runtime events again");
+                self.worker.runtime_log.resend(&sandbox, from_seq);
+                None
+            }
             ServerMessage::Heartbeat | ServerMessage::Welcome(_) => None,
             ServerMessage::Error(e) => {
                 tracing::warn!(code = %e.code, message = %e.message, "the control plane reported a protocol error");
@@ -534,9 +582,8 @@ impl Worker {
                 Some(gateway) => gateway.requests(&sandbox),
                 None => unsupported("only gateway agents route"),
             },
-            JobKind::Sleep(_) | JobKind::Wake(_) => {
-                unsupported("this agent cannot put sandboxes to sleep yet")
-            }
+            JobKind::Sleep(Sleep { sandbox_id }) => self.sleep(sandbox_id).await,
+            JobKind::Wake(WakeJob { sandbox_id }) => self.wake(sandbox_id).await,
         }
     }
 
@@ -575,6 +622,51 @@ impl Worker {
             let _ = done_tx.send(true);
         });
         JobOutput::Accepted
+    }
+
+    /// A sleep or a wake waits for no deployment: one in progress is refused clearly.
+    fn deploying(&self, sandbox: &SandboxId) -> Option<JobOutput> {
+        let active = self.lock_active();
+        let running = active.get(sandbox)?;
+        Some(JobOutput::Failed(JobError {
+            code: JobErrorCode::Failed,
+            message: format!(
+                "deployment {} of this sandbox is still running here",
+                running.deployment
+            ),
+        }))
+    }
+
+    async fn sleep(&self, sandbox: SandboxId) -> JobOutput {
+        let Some(deployer) = self.deployer.clone() else {
+            return unsupported("only micro agents run sandboxes");
+        };
+        if let Some(refused) = self.deploying(&sandbox) {
+            return refused;
+        }
+        match deployer.supervisor.sleep(&sandbox).await {
+            Ok(()) => JobOutput::Slept,
+            Err(message) => JobOutput::Failed(JobError {
+                code: JobErrorCode::Failed,
+                message,
+            }),
+        }
+    }
+
+    async fn wake(&self, sandbox: SandboxId) -> JobOutput {
+        let Some(deployer) = self.deployer.clone() else {
+            return unsupported("only micro agents run sandboxes");
+        };
+        if let Some(refused) = self.deploying(&sandbox) {
+            return refused;
+        }
+        match deployer.supervisor.wake(&sandbox).await {
+            Ok(services) => JobOutput::Woken { services },
+            Err(message) => JobOutput::Failed(JobError {
+                code: JobErrorCode::Failed,
+                message,
+            }),
+        }
     }
 
     async fn teardown(&self, sandbox: SandboxId) -> JobOutput {
@@ -617,13 +709,20 @@ const BATCH_EVENTS: usize = 512;
 const BATCH_BYTES: usize = 256 * 1024;
 const _: () = assert!(events::MAX_EVENT_BYTES < BATCH_BYTES && BATCH_BYTES < MAX_FRAME_BYTES);
 
+/// The next batch of `queue`'s unsent events, as its frame.
+fn next_frame<S: Stream>(queue: &Queue<S>) -> Option<String> {
+    let batch = queue.next_batch(BATCH_EVENTS, BATCH_BYTES);
+    (!batch.is_empty()).then(|| encode(&S::frame(batch)))
+}
+
 /// Writes the connection's frames: replies and heartbeats first, then batches of unsent
-/// events; when stopped, closes the socket. A failed write stops the reader too, through
-/// `stop`, and is returned as the reason.
+/// deployment and runtime events in turn; when stopped, closes the socket. A failed write
+/// stops the reader too, through `stop`, and is returned as the reason.
 async fn write_frames<S>(
     mut sink: S,
     mut replies: mpsc::Receiver<AgentMessage>,
     events: Arc<Outbox>,
+    runtime_log: Arc<RuntimeLog>,
     stop: CancellationToken,
 ) -> String
 where
@@ -634,10 +733,11 @@ where
             while let Ok(msg) = replies.try_recv() {
                 send_message(&mut sink, msg).await?;
             }
-            let batch = events.next_batch(BATCH_EVENTS, BATCH_BYTES);
-            if !batch.is_empty() {
-                let frame = encode(&AgentMessage::Events { events: batch });
-                send(&mut sink, Message::Text(frame.into())).await?;
+            let frames = [next_frame(&*events), next_frame(runtime_log.queue())];
+            if frames.iter().any(Option::is_some) {
+                for frame in frames.into_iter().flatten() {
+                    send(&mut sink, Message::Text(frame.into())).await?;
+                }
                 continue;
             }
             tokio::select! {
@@ -650,6 +750,7 @@ where
                     send_message(&mut sink, msg).await?;
                 }
                 _ = events.wait() => {}
+                _ = runtime_log.wait() => {}
             }
         }
     }
@@ -749,6 +850,7 @@ mod tests {
         Arc::new(Worker {
             git: deployer.git.clone(),
             events: deployer.outbox.clone(),
+            runtime_log: deployer.supervisor.log.clone(),
             deployer: Some(Arc::new(deployer)),
             gateway: None,
             active: Mutex::default(),

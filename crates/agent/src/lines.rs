@@ -57,17 +57,42 @@ pub async fn pump<R: AsyncRead + Unpin>(mut reader: R, sink: LineSink) {
 
 /// The state between chunks: the unfinished line and what it takes encoded, the first bytes
 /// of a character whose rest is in the next chunk, and whether the last character was a `\r`
-/// (so that a `\n` right after it ends no second, empty line).
+/// (so that a `\n` right after it ends no second, empty line). It counts the bytes it has
+/// made into characters, so that each line says where in the output it ends: where a
+/// follower resumes after the agent's restart.
 #[derive(Default)]
 pub struct Splitter {
     line: String,
     escaped: usize,
     partial: Vec<u8>,
     after_cr: bool,
+    pos: u64,
 }
 
 impl Splitter {
+    /// A splitter that takes up output at `pos`, just after a `\r` when `after_cr`.
+    pub fn resumed(pos: u64, after_cr: bool) -> Splitter {
+        Splitter {
+            pos,
+            after_cr,
+            ..Splitter::default()
+        }
+    }
+
+    /// The output was emptied: positions count from `pos` again.
+    pub fn rebase(&mut self, pos: u64) {
+        self.pos = pos;
+    }
+
     pub fn push(&mut self, chunk: &[u8]) -> Vec<String> {
+        self.push_at(chunk)
+            .into_iter()
+            .map(|(line, _)| line)
+            .collect()
+    }
+
+    /// Each line with the position in the output just past it (its line end included).
+    pub fn push_at(&mut self, chunk: &[u8]) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         let joined;
         let bytes = if self.partial.is_empty() {
@@ -81,7 +106,7 @@ impl Splitter {
         let mut pieces = bytes.utf8_chunks().peekable();
         while let Some(piece) = pieces.next() {
             for c in piece.valid().chars() {
-                self.push_char(c, &mut out);
+                self.push_char(c, c.len_utf8() as u64, &mut out);
             }
             let invalid = piece.invalid();
             if invalid.is_empty() {
@@ -93,17 +118,22 @@ impl Splitter {
             if unfinished {
                 self.partial = invalid.to_vec();
             } else {
-                self.push_char(char::REPLACEMENT_CHARACTER, &mut out);
+                self.push_char(char::REPLACEMENT_CHARACTER, invalid.len() as u64, &mut out);
             }
         }
         out
     }
 
-    fn push_char(&mut self, c: char, out: &mut Vec<String>) {
+    /// `c` took `bytes` of the output.
+    fn push_char(&mut self, c: char, bytes: u64, out: &mut Vec<(String, u64)>) {
         match c {
-            '\n' if self.after_cr => self.after_cr = false,
+            '\n' if self.after_cr => {
+                self.after_cr = false;
+                self.pos += bytes;
+            }
             '\n' | '\r' => {
-                out.push(std::mem::take(&mut self.line));
+                self.pos += bytes;
+                out.push((std::mem::take(&mut self.line), self.pos));
                 self.escaped = 0;
                 self.after_cr = c == '\r';
             }
@@ -111,9 +141,10 @@ impl Splitter {
                 self.after_cr = false;
                 let len = escaped_char_len(c);
                 if self.escaped + len > MAX_LINE {
-                    out.push(std::mem::take(&mut self.line));
+                    out.push((std::mem::take(&mut self.line), self.pos));
                     self.escaped = 0;
                 }
+                self.pos += bytes;
                 self.line.push(c);
                 self.escaped += len;
             }
@@ -123,11 +154,17 @@ impl Splitter {
     /// The last line, if the output did not end with a line end. A character left unfinished
     /// becomes a replacement character; should that take the line past [`MAX_LINE`], the
     /// outbox cuts it.
-    pub fn finish(mut self) -> Option<String> {
+    pub fn finish(self) -> Option<String> {
+        self.finish_at().map(|(line, _)| line)
+    }
+
+    /// [`Splitter::finish`], with the position past the last line.
+    pub fn finish_at(mut self) -> Option<(String, u64)> {
         if !self.partial.is_empty() {
             self.line.push(char::REPLACEMENT_CHARACTER);
         }
-        (!self.line.is_empty()).then_some(self.line)
+        let end = self.pos + self.partial.len() as u64;
+        (!self.line.is_empty()).then_some((self.line, end))
     }
 }
 
@@ -151,6 +188,22 @@ mod tests {
         // A CRLF split across two reads is still one line end.
         assert_eq!(split(&[b"a\r", b"\nb\n"]), ["a", "b"]);
         assert_eq!(split(&[b"\n\n"]), ["", ""]);
+    }
+
+    #[test]
+    fn each_line_says_where_it_ends_and_a_resumed_splitter_goes_on_from_there() {
+        let output: &[u8] = b"a\r\nb\xc3\xa9\rc\n\xff\n";
+        let mut s = Splitter::default();
+        let lines = s.push_at(&output[..4]);
+        let more = s.push_at(&output[4..]);
+        assert_eq!(lines, [("a".to_owned(), 2)]);
+        assert_eq!(more[0], ("bé".to_owned(), 7));
+        assert_eq!(more[1], ("c".to_owned(), 9));
+        // Taken up after "a\r": the "\n" that follows ends no empty line.
+        let mut resumed = Splitter::resumed(2, true);
+        let again = resumed.push_at(&output[2..]);
+        assert_eq!(again[0], ("bé".to_owned(), 7));
+        assert_eq!(again.last().unwrap().1, output.len() as u64);
     }
 
     #[test]

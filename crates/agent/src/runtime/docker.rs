@@ -4,22 +4,28 @@
 //! the labels `sdp.sandbox` (the sandbox's id), `sdp.sandbox_name` (for people),
 //! `sdp.service`, `sdp.deployment` and `sdp.agent`, on one network per sandbox. Everything is
 //! found again by label, so a restarted agent loses nothing; nothing is ever found by a
-//! sandbox's name, which a new sandbox may carry the moment the old one has ended.
+//! sandbox's name, which a new sandbox may carry the moment the old one has ended. A
+//! container's engine restart policy follows the service's (`unless-stopped` for
+//! `on-failure`, `no` for `never`), so that an engine restart brings it back; crashes after
+//! that are the agent's supervisor's (`crate::supervise`).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding};
+use bollard::models::{
+    ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding, RestartPolicyNameEnum,
+};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
     RemoveContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
-use sdp_protocol::{LogStream, SandboxId, ServiceName};
+use sdp_protocol::{DeploymentId, LogStream, RestartPolicy, SandboxId, ServiceName};
 
-use super::{Instance, Ports, Runtime, RuntimeError, StartRequest};
-use crate::lines::{LineSink, Splitter};
+use super::{Exit, Instance, Output, Ports, Runtime, RuntimeError, StartRequest};
+use crate::lines::Splitter;
+use crate::runtime_log::InstanceOutput;
 
 /// The sandbox's id: what its containers and network are found by.
 pub const LABEL_SANDBOX: &str = "sdp.sandbox";
@@ -183,48 +189,105 @@ impl DockerRuntime {
         }
     }
 
-    /// Follows a container's output into log lines of its deployment.
+    /// Follows a container's output into `out`, from where the runtime log's
+    /// acknowledgements end: the engine's `since` is in whole seconds, so lines of that
+    /// second already acknowledged are skipped by their timestamps.
     fn follow_logs(
         &self,
         name: String,
-        sink_out: LineSink,
-        sink_err: LineSink,
+        out: InstanceOutput,
         lines: tokio::sync::watch::Sender<u64>,
     ) {
         let docker = self.docker.clone();
         tokio::spawn(async move {
+            let source = out.service.to_string();
+            let acked = out.acked_at(&source);
+            let since = i32::try_from(acked / 1_000_000_000).unwrap_or(0);
             let options = LogsOptionsBuilder::default()
                 .follow(true)
                 .stdout(true)
                 .stderr(true)
+                .timestamps(true)
+                .since(since)
                 .build();
             let mut stream = docker.logs(&name, Some(options));
-            let (mut out, mut errs) = (Splitter::default(), Splitter::default());
+            let (mut out_lines, mut err_lines) = (Splitter::default(), Splitter::default());
+            let mut last = acked;
             while let Some(Ok(chunk)) = stream.next().await {
-                match chunk {
+                let (splitter, stream, message) = match chunk {
                     bollard::container::LogOutput::StdErr { message } => {
-                        for line in errs.push(&message) {
-                            sink_err.emit(line).await;
-                            lines.send_modify(|n| *n += 1);
-                        }
+                        (&mut err_lines, LogStream::Stderr, message)
                     }
                     bollard::container::LogOutput::StdOut { message }
                     | bollard::container::LogOutput::Console { message } => {
-                        for line in out.push(&message) {
-                            sink_out.emit(line).await;
-                            lines.send_modify(|n| *n += 1);
-                        }
+                        (&mut out_lines, LogStream::Stdout, message)
                     }
-                    bollard::container::LogOutput::StdIn { .. } => {}
+                    bollard::container::LogOutput::StdIn { .. } => continue,
+                };
+                let (at, text) = timestamped(&message);
+                if at != 0 && at <= acked {
+                    continue;
+                }
+                last = last.max(at);
+                for line in splitter.push(text) {
+                    out.line(stream, &source, line, last).await;
+                    lines.send_modify(|n| *n += 1);
                 }
             }
-            if let Some(line) = out.finish() {
-                sink_out.emit(line).await;
-            }
-            if let Some(line) = errs.finish() {
-                sink_err.emit(line).await;
+            for (splitter, stream) in [
+                (out_lines, LogStream::Stdout),
+                (err_lines, LogStream::Stderr),
+            ] {
+                if let Some(line) = splitter.finish() {
+                    out.line(stream, &source, line, last).await;
+                }
             }
         });
+    }
+
+    /// The end of container `name`, through the engine's wait.
+    fn exit(&self, name: String) -> Exit {
+        let docker = self.docker.clone();
+        Box::pin(async move {
+            let mut wait = docker.wait_container(&name, None);
+            match wait.next().await {
+                Some(Ok(r)) => exit_reason(r.status_code),
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    exit_reason(code)
+                }
+                Some(Err(e)) => format!("the engine lost it: {e}"),
+                None => "the engine lost it".to_owned(),
+            }
+        })
+    }
+}
+
+/// An engine's exit code: above 128, killed by signal `code - 128` (`init` passes it on).
+fn exit_reason(code: i64) -> String {
+    let signal = (code > 128)
+        .then(|| i32::try_from(code - 128).ok())
+        .flatten()
+        .and_then(|n| nix::sys::signal::Signal::try_from(n).ok());
+    match signal {
+        Some(signal) => format!("killed by {}", signal.as_str()),
+        None => format!("exit code {code}"),
+    }
+}
+
+/// A log entry's timestamp (nanoseconds after the epoch; 0 when it has none) and its text.
+fn timestamped(message: &[u8]) -> (u64, &[u8]) {
+    let Some(space) = message.iter().position(|b| *b == b' ') else {
+        return (0, message);
+    };
+    let parsed = std::str::from_utf8(&message[..space]).ok().and_then(|ts| {
+        time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339).ok()
+    });
+    match parsed {
+        Some(ts) => (
+            u64::try_from(ts.unix_timestamp_nanos()).unwrap_or(0),
+            &message[space + 1..],
+        ),
+        None => (0, message),
     }
 }
 
@@ -269,6 +332,15 @@ impl Runtime for DockerRuntime {
                 network_mode: Some(network_name(&self.agent, sandbox)),
                 init: Some(true),
                 cap_drop: Some(vec!["ALL".into()]),
+                // Back after the engine restarts, under `on-failure`; the agent's supervisor
+                // handles crashes itself.
+                restart_policy: Some(bollard::models::RestartPolicy {
+                    name: Some(match req.restart {
+                        RestartPolicy::OnFailure => RestartPolicyNameEnum::UNLESS_STOPPED,
+                        RestartPolicy::Never => RestartPolicyNameEnum::NO,
+                    }),
+                    maximum_retry_count: None,
+                }),
                 security_opt: Some(vec!["no-new-privileges".into()]),
                 ..Default::default()
             }),
@@ -288,29 +360,73 @@ impl Runtime for DockerRuntime {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(name.clone(), host_port);
-        let sink = |stream| LineSink {
-            outbox: req.output.clone(),
-            deployment: req.deployment.clone(),
-            service: req.service.clone(),
-            stream,
-            mask: None,
-        };
+        let generation = req.output.log.begin(sandbox, &req.service);
+        let out = req
+            .output
+            .of(sandbox, &req.service, &req.deployment, generation);
         let (lines, output_lines) = tokio::sync::watch::channel(0);
-        self.follow_logs(
-            name,
-            sink(LogStream::Stdout),
-            sink(LogStream::Stderr),
-            lines,
-        );
-        let health_host = match self.publish_ip.as_str() {
-            "0.0.0.0" => "127.0.0.1".to_owned(),
-            ip => ip.to_owned(),
-        };
+        self.follow_logs(name.clone(), out, lines);
+        let health_host = self.health_host();
         Ok(Instance {
             host_port,
             health_host,
             output_lines: Some(output_lines),
+            exit: self.exit(name),
         })
+    }
+
+    async fn adopt(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        deployment: &DeploymentId,
+        output: Output,
+    ) -> Result<Option<Instance>, RuntimeError> {
+        let name = container_name(&self.agent, sandbox, service.as_str());
+        let inspected = match self
+            .docker
+            .inspect_container(
+                &name,
+                None::<bollard::query_parameters::InspectContainerOptions>,
+            )
+            .await
+        {
+            Ok(c) => c,
+            Err(e) if status_is(&e, &[404]) => return Ok(None),
+            Err(e) => return Err(err("cannot inspect a container", e)),
+        };
+        let running = inspected
+            .state
+            .as_ref()
+            .and_then(|s| s.running)
+            .unwrap_or(false);
+        let host_port = inspected
+            .host_config
+            .and_then(|h| h.port_bindings)
+            .and_then(|b| b.into_values().flatten().flatten().next())
+            .and_then(|b| b.host_port?.parse::<u16>().ok());
+        let (true, Some(host_port)) = (running, host_port) else {
+            return Ok(None);
+        };
+        self.ports.claim(host_port);
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.clone(), host_port);
+        let generation = output.log.generation(sandbox, service);
+        let (lines, output_lines) = tokio::sync::watch::channel(0);
+        self.follow_logs(
+            name.clone(),
+            output.of(sandbox, service, deployment, generation),
+            lines,
+        );
+        let health_host = self.health_host();
+        Ok(Some(Instance {
+            host_port,
+            health_host,
+            output_lines: Some(output_lines),
+            exit: self.exit(name),
+        }))
     }
 
     async fn stop_service(
@@ -389,6 +505,14 @@ impl Runtime for DockerRuntime {
 }
 
 impl DockerRuntime {
+    /// Where published ports are reached from this host.
+    fn health_host(&self) -> String {
+        match self.publish_ip.as_str() {
+            "0.0.0.0" => "127.0.0.1".to_owned(),
+            ip => ip.to_owned(),
+        }
+    }
+
     fn release(&self, port: u16) {
         self.ports.release(port);
     }

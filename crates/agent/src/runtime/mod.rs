@@ -7,16 +7,53 @@ mod ports;
 mod process;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use sdp_protocol::{DeploymentId, SandboxId, SandboxName, ServiceName};
+use sdp_protocol::{DeploymentId, RestartPolicy, SandboxId, SandboxName, ServiceName};
 
 pub use docker::{DockerLimits, DockerRuntime};
 pub(crate) use ports::Ports;
 pub use process::ProcessRuntime;
 
 use crate::events::Outbox;
+use crate::runtime_log::{InstanceOutput, RuntimeLog, Tail};
+
+/// Where an instance's output goes.
+#[derive(Clone)]
+pub struct Output {
+    /// The sandbox's runtime log, from the instance's start.
+    pub log: Arc<RuntimeLog>,
+    /// The deployment's log, when a deployment starts it (until its outcome).
+    pub deployment: Option<Arc<Outbox>>,
+    /// Its last lines.
+    pub tail: Tail,
+}
+
+impl Output {
+    /// For instance `service` of `sandbox`, of its `generation`.
+    pub(crate) fn of(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        deployment: &DeploymentId,
+        generation: u64,
+    ) -> InstanceOutput {
+        InstanceOutput {
+            log: self.log.clone(),
+            sandbox: sandbox.clone(),
+            service: service.clone(),
+            generation,
+            deployment: self.deployment.clone().map(|o| (o, deployment.clone())),
+            tail: self.tail.clone(),
+        }
+    }
+}
+
+/// Resolves when an instance has ended, with why (`exit code 1`, `killed by SIGKILL`).
+pub type Exit = Pin<Box<dyn Future<Output = String> + Send>>;
 
 /// What a runtime needs to start one service instance.
 pub struct StartRequest {
@@ -36,8 +73,9 @@ pub struct StartRequest {
     pub port: u16,
     /// `PORT` is added by the runtime.
     pub env: BTreeMap<String, String>,
-    /// Where the instance's output goes, as log lines of `deployment`.
-    pub output: Arc<Outbox>,
+    /// What brings it back (the Docker Engine's own policy follows it, for engine restarts).
+    pub restart: RestartPolicy,
+    pub output: Output,
 }
 
 /// A started instance.
@@ -49,6 +87,8 @@ pub struct Instance {
     /// Counts the output lines that reached the deployment's log, for runtimes whose output
     /// arrives late (Docker's log stream); `None` where it is immediate.
     pub output_lines: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Its end.
+    pub exit: Exit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +99,16 @@ pub struct RuntimeError(pub String);
 pub trait Runtime: Send + Sync {
     /// Starts an instance; a previous instance of the same service must be stopped first.
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError>;
+    /// Takes up the instance of `service` in `sandbox` that runs already (an earlier run of
+    /// the agent started it): follows its output from where the runtime log's
+    /// acknowledgements end. `None` when it does not run.
+    async fn adopt(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        deployment: &DeploymentId,
+        output: Output,
+    ) -> Result<Option<Instance>, RuntimeError>;
     /// Stops and removes the instance of `service` in sandbox `sandbox`, if there is one.
     async fn stop_service(
         &self,

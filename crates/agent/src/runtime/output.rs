@@ -11,6 +11,12 @@
 //! for room in the agent's outbox, or the instance prints faster than they are read) is
 //! emptied all the same once it passes [`HARD_CAP`], unread lines and all: the instance's
 //! output never fills the disk.
+//!
+//! Each line also goes to the sandbox's runtime log with the offset where it ends, and the
+//! follower starts at the offset the control plane acknowledged last: after the agent's
+//! restart it re-reads exactly what was not acknowledged. For that, a file with such a
+//! follower is emptied only once all it held is acknowledged (else the offsets kept would
+//! point into other lines); the hard cap still empties it whatever was acknowledged.
 
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
@@ -20,7 +26,10 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::lines::{LineSink, Splitter};
+use sdp_protocol::LogStream;
+
+use crate::lines::Splitter;
+use crate::runtime_log::InstanceOutput;
 
 /// The most an output file holds before it is emptied.
 pub const MAX_OUTPUT_FILE: u64 = 8 << 20;
@@ -51,14 +60,19 @@ pub fn create(path: &Path) -> std::io::Result<std::fs::File> {
 }
 
 /// Follows the output file at `path` until `stop`, then reads what is left and ends. Each
-/// line goes to `sink` (none: the file is only kept bounded), and `lines` counts them.
+/// line goes to `sink` as a line of its stream (none: the file is only kept bounded), from
+/// where the sink's acknowledged lines end; `lines` counts them.
 pub async fn follow(
     path: PathBuf,
-    sink: Option<LineSink>,
+    sink: Option<(InstanceOutput, LogStream)>,
     lines: Option<watch::Sender<u64>>,
     stop: CancellationToken,
 ) {
     tokio::spawn(cap(path.clone(), stop.clone()));
+    let source = sink
+        .as_ref()
+        .map(|(out, stream)| format!("{}.{}", out.service, stream.as_str()))
+        .unwrap_or_default();
     let mut file = None;
     let mut offset = 0u64;
     let mut splitter = Splitter::default();
@@ -73,11 +87,15 @@ pub async fn follow(
                 .open(&path)
                 .await
                 .ok();
+            if let (Some(f), Some((out, _))) = (file.as_mut(), &sink) {
+                (offset, splitter) = resume(f, out.acked_at(&source)).await;
+            }
         }
         if let Some(f) = file.as_mut() {
-            // Emptied behind the follower's back (it was not): start again at the top.
+            // Emptied behind the follower's back (the hard cap): start again at the top.
             if f.metadata().await.is_ok_and(|m| m.len() < offset) {
                 offset = 0;
+                splitter.rebase(0);
                 let _ = f.seek(SeekFrom::Start(0)).await;
             }
             loop {
@@ -87,19 +105,27 @@ pub async fn follow(
                 };
                 offset += n as u64;
                 last_output = tokio::time::Instant::now();
-                for line in splitter.push(&buf[..n]) {
-                    emit(&sink, &lines, line).await;
+                for (line, at) in splitter.push_at(&buf[..n]) {
+                    emit(&sink, &source, &lines, line, at).await;
                 }
             }
-            // Read to its end: what it held is in log lines now.
-            if offset >= MAX_OUTPUT_FILE && f.set_len(0).await.is_ok() {
+            // Read to its end: what it held is in log lines now (and acknowledged, when they
+            // go to a runtime log).
+            let done_with = sink
+                .as_ref()
+                .is_none_or(|(out, _)| out.acked_at(&source) >= offset);
+            if offset >= MAX_OUTPUT_FILE && done_with && f.set_len(0).await.is_ok() {
                 offset = 0;
+                splitter.rebase(0);
                 let _ = f.seek(SeekFrom::Start(0)).await;
+                if let Some((out, _)) = &sink {
+                    out.rebase(&source);
+                }
             }
         }
         if stopping {
-            if let Some(line) = splitter.finish() {
-                emit(&sink, &lines, line).await;
+            if let Some((line, at)) = splitter.finish_at() {
+                emit(&sink, &source, &lines, line, at).await;
             }
             return;
         }
@@ -114,6 +140,20 @@ pub async fn follow(
             _ = tokio::time::sleep(pause) => {}
         }
     }
+}
+
+/// Positions `file` at `acked` (at 0 when the file is shorter: it was emptied since), with a
+/// splitter that knows whether a `\r` came just before.
+async fn resume(file: &mut tokio::fs::File, acked: u64) -> (u64, Splitter) {
+    let len = file.metadata().await.map_or(0, |m| m.len());
+    let at = if acked <= len { acked } else { 0 };
+    let mut after_cr = false;
+    if at > 0 && file.seek(SeekFrom::Start(at - 1)).await.is_ok() {
+        let mut byte = [0u8; 1];
+        after_cr = file.read_exact(&mut byte).await.is_ok() && byte[0] == b'\r';
+    }
+    let _ = file.seek(SeekFrom::Start(at)).await;
+    (at, Splitter::resumed(at, after_cr))
 }
 
 /// Empties the file at `path` whenever it passes [`HARD_CAP`], until `stop`.
@@ -132,9 +172,15 @@ async fn cap(path: PathBuf, stop: CancellationToken) {
     }
 }
 
-async fn emit(sink: &Option<LineSink>, lines: &Option<watch::Sender<u64>>, line: String) {
-    if let Some(sink) = sink {
-        sink.emit(line).await;
+async fn emit(
+    sink: &Option<(InstanceOutput, LogStream)>,
+    source: &str,
+    lines: &Option<watch::Sender<u64>>,
+    line: String,
+    at: u64,
+) {
+    if let Some((out, stream)) = sink {
+        out.line(*stream, source, line, at).await;
     }
     if let Some(lines) = lines {
         lines.send_modify(|n| *n += 1);
@@ -146,28 +192,29 @@ mod tests {
     use std::io::Write;
     use std::sync::Arc;
 
-    use sdp_protocol::{DeploymentId, LogStream, ServiceName};
+    use sdp_protocol::{RuntimeBody, SandboxId, ServiceName};
 
     use super::*;
-    use crate::events::Outbox;
+    use crate::runtime_log::{RuntimeLog, Tail};
 
-    fn sink(outbox: &Arc<Outbox>, deployment: &DeploymentId) -> LineSink {
-        LineSink {
-            outbox: outbox.clone(),
-            deployment: deployment.clone(),
+    fn sink(log: &Arc<RuntimeLog>) -> Option<(InstanceOutput, LogStream)> {
+        let out = InstanceOutput {
+            log: log.clone(),
+            sandbox: SandboxId::parse("sbx_0123456789abcdef").unwrap(),
             service: ServiceName::parse("orders").unwrap(),
-            stream: LogStream::Stdout,
-            mask: None,
-        }
+            generation: 1,
+            deployment: None,
+            tail: Tail::default(),
+        };
+        Some((out, LogStream::Stdout))
     }
 
-    fn logged(outbox: &Outbox) -> Vec<String> {
-        outbox
-            .next_batch(10_000, usize::MAX)
+    fn logged(log: &RuntimeLog) -> Vec<String> {
+        log.next_batch(10_000, usize::MAX)
             .into_iter()
             .filter_map(|e| match e.body {
-                sdp_protocol::EventBody::Log { line, .. } => Some(line),
-                _ => None,
+                RuntimeBody::Log { line, .. } => Some(line),
+                RuntimeBody::Instance(_) => None,
             })
             .collect()
     }
@@ -177,23 +224,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("orders.stdout.log");
         let mut writer = create(&path).unwrap();
-        let outbox = Arc::new(Outbox::default());
-        let deployment = DeploymentId::parse("dep_0123456789abcdef").unwrap();
+        let log = Arc::new(RuntimeLog::new(dir.path()));
         let (count, mut counted) = watch::channel(0);
         let stop = CancellationToken::new();
-        let follower = tokio::spawn(follow(
-            path.clone(),
-            Some(sink(&outbox, &deployment)),
-            Some(count),
-            stop.clone(),
-        ));
+        let follower = tokio::spawn(follow(path.clone(), sink(&log), Some(count), stop.clone()));
         writeln!(writer, "one").unwrap();
         write!(writer, "two\nthr").unwrap();
         counted.wait_for(|n| *n == 2).await.unwrap();
         write!(writer, "ee, unfinished").unwrap();
         stop.cancel();
         follower.await.unwrap();
-        assert_eq!(logged(&outbox), ["one", "two", "three, unfinished"]);
+        assert_eq!(logged(&log), ["one", "two", "three, unfinished"]);
     }
 
     #[tokio::test]
@@ -203,20 +244,14 @@ mod tests {
         let mut writer = create(&path).unwrap();
         // More than the outbox holds: once it is full, the follower waits for room that never
         // comes (nothing sends or acknowledges here).
-        let outbox = Arc::new(Outbox::default());
-        let deployment = DeploymentId::parse("dep_0123456789abcdef").unwrap();
+        let log = Arc::new(RuntimeLog::new(dir.path()));
         let huge = format!("{}\n", "x".repeat(60 * 1024));
         for _ in 0..2000 {
             writer.write_all(huge.as_bytes()).unwrap();
         }
         assert!(2000 * huge.len() as u64 > HARD_CAP);
         let stop = CancellationToken::new();
-        let follower = tokio::spawn(follow(
-            path.clone(),
-            Some(sink(&outbox, &deployment)),
-            None,
-            stop.clone(),
-        ));
+        let follower = tokio::spawn(follow(path.clone(), sink(&log), None, stop.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while std::fs::metadata(&path).unwrap().len() > HARD_CAP {
             assert!(tokio::time::Instant::now() < deadline, "never emptied");

@@ -7,8 +7,9 @@
 //! agent, so it outlives the agent's restarts.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use super::output;
-use super::{Instance, Ports, Runtime, RuntimeError, StartRequest};
+use super::{Exit, Instance, Output, Ports, Runtime, RuntimeError, StartRequest};
 use crate::isolation::UserCode;
-use crate::lines::LineSink;
+use crate::runtime_log::InstanceOutput;
 
 /// How long an instance has to stop after SIGTERM before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -101,6 +102,20 @@ pub struct ProcessRuntime {
     followed: Mutex<HashMap<(SandboxId, ServiceName), CancellationToken>>,
 }
 
+/// A runtime dropped (the agent stops) follows nothing any more; its instances run on.
+impl Drop for ProcessRuntime {
+    fn drop(&mut self) {
+        for stop in self
+            .followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            stop.cancel();
+        }
+    }
+}
+
 fn err(message: impl Into<String>) -> RuntimeError {
     RuntimeError(message.into())
 }
@@ -158,6 +173,28 @@ impl ProcessRuntime {
         followed.insert(key, stop);
     }
 
+    /// Follows an instance's output files into `out` (after one last read of whoever followed
+    /// them before). Returns the count of lines read.
+    fn follow_files(&self, out: InstanceOutput) -> tokio::sync::watch::Receiver<u64> {
+        let (sandbox, service) = (out.sandbox.clone(), out.service.clone());
+        self.unfollow(&sandbox, &service);
+        let stop = CancellationToken::new();
+        let (lines, output_lines) = tokio::sync::watch::channel(0);
+        for stream in [LogStream::Stdout, LogStream::Stderr] {
+            tokio::spawn(output::follow(
+                self.output_path(&sandbox, &service, stream),
+                Some((out.clone(), stream)),
+                Some(lines.clone()),
+                stop.clone(),
+            ));
+        }
+        self.followed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((sandbox, service), stop);
+        output_lines
+    }
+
     /// Stops following an instance's output, after one last read.
     fn unfollow(&self, sandbox: &SandboxId, service: &ServiceName) {
         if let Some(stop) = self
@@ -208,6 +245,36 @@ impl ProcessRuntime {
         }
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// Why a child ended, as people read it.
+fn describe(status: ExitStatus) -> String {
+    if let Some(code) = status.code() {
+        return format!("exit code {code}");
+    }
+    match status.signal() {
+        Some(signal) => match Signal::try_from(signal) {
+            Ok(signal) => format!("killed by {}", signal.as_str()),
+            Err(_) => format!("killed by signal {signal}"),
+        },
+        None => status.to_string(),
+    }
+}
+
+/// The end of process `pid`, which is not the agent's child (an earlier run of the agent
+/// started it), through a pidfd: its exit status cannot be read.
+fn pidfd_exit(pid: i32) -> Option<Exit> {
+    let pid = rustix::process::Pid::from_raw(pid)?;
+    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::NONBLOCK).ok()?;
+    // Deprecated for fds whose owner may close them behind tokio's back; this one is owned
+    // here and lives as long as its registration, and the replacement needs `unsafe`, which
+    // the workspace forbids.
+    #[allow(deprecated)]
+    let fd = tokio::io::unix::AsyncFd::with_interest(fd, tokio::io::Interest::READABLE).ok()?;
+    Some(Box::pin(async move {
+        let _ = fd.readable().await;
+        "it ended (an earlier run of the agent started it: its exit status is unknown)".to_owned()
+    }))
 }
 
 #[async_trait::async_trait]
@@ -279,50 +346,76 @@ impl Runtime for ProcessRuntime {
         };
         std::fs::write(&path, serde_json::to_vec(&pid_file).expect("serializes"))
             .map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
-        let stop = CancellationToken::new();
-        self.unfollow(&req.sandbox_id, &req.service);
-        self.followed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert((req.sandbox_id.clone(), req.service.clone()), stop.clone());
-        let (lines, output_lines) = tokio::sync::watch::channel(0);
-        for stream in [LogStream::Stdout, LogStream::Stderr] {
-            let sink = LineSink {
-                outbox: req.output.clone(),
-                deployment: req.deployment.clone(),
-                service: req.service.clone(),
-                stream,
-                mask: None,
-            };
-            tokio::spawn(output::follow(
-                self.output_path(&req.sandbox_id, &req.service, stream),
-                Some(sink),
-                Some(lines.clone()),
-                stop.clone(),
-            ));
-        }
-        let (outbox, deployment, service) = (
-            req.output.clone(),
+        let generation = req.output.log.begin(&req.sandbox_id, &req.service);
+        let out = req
+            .output
+            .of(&req.sandbox_id, &req.service, &req.deployment, generation);
+        let output_lines = self.follow_files(out);
+        let (exited, exit) = tokio::sync::oneshot::channel();
+        let (deployment_log, deployment, service) = (
+            req.output.deployment.clone(),
             req.deployment.clone(),
             req.service.clone(),
         );
         tokio::spawn(async move {
-            if let Ok(status) = child.wait().await {
+            let reason = match child.wait().await {
+                Ok(status) => describe(status),
+                Err(e) => format!("its end could not be read: {e}"),
+            };
+            if let Some(outbox) = deployment_log {
                 outbox
                     .system(
                         &deployment,
                         Some(&service),
-                        format!("{service} exited: {status}"),
+                        format!("{service} exited: {reason}"),
                     )
                     .await;
             }
+            let _ = exited.send(reason);
+        });
+        let exit: Exit = Box::pin(async move {
+            exit.await
+                .unwrap_or_else(|_| "its end could not be read".to_owned())
         });
         Ok(Instance {
             host_port: port,
             health_host: "127.0.0.1".to_owned(),
             // Read from its files a moment after it is written.
             output_lines: Some(output_lines),
+            exit,
         })
+    }
+
+    async fn adopt(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        deployment: &DeploymentId,
+        output: Output,
+    ) -> Result<Option<Instance>, RuntimeError> {
+        let path = self.pid_path(sandbox, service);
+        let Some(pid_file) = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<PidFile>(&text).ok())
+        else {
+            return Ok(None);
+        };
+        if pid_file.leader() != Leader::Alive {
+            return Ok(None);
+        }
+        let Some(exit) = pidfd_exit(pid_file.pid) else {
+            return Ok(None);
+        };
+        self.ports.claim(pid_file.port);
+        let generation = output.log.generation(sandbox, service);
+        let output_lines = self.follow_files(output.of(sandbox, service, deployment, generation));
+        tracing::info!(%sandbox, %service, pid = pid_file.pid, port = pid_file.port, "took up an instance an earlier run started");
+        Ok(Some(Instance {
+            host_port: pid_file.port,
+            health_host: "127.0.0.1".to_owned(),
+            output_lines: Some(output_lines),
+            exit,
+        }))
     }
 
     async fn stop_service(

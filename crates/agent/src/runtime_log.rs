@@ -1,0 +1,416 @@
+//! Sandboxes' runtime logs: what instances print, from their start, and how they fare
+//! (`runtime` frames). Numbered per sandbox by the generic [`Queue`], with one difference
+//! from deployments' events: the numbering outlives the agent. Each sandbox's last
+//! acknowledged `seq`, and where each output source's acknowledged lines end, are kept in
+//! `state/<sandbox_id>/runtime.json` (written aside and renamed), so that a restarted agent
+//! goes on from the next `seq` and its followers re-read exactly what was not acknowledged.
+//!
+//! An output source is a file of the process runtime (`orders.stdout`) or a container's log
+//! stream (`orders`); its position is a byte offset or a log timestamp in nanoseconds. Each
+//! start of an instance is a new generation of its sources: positions of an older one never
+//! apply to a new file or container.
+//!
+//! The window that remains: events the control plane stored but had not acknowledged when
+//! the agent died take the same `seq`s again after the restart. Output lines are re-read in
+//! the same order per source, so they match; but a state report in that window, or lines of
+//! stdout and stderr re-read in another interleaving, may be dropped as duplicates or stored
+//! twice under other `seq`s.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sdp_protocol::{
+    AgentMessage, DeploymentId, InstanceReport, LogStream, RuntimeBody, RuntimeEvent, SandboxId,
+    ServiceName, escaped_len, escaped_pieces,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::events::{Outbox, Queue, Stream};
+use crate::lines::MAX_LINE;
+
+/// The file in a sandbox's state folder.
+const SAVED: &str = "runtime.json";
+/// The last lines of an instance kept for a crash report.
+const TAIL_LINES: usize = 20;
+
+/// Where an output line ends in its source, carried with its event until acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mark {
+    pub source: String,
+    pub generation: u64,
+    pub at: u64,
+}
+
+/// Runtime events: numbered per sandbox.
+pub struct RuntimeEvents;
+
+impl Stream for RuntimeEvents {
+    type Key = SandboxId;
+    type Event = RuntimeEvent;
+    type Body = RuntimeBody;
+    type Tag = Option<Mark>;
+
+    fn event(key: &SandboxId, seq: u64, ts: OffsetDateTime, body: RuntimeBody) -> RuntimeEvent {
+        RuntimeEvent {
+            sandbox: key.clone(),
+            seq,
+            ts,
+            body,
+        }
+    }
+
+    fn key(event: &RuntimeEvent) -> &SandboxId {
+        &event.sandbox
+    }
+
+    fn seq(event: &RuntimeEvent) -> u64 {
+        event.seq
+    }
+
+    fn shrink(event: &mut RuntimeEvent, bytes: usize) {
+        let service = match &event.body {
+            RuntimeBody::Log { service, .. } => service.clone(),
+            RuntimeBody::Instance(report) => report.service.clone(),
+        };
+        event.body = RuntimeBody::Log {
+            service,
+            stream: LogStream::System,
+            line: format!("an event of {bytes} bytes was too large to send, and was left out"),
+        };
+    }
+
+    fn frame(events: Vec<RuntimeEvent>) -> AgentMessage {
+        AgentMessage::Runtime { events }
+    }
+}
+
+/// A source's acknowledged position.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Cursor {
+    generation: u64,
+    at: u64,
+}
+
+/// `runtime.json`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Saved {
+    acked_seq: u64,
+    /// Each service's instance generation: bumped by every start.
+    #[serde(default)]
+    generations: BTreeMap<String, u64>,
+    /// Each source's acknowledged position.
+    #[serde(default)]
+    cursors: BTreeMap<String, Cursor>,
+}
+
+pub struct RuntimeLog {
+    queue: Queue<RuntimeEvents>,
+    /// `<work_dir>/state`.
+    state_dir: PathBuf,
+    saved: Mutex<HashMap<SandboxId, Saved>>,
+}
+
+impl RuntimeLog {
+    pub fn new(state_dir: &Path) -> RuntimeLog {
+        RuntimeLog {
+            queue: Queue::default(),
+            state_dir: state_dir.to_owned(),
+            saved: Mutex::default(),
+        }
+    }
+
+    fn path(&self, sandbox: &SandboxId) -> PathBuf {
+        self.state_dir.join(sandbox.as_str()).join(SAVED)
+    }
+
+    /// Runs `f` on what is kept of `sandbox`, read from disk the first time, and writes it back
+    /// when `f` says it changed.
+    fn with_saved<T>(&self, sandbox: &SandboxId, f: impl FnOnce(&mut Saved) -> (T, bool)) -> T {
+        let mut all = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        let saved = all.entry(sandbox.clone()).or_insert_with(|| {
+            let saved: Saved = std::fs::read(self.path(sandbox))
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+                .unwrap_or_default();
+            self.queue.continue_after(sandbox, saved.acked_seq);
+            saved
+        });
+        let (value, changed) = f(saved);
+        if changed {
+            self.store(sandbox, saved);
+        }
+        value
+    }
+
+    /// Written aside and renamed, so that a crash leaves the old file or the new one. Only
+    /// into a state folder that exists: a late acknowledgement must not bring back the folder
+    /// of a sandbox torn down.
+    fn store(&self, sandbox: &SandboxId, saved: &Saved) {
+        let path = self.path(sandbox);
+        if !path.parent().is_some_and(Path::is_dir) {
+            return;
+        }
+        let aside = path.with_extension("json.new");
+        let written = std::fs::write(&aside, serde_json::to_vec(saved).expect("serializes"))
+            .and_then(|()| std::fs::rename(&aside, &path));
+        if let Err(e) = written {
+            tracing::warn!(%sandbox, path = %path.display(), error = %e, "cannot keep the runtime log's position");
+        }
+    }
+
+    async fn push(&self, sandbox: &SandboxId, body: RuntimeBody, mark: Option<Mark>) {
+        self.with_saved(sandbox, |_| ((), false));
+        self.queue.push(sandbox, body, mark).await;
+    }
+
+    /// A line of `service`, cut like a deployment's log line when too long; `mark` says where
+    /// it ended in its source (on the last piece).
+    pub async fn log(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        stream: LogStream,
+        line: String,
+        mark: Option<Mark>,
+    ) {
+        let log = |line| RuntimeBody::Log {
+            service: service.clone(),
+            stream,
+            line,
+        };
+        if escaped_len(&line) <= MAX_LINE {
+            return self.push(sandbox, log(line), mark).await;
+        }
+        let pieces: Vec<String> = escaped_pieces(&line, MAX_LINE).map(str::to_owned).collect();
+        let last = pieces.len() - 1;
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let mark = if i == last { mark.clone() } else { None };
+            self.push(sandbox, log(piece), mark).await;
+        }
+    }
+
+    pub async fn system(&self, sandbox: &SandboxId, service: &ServiceName, line: String) {
+        self.log(sandbox, service, LogStream::System, line, None)
+            .await;
+    }
+
+    pub async fn report(&self, sandbox: &SandboxId, report: InstanceReport) {
+        tracing::info!(%sandbox, service = %report.service, state = %report.state, reason = report.reason.as_deref().unwrap_or(""), "instance state");
+        self.push(sandbox, RuntimeBody::Instance(report), None)
+            .await;
+    }
+
+    /// A new instance of `service` starts: its sources start anew. Returns its generation.
+    pub fn begin(&self, sandbox: &SandboxId, service: &ServiceName) -> u64 {
+        self.with_saved(sandbox, |saved| {
+            let generation = saved.generations.entry(service.to_string()).or_insert(0);
+            *generation += 1;
+            (*generation, true)
+        })
+    }
+
+    /// The generation of `service`'s instance now.
+    pub fn generation(&self, sandbox: &SandboxId, service: &ServiceName) -> u64 {
+        self.with_saved(sandbox, |saved| {
+            (
+                saved
+                    .generations
+                    .get(service.as_str())
+                    .copied()
+                    .unwrap_or(0),
+                false,
+            )
+        })
+    }
+
+    /// Where the acknowledged lines of `source` end, in its `generation`: where a follower
+    /// resumes.
+    pub fn acked_at(&self, sandbox: &SandboxId, source: &str, generation: u64) -> u64 {
+        self.with_saved(sandbox, |saved| {
+            let at = saved
+                .cursors
+                .get(source)
+                .filter(|c| c.generation == generation)
+                .map_or(0, |c| c.at);
+            (at, false)
+        })
+    }
+
+    /// `source` was emptied once all of it was acknowledged: it starts again at 0.
+    pub fn rebase(&self, sandbox: &SandboxId, source: &str, generation: u64) {
+        self.with_saved(sandbox, |saved| {
+            saved
+                .cursors
+                .insert(source.to_owned(), Cursor { generation, at: 0 });
+            ((), true)
+        });
+    }
+
+    /// The control plane stored `sandbox`'s events up to `seq`.
+    pub fn ack(&self, sandbox: &SandboxId, seq: u64) {
+        let marks = self.queue.ack(sandbox, seq);
+        self.with_saved(sandbox, |saved| {
+            saved.acked_seq = saved.acked_seq.max(seq);
+            for Mark {
+                source,
+                generation,
+                at,
+            } in marks.into_iter().flatten()
+            {
+                let current = saved.cursors.entry(source).or_default();
+                if generation >= current.generation {
+                    *current = Cursor { generation, at };
+                }
+            }
+            ((), true)
+        });
+    }
+
+    pub fn resend(&self, sandbox: &SandboxId, from_seq: u64) {
+        self.queue.resend(sandbox, from_seq);
+    }
+
+    pub fn rewind(&self) {
+        self.queue.rewind();
+    }
+
+    #[cfg(test)]
+    pub fn next_batch(&self, max_events: usize, max_bytes: usize) -> Vec<RuntimeEvent> {
+        self.queue.next_batch(max_events, max_bytes)
+    }
+
+    /// The queue the connection's writer sends from.
+    pub fn queue(&self) -> &Queue<RuntimeEvents> {
+        &self.queue
+    }
+
+    pub async fn wait(&self) {
+        self.queue.wait().await;
+    }
+
+    /// The sandbox is torn down: nothing more of it is sent or kept.
+    pub fn close(&self, sandbox: &SandboxId) {
+        self.queue.close(sandbox);
+        self.queue.discard(sandbox);
+        self.saved
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(sandbox);
+    }
+}
+
+/// An instance's last lines, for the report of its crash.
+#[derive(Clone, Default)]
+pub struct Tail(Arc<Mutex<VecDeque<String>>>);
+
+impl Tail {
+    fn push(&self, line: &str) {
+        let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if lines.len() == TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line.to_owned());
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        let lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        lines.iter().cloned().collect()
+    }
+}
+
+/// Where one instance's output goes: its sandbox's runtime log from its start, its
+/// deployment's log too until the outcome, and its tail.
+#[derive(Clone)]
+pub struct InstanceOutput {
+    pub log: Arc<RuntimeLog>,
+    pub sandbox: SandboxId,
+    pub service: ServiceName,
+    pub generation: u64,
+    pub deployment: Option<(Arc<Outbox>, DeploymentId)>,
+    pub tail: Tail,
+}
+
+impl InstanceOutput {
+    /// `source`'s line, which ends at `at` in it.
+    pub async fn line(&self, stream: LogStream, source: &str, line: String, at: u64) {
+        self.tail.push(&line);
+        if let Some((outbox, deployment)) = &self.deployment {
+            outbox
+                .log(deployment, Some(&self.service), stream, line.clone())
+                .await;
+        }
+        let mark = Mark {
+            source: source.to_owned(),
+            generation: self.generation,
+            at,
+        };
+        self.log
+            .log(&self.sandbox, &self.service, stream, line, Some(mark))
+            .await;
+    }
+
+    /// Where `source`'s acknowledged lines end.
+    pub fn acked_at(&self, source: &str) -> u64 {
+        self.log.acked_at(&self.sandbox, source, self.generation)
+    }
+
+    pub fn rebase(&self, source: &str) {
+        self.log.rebase(&self.sandbox, source, self.generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u64) -> SandboxId {
+        SandboxId::parse(format!("sbx_{n:016x}")).unwrap()
+    }
+
+    fn lines(log: &RuntimeLog) -> Vec<(u64, String)> {
+        log.next_batch(1000, usize::MAX)
+            .into_iter()
+            .filter_map(|e| match e.body {
+                RuntimeBody::Log { line, .. } => Some((e.seq, line)),
+                RuntimeBody::Instance(_) => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn the_numbering_and_the_acknowledged_positions_outlive_the_agent() {
+        let state = tempfile::tempdir().unwrap();
+        let sandbox = id(1);
+        std::fs::create_dir_all(state.path().join(sandbox.as_str())).unwrap();
+        let service = ServiceName::parse("orders").unwrap();
+        let log = RuntimeLog::new(state.path());
+        let generation = log.begin(&sandbox, &service);
+        for (i, line) in ["a", "b", "c"].into_iter().enumerate() {
+            let mark = Mark {
+                source: "orders.stdout".into(),
+                generation,
+                at: 2 * (i as u64 + 1),
+            };
+            log.log(
+                &sandbox,
+                &service,
+                LogStream::Stdout,
+                line.into(),
+                Some(mark),
+            )
+            .await;
+        }
+        assert_eq!(lines(&log).len(), 3);
+        log.ack(&sandbox, 2);
+        drop(log);
+
+        let again = RuntimeLog::new(state.path());
+        assert_eq!(again.generation(&sandbox, &service), generation);
+        assert_eq!(again.acked_at(&sandbox, "orders.stdout", generation), 4);
+        assert_eq!(again.acked_at(&sandbox, "orders.stdout", generation + 1), 0);
+        again.system(&sandbox, &service, "after".into()).await;
+        assert_eq!(lines(&again), [(3, "after".to_owned())]);
+    }
+}
