@@ -139,10 +139,34 @@ pub struct SandboxService {
     pub service: String,
     pub branch: String,
     pub commit: Option<String>,
-    /// `deploying`, `running`, `failed` or `stopped`.
+    /// `deploying`, `running`, `unhealthy`, `crashed`, `sleeping`, `failed` or `stopped`.
+    /// An instance being restarted shows as `crashed` (or `unhealthy`, when that is why it
+    /// restarts), with `restarts` counting up.
     pub state: String,
     /// `host:port` of its instance, while one runs.
     pub upstream: Option<String>,
+    /// Why it is `crashed` or `unhealthy` (`exit code 2`, `/healthz gave status 500`).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Restarts of its instance since it was deployed.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Its instance's last lines before it crashed, oldest first.
+    #[serde(default)]
+    pub last_lines: Vec<String>,
+}
+
+/// One entry of `GET /api/sandboxes/{id}/history`: a row of the audit trail about the
+/// sandbox (deploys, deletes, and its instances' crashes, restarts and health failures).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub at: String,
+    /// Who: a user, `sdp` (expiry), or `agent:<name>` (what an agent reported).
+    pub actor: String,
+    /// `create_sandbox`, `redeploy`, `delete_sandbox`, `expire`, `extend_sandbox`,
+    /// `instance_crashed`, `instance_restarting`, `instance_restarted`, `instance_unhealthy`.
+    pub action: String,
+    pub detail: String,
 }
 
 /// The answer to a create or a redeploy (202): the sandbox and its new deployment.

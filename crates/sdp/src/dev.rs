@@ -80,6 +80,7 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
         job_timeout: ConfigDuration::from_secs(20),
         trusted_proxies: Vec::new(),
         max_log_size: ByteSize::mib(64),
+        max_runtime_log_size: ByteSize::mib(16),
         min_free_space: ByteSize::gib(1),
         http_header_timeout: ConfigDuration::from_secs(10),
         http_write_timeout: ConfigDuration::from_secs(30),

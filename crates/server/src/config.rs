@@ -37,6 +37,10 @@ pub struct ServerConfig {
     /// A deployment's log file is cut past this size; the deployment goes on.
     #[serde(default = "default_max_log_size")]
     pub max_log_size: ByteSize,
+    /// A sandbox's runtime log (its services' output after ready) is rotated past this
+    /// size, keeping one rotated file: at most about twice this per sandbox.
+    #[serde(default = "default_max_runtime_log_size")]
+    pub max_runtime_log_size: ByteSize,
     /// New deployments are refused while the file system of `data_dir` has less free space.
     #[serde(default = "default_min_free_space")]
     pub min_free_space: ByteSize,
@@ -123,6 +127,9 @@ fn default_job_timeout() -> ConfigDuration {
 fn default_max_log_size() -> ByteSize {
     ByteSize::mib(64)
 }
+fn default_max_runtime_log_size() -> ByteSize {
+    ByteSize::mib(16)
+}
 fn default_min_free_space() -> ByteSize {
     ByteSize::gib(1)
 }
@@ -165,6 +172,12 @@ impl ServerConfig {
             return Err(format!(
                 "`max_log_size` must be at least {MIN_LOG_SIZE}, not {}: a cut log should still show how a build began",
                 self.max_log_size
+            ));
+        }
+        if self.max_runtime_log_size < MIN_LOG_SIZE {
+            return Err(format!(
+                "`max_runtime_log_size` must be at least {MIN_LOG_SIZE}, not {}: a rotated log should still hold a crash's last lines",
+                self.max_runtime_log_size
             ));
         }
         if let Some(url) = &self.public_url {

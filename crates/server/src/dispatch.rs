@@ -6,7 +6,7 @@
 //!   control plane of several replicas could implement it over a shared bus (PostgreSQL
 //!   `LISTEN/NOTIFY`, say), so no caller may assume that an agent's connection lives in its
 //!   own process: every question about agents is asked here, and may wait.
-//! - [`AgentReports`]: what agents say on their own (hello, events, gone), reported by the hub
+//! - [`AgentReports`]: what agents say on their own (hello, events, runtime events, gone), reported by the hub
 //!   to whoever it was built with.
 //!
 //! [`call`] gives each job kind its own reply type ([`JobSpec`]): a caller gets that type or
@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use sdp_protocol::{
     AgentName, Capability, DeploymentId, Event, Heartbeat, Hello, JobError, JobKind, JobOutput,
-    JobSpec, MAX_FRAME_BYTES, ReplyError, Role,
+    JobSpec, MAX_FRAME_BYTES, ReplyError, Role, RuntimeEvent, SandboxId,
 };
 
 /// Which agent a job is for.
@@ -142,6 +142,16 @@ pub struct EventsAnswer {
     pub resend: Vec<(DeploymentId, u64)>,
 }
 
+/// What the control plane answers a batch of runtime events with.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct RuntimeAnswer {
+    /// Per sandbox, the agent's `seq` up to which its runtime events are stored (or dropped
+    /// for good: duplicates, events of an ended sandbox): the agent forgets them.
+    pub acks: Vec<(SandboxId, u64)>,
+    /// Per sandbox, the `seq` from which its runtime events are needed again.
+    pub resend: Vec<(SandboxId, u64)>,
+}
+
 /// What agents say on their own, reported by the hub. The hub awaits each call before it
 /// reads the agent's next frame, so they are quick: long work goes to tasks of the
 /// implementation's own.
@@ -151,6 +161,8 @@ pub trait AgentReports: Send + Sync {
     async fn hello(&self, hello: &Hello);
     /// A batch of an agent's events, in the order they happened.
     async fn events(&self, agent: &AgentName, events: Vec<Event>) -> EventsAnswer;
+    /// A batch of an agent's runtime events (sandboxes' instances after ready), in order.
+    async fn runtime(&self, agent: &AgentName, events: Vec<RuntimeEvent>) -> RuntimeAnswer;
     /// An agent's connection ended, and no newer one of it replaced it.
     async fn gone(&self, agent: &AgentName, last_seen: time::OffsetDateTime, last: Heartbeat);
 }

@@ -571,8 +571,20 @@ async fn handle_frame(
             acks.chain(resend).collect()
         }
         AgentMessage::Runtime { events } => {
-            tracing::debug!(agent = %conn.name, events = events.len(), "runtime events are not stored yet");
-            Vec::new()
+            // As for events: stopping, nothing is acknowledged.
+            let Some(reports) = reports.upgrade() else {
+                return Vec::new();
+            };
+            let answer = reports.runtime(&conn.name, events).await;
+            let acks = answer
+                .acks
+                .into_iter()
+                .map(|(sandbox, seq)| ServerMessage::RuntimeAck { sandbox, seq });
+            let resend = answer
+                .resend
+                .into_iter()
+                .map(|(sandbox, from_seq)| ServerMessage::RuntimeResend { sandbox, from_seq });
+            acks.chain(resend).collect()
         }
         AgentMessage::Activity { .. } | AgentMessage::Wake { .. } => Vec::new(),
         AgentMessage::Error(e) => {

@@ -14,6 +14,7 @@ mod hub;
 mod lifecycle;
 mod limiter;
 mod logs;
+mod runtime_logs;
 mod sessions;
 
 use std::net::SocketAddr;

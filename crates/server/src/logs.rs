@@ -54,7 +54,18 @@ pub enum Frame {
         step: String,
         state: String,
     },
-    /// The last frame: the deployment's final state.
+    /// An instance's new state (runtime logs only): `running`, `unhealthy`, `crashed`,
+    /// `restarting` or `sleeping`, as its agent reported it.
+    Instance {
+        seq: u64,
+        ts: String,
+        service: String,
+        state: String,
+        reason: Option<String>,
+        restarts: u32,
+    },
+    /// The last frame: the deployment's final state (or, in a runtime log's live stream,
+    /// the sandbox's end).
     End {
         seq: u64,
         ts: String,
@@ -66,8 +77,22 @@ pub enum Frame {
 impl Frame {
     pub fn seq(&self) -> u64 {
         match self {
-            Frame::Log { seq, .. } | Frame::Step { seq, .. } | Frame::End { seq, .. } => *seq,
+            Frame::Log { seq, .. }
+            | Frame::Step { seq, .. }
+            | Frame::Instance { seq, .. }
+            | Frame::End { seq, .. } => *seq,
         }
+    }
+
+    /// The frame numbered `to` (a runtime log numbers its frames as it stores them).
+    pub fn renumbered(mut self, to: u64) -> Frame {
+        match &mut self {
+            Frame::Log { seq, .. }
+            | Frame::Step { seq, .. }
+            | Frame::Instance { seq, .. }
+            | Frame::End { seq, .. } => *seq = to,
+        }
+        self
     }
 
     /// A line a build or a service printed: what a cut log drops.
@@ -482,11 +507,27 @@ impl Logs {
             file.seek(std::io::SeekFrom::Start(start)).await?;
         }
         let limit = end.map_or(u64::MAX, |end| end - start);
-        Ok(LogReader {
-            lines: Some(BufReader::with_capacity(READ_CHUNK, file).take(limit)),
-            from,
-            buf: Vec::new(),
-        })
+        Ok(LogReader::of_files(vec![(file, limit)], from))
+    }
+}
+
+/// A log that viewers follow: its stored frames from a `seq` on, then the live ones.
+/// Deployment logs and sandboxes' runtime logs both are, so one WebSocket loop serves both.
+#[async_trait::async_trait]
+pub trait FrameLog: Send + Sync {
+    async fn reader(&self, id: &str, from: u64) -> std::io::Result<LogReader>;
+    /// The live frames from now on; subscribe before reading, so nothing falls between.
+    fn subscribe(&self, id: &str) -> broadcast::Receiver<Arc<Vec<Line>>>;
+}
+
+#[async_trait::async_trait]
+impl FrameLog for Logs {
+    async fn reader(&self, id: &str, from: u64) -> std::io::Result<LogReader> {
+        Logs::reader(self, id, from).await
+    }
+
+    fn subscribe(&self, id: &str) -> broadcast::Receiver<Arc<Vec<Line>>> {
+        Logs::subscribe(self, id)
     }
 }
 
@@ -494,6 +535,8 @@ impl Logs {
 pub struct LogReader {
     /// `None` once read to the end.
     lines: Option<tokio::io::Take<BufReader<tokio::fs::File>>>,
+    /// Files to read after this one, in order (a rotated log: the older file first).
+    then: Vec<tokio::io::Take<BufReader<tokio::fs::File>>>,
     from: u64,
     buf: Vec<u8>,
 }
@@ -502,6 +545,23 @@ impl LogReader {
     fn empty(from: u64) -> Self {
         LogReader {
             lines: None,
+            then: Vec::new(),
+            from,
+            buf: Vec::new(),
+        }
+    }
+
+    /// A reader of open files, one after the other, each up to its length as given (so a
+    /// line being appended meanwhile is not read half).
+    pub(crate) fn of_files(files: Vec<(tokio::fs::File, u64)>, from: u64) -> Self {
+        let mut files: Vec<_> = files
+            .into_iter()
+            .map(|(file, len)| BufReader::with_capacity(READ_CHUNK, file).take(len))
+            .collect();
+        files.reverse();
+        LogReader {
+            lines: files.pop(),
+            then: files,
             from,
             buf: Vec::new(),
         }
@@ -518,8 +578,8 @@ impl LogReader {
             self.buf.clear();
             let n = reader.read_until(b'\n', &mut self.buf).await?;
             if n == 0 {
-                self.lines = None;
-                break;
+                self.lines = self.then.pop();
+                continue;
             }
             bytes += n;
             // A line cut short by a crash mid-write is skipped, not fatal.

@@ -52,6 +52,15 @@ impl Api {
         Reply::from(req.send().await.unwrap()).await
     }
 
+    /// `DELETE /api/sandboxes/{name}`.
+    pub async fn delete_sandbox(&self, token: &str, name: &str) -> Reply {
+        let req = self
+            .http
+            .delete(format!("{}/api/sandboxes/{name}", self.url))
+            .bearer_auth(token);
+        Reply::from(req.send().await.unwrap()).await
+    }
+
     pub async fn login_as(&self, user: &str, password: &str) -> Reply {
         let login = sdp_api::LoginRequest {
             username: user.to_owned(),

@@ -144,6 +144,22 @@ impl FakeAgent {
         }
     }
 
+    /// Sends a `runtime` frame with `events` (see [`wire::runtime_log`] and
+    /// [`wire::runtime_instance`]).
+    pub async fn send_runtime(&mut self, events: Vec<sdp_protocol::RuntimeEvent>) {
+        self.send_text(&wire::runtime(events)).await;
+    }
+
+    /// The next `runtime_ack` or `runtime_resend` frame; others are skipped.
+    pub async fn next_runtime_answer(&mut self) -> Value {
+        loop {
+            let frame = self.next_json().await;
+            if frame["type"] == "runtime_ack" || frame["type"] == "runtime_resend" {
+                return frame;
+            }
+        }
+    }
+
     /// Answers `job` (a frame from [`FakeAgent::next_job`]) with `output`.
     pub async fn reply(&mut self, job: &Value, output: Value) {
         self.send_text(&wire::reply_json(job, output)).await;
@@ -396,6 +412,66 @@ pub mod wire {
                 .map(|s| sdp_protocol::SandboxId::parse(*s).unwrap())
                 .collect(),
         }))
+    }
+
+    /// A `runtime` frame of `events`.
+    pub fn runtime(events: Vec<sdp_protocol::RuntimeEvent>) -> String {
+        encode(&AgentMessage::Runtime { events })
+    }
+
+    /// A runtime event: a line `service` printed on `stream` (`stdout`, `stderr`, `system`).
+    pub fn runtime_log(
+        sandbox: &str,
+        seq: u64,
+        service: &str,
+        stream: &str,
+        line: &str,
+    ) -> sdp_protocol::RuntimeEvent {
+        let stream = match stream {
+            "stdout" => LogStream::Stdout,
+            "stderr" => LogStream::Stderr,
+            _ => LogStream::System,
+        };
+        sdp_protocol::RuntimeEvent {
+            sandbox: sdp_protocol::SandboxId::parse(sandbox).unwrap(),
+            seq,
+            ts: OffsetDateTime::now_utc(),
+            body: sdp_protocol::RuntimeBody::Log {
+                service: sdp_protocol::ServiceName::parse(service).unwrap(),
+                stream,
+                line: line.to_owned(),
+            },
+        }
+    }
+
+    /// A runtime event: `service`'s instance is now `state` (`running`, `unhealthy`,
+    /// `crashed`, `restarting`, `sleeping`), for `reason`, at `upstream`.
+    pub fn runtime_instance(
+        sandbox: &str,
+        seq: u64,
+        service: &str,
+        state: &str,
+        reason: Option<&str>,
+        upstream: Option<&str>,
+        restarts: u32,
+    ) -> sdp_protocol::RuntimeEvent {
+        let state: sdp_protocol::InstanceState =
+            serde_json::from_value(Value::from(state)).unwrap();
+        sdp_protocol::RuntimeEvent {
+            sandbox: sdp_protocol::SandboxId::parse(sandbox).unwrap(),
+            seq,
+            ts: OffsetDateTime::now_utc(),
+            body: sdp_protocol::RuntimeBody::Instance(sdp_protocol::InstanceReport {
+                service: sdp_protocol::ServiceName::parse(service).unwrap(),
+                state,
+                reason: reason.map(str::to_owned),
+                last_lines: reason
+                    .map(|r| vec![format!("last words before {r}")])
+                    .unwrap_or_default(),
+                upstream: upstream.map(str::to_owned),
+                restarts,
+            }),
+        }
     }
 
     /// The heartbeat period a `welcome` asks for.

@@ -21,6 +21,7 @@ mod limits;
 mod login;
 mod router;
 mod runtime;
+mod runtime_log;
 mod tls;
 
 /// The binary under test, which the kit's end-to-end tier runs.

@@ -17,7 +17,7 @@ use super::sandboxes::{cursor, list_query};
 use super::{AppState, rfc3339};
 use crate::db::DeploymentRow;
 use crate::error::ApiError;
-use crate::logs::{Frame, Line, Logs};
+use crate::logs::{Frame, FrameLog, Line, LogReader};
 
 pub(crate) fn deployment_view(row: DeploymentRow) -> Deployment {
     Deployment {
@@ -93,7 +93,7 @@ pub async fn list(
 }
 
 /// One frame as a line for people.
-fn render(frame: &Frame) -> String {
+pub(super) fn render(frame: &Frame) -> String {
     match frame {
         Frame::Log {
             ts,
@@ -115,6 +115,20 @@ fn render(frame: &Frame) -> String {
             "{ts} [{}] step {step}: {state}",
             service.as_deref().unwrap_or("sdp")
         ),
+        Frame::Instance {
+            ts,
+            service,
+            state,
+            reason,
+            restarts,
+            ..
+        } => {
+            let reason = reason
+                .as_deref()
+                .map(|r| format!(": {r}"))
+                .unwrap_or_default();
+            format!("{ts} [{service}] instance {state}{reason} (restarts: {restarts})")
+        }
         Frame::End {
             ts, state, error, ..
         } => match error {
@@ -137,8 +151,17 @@ pub async fn logs(
         .reader(&id, 1)
         .await
         .map_err(|e| ApiError::internal("read log", &e))?;
+    Ok(text_body(reader, id, |_| true))
+}
+
+/// A log's frames from `reader` that `keep` takes, as a streamed text/plain body.
+pub(super) fn text_body(
+    reader: LogReader,
+    id: String,
+    keep: impl Fn(&Frame) -> bool + Clone + Send + Sync + 'static,
+) -> Response {
     let chunks = futures_util::stream::unfold(Some(reader), move |reader| {
-        let id = id.clone();
+        let (id, keep) = (id.clone(), keep.clone());
         async move {
             let mut reader = reader?;
             match reader.next_batch().await {
@@ -146,7 +169,9 @@ pub async fn logs(
                 Ok(batch) => {
                     let mut text = String::new();
                     for line in batch {
-                        if let Ok(frame) = serde_json::from_str::<Frame>(&line.json) {
+                        if let Ok(frame) = serde_json::from_str::<Frame>(&line.json)
+                            && keep(&frame)
+                        {
                             text.push_str(&render(&frame));
                             text.push('\n');
                         }
@@ -155,17 +180,17 @@ pub async fn logs(
                 }
                 Err(e) => {
                     // The status went out with the first chunk: the body ends short.
-                    tracing::error!(deployment = %id, error = %e, "cannot read the deployment log");
+                    tracing::error!(log = %id, error = %e, "cannot read the log");
                     Some((Err(e), None))
                 }
             }
         }
     });
-    Ok((
+    (
         [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
         Body::from_stream(chunks),
     )
-        .into_response())
+        .into_response()
 }
 
 #[derive(Deserialize)]
@@ -190,7 +215,9 @@ pub async fn socket(
     Ok(upgrade.on_upgrade(move |socket| {
         connections.track_future(async move {
             let logs = state.lifecycle.logs();
-            if let Err(reason) = stream_log(logs, &id, from, socket, &state.shutdown).await {
+            let every = |_: &Line| true;
+            if let Err(reason) = stream_log(logs, &id, from, socket, &state.shutdown, &every).await
+            {
                 tracing::debug!(deployment = %id, %reason, "log viewer left");
             }
         })
@@ -200,23 +227,25 @@ pub async fn socket(
 /// Replays the stored frames from `from`, then the live ones, up to and including the end
 /// frame. A viewer that falls behind the live channel reads the file again from where it
 /// was, so it sees every frame once, in order. Frames are written in bursts and flushed once
-/// per burst: a flood of lines costs a few writes, not one per line.
-async fn stream_log(
-    logs: &Logs,
+/// per burst: a flood of lines costs a few writes, not one per line. Only the frames `keep`
+/// takes are sent (a runtime log's `?service=`); the end frame always is.
+pub(super) async fn stream_log(
+    logs: &dyn FrameLog,
     id: &str,
     from: u64,
     mut socket: WebSocket,
     shutdown: &tokio_util::sync::CancellationToken,
+    keep: &(dyn Fn(&Line) -> bool + Sync),
 ) -> Result<(), String> {
     let mut next = from;
     // A finished deployment is all in its file; only a running one needs the live channel.
-    if replay(logs, id, &mut next, &mut socket).await? {
+    if replay(logs, id, &mut next, &mut socket, keep).await? {
         return close(socket).await;
     }
     let mut live = logs.subscribe(id);
     loop {
         // Subscribed first, so whatever was written meanwhile is in the file.
-        if replay(logs, id, &mut next, &mut socket).await? {
+        if replay(logs, id, &mut next, &mut socket, keep).await? {
             return close(socket).await;
         }
         let mut received = tokio::select! {
@@ -239,7 +268,9 @@ async fn stream_log(
                             gap = true;
                             break;
                         }
-                        socket.feed(frame(line)).await.map_err(|e| e.to_string())?;
+                        if line.end || keep(line) {
+                            socket.feed(frame(line)).await.map_err(|e| e.to_string())?;
+                        }
                         next += 1;
                         if line.end {
                             socket.flush().await.map_err(|e| e.to_string())?;
@@ -269,10 +300,11 @@ async fn stream_log(
 /// Sends the stored frames from `next` on, a chunk of the file at a time; true once the end
 /// frame went out.
 async fn replay(
-    logs: &Logs,
+    logs: &dyn FrameLog,
     id: &str,
     next: &mut u64,
     socket: &mut WebSocket,
+    keep: &(dyn Fn(&Line) -> bool + Sync),
 ) -> Result<bool, String> {
     let mut reader = logs.reader(id, *next).await.map_err(|e| e.to_string())?;
     loop {
@@ -281,7 +313,9 @@ async fn replay(
             return Ok(false);
         }
         for line in &batch {
-            socket.feed(frame(line)).await.map_err(|e| e.to_string())?;
+            if line.end || keep(line) {
+                socket.feed(frame(line)).await.map_err(|e| e.to_string())?;
+            }
             *next = line.seq + 1;
             if line.end {
                 socket.flush().await.map_err(|e| e.to_string())?;

@@ -8,6 +8,7 @@ mod agents;
 mod auth;
 mod catalog;
 mod deployments;
+mod runtime;
 mod sandboxes;
 
 use std::sync::{Arc, Weak};
@@ -31,6 +32,7 @@ use crate::hub::Hub;
 use crate::lifecycle::{Lifecycle, RouteSource, Settings};
 use crate::limiter::LoginLimiter;
 use crate::logs::Logs;
+use crate::runtime_logs::RuntimeLogs;
 use crate::sessions::{self, PasswordVault};
 
 pub use crate::error::MAX_BODY_BYTES;
@@ -123,6 +125,18 @@ fn endpoints() -> Vec<Endpoint> {
             Session,
             sandboxes::requests,
         ),
+        endpoint(
+            Method::GET,
+            "/api/sandboxes/{id}/logs",
+            Session,
+            runtime::logs,
+        ),
+        endpoint(
+            Method::GET,
+            "/api/sandboxes/{id}/history",
+            Session,
+            runtime::history,
+        ),
         endpoint(Method::GET, "/api/deployments", Session, deployments::list),
         endpoint(
             Method::GET,
@@ -142,6 +156,12 @@ fn endpoints() -> Vec<Endpoint> {
             "/ws/deployments/{id}",
             SessionWebSocket,
             deployments::socket,
+        ),
+        endpoint(
+            Method::GET,
+            "/ws/sandboxes/{id}/logs",
+            SessionWebSocket,
+            runtime::socket,
         ),
     ]
 }
@@ -199,6 +219,8 @@ impl AppState {
             })
             .collect();
         let logs = Logs::new(config.data_dir.join("logs"), config.max_log_size)?;
+        let runtime_logs =
+            RuntimeLogs::new(config.data_dir.join("runtime"), config.max_runtime_log_size)?;
         let settings = Settings {
             job_timeout: config.job_timeout.get(),
             agent_timeout: config.agent_timeout.get(),
@@ -226,6 +248,7 @@ impl AppState {
                 me.clone(),
                 db.clone(),
                 logs,
+                runtime_logs,
                 hub,
                 source,
                 settings,

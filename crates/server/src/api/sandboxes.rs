@@ -61,6 +61,9 @@ pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> Sandbox {
                 commit: s.commit,
                 state: s.state.to_string(),
                 upstream: s.upstream,
+                reason: s.reason,
+                restarts: s.restarts,
+                last_lines: s.last_lines,
             })
             .collect(),
     }
@@ -138,7 +141,7 @@ fn specs(state: &AppState, services: &[Selection]) -> Result<Vec<ServiceSpec>, A
     Ok(out)
 }
 
-async fn load(state: &AppState, key: &str) -> Result<SandboxRow, ApiError> {
+pub(super) async fn load(state: &AppState, key: &str) -> Result<SandboxRow, ApiError> {
     state.db.sandbox(key).await?.ok_or_else(|| {
         ApiError::not_found(
             "unknown_sandbox",

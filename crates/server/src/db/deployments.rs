@@ -503,6 +503,7 @@ mod tests {
             service: ServiceName::parse("orders").unwrap(),
             commit: Some("abc".into()),
             upstream: Some("127.0.0.1:20001".into()),
+            since: OffsetDateTime::now_utc(),
         }];
         let failed = Finish {
             ok: false,
@@ -558,6 +559,7 @@ mod tests {
             service: ServiceName::parse("orders").unwrap(),
             commit: None,
             upstream: Some("127.0.0.1:1".into()),
+            since: OffsetDateTime::now_utc(),
         }];
         let agent = AgentName::parse("micro-0").unwrap();
         assert!(

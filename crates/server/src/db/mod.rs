@@ -9,6 +9,7 @@
 
 mod agents;
 mod deployments;
+mod runtime;
 mod sandboxes;
 mod sessions;
 mod states;

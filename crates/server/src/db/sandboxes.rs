@@ -29,6 +29,20 @@ pub struct SandboxServiceRow {
     pub commit: Option<String>,
     pub state: ServiceState,
     pub upstream: Option<String>,
+    /// Why it is crashed or unhealthy.
+    pub reason: Option<String>,
+    /// Its instance's last lines before it crashed, oldest first.
+    pub last_lines: Vec<String>,
+    /// Restarts of its instance since it was deployed.
+    pub restarts: u32,
+}
+
+/// A live sandbox's service as the route table needs it.
+pub struct LiveService {
+    pub sandbox: SandboxName,
+    pub service: Option<String>,
+    pub upstream: Option<String>,
+    pub state: Option<ServiceState>,
 }
 
 /// A (service, branch) pair of a request.
@@ -43,6 +57,9 @@ pub struct Instance {
     pub service: ServiceName,
     pub commit: Option<String>,
     pub upstream: Option<String>,
+    /// When its agent reported it (the agent's clock): instance reports from before are
+    /// about the instance it replaced.
+    pub since: OffsetDateTime,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +114,7 @@ pub(super) async fn record_instances(
         .await?;
         sqlx::query(
             "UPDATE sandbox_services SET commit_sha = COALESCE(?3, commit_sha), upstream = ?4, state = ?6,
+               reason = NULL, last_lines = NULL, restarts = 0, reported_at = ?7,
                branch = COALESCE((SELECT branch FROM deployment_services
                                    WHERE deployment_id = ?5 AND service = ?2), branch)
              WHERE sandbox_id = ?1 AND service = ?2",
@@ -107,6 +125,7 @@ pub(super) async fn record_instances(
         .bind(&instance.upstream)
         .bind(deployment_id.as_str())
         .bind(state.as_str())
+        .bind(to_millis(instance.since))
         .execute(&mut *tx)
         .await?;
     }
@@ -169,7 +188,7 @@ impl Db {
         id: &SandboxId,
     ) -> Result<Vec<SandboxServiceRow>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT service, branch, commit_sha, state, upstream FROM sandbox_services WHERE sandbox_id = ?1 ORDER BY service",
+            "SELECT service, branch, commit_sha, state, upstream, reason, last_lines, restarts FROM sandbox_services WHERE sandbox_id = ?1 ORDER BY service",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -182,6 +201,12 @@ impl Db {
                     commit: r.try_get("commit_sha")?,
                     state: parsed(r, "state")?,
                     upstream: r.try_get("upstream")?,
+                    reason: r.try_get("reason")?,
+                    last_lines: r
+                        .try_get::<Option<String>, _>("last_lines")?
+                        .and_then(|json| serde_json::from_str(&json).ok())
+                        .unwrap_or_default(),
+                    restarts: u32::try_from(r.try_get::<i64, _>("restarts")?).unwrap_or(0),
                 })
             })
             .collect()
@@ -290,20 +315,26 @@ impl Db {
         rows.iter().map(|r| parsed(r, "id")).collect()
     }
 
-    /// Every live sandbox with each of its services' upstream; a sandbox with no service row
-    /// comes once with `None`s.
-    pub async fn live_upstreams(
-        &self,
-    ) -> Result<Vec<(SandboxName, Option<String>, Option<String>)>, sqlx::Error> {
+    /// Every live sandbox with each of its services that has an upstream or is down; a
+    /// sandbox with none comes once with `None`s.
+    pub async fn live_upstreams(&self) -> Result<Vec<LiveService>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT s.name, ss.service, ss.upstream FROM sandboxes s
-               LEFT JOIN sandbox_services ss ON ss.sandbox_id = s.id AND ss.upstream IS NOT NULL
+            "SELECT s.name, ss.service, ss.upstream, ss.state FROM sandboxes s
+               LEFT JOIN sandbox_services ss ON ss.sandbox_id = s.id
+                 AND (ss.upstream IS NOT NULL OR ss.state IN ('unhealthy', 'crashed', 'sleeping'))
              WHERE s.state NOT IN ('expired', 'deleted') ORDER BY s.name",
         )
         .fetch_all(&self.pool)
         .await?;
         rows.iter()
-            .map(|r| Ok((parsed(r, "name")?, r.try_get(1)?, r.try_get(2)?)))
+            .map(|r| {
+                Ok(LiveService {
+                    sandbox: parsed(r, "name")?,
+                    service: r.try_get(1)?,
+                    upstream: r.try_get(2)?,
+                    state: parsed_opt(r, "state")?,
+                })
+            })
             .collect()
     }
 }

@@ -100,12 +100,30 @@ state_enum!(
         Deploying => "deploying",
         /// An instance runs, at `upstream`.
         Running => "running",
+        /// An instance runs, but its health check failed three times in a row: not routed.
+        Unhealthy => "unhealthy",
+        /// Its instance ended by itself after it was ready; its agent may be restarting it
+        /// (`restarts` counts the restarts). Not routed.
+        Crashed => "crashed",
+        /// Stopped on purpose with its sandbox, its build kept.
+        Sleeping => "sleeping",
         /// No instance runs.
         Failed => "failed",
         /// Its sandbox ended.
         Stopped => "stopped",
     }
 );
+
+impl ServiceState {
+    /// Whether requests for the service are answered 503 `instance_down` by the router:
+    /// its instance was ready once and cannot serve now.
+    pub fn is_down(self) -> bool {
+        matches!(
+            self,
+            ServiceState::Unhealthy | ServiceState::Crashed | ServiceState::Sleeping
+        )
+    }
+}
 
 /// How the end of a sandbox came about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -3,13 +3,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sdp_protocol::{AgentName, DeploymentId, Event, EventBody, Heartbeat, Hello, Role, StepState};
+use sdp_protocol::{
+    AgentName, DeploymentId, Event, EventBody, Heartbeat, Hello, Role, RuntimeEvent, StepState,
+};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::Lifecycle;
 use crate::db::Instance;
-use crate::dispatch::{AgentReports, EventsAnswer};
+use crate::dispatch::{AgentReports, EventsAnswer, RuntimeAnswer};
 use crate::logs::Frame;
 
 /// Tries of a log append that fails (a full disk, an I/O error), and the pause after each.
@@ -87,6 +89,13 @@ impl AgentReports for Lifecycle {
             Some(this) => this.ingest(agent, events).await,
             // Stopping: nothing is acknowledged, the agent sends it again to the next run.
             None => EventsAnswer::default(),
+        }
+    }
+
+    async fn runtime(&self, agent: &AgentName, events: Vec<RuntimeEvent>) -> RuntimeAnswer {
+        match self.me.upgrade() {
+            Some(this) => this.ingest_runtime(agent, events).await,
+            None => RuntimeAnswer::default(),
         }
     }
 
@@ -283,6 +292,7 @@ impl Lifecycle {
                         service: s.service.clone(),
                         commit: s.commit.clone(),
                         upstream: s.upstream.clone(),
+                        since: event.ts,
                     })
                     .collect();
                 let target = match self.db.outcome_target(deployment).await {

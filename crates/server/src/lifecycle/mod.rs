@@ -13,6 +13,7 @@
 
 mod events;
 mod routes;
+mod runtime;
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -31,6 +32,7 @@ pub use routes::{RoutePublisher, RouteSource};
 use crate::db::{Audit, Db, Ending, Finish, Instance, SandboxRow, Selection, WriteError};
 use crate::dispatch::{CallError, Dispatch, Target, call};
 use crate::logs::{Frame, Logs};
+use crate::runtime_logs::RuntimeLogs;
 
 /// Stopping containers can take a while; longer than a git call.
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,6 +52,8 @@ pub struct Lifecycle {
     me: Weak<Lifecycle>,
     db: Db,
     logs: Logs,
+    /// Sandboxes' runtime logs (service output after ready).
+    runtime_logs: RuntimeLogs,
     dispatch: Arc<dyn Dispatch>,
     routes: RoutePublisher,
     settings: Settings,
@@ -71,7 +75,7 @@ pub struct Request<'a> {
     pub detail: &'a str,
 }
 
-fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_default()
@@ -113,10 +117,12 @@ struct Scheduled {
 impl Lifecycle {
     /// Built inside `Arc::new_cyclic`: `me` is the Arc being built, which the hub (the
     /// `dispatch` here) reports to as well.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         me: Weak<Lifecycle>,
         db: Db,
         logs: Logs,
+        runtime_logs: RuntimeLogs,
         dispatch: Arc<dyn Dispatch>,
         source: impl FnOnce(Arc<dyn Dispatch>) -> RouteSource,
         settings: Settings,
@@ -128,6 +134,7 @@ impl Lifecycle {
             me,
             db,
             logs,
+            runtime_logs,
             dispatch,
             routes,
             settings,
@@ -139,6 +146,10 @@ impl Lifecycle {
 
     pub fn logs(&self) -> &Logs {
         &self.logs
+    }
+
+    pub fn runtime_logs(&self) -> &RuntimeLogs {
+        &self.runtime_logs
     }
 
     /// Runs `work` as one of the lifecycle's own tasks.
@@ -458,6 +469,14 @@ impl Lifecycle {
                 Some(format!("the sandbox was {}", ending.state())),
             )
             .await;
+        }
+        // Nothing of its instances' output is kept once it has ended.
+        if let Err(e) = self
+            .runtime_logs
+            .remove(sandbox.id.as_str(), ending.state().as_str())
+            .await
+        {
+            tracing::error!(sandbox_id = %sandbox.id, error = %e, "cannot delete the runtime log");
         }
         let this = self.clone();
         let sandbox_id = sandbox.id.clone();

@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sdp_protocol::{Role, RouteTable, SandboxName, SandboxRoutes, ServiceName, ServiceRoutes};
+use sdp_protocol::{InstanceState, Role, RouteTable, SandboxName, SandboxRoutes, ServiceRoutes};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::db::Db;
+use crate::db::{Db, ServiceState};
 use crate::dispatch::{Dispatch, Target, call};
 
 /// Requests waiting for the publisher; past this, a request without a waiter is dropped, as
@@ -119,18 +119,48 @@ async fn publish_loop(
     }
 }
 
+/// How the router is told a service is down, if it is.
+fn down_as(state: ServiceState) -> Option<InstanceState> {
+    match state {
+        ServiceState::Unhealthy => Some(InstanceState::Unhealthy),
+        ServiceState::Crashed => Some(InstanceState::Crashed),
+        ServiceState::Sleeping => Some(InstanceState::Sleeping),
+        ServiceState::Deploying
+        | ServiceState::Running
+        | ServiceState::Failed
+        | ServiceState::Stopped => None,
+    }
+}
+
 impl RouteSource {
-    /// The catalog, and each live sandbox with the upstreams of its running services.
+    /// The catalog, and each live sandbox with the upstreams of its running services and
+    /// the services whose instance is down (crashed, unhealthy, sleeping).
     async fn table(&self, generation: Generation) -> Result<RouteTable, sqlx::Error> {
-        let mut sandboxes: BTreeMap<SandboxName, BTreeMap<ServiceName, String>> = BTreeMap::new();
-        for (sandbox, service, upstream) in self.db.live_upstreams().await? {
-            let upstreams = sandboxes.entry(sandbox).or_default();
+        let mut sandboxes: BTreeMap<SandboxName, SandboxRoutes> = BTreeMap::new();
+        for live in self.db.live_upstreams().await? {
+            let routes = sandboxes
+                .entry(live.sandbox.clone())
+                .or_insert_with(|| SandboxRoutes {
+                    sandbox: live.sandbox,
+                    upstreams: BTreeMap::new(),
+                    down: BTreeMap::new(),
+                    sleeping: false,
+                });
             // A service dropped from the catalog since is no longer routed.
-            if let (Some(service), Some(upstream)) = (
-                service.and_then(|s| self.catalog.iter().find(|c| c.service.as_str() == s)),
-                upstream,
-            ) {
-                upstreams.insert(service.service.clone(), upstream);
+            let Some(service) = live
+                .service
+                .and_then(|s| self.catalog.iter().find(|c| c.service.as_str() == s))
+            else {
+                continue;
+            };
+            match (live.state.and_then(down_as), live.upstream) {
+                (Some(down), _) => {
+                    routes.down.insert(service.service.clone(), down);
+                }
+                (None, Some(upstream)) => {
+                    routes.upstreams.insert(service.service.clone(), upstream);
+                }
+                (None, None) => {}
             }
         }
         Ok(RouteTable {
@@ -138,15 +168,7 @@ impl RouteSource {
             base_domain: self.base_domain.clone(),
             services: self.catalog.clone(),
             wake_timeout_ms: 60_000,
-            sandboxes: sandboxes
-                .into_iter()
-                .map(|(sandbox, upstreams)| SandboxRoutes {
-                    sandbox,
-                    upstreams,
-                    down: BTreeMap::new(),
-                    sleeping: false,
-                })
-                .collect(),
+            sandboxes: sandboxes.into_values().collect(),
         })
     }
 
