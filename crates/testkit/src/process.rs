@@ -114,6 +114,13 @@ impl Proc {
         }
     }
 
+    /// Ends the process with SIGKILL, as a crash or the OOM killer would: it gets no chance
+    /// to tidy up. Processes it started in groups of their own live on.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn stop(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
