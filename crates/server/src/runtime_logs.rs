@@ -14,7 +14,7 @@
 //! Readers go through both files in order ([`LogReader`]), scanning from the start of the
 //! older one: with the size bounded, no index is kept.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -28,12 +28,19 @@ use crate::logs::{Frame, FrameLog, Line, LogReader};
 /// Live batches kept for slow viewers before they have to read the files.
 const LIVE_BUFFER: usize = 128;
 
+/// Sandboxes whose logs were removed, remembered at most: a write or a reader that found the
+/// sandbox live a moment before it ended must not bring its file back (and hold it open).
+/// Anything later finds the sandbox ended in SQLite and never gets here.
+const REMOVED_KEPT: usize = 4096;
+
 /// How much of a file's end is read to find its last line: more than the longest line (log
 /// lines are cut at 8 KiB encoded by the agent).
 const TAIL: u64 = 64 * 1024;
 
 struct Writer {
     file: Option<std::fs::File>,
+    /// The log was removed while this stream was in use: it takes nothing more.
+    removed: bool,
     /// The current file's length.
     len: u64,
     /// The `seq` of the last frame stored.
@@ -48,7 +55,51 @@ struct Stream {
 pub struct RuntimeLogs {
     dir: PathBuf,
     max_size: ByteSize,
-    streams: Mutex<HashMap<String, Arc<Stream>>>,
+    streams: Mutex<Streams>,
+}
+
+#[derive(Default)]
+struct Streams {
+    live: HashMap<String, Arc<Stream>>,
+    /// Removed lately: the state its sandbox ended in and its last `seq`, oldest first.
+    removed: HashMap<String, (String, u64)>,
+    removed_order: VecDeque<String>,
+}
+
+impl Streams {
+    fn forget(&mut self, sandbox: &str, state: &str, last_seq: u64) {
+        if self
+            .removed
+            .insert(sandbox.to_owned(), (state.to_owned(), last_seq))
+            .is_none()
+        {
+            self.removed_order.push_back(sandbox.to_owned());
+        }
+        while self.removed_order.len() > REMOVED_KEPT {
+            if let Some(oldest) = self.removed_order.pop_front() {
+                self.removed.remove(&oldest);
+            }
+        }
+    }
+}
+
+/// The frame that tells viewers a sandbox's log is over.
+fn end_line(state: &str, seq: u64) -> Line {
+    let end = Frame::End {
+        seq,
+        ts: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        state: state.to_owned(),
+        error: None,
+    };
+    Line {
+        seq,
+        json: serde_json::to_string(&end)
+            .expect("frames serialize")
+            .into(),
+        end: true,
+    }
 }
 
 #[derive(Deserialize)]
@@ -113,24 +164,32 @@ impl RuntimeLogs {
         self.dir.join(format!("{sandbox}.log.1"))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Stream>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Streams> {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn stream(&self, sandbox: &str) -> Arc<Stream> {
-        self.lock()
+    /// The sandbox's stream; none once its log was removed.
+    fn stream(&self, sandbox: &str) -> Option<Arc<Stream>> {
+        let mut streams = self.lock();
+        if streams.removed.contains_key(sandbox) {
+            return None;
+        }
+        let stream = streams
+            .live
             .entry(sandbox.to_owned())
             .or_insert_with(|| {
                 Arc::new(Stream {
                     writer: tokio::sync::Mutex::new(Writer {
                         file: None,
+                        removed: false,
                         len: 0,
                         last_seq: 0,
                     }),
                     live: broadcast::channel(LIVE_BUFFER).0,
                 })
             })
-            .clone()
+            .clone();
+        Some(stream)
     }
 
     /// Opens the current file on first use, learning the last `seq` from it (or, when it is
@@ -159,9 +218,15 @@ impl RuntimeLogs {
     /// Stores `frames` (their `seq`s are assigned here, in order), rotating the file
     /// whenever the next line would take it past its size (so a file never passes it),
     /// then fans them out. Returns the last `seq` stored.
+    /// (Nothing is stored of a sandbox whose log was removed: it has ended.)
     pub async fn append(&self, sandbox: &str, frames: Vec<Frame>) -> std::io::Result<u64> {
-        let stream = self.stream(sandbox);
+        let Some(stream) = self.stream(sandbox) else {
+            return Ok(0);
+        };
         let mut writer = stream.writer.lock().await;
+        if writer.removed {
+            return Ok(0);
+        }
         self.open(sandbox, &mut writer)?;
         let mut buffer = String::new();
         let mut lines = Vec::with_capacity(frames.len());
@@ -229,17 +294,23 @@ impl RuntimeLogs {
     /// Deletes a sandbox's runtime log (its sandbox ended), and tells live viewers with an
     /// `end` frame in `state`.
     pub async fn remove(&self, sandbox: &str, state: &str) -> std::io::Result<()> {
-        let stream = self.lock().remove(sandbox);
+        let stream = {
+            let mut streams = self.lock();
+            streams.forget(sandbox, state, 0);
+            streams.live.remove(sandbox)
+        };
         let mut last_seq = 0;
         let guard = match &stream {
             Some(stream) => {
                 let mut writer = stream.writer.lock().await;
                 writer.file = None;
+                writer.removed = true;
                 last_seq = writer.last_seq;
                 Some(writer)
             }
             None => None,
         };
+        self.lock().forget(sandbox, state, last_seq);
         for path in [self.path(sandbox), self.rotated_path(sandbox)] {
             match std::fs::remove_file(&path) {
                 Ok(()) => {}
@@ -249,20 +320,9 @@ impl RuntimeLogs {
         }
         drop(guard);
         if let Some(stream) = stream {
-            let end = Frame::End {
-                seq: last_seq + 1,
-                ts: time::OffsetDateTime::now_utc()
-                    .format(&time::format_description::well_known::Rfc3339)
-                    .unwrap_or_default(),
-                state: state.to_owned(),
-                error: None,
-            };
-            let json = serde_json::to_string(&end).expect("frames serialize");
-            let _ = stream.live.send(Arc::new(vec![Line {
-                seq: last_seq + 1,
-                json: json.into(),
-                end: true,
-            }]));
+            let _ = stream
+                .live
+                .send(Arc::new(vec![end_line(state, last_seq + 1)]));
         }
         Ok(())
     }
@@ -271,8 +331,13 @@ impl RuntimeLogs {
 #[async_trait::async_trait]
 impl FrameLog for RuntimeLogs {
     async fn reader(&self, sandbox: &str, from: u64) -> std::io::Result<LogReader> {
-        let stream = self.stream(sandbox);
+        let Some(stream) = self.stream(sandbox) else {
+            return Ok(LogReader::of_files(Vec::new(), from));
+        };
         let mut writer = stream.writer.lock().await;
+        if writer.removed {
+            return Ok(LogReader::of_files(Vec::new(), from));
+        }
         self.open(sandbox, &mut writer)?;
         if from > writer.last_seq {
             return Ok(LogReader::of_files(Vec::new(), from));
@@ -289,7 +354,19 @@ impl FrameLog for RuntimeLogs {
     }
 
     fn subscribe(&self, sandbox: &str) -> broadcast::Receiver<Arc<Vec<Line>>> {
-        self.stream(sandbox).live.subscribe()
+        if let Some(stream) = self.stream(sandbox) {
+            return stream.live.subscribe();
+        }
+        // Removed: the viewer hears that it is over.
+        let (state, last_seq) = self
+            .lock()
+            .removed
+            .get(sandbox)
+            .cloned()
+            .unwrap_or_else(|| ("deleted".to_owned(), 0));
+        let (sender, receiver) = broadcast::channel(1);
+        let _ = sender.send(Arc::new(vec![end_line(&state, last_seq + 1)]));
+        receiver
     }
 }
 
@@ -356,6 +433,15 @@ mod tests {
         assert!(!logs.path("s").exists());
         let end = live.try_recv().unwrap();
         assert!(end[0].end && end[0].seq == 3, "{:?}", end[0]);
+
+        // Events ingested, or a viewer let in, just before the sandbox ended: they bring no
+        // file back, hold none open, and a late viewer hears the end.
+        assert_eq!(logs.append("s", vec![log(3)]).await.unwrap(), 0);
+        assert!(seqs(&logs, "s", 1).await.is_empty());
+        assert!(!logs.path("s").exists());
+        assert!(logs.lock().live.is_empty());
+        let late = logs.subscribe("s").try_recv().unwrap();
+        assert!(late[0].end && late[0].seq == 3, "{:?}", late[0]);
     }
 
     #[tokio::test]

@@ -107,7 +107,7 @@ pub(crate) fn server_toml(
         ),
         // The same service printing as fast as it can: the runtime log's bound.
         watched(
-            "flood",
+            "torrent",
             "talker",
             "true",
             "TICK_SECONDS=0 python3 talk.py",

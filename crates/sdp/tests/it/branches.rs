@@ -54,7 +54,7 @@ async fn the_service_list_is_the_catalog() {
             "hostile",
             "talker",
             "fragile",
-            "flood",
+            "torrent",
         ]
     );
     assert_eq!(services[0]["repo"], env.repo_url("orders"));

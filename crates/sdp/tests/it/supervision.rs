@@ -281,7 +281,7 @@ async fn a_chatty_service_does_not_grow_the_runtime_log_past_its_limit() {
     env.restart_server_with("max_runtime_log_size = \"64KiB\"", "");
     env.wait_for_agents(1).await;
     let token = env.login().await;
-    let (sandbox, d) = env.deploy(&token, "loud", &["flood@main"]).await;
+    let (sandbox, d) = env.deploy(&token, "loud", &["torrent@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
     let id = sandbox["id"].as_str().unwrap();
     let dir = env.server_data_dir().join("runtime");
