@@ -13,7 +13,7 @@ use crate::SDP;
 
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
-struct Browser {
+pub(crate) struct Browser {
     http: reqwest::Client,
     base: String,
     _driver: Proc,
@@ -23,7 +23,7 @@ struct Browser {
 impl Browser {
     /// Starts chromedriver and a headless Chromium; `None` when they are not installed and
     /// this is not CI (`scripts/test.sh` installs them; in CI their absence is a failure).
-    async fn start() -> Option<Browser> {
+    pub(crate) async fn start() -> Option<Browser> {
         let installed = ["/usr/bin/chromedriver", "/usr/bin/chromium"]
             .iter()
             .all(|p| std::path::Path::new(p).exists());
@@ -80,7 +80,7 @@ impl Browser {
         })
     }
 
-    async fn call(&self, path: &str, body: Value) -> Value {
+    pub(crate) async fn call(&self, path: &str, body: Value) -> Value {
         let v: Value = self
             .http
             .post(format!("{}{path}", self.base))
@@ -95,11 +95,11 @@ impl Browser {
         v["value"].clone()
     }
 
-    async fn open(&self, url: &str) {
+    pub(crate) async fn open(&self, url: &str) {
         self.call("/url", json!({"url": url})).await;
     }
 
-    async fn find(&self, css: &str) -> String {
+    pub(crate) async fn find(&self, css: &str) -> String {
         let v = self
             .call("/element", json!({"using": "css selector", "value": css}))
             .await;
@@ -109,31 +109,31 @@ impl Browser {
             .to_owned()
     }
 
-    async fn type_into(&self, css: &str, text: &str) {
+    pub(crate) async fn type_into(&self, css: &str, text: &str) {
         let id = self.find(css).await;
         self.call(&format!("/element/{id}/clear"), json!({})).await;
         self.call(&format!("/element/{id}/value"), json!({"text": text}))
             .await;
     }
 
-    async fn click(&self, css: &str) {
+    pub(crate) async fn click(&self, css: &str) {
         let id = self.find(css).await;
         self.call(&format!("/element/{id}/click"), json!({})).await;
     }
 
     /// Ends the browser session, so Chromium exits before chromedriver does.
     /// (A failed test skips this; `Drop` then ends Chromium by its profile folder.)
-    async fn quit(self) {
+    pub(crate) async fn quit(self) {
         let _ = self.http.delete(&self.base).send().await;
     }
 
-    async fn eval(&self, script: &str) -> Value {
+    pub(crate) async fn eval(&self, script: &str) -> Value {
         self.call("/execute/sync", json!({"script": script, "args": []}))
             .await
     }
 
     /// Waits until `script` returns something truthy, and returns it.
-    async fn wait_for(&self, what: &str, script: &str) -> Value {
+    pub(crate) async fn wait_for(&self, what: &str, script: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let v = self.eval(script).await;

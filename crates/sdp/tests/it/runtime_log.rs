@@ -529,3 +529,45 @@ async fn a_flood_of_output_rotates_the_runtime_log_and_a_deleted_sandbox_leaves_
     let after = text(&env, &token, &format!("/api/sandboxes/{id}/logs")).await;
     assert_eq!((after.status, after.body.as_str()), (200, ""));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_runtime_log_socket_with_tail_replays_only_the_last_frames_that_pass_its_filter() {
+    let env = InProcessEnv::builder().gateway(true).start().await;
+    let token = env.login().await;
+    let id = ready(&env, &token, "tailed", &["orders@main", "billing@main"]).await;
+    let mut agent = FakeAgent::connect(&env, "watcher").await;
+    agent
+        .send_runtime(vec![
+            runtime_log(&id, 1, "orders", "stdout", "o1"),
+            runtime_log(&id, 2, "billing", "stdout", "b1"),
+            runtime_log(&id, 3, "orders", "stdout", "o2"),
+            runtime_log(&id, 4, "billing", "stdout", "b2"),
+            runtime_log(&id, 5, "orders", "stdout", "o3"),
+        ])
+        .await;
+    assert_eq!(agent.next_runtime_answer().await["seq"], 5);
+    let said = |frames: Vec<Value>| -> Vec<String> {
+        frames
+            .iter()
+            .map(|f| format!("{}:{}", f["seq"], f["line"].as_str().unwrap()))
+            .collect()
+    };
+    let last = frames_until(&env, &token, "tailed", "?tail=2", 2).await;
+    assert_eq!(said(last), ["4:b2", "5:o3"]);
+    let billing = frames_until(&env, &token, "tailed", "?tail=1&service=billing", 1).await;
+    assert_eq!(said(billing), ["4:b2"]);
+    // `from` wins over `tail`: a viewer resuming asks for what it has not seen.
+    let resumed = frames_until(&env, &token, "tailed", "?from=3&tail=1", 3).await;
+    assert_eq!(said(resumed), ["3:o2", "4:b2", "5:o3"]);
+    // Nothing of the past: the next frame is the next line.
+    let mut socket = open_socket(&env, &token, "tailed", "?tail=0").await;
+    agent
+        .send_runtime(vec![runtime_log(&id, 6, "orders", "stdout", "o4")])
+        .await;
+    let next = next_frame(&mut socket).await.expect("a frame");
+    assert_eq!(said(vec![next]), ["6:o4"]);
+    let refused = env
+        .get("/api/sandboxes/tailed/logs?tail=lots", Some(&token))
+        .await;
+    assert_eq!(refused.error_code(), "invalid_tail");
+}

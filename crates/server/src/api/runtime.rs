@@ -182,10 +182,49 @@ pub async fn logs(
 pub struct SocketParams {
     from: Option<u64>,
     service: Option<String>,
+    tail: Option<String>,
 }
 
-/// `/ws/sandboxes/{id}/logs?from=&service=`: the stored frames from `from`, then the live
-/// ones, as `/ws/deployments/{id}` does; the last frame is `end` when the sandbox ends.
+/// The `seq` to replay from for the last `tail` frames that pass `filter`: a viewer (the
+/// dashboard) wants the recent past, not a whole rotated log of up to twice its cap.
+async fn tail_start(
+    state: &AppState,
+    id: &str,
+    filter: &Filter,
+    tail: usize,
+) -> Result<u64, ApiError> {
+    let mut reader = state
+        .lifecycle
+        .runtime_logs()
+        .reader(id, 1)
+        .await
+        .map_err(|e| ApiError::internal("read runtime log", &e))?;
+    let mut kept: VecDeque<u64> = VecDeque::with_capacity(tail.min(1024));
+    let mut next = 1;
+    loop {
+        let batch = reader
+            .next_batch()
+            .await
+            .map_err(|e| ApiError::internal("read runtime log", &e))?;
+        if batch.is_empty() {
+            break;
+        }
+        for line in batch {
+            next = line.seq + 1;
+            if tail > 0 && filter.keeps_line(&line) {
+                if kept.len() == tail {
+                    kept.pop_front();
+                }
+                kept.push_back(line.seq);
+            }
+        }
+    }
+    Ok(kept.front().copied().unwrap_or(next))
+}
+
+/// `/ws/sandboxes/{id}/logs?from=&service=&tail=`: the stored frames from `from` (or, without
+/// `from`, the last `tail` of them), then the live ones, as `/ws/deployments/{id}` does; the
+/// last frame is `end` when the sandbox ends.
 pub async fn socket(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -198,11 +237,18 @@ pub async fn socket(
         service: service_filter(&state, params.service)?,
         since: None,
     };
+    let tail = tail_count(params.tail)?;
     let row = load(&state, &key).await?;
     let Ok(upgrade) = upgrade else {
         return Ok(super::websocket_required());
     };
-    let from = params.from.unwrap_or(1).max(1);
+    let from = match (params.from, tail) {
+        (Some(from), _) => from.max(1),
+        (None, Some(tail)) if !row.state.has_ended() => {
+            tail_start(&state, row.id.as_ref(), &filter, tail).await?
+        }
+        (None, _) => 1,
+    };
     let connections = state.connections.clone();
     let (id, ended) = (row.id.to_string(), row.state);
     Ok(upgrade.on_upgrade(move |mut socket| {
