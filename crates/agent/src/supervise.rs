@@ -254,6 +254,7 @@ impl Supervisor {
             last_lines,
             upstream,
             restarts,
+            gave_up: false,
         };
         self.log.report(sandbox, report).await;
     }
@@ -565,16 +566,16 @@ impl Supervisor {
                 self.log
                     .system(&sandbox, &service, format!("{service}: {reason}"))
                     .await;
-                self.report(
-                    &sandbox,
-                    &service,
-                    InstanceState::Crashed,
-                    Some(reason),
-                    Vec::new(),
-                    None,
+                let report = InstanceReport {
+                    service: service.clone(),
+                    state: InstanceState::Crashed,
+                    reason: Some(reason),
+                    last_lines: Vec::new(),
+                    upstream: None,
                     restarts,
-                )
-                .await;
+                    gave_up: true,
+                };
+                self.log.report(&sandbox, report).await;
                 return;
             }
             let delay = self.policy.backoff(failures.len());
@@ -848,6 +849,7 @@ mod tests {
         .await;
         let gave_up = reports.last().unwrap();
         assert_eq!(gave_up.state, InstanceState::Crashed);
+        assert!(gave_up.gave_up);
         assert_eq!(gave_up.restarts, 2);
         assert_eq!(
             reports

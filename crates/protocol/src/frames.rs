@@ -489,6 +489,9 @@ pub struct InstanceReport {
     /// Restarts of this instance since it was deployed.
     #[serde(default)]
     pub restarts: u32,
+    /// `crashed` for good: it failed too often in a row, and its agent stopped restarting it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gave_up: bool,
 }
 
 /// How an instance fares after it was healthy (SPEC §3).
@@ -882,6 +885,7 @@ mod tests {
                             last_lines: vec!["panic: nil map".into()],
                             upstream: None,
                             restarts: 0,
+                            gave_up: false,
                         }),
                     },
                     RuntimeEvent {
@@ -895,6 +899,7 @@ mod tests {
                             last_lines: Vec::new(),
                             upstream: Some("127.0.0.1:20002".into()),
                             restarts: 1,
+                            gave_up: false,
                         }),
                     },
                 ],

@@ -470,6 +470,8 @@ pub mod wire {
                     .unwrap_or_default(),
                 upstream: upstream.map(str::to_owned),
                 restarts,
+                // Worded as the real agent words its last report.
+                gave_up: reason.is_some_and(|r| r.starts_with("gave up")),
             }),
         }
     }

@@ -291,6 +291,20 @@ async fn a_crash_takes_a_service_out_of_the_routes_and_its_restart_puts_it_back_
     })
     .await;
 
+    // Crashing too often: the agent gives up, and says so.
+    agent
+        .send_runtime(vec![runtime_instance(
+            &id,
+            6,
+            "billing",
+            "crashed",
+            Some("gave up after 5 restarts within 600s"),
+            None,
+            5,
+        )])
+        .await;
+    assert_eq!(agent.next_runtime_answer().await["seq"], 6);
+
     let history = env.get("/api/sandboxes/crashy/history", Some(&token)).await;
     assert_eq!(history.status, 200, "{}", history.body);
     let history: Vec<sdp_api::HistoryEntry> = history.typed();
@@ -302,7 +316,8 @@ async fn a_crash_takes_a_service_out_of_the_routes_and_its_restart_puts_it_back_
             "instance_crashed",
             "instance_restarting",
             "instance_restarted",
-            "instance_unhealthy"
+            "instance_unhealthy",
+            "instance_gave_up",
         ]
     );
     assert!(

@@ -79,6 +79,9 @@ fn audit_of(
         InstanceState::Running | InstanceState::Sleeping => None,
         InstanceState::Unhealthy if current == ServiceState::Unhealthy => None,
         InstanceState::Unhealthy => Some(("instance_unhealthy", format!("{service}: {reason}"))),
+        InstanceState::Crashed if report.gave_up => {
+            Some(("instance_gave_up", format!("{service}: {reason}")))
+        }
         InstanceState::Crashed => Some(("instance_crashed", format!("{service}: {reason}"))),
         InstanceState::Restarting => Some((
             "instance_restarting",
