@@ -393,3 +393,79 @@ async fn a_killed_container_is_restarted_and_one_stopped_behind_the_agents_back_
     );
     env.delete_sandbox(&token, &name).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_sandbox_sleeps_and_a_request_through_the_router_wakes_it_without_a_rebuild() {
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .start()
+        .await;
+    env.restart_server_with("idle_after = \"2s\"", "");
+    env.wait_for_agents(1).await;
+    let token = env.login().await;
+    let (sandbox, d) = env.deploy(&token, "nap", &["orders@feature/x"]).await;
+    assert_eq!(d["state"], "ready", "{d}");
+    let before = sandbox["services"][0]["upstream"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let binary = env
+        .agent_work_dir("micro-0")
+        .join("checkouts")
+        .join(sandbox["id"].as_str().unwrap())
+        .join("orders/.sdp/bin/app");
+    let built = std::fs::metadata(&binary).unwrap().modified().unwrap();
+
+    let asleep = eventually("the idle sandbox sleeps", || async {
+        let s = env.get("/api/sandboxes/nap", Some(&token)).await.json();
+        (s["state"] == "sleeping").then_some(s)
+    })
+    .await;
+    assert_eq!(asleep["services"][0]["state"], "sleeping", "{asleep}");
+    eventually("its instance is stopped", || async {
+        reqwest::get(format!("http://{before}/orders/1"))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+
+    // The request waits while the sandbox wakes, and gets the service's own answer.
+    let woken = through_router(&env, "nap", "/orders/1").await;
+    assert_eq!(
+        (woken.status, woken.body.as_str()),
+        (200, "orders on feature/x in nap\n"),
+        "{:?}",
+        woken.headers
+    );
+    let awake = env.get("/api/sandboxes/nap", Some(&token)).await.json();
+    assert_eq!(awake["state"], "ready", "{awake}");
+    assert_eq!(awake["services"][0]["state"], "running", "{awake}");
+    // Started again from what was built: no deployment, no build.
+    assert_eq!(
+        std::fs::metadata(&binary).unwrap().modified().unwrap(),
+        built,
+        "the binary was not rebuilt"
+    );
+    let deployments = env
+        .get("/api/deployments?limit=10", Some(&token))
+        .await
+        .json();
+    assert_eq!(
+        deployments["items"].as_array().unwrap().len(),
+        1,
+        "{deployments}"
+    );
+    let actions = history(&env, &token, "nap").await;
+    for action in ["sleep", "wake"] {
+        assert!(
+            actions.iter().any(|a| a == action),
+            "{action} is in the history: {actions:?}"
+        );
+    }
+    let log = env
+        .get("/api/sandboxes/nap/logs?service=orders", Some(&token))
+        .await;
+    assert!(!log.body.contains("building"), "{}", log.body);
+}
