@@ -22,6 +22,7 @@ mod login;
 mod router;
 mod runtime;
 mod runtime_log;
+mod sleep;
 mod tls;
 
 /// The binary under test, which the kit's end-to-end tier runs.
