@@ -3,8 +3,9 @@
 
 use std::time::Duration;
 
+use sdp_testkit::fake_agent::wire::runtime_instance;
 use sdp_testkit::fake_agent::{WOKEN_UPSTREAM, wire};
-use sdp_testkit::{InProcessEnv, Wakes, wait_until};
+use sdp_testkit::{FakeAgent, InProcessEnv, Wakes, wait_until};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -387,4 +388,48 @@ fn sleep_settings_show_in_config_print_and_bad_ones_are_refused() {
         assert_eq!(code, 2, "{keys}: {err}");
         assert!(err.contains(message), "{keys}: {err}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn instance_reports_defer_to_sleep_and_wake() {
+    let env = InProcessEnv::builder()
+        .gateway(true)
+        .idle_after("1s")
+        .start()
+        .await;
+    let token = env.login().await;
+    let s = asleep(&env, &token, "quiet").await;
+    let id = s["id"].as_str().unwrap().to_owned();
+    let mut agent = FakeAgent::connect(&env, "watcher").await;
+
+    // While it sleeps, a late report of a running instance changes nothing.
+    agent
+        .send_runtime(vec![runtime_instance(
+            &id,
+            1,
+            "orders",
+            "running",
+            None,
+            Some("127.0.0.1:20998"),
+            0,
+        )])
+        .await;
+    assert_eq!(agent.next_runtime_answer().await["seq"], 1);
+    let s = sandbox(&env, &token, "quiet").await;
+    assert_eq!(s["services"][0]["state"], "sleeping", "{s}");
+    assert!(s["services"][0]["upstream"].is_null(), "{s}");
+
+    // Awake, a late `sleeping` report is from the sleep the wake undid.
+    let _awake = keep_awake(&env, "quiet");
+    gateway(&env).send(wire::wake("quiet"));
+    wait_state(&env, &token, "quiet", "ready").await;
+    agent
+        .send_runtime(vec![runtime_instance(
+            &id, 2, "orders", "sleeping", None, None, 0,
+        )])
+        .await;
+    assert_eq!(agent.next_runtime_answer().await["seq"], 2);
+    let s = sandbox(&env, &token, "quiet").await;
+    assert_eq!(s["services"][0]["state"], "running", "{s}");
+    assert_eq!(s["services"][0]["upstream"], WOKEN_UPSTREAM, "{s}");
 }
