@@ -124,7 +124,8 @@ pub struct Sandbox {
     pub id: String,
     pub name: String,
     pub owner: String,
-    /// `deploying`, `ready`, `failed`, `expired` or `deleted`.
+    /// `deploying`, `ready`, `failed`, `sleeping`, `expired` or `deleted`. A `sleeping`
+    /// sandbox's instances are stopped until a request or `POST …/wake` wakes it.
     pub state: String,
     pub url: String,
     pub created_at: String,
@@ -161,10 +162,12 @@ pub struct SandboxService {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HistoryEntry {
     pub at: String,
-    /// Who: a user, `sdp` (expiry), or `agent:<name>` (what an agent reported).
+    /// Who: a user, `sdp` (expiry, sleep), `router` (a wake for a request), or
+    /// `agent:<name>` (what an agent reported).
     pub actor: String,
     /// `create_sandbox`, `redeploy`, `delete_sandbox`, `expire`, `extend_sandbox`,
-    /// `instance_crashed`, `instance_restarting`, `instance_restarted`, `instance_unhealthy`.
+    /// `instance_crashed`, `instance_restarting`, `instance_restarted`, `instance_unhealthy`,
+    /// `sleep`, `wake`, `wake_failed`.
     pub action: String,
     pub detail: String,
 }

@@ -84,6 +84,8 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
         min_free_space: ByteSize::gib(1),
         http_header_timeout: ConfigDuration::from_secs(10),
         http_write_timeout: ConfigDuration::from_secs(30),
+        idle_after: ConfigDuration::from_secs(2 * 3600),
+        wake_timeout: ConfigDuration::from_secs(60),
         git: GitConfig { probe_repo },
         gateway: sdp_server::GatewayConfig {
             public_url: gateway_url.clone(),

@@ -52,6 +52,14 @@ pub struct ServerConfig {
     /// for this long is disconnected.
     #[serde(default = "default_http_write_timeout")]
     pub http_write_timeout: ConfigDuration,
+    /// A sandbox with no routed request (and no deployment or wake) for this long sleeps:
+    /// its instances are stopped, its builds kept. Zero: sandboxes never sleep.
+    #[serde(default = "default_idle_after")]
+    pub idle_after: ConfigDuration,
+    /// How long a wake may take: the router holds a request for a sleeping sandbox this long,
+    /// and the micro agent has this long to start its instances again.
+    #[serde(default = "default_wake_timeout")]
+    pub wake_timeout: ConfigDuration,
     pub git: GitConfig,
     #[serde(default)]
     pub gateway: GatewayConfig,
@@ -139,6 +147,12 @@ fn default_http_header_timeout() -> ConfigDuration {
 fn default_http_write_timeout() -> ConfigDuration {
     ConfigDuration::from_secs(30)
 }
+fn default_idle_after() -> ConfigDuration {
+    ConfigDuration::from_secs(2 * 3600)
+}
+fn default_wake_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(60)
+}
 fn default_base_domain() -> String {
     "sandbox.localhost".to_owned()
 }
@@ -163,10 +177,19 @@ impl ServerConfig {
             ("job_timeout", self.job_timeout),
             ("http_header_timeout", self.http_header_timeout),
             ("http_write_timeout", self.http_write_timeout),
+            ("wake_timeout", self.wake_timeout),
         ] {
             if d.get().is_zero() {
                 return Err(format!("`{key}` must be longer than zero"));
             }
+        }
+        let idle = self.idle_after.get();
+        if !idle.is_zero() && idle < MIN_IDLE_AFTER {
+            return Err(format!(
+                "`idle_after` must be \"0\" (sandboxes never sleep) or at least {}, not {}",
+                ConfigDuration::from(MIN_IDLE_AFTER),
+                self.idle_after
+            ));
         }
         if self.max_log_size < MIN_LOG_SIZE {
             return Err(format!(
@@ -248,6 +271,10 @@ impl ServerConfig {
         self.services.iter().find(|s| s.name.as_str() == name)
     }
 }
+
+/// The shortest `idle_after` but zero: a sandbox should at least get through the ready
+/// step's table before it sleeps.
+const MIN_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The smallest `max_log_size` taken.
 const MIN_LOG_SIZE: ByteSize = ByteSize::kib(64);

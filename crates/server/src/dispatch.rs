@@ -6,7 +6,8 @@
 //!   control plane of several replicas could implement it over a shared bus (PostgreSQL
 //!   `LISTEN/NOTIFY`, say), so no caller may assume that an agent's connection lives in its
 //!   own process: every question about agents is asked here, and may wait.
-//! - [`AgentReports`]: what agents say on their own (hello, events, runtime events, gone), reported by the hub
+//! - [`AgentReports`]: what agents say on their own (hello, events, runtime events, activity,
+//!   wakes, gone), reported by the hub
 //!   to whoever it was built with.
 //!
 //! [`call`] gives each job kind its own reply type ([`JobSpec`]): a caller gets that type or
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use sdp_protocol::{
     AgentName, Capability, DeploymentId, Event, Heartbeat, Hello, JobError, JobKind, JobOutput,
-    JobSpec, MAX_FRAME_BYTES, ReplyError, Role, RuntimeEvent, SandboxId,
+    JobSpec, MAX_FRAME_BYTES, ReplyError, Role, RuntimeEvent, SandboxId, SandboxName,
 };
 
 /// Which agent a job is for.
@@ -163,6 +164,10 @@ pub trait AgentReports: Send + Sync {
     async fn events(&self, agent: &AgentName, events: Vec<Event>) -> EventsAnswer;
     /// A batch of an agent's runtime events (sandboxes' instances after ready), in order.
     async fn runtime(&self, agent: &AgentName, events: Vec<RuntimeEvent>) -> RuntimeAnswer;
+    /// A gateway agent's sandboxes that had requests since its last report: they are in use.
+    async fn activity(&self, agent: &AgentName, sandboxes: Vec<SandboxName>);
+    /// A gateway agent holds a request for `sandbox`, which sleeps: wake it.
+    async fn wake(&self, agent: &AgentName, sandbox: SandboxName);
     /// An agent's connection ended, and no newer one of it replaced it.
     async fn gone(&self, agent: &AgentName, last_seen: time::OffsetDateTime, last: Heartbeat);
 }

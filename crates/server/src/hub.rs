@@ -586,7 +586,23 @@ async fn handle_frame(
                 .map(|(sandbox, from_seq)| ServerMessage::RuntimeResend { sandbox, from_seq });
             acks.chain(resend).collect()
         }
-        AgentMessage::Activity { .. } | AgentMessage::Wake { .. } => Vec::new(),
+        // Only the router knows of requests: a micro agent's word is not taken.
+        AgentMessage::Activity { .. } | AgentMessage::Wake { .. } if conn.role != Role::Gateway => {
+            tracing::warn!(agent = %conn.name, "activity or wake from an agent that is not a gateway; ignored");
+            Vec::new()
+        }
+        AgentMessage::Activity { sandboxes } => {
+            if let Some(reports) = reports.upgrade() {
+                reports.activity(&conn.name, sandboxes).await;
+            }
+            Vec::new()
+        }
+        AgentMessage::Wake { sandbox } => {
+            if let Some(reports) = reports.upgrade() {
+                reports.wake(&conn.name, sandbox).await;
+            }
+            Vec::new()
+        }
         AgentMessage::Error(e) => {
             tracing::warn!(agent = %conn.name, code = %e.code, message = %e.message, "agent reported a protocol error");
             Vec::new()

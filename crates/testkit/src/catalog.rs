@@ -51,8 +51,16 @@ pub(crate) fn server_toml(
         )
     };
     let service = |name: &str, build: &str, run: &str| watched(name, name, build, run, "");
+    // Written only when a test sets them: the server's own defaults otherwise.
+    let knobs: String = [
+        ("idle_after", o.idle_after),
+        ("wake_timeout", o.wake_timeout),
+    ]
+    .iter()
+    .filter_map(|(key, value)| value.map(|v| format!("{key} = \"{v}\"\n")))
+    .collect();
     format!(
-        "{keys}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}{}{}{}\n{tables}",
+        "{keys}{knobs}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}{}{}{}\n{tables}",
         data_dir.display(),
         o.session_ttl,
         o.sandbox_ttl,

@@ -33,6 +33,9 @@ pub struct Options {
     /// The router's wait for an upstream's response head.
     pub upstream_timeout: &'static str,
     pub sandbox_ttl: &'static str,
+    /// The server's `idle_after` and `wake_timeout`, when not its defaults (2h, 60s).
+    pub idle_after: Option<&'static str>,
+    pub wake_timeout: Option<&'static str>,
     pub micro_agents: usize,
     /// Whether `start` starts a gateway agent (named `gateway`), as deployments need one to
     /// become ready.
@@ -58,6 +61,8 @@ impl Default for Options {
             health_timeout: "20s",
             upstream_timeout: "10s",
             sandbox_ttl: "1h",
+            idle_after: None,
+            wake_timeout: None,
             micro_agents: 1,
             gateway: false,
             runtime: "process",

@@ -6,8 +6,10 @@
 //!   JSON: a hung agent, a sloppy one, a gateway that holds a route table.
 //! - [`ScriptedAgent`]: says hello and answers every job by a shared [`Script`]: it checks
 //!   credentials against the users it knows, lists branches, runs deployments through their
-//!   steps to an outcome with an upstream (or holds them), tears down, applies route tables;
-//!   it sends heartbeats, and dials again when its connection ends, as a real agent does.
+//!   steps to an outcome with an upstream (or holds them), tears down, applies route tables,
+//!   puts sandboxes to sleep and wakes them (or fails to, see [`Wakes`]); it sends
+//!   heartbeats, and dials again when its connection ends, as a real agent does. A test can
+//!   make it send frames of its own ([`ScriptedAgent::send`]): a gateway's `activity`, `wake`.
 //!
 //! What the fakes know of the protocol is in [`wire`], so that a change of the protocol is
 //! one edit there.
@@ -194,6 +196,15 @@ pub enum Deploys {
     Held,
 }
 
+/// How scripted micro agents answer wake jobs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Wakes {
+    /// Every service deployed to the sandbox runs again, at [`WOKEN_UPSTREAM`].
+    Ready,
+    /// The wake fails with this message, as a real agent's whose kept build is gone.
+    Fail(String),
+}
+
 /// What scripted agents know and do, shared by those of one environment (and kept across
 /// their reconnections), and what they were sent.
 pub struct Script {
@@ -202,6 +213,9 @@ pub struct Script {
     /// Every repository's branches and tips.
     branches: Mutex<Vec<(String, String)>>,
     deploys: Mutex<Deploys>,
+    wakes: Mutex<Wakes>,
+    /// The services deployed to each sandbox (by id), which a wake starts again.
+    deployed: Mutex<HashMap<String, Vec<sdp_protocol::ServiceName>>>,
     released: tokio::sync::watch::Sender<bool>,
     /// Every job a scripted agent was sent, as JSON, with `agent` added: its name.
     jobs: Mutex<Vec<Value>>,
@@ -215,12 +229,18 @@ pub const FAKE_COMMIT: &str = "5dc0ffee5dc0ffee5dc0ffee5dc0ffee5dc0ffee";
 /// Where a scripted deployment's instances "listen": the discard port, where nothing does.
 pub const FAKE_UPSTREAM: &str = "127.0.0.1:9";
 
+/// Where a scripted wake's instances "listen": not [`FAKE_UPSTREAM`], so that a test sees
+/// the wake's answer recorded.
+pub const WOKEN_UPSTREAM: &str = "127.0.0.1:7";
+
 impl Default for Script {
     fn default() -> Self {
         Script {
             users: Mutex::new(HashMap::from([(USER.to_owned(), PASSWORD.to_owned())])),
             branches: Mutex::new(vec![("main".to_owned(), FAKE_COMMIT.to_owned())]),
             deploys: Mutex::new(Deploys::Ready),
+            wakes: Mutex::new(Wakes::Ready),
+            deployed: Mutex::default(),
             released: tokio::sync::watch::Sender::new(false),
             jobs: Mutex::default(),
             transcript: Mutex::default(),
@@ -242,6 +262,11 @@ impl Script {
         *self.deploys.lock().unwrap() = deploys;
     }
 
+    /// How wake jobs are answered from now on.
+    pub fn set_wakes(&self, wakes: Wakes) {
+        *self.wakes.lock().unwrap() = wakes;
+    }
+
     /// Lets every held deployment (and every later one) go on to its outcome.
     pub fn release(&self) {
         self.released.send_replace(true);
@@ -257,6 +282,11 @@ impl Script {
             .filter(|j| j["job"]["name"] == name)
             .cloned()
             .collect()
+    }
+
+    /// Every job scripted agents were sent, in the order they came, oldest first.
+    pub fn all_jobs(&self) -> Vec<Value> {
+        self.jobs.lock().unwrap().clone()
     }
 
     pub fn transcript(&self) -> String {
@@ -277,6 +307,8 @@ impl Script {
 pub struct ScriptedAgent {
     pub name: String,
     task: tokio::task::JoinHandle<()>,
+    /// Frames for the agent to send on its connection (the one it has, or its next).
+    frames: tokio::sync::mpsc::UnboundedSender<String>,
 }
 
 impl Drop for ScriptedAgent {
@@ -290,9 +322,10 @@ impl ScriptedAgent {
     /// connection ends. Not waited for: see the environment's `wait_for_agents`.
     pub fn spawn(url: String, name: &str, role: &str, script: Arc<Script>) -> ScriptedAgent {
         let (agent, role) = (name.to_owned(), role.to_owned());
+        let (frames, mut own) = tokio::sync::mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {
-                if let Err(why) = converse(&url, &agent, &role, &script).await {
+                if let Err(why) = converse(&url, &agent, &role, &script, &mut own).await {
                     script.note(format!("{agent}: {why}"));
                 }
                 // As a real agent does after its control plane restarts, a little later.
@@ -302,12 +335,30 @@ impl ScriptedAgent {
         ScriptedAgent {
             name: name.to_owned(),
             task,
+            frames,
         }
+    }
+
+    /// Sends `text` (a frame, see [`wire::activity`] and [`wire::wake`]) on the agent's
+    /// connection, after what it is sending now.
+    pub fn send(&self, text: String) {
+        let _ = self.frames.send(text);
+    }
+
+    /// What [`ScriptedAgent::send`] sends through, for a task of the test's own.
+    pub fn sender(&self) -> tokio::sync::mpsc::UnboundedSender<String> {
+        self.frames.clone()
     }
 }
 
 /// One connection of a scripted agent, until it ends.
-async fn converse(url: &str, agent: &str, role: &str, script: &Arc<Script>) -> Result<(), String> {
+async fn converse(
+    url: &str,
+    agent: &str,
+    role: &str,
+    script: &Arc<Script>,
+    own: &mut tokio::sync::mpsc::UnboundedReceiver<String>,
+) -> Result<(), String> {
     let socket = dial(url)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
@@ -334,6 +385,10 @@ async fn converse(url: &str, agent: &str, role: &str, script: &Arc<Script>) -> R
         let text = tokio::select! {
             _ = beat.tick() => wire::heartbeat(),
             Some(text) = outbox.recv() => text,
+            Some(text) = own.recv() => {
+                script.note(format!("{agent} -> {text}"));
+                text
+            }
             frame = stream.next() => match frame {
                 Some(Ok(Message::Text(text))) => {
                     let text = text.as_str();
@@ -374,7 +429,7 @@ pub mod wire {
     use time::OffsetDateTime;
     use tokio::sync::mpsc::UnboundedSender;
 
-    use super::{Deploys, FAKE_COMMIT, FAKE_UPSTREAM, Script};
+    use super::{Deploys, FAKE_COMMIT, FAKE_UPSTREAM, Script, WOKEN_UPSTREAM, Wakes};
 
     /// The first frame: `hello` as agent `name` of `role` on `host`.
     pub fn hello(name: &str, role: &str, host: &str) -> String {
@@ -412,6 +467,23 @@ pub mod wire {
                 .map(|s| sdp_protocol::SandboxId::parse(*s).unwrap())
                 .collect(),
         }))
+    }
+
+    /// A gateway's `activity` frame: the sandboxes (names) that had requests.
+    pub fn activity(sandboxes: &[&str]) -> String {
+        encode(&AgentMessage::Activity {
+            sandboxes: sandboxes
+                .iter()
+                .map(|s| sdp_protocol::SandboxName::parse(*s).unwrap())
+                .collect(),
+        })
+    }
+
+    /// A gateway's `wake` frame: it holds a request for `sandbox` (a name), which sleeps.
+    pub fn wake(sandbox: &str) -> String {
+        encode(&AgentMessage::Wake {
+            sandbox: sdp_protocol::SandboxName::parse(sandbox).unwrap(),
+        })
     }
 
     /// A `runtime` frame of `events`.
@@ -556,6 +628,16 @@ pub mod wire {
                 }
             }
             JobKind::Deploy(deploy) => {
+                let mut deployed = script.deployed.lock().unwrap();
+                let services = deployed
+                    .entry(deploy.sandbox_id.as_str().to_owned())
+                    .or_default();
+                for spec in &deploy.services {
+                    if !services.contains(&spec.service) {
+                        services.push(spec.service.clone());
+                    }
+                }
+                drop(deployed);
                 let held = *script.deploys.lock().unwrap() == Deploys::Held;
                 let released = script.released.subscribe();
                 deployments.spawn(run_deployment(deploy, held, released, out.clone()));
@@ -567,8 +649,26 @@ pub mod wire {
                 requests: Vec::new(),
             },
             JobKind::Sleep(_) => JobOutput::Slept,
-            JobKind::Wake(_) => JobOutput::Woken {
-                services: Vec::new(),
+            JobKind::Wake(wake) => match script.wakes.lock().unwrap().clone() {
+                Wakes::Ready => JobOutput::Woken {
+                    services: script
+                        .deployed
+                        .lock()
+                        .unwrap()
+                        .get(wake.sandbox_id.as_str())
+                        .into_iter()
+                        .flatten()
+                        .map(|service| ServiceOutcome {
+                            service: service.clone(),
+                            commit: Some(FAKE_COMMIT.to_owned()),
+                            upstream: Some(WOKEN_UPSTREAM.to_owned()),
+                        })
+                        .collect(),
+                },
+                Wakes::Fail(message) => JobOutput::Failed(JobError {
+                    code: JobErrorCode::Failed,
+                    message,
+                }),
             },
         };
         Reply::new(job.id, output).into_frames()

@@ -43,6 +43,18 @@ macro_rules! server_knobs {
             self.opts.agent_timeout = timeout;
             self
         }
+
+        /// The server's `idle_after`: a sandbox unused this long sleeps ("0": never).
+        pub fn idle_after(mut self, idle: &'static str) -> Self {
+            self.opts.idle_after = Some(idle);
+            self
+        }
+
+        /// The server's `wake_timeout`.
+        pub fn wake_timeout(mut self, timeout: &'static str) -> Self {
+            self.opts.wake_timeout = Some(timeout);
+            self
+        }
     };
 }
 
@@ -62,7 +74,7 @@ pub use baseline::{Baseline, TlsBaseline};
 pub use client::{Api, Reply, step_state, wait_until};
 pub use docker::{docker_available, docker_image, docker_inspect};
 pub use env::{EnvBuilder, Options, TestEnv, files_containing};
-pub use fake_agent::{Deploys, FakeAgent, Script, ScriptedAgent};
+pub use fake_agent::{Deploys, FakeAgent, Script, ScriptedAgent, Wakes};
 pub use git_server::GitServer;
 pub use in_process::{InProcessBuilder, InProcessEnv};
 pub use process::{Proc, run_sdp};

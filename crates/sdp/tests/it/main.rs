@@ -23,6 +23,7 @@ mod login;
 mod router;
 mod runtime;
 mod runtime_log;
+mod sleep;
 mod supervision;
 mod tls;
 

@@ -120,6 +120,12 @@ fn endpoints() -> Vec<Endpoint> {
             sandboxes::extend,
         ),
         endpoint(
+            Method::POST,
+            "/api/sandboxes/{id}/wake",
+            Session,
+            sandboxes::wake,
+        ),
+        endpoint(
             Method::GET,
             "/api/sandboxes/{id}/requests",
             Session,
@@ -225,6 +231,8 @@ impl AppState {
             job_timeout: config.job_timeout.get(),
             agent_timeout: config.agent_timeout.get(),
             gateway_url: config.gateway.public_url.clone(),
+            idle_after: Some(config.idle_after.get()).filter(|d| !d.is_zero()),
+            wake_timeout: config.wake_timeout.get(),
         };
         let source = |dispatch| RouteSource {
             db: db.clone(),
@@ -232,6 +240,7 @@ impl AppState {
             base_domain: config.gateway.base_domain.clone(),
             catalog,
             timeout: config.job_timeout.get(),
+            wake_timeout: config.wake_timeout.get(),
         };
         // The hub reports to the lifecycle, which dispatches through the hub: the hub holds
         // the lifecycle weakly, so that neither keeps the other alive.

@@ -1,4 +1,4 @@
-//! Sandboxes: create, redeploy, read, list, delete, extend (SPEC §4.3, §4.6, §11).
+//! Sandboxes: create, redeploy, read, list, delete, extend, wake (SPEC §4.3, §4.6, §11).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -465,4 +465,20 @@ pub async fn extend(
         .map_err(|e| write_error(e, &sandbox.name))?;
     let row = load(&state, sandbox.id.as_str()).await?;
     Ok(Json(sandbox_view(&state, row)))
+}
+
+/// Wakes a sleeping sandbox (its owner, as for extend): 202 at once with the sandbox as it
+/// is (still `sleeping`); it is `ready` once its agent has started its instances. A sandbox
+/// that does not sleep is answered the same and left as it is: waking is idempotent, and
+/// the router may have woken it a moment before.
+pub async fn wake(
+    State(state): State<AppState>,
+    Extension(session): Extension<CurrentSession>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let sandbox = load(&state, &key).await?;
+    require_owner(&sandbox, &session)?;
+    require_live(&sandbox)?;
+    state.lifecycle.wake(&sandbox.id, session.username.as_str());
+    Ok((StatusCode::ACCEPTED, Json(sandbox_view(&state, sandbox))).into_response())
 }

@@ -309,11 +309,15 @@ impl Db {
             .execute(&mut *tx)
             .await?;
         }
+        // The end of a deployment counts as use: a sandbox just deployed does not sleep
+        // before anyone could try it.
         sqlx::query(
-            "UPDATE sandboxes SET state = ?2 WHERE id = ?1 AND state NOT IN ('expired', 'deleted')",
+            "UPDATE sandboxes SET state = ?2, last_active_at = MAX(last_active_at, ?3)
+             WHERE id = ?1 AND state NOT IN ('expired', 'deleted')",
         )
         .bind(sandbox_id.as_str())
         .bind(state.as_str())
+        .bind(to_millis(at))
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

@@ -12,6 +12,7 @@ mod deployments;
 mod runtime;
 mod sandboxes;
 mod sessions;
+mod sleep;
 mod states;
 mod steps;
 
@@ -27,6 +28,7 @@ use time::OffsetDateTime;
 
 pub use deployments::{DeploymentRow, Finish};
 pub use sandboxes::{Instance, SandboxRow, Selection, WriteError};
+pub use sleep::Slept;
 pub use states::{DeploymentState, Ending, SandboxState, ServiceState};
 
 #[derive(Clone)]

@@ -126,7 +126,9 @@ impl Db {
     ///
     /// A report is left out when its service is being deployed (the deployment's outcome
     /// says what runs; the report is about the instance it replaces), when the sandbox has
-    /// ended, or when it is older than the instance the last deployment recorded.
+    /// ended, when it is older than the instance the last deployment recorded, when the
+    /// sandbox sleeps (but for `sleeping` reports), and when it says `sleeping` of a sandbox
+    /// that does not sleep.
     pub async fn record_runtime(
         &self,
         sandbox_id: &SandboxId,
@@ -149,7 +151,7 @@ impl Db {
         let actor = format!("agent:{agent}");
         for (at, report) in reports {
             let row = sqlx::query(
-                "SELECT ss.state, ss.upstream, ss.reported_at FROM sandbox_services ss
+                "SELECT ss.state, ss.upstream, ss.reported_at, s.state AS sandbox_state FROM sandbox_services ss
                    JOIN sandboxes s ON s.id = ss.sandbox_id
                  WHERE ss.sandbox_id = ?1 AND ss.service = ?2 AND s.state NOT IN ('expired', 'deleted')",
             )
@@ -164,6 +166,15 @@ impl Db {
                 reported_at: row.try_get("reported_at")?,
             };
             let at_ms = to_millis(*at);
+            let sandbox_state: super::SandboxState = parsed(&row, "sandbox_state")?;
+            // Sleep and wake are the control plane's decisions: while a sandbox sleeps its
+            // wake's answer says what runs, and a `sleeping` report of an awake sandbox is
+            // from a sleep a wake has undone since.
+            let asleep = sandbox_state == super::SandboxState::Sleeping;
+            if asleep != (report.state == InstanceState::Sleeping) {
+                tracing::debug!(%sandbox_id, service = %report.service, state = %report.state, sandbox_state = %sandbox_state, "instance report left out: the sandbox's sleep or wake decides");
+                continue;
+            }
             if matches!(
                 current.state,
                 ServiceState::Deploying | ServiceState::Stopped

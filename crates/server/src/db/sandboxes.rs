@@ -40,6 +40,8 @@ pub struct SandboxServiceRow {
 /// A live sandbox's service as the route table needs it.
 pub struct LiveService {
     pub sandbox: SandboxName,
+    /// The sandbox sleeps: the router holds its requests and asks for a wake.
+    pub sleeping: bool,
     pub service: Option<String>,
     pub upstream: Option<String>,
     pub state: Option<ServiceState>,
@@ -148,7 +150,7 @@ impl Db {
     ) -> Result<(), WriteError> {
         let mut tx = self.write().await?;
         let inserted = sqlx::query(
-            "INSERT INTO sandboxes (id, name, owner, state, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO sandboxes (id, name, owner, state, created_at, expires_at, last_active_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?5)",
         )
         .bind(sandbox_id.as_str())
         .bind(name.as_str())
@@ -319,7 +321,7 @@ impl Db {
     /// sandbox with none comes once with `None`s.
     pub async fn live_upstreams(&self) -> Result<Vec<LiveService>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT s.name, ss.service, ss.upstream, ss.state FROM sandboxes s
+            "SELECT s.name, ss.service, ss.upstream, ss.state, s.state = 'sleeping' AS sleeping FROM sandboxes s
                LEFT JOIN sandbox_services ss ON ss.sandbox_id = s.id
                  AND (ss.upstream IS NOT NULL OR ss.state IN ('unhealthy', 'crashed', 'sleeping'))
              WHERE s.state NOT IN ('expired', 'deleted') ORDER BY s.name",
@@ -330,6 +332,7 @@ impl Db {
             .map(|r| {
                 Ok(LiveService {
                     sandbox: parsed(r, "name")?,
+                    sleeping: r.try_get("sleeping")?,
                     service: r.try_get(1)?,
                     upstream: r.try_get(2)?,
                     state: parsed_opt(r, "state")?,

@@ -42,11 +42,14 @@ macro_rules! state_enum {
 pub struct UnknownState(String);
 
 state_enum!(
-    /// A sandbox's state (SPEC §3): it follows its latest deployment until it ends.
+    /// A sandbox's state (SPEC §3): it follows its latest deployment until it ends, but for
+    /// sleep: a `ready` sandbox idle past `idle_after` is `sleeping` until it is woken.
     SandboxState {
         Deploying => "deploying",
         Ready => "ready",
         Failed => "failed",
+        /// Its instances are stopped (builds kept) until a request or a person wakes it.
+        Sleeping => "sleeping",
         Expired => "expired",
         Deleted => "deleted",
     }
@@ -57,6 +60,7 @@ impl SandboxState {
         SandboxState::Deploying,
         SandboxState::Ready,
         SandboxState::Failed,
+        SandboxState::Sleeping,
         SandboxState::Expired,
         SandboxState::Deleted,
     ];

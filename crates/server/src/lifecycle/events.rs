@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sdp_protocol::{
-    AgentName, DeploymentId, Event, EventBody, Heartbeat, Hello, Role, RuntimeEvent, StepState,
+    AgentName, DeploymentId, Event, EventBody, Heartbeat, Hello, Role, RuntimeEvent, SandboxName,
+    StepState,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -96,6 +97,16 @@ impl AgentReports for Lifecycle {
         match self.me.upgrade() {
             Some(this) => this.ingest_runtime(agent, events).await,
             None => RuntimeAnswer::default(),
+        }
+    }
+
+    async fn activity(&self, agent: &AgentName, sandboxes: Vec<SandboxName>) {
+        self.record_activity(agent, &sandboxes).await;
+    }
+
+    async fn wake(&self, agent: &AgentName, sandbox: SandboxName) {
+        if let Some(this) = self.me.upgrade() {
+            this.wake_for_router(agent, &sandbox).await;
         }
     }
 

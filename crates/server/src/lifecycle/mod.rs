@@ -14,6 +14,7 @@
 mod events;
 mod routes;
 mod runtime;
+mod sleep;
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -45,6 +46,10 @@ pub struct Settings {
     pub agent_timeout: Duration,
     /// Given to services as `SDP_GATEWAY_URL`.
     pub gateway_url: String,
+    /// A sandbox unused this long sleeps; `None`: never.
+    pub idle_after: Option<Duration>,
+    /// How long a micro agent has to wake a sandbox.
+    pub wake_timeout: Duration,
 }
 
 pub struct Lifecycle {
@@ -61,6 +66,11 @@ pub struct Lifecycle {
     /// Per agent, how many times its connection has ended: a watch for its return belongs to
     /// one absence, and a later absence starts its own.
     absences: std::sync::Mutex<std::collections::HashMap<AgentName, u64>>,
+    /// Sandboxes being woken: a wake asked for meanwhile joins the one in progress.
+    waking: std::sync::Mutex<std::collections::HashSet<SandboxId>>,
+    /// Per sandbox being put to sleep or woken, the lock that keeps those one at a time.
+    transitions:
+        std::sync::Mutex<std::collections::HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
     /// The control plane is stopping: what is interrupted then is resumed at the next start,
     /// not failed.
     shutdown: CancellationToken,
@@ -140,6 +150,8 @@ impl Lifecycle {
             settings,
             tasks,
             absences: std::sync::Mutex::default(),
+            waking: std::sync::Mutex::default(),
+            transitions: std::sync::Mutex::default(),
             shutdown,
         }
     }
@@ -375,15 +387,15 @@ impl Lifecycle {
     /// table, and the deployment is ready once they have applied it. The step was recorded
     /// as running before (see `events.rs`).
     async fn route(&self, deployment: &DeploymentId) {
-        match self.db.deployment(deployment.as_str()).await {
-            Ok(Some(d)) if d.state.in_progress() => {}
+        let sandbox_id = match self.db.deployment(deployment.as_str()).await {
+            Ok(Some(d)) if d.state.in_progress() => d.sandbox_id,
             // Ended meanwhile (its sandbox was deleted).
             Ok(_) => return,
             Err(e) => {
                 tracing::error!(%deployment, error = %e, "cannot read the deployment");
                 return;
             }
-        }
+        };
         match self.routes.publish("a deployment is routed").await {
             Ok(generation) => {
                 self.append_own(deployment, |seq| Frame::Log {
@@ -401,6 +413,11 @@ impl Lifecycle {
                     instances: &[],
                 };
                 self.finish(deployment, &finish).await;
+                // A redeploy of some services of a sleeping sandbox leaves the others asleep:
+                // the sandbox is ready, so they wake now (nothing happens when none sleeps).
+                if let Some(this) = self.me.upgrade() {
+                    this.wake(&sandbox_id, "sdp");
+                }
             }
             // The gateways were cut off by our own shutdown: the deployment stays in routing,
             // and the next start resumes it (see `recover`).
@@ -534,7 +551,8 @@ impl Lifecycle {
 
     /// After a restart of the control plane: queued deployments never reached an agent and
     /// fail; the agents of running ones get the usual time to come back; deployments that
-    /// were being routed are routed again once a gateway is back. Then expiry starts.
+    /// were being routed are routed again once a gateway is back. Then expiry starts, and
+    /// sleep unless `idle_after` is zero.
     pub async fn start_background(self: &Arc<Self>) {
         match self.db.queued_deployments().await {
             Ok(queued) => {
@@ -571,6 +589,10 @@ impl Lifecycle {
         }
         let this = self.clone();
         self.spawn(async move { this.expire_loop().await });
+        if let Some(idle_after) = self.settings.idle_after {
+            let this = self.clone();
+            self.spawn(async move { this.sleep_loop(idle_after).await });
+        }
     }
 
     /// Until a gateway agent is connected, for as long as agents get to come back

@@ -45,6 +45,8 @@ pub struct RouteSource {
     pub catalog: Vec<ServiceRoutes>,
     /// How long a gateway agent has to apply a table.
     pub timeout: Duration,
+    /// How long the router holds a request for a sleeping sandbox (`wake_timeout`).
+    pub wake_timeout: Duration,
 }
 
 #[derive(Clone)]
@@ -133,8 +135,9 @@ fn down_as(state: ServiceState) -> Option<InstanceState> {
 }
 
 impl RouteSource {
-    /// The catalog, and each live sandbox with the upstreams of its running services and
-    /// the services whose instance is down (crashed, unhealthy, sleeping).
+    /// The catalog, and each live sandbox with the upstreams of its running services, the
+    /// services whose instance is down (crashed, unhealthy, sleeping), and whether it sleeps
+    /// (the router holds its requests and asks for a wake, rather than answering 503).
     async fn table(&self, generation: Generation) -> Result<RouteTable, sqlx::Error> {
         let mut sandboxes: BTreeMap<SandboxName, SandboxRoutes> = BTreeMap::new();
         for live in self.db.live_upstreams().await? {
@@ -144,7 +147,7 @@ impl RouteSource {
                     sandbox: live.sandbox,
                     upstreams: BTreeMap::new(),
                     down: BTreeMap::new(),
-                    sleeping: false,
+                    sleeping: live.sleeping,
                 });
             // A service dropped from the catalog since is no longer routed.
             let Some(service) = live
@@ -167,7 +170,7 @@ impl RouteSource {
             generation: generation.0,
             base_domain: self.base_domain.clone(),
             services: self.catalog.clone(),
-            wake_timeout_ms: 60_000,
+            wake_timeout_ms: u64::try_from(self.wake_timeout.as_millis()).unwrap_or(u64::MAX),
             sandboxes: sandboxes.into_values().collect(),
         })
     }
