@@ -60,7 +60,7 @@ pub(crate) fn server_toml(
     .filter_map(|(key, value)| value.map(|v| format!("{key} = \"{v}\"\n")))
     .collect();
     format!(
-        "{keys}{knobs}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}{}{}{}\n{tables}",
+        "{keys}{knobs}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}{}{}{}{}\n{tables}",
         data_dir.display(),
         o.session_ttl,
         o.sandbox_ttl,
@@ -112,6 +112,14 @@ pub(crate) fn server_toml(
             "true",
             "python3 talk.py",
             "health_interval = \"300ms\"\nrestart = \"never\"\n",
+        ),
+        // The Go service, left down when it dies (Docker's supervision).
+        watched(
+            "brittle",
+            "orders",
+            "CGO_ENABLED=0 go build -o .sdp/bin/app .",
+            "./.sdp/bin/app",
+            "restart = \"never\"\n",
         ),
         // The same service printing as fast as it can: the runtime log's bound.
         watched(

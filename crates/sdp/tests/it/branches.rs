@@ -54,6 +54,7 @@ async fn the_service_list_is_the_catalog() {
             "hostile",
             "talker",
             "fragile",
+            "brittle",
             "torrent",
         ]
     );

@@ -469,3 +469,55 @@ async fn an_idle_sandbox_sleeps_and_a_request_through_the_router_wakes_it_withou
         .await;
     assert!(!log.body.contains("building"), "{}", log.body);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_container_that_must_not_restart_stays_crashed_and_the_router_answers_503() {
+    if !docker_available() {
+        return;
+    }
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .runtime("docker")
+        .gateway(true)
+        .start()
+        .await;
+    let token = env.login().await;
+    let name = format!("glass-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let (sandbox, d) = env.deploy(&token, &name, &["brittle@main"]).await;
+    assert_eq!(d["state"], "ready", "{d}");
+    let container = container(&env, sandbox["id"].as_str().unwrap(), "brittle");
+    assert_eq!(through_router(&env, &name, "/brittle/1").await.status, 200);
+    let inspected = docker_inspect(&container).unwrap();
+    assert_eq!(inspected["HostConfig"]["RestartPolicy"]["Name"], "no");
+
+    let pid = inspected["State"]["Pid"].as_i64().unwrap();
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let crashed = eventually("the service is crashed", || async {
+        let s = service(&env, &token, &name, "brittle").await;
+        (s["state"] == "crashed").then_some(s)
+    })
+    .await;
+    assert!(
+        crashed["reason"].as_str().unwrap().contains("SIGKILL"),
+        "{crashed}"
+    );
+    let down = through_router(&env, &name, "/brittle/2").await;
+    assert_eq!(down.status, 503, "{}", down.body);
+    assert_eq!(down.json()["error"]["code"], "instance_down");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = service(&env, &token, &name, "brittle").await;
+    assert_eq!(
+        (later["state"].as_str(), later["restarts"].as_u64()),
+        (Some("crashed"), Some(0)),
+        "{later}"
+    );
+    assert_eq!(
+        docker_inspect(&container).unwrap()["State"]["Running"],
+        false
+    );
+    env.delete_sandbox(&token, &name).await;
+}
