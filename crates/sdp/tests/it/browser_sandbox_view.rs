@@ -407,58 +407,25 @@ async fn the_runtime_log_resumes_after_a_dropped_connection_without_gaps_or_repe
     browser.quit().await;
 }
 
-/// Marks sandbox `name` sleeping in what the page reads, and answers its wake with
-/// `window.fakeWake.status`, recording each call: a fake, because this tree's server has no
-/// sleeping sandboxes yet (only sleeping services), and the test is of the page's contract.
-fn fake_sleeping(name: &str) -> String {
-    format!(
-        r#"
-        var name = {name};
-        window.fakeWake = {{ status: 202, calls: [], reads: 0 }};
-        var realFetch = window.fetch;
-        window.fetch = function (path, opts) {{
-          var method = (opts && opts.method) || 'GET';
-          if (method === 'POST' && path === '/api/sandboxes/' + name + '/wake') {{
-            window.fakeWake.calls.push(method + ' ' + path + ' ' + opts.credentials);
-            var st = window.fakeWake.status;
-            var body = st === 202 ? '' : JSON.stringify({{ error: {{ code: 'wake_failed', message: 'the fake could not wake ' + name }} }});
-            return Promise.resolve(new Response(body, {{ status: st, headers: {{ 'Content-Type': 'application/json' }} }}));
-          }}
-          return realFetch.apply(this, arguments).then(function (res) {{
-            if (method !== 'GET' || !res.ok || !/^\/api\/sandboxes(\?|\/[^\/]+$)/.test(path)) return res;
-            return res.json().then(function (data) {{
-              var mark = function (s) {{ if (s && s.name === name) s.state = 'sleeping'; }};
-              if (data && Array.isArray(data.items)) data.items.forEach(mark); else mark(data);
-              window.fakeWake.reads++;
-              return new Response(JSON.stringify(data), {{ status: res.status, headers: {{ 'Content-Type': 'application/json' }} }});
-            }});
-          }});
-        }};
-        return true;
-        "#,
-        name = json!(name)
-    )
-}
-
 #[tokio::test(flavor = "multi_thread")]
-async fn a_sleeping_sandbox_shows_its_badge_and_a_wake_button_that_posts_wake_and_refreshes_in_the_browser()
- {
+async fn a_sleeping_sandbox_shows_its_badge_and_a_wake_button_that_wakes_it_in_the_browser() {
     let Some(browser) = Browser::start().await else {
         return;
     };
-    let env = InProcessEnv::builder().gateway(true).start().await;
-    let id = ready(&env, "dozy", &["orders@main"]).await;
-    // Its service's sleeping state is real: the agent reports it.
-    let mut agent = FakeAgent::connect(&env, "watcher").await;
-    report(
-        &mut agent,
-        vec![runtime_instance(
-            &id, 1, "orders", "sleeping", None, None, 0,
-        )],
-    )
-    .await;
+    // Unused for a second, a sandbox sleeps: the control plane puts it to sleep for real.
+    let env = InProcessEnv::builder()
+        .gateway(true)
+        .idle_after("1s")
+        .start()
+        .await;
+    let token = env.login().await;
+    ready(&env, "dozy", &["orders@main"]).await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while env.get("/api/sandboxes/dozy", Some(&token)).await.json()["state"] != "sleeping" {
+        assert!(std::time::Instant::now() < deadline, "dozy never slept");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     sign_in(&browser, &env.url).await;
-    browser.eval(&fake_sleeping("dozy")).await;
 
     let badge = browser
         .wait_for(
@@ -488,51 +455,32 @@ async fn a_sleeping_sandbox_shows_its_badge_and_a_wake_button_that_posts_wake_an
         )
         .await;
 
-    // A refused wake shows its error where the view's actions do.
-    browser
-        .eval("window.fakeWake.status = 409; return true")
-        .await;
+    // Wake: the control plane has the agent start it again. (It falls asleep again a second
+    // later, unused: the history is what says the button woke it.)
     browser.click("#sv-actions [data-action=\"wake\"]").await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let history = env
+            .get("/api/sandboxes/dozy/history", Some(&token))
+            .await
+            .json();
+        let woken = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["action"] == "wake" && h["actor"] == sdp_testkit::USER);
+        if woken {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never woken: {history}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     let error = browser
-        .wait_for(
-            "the wake error",
-            "var e = document.getElementById('sv-error'); return !e.hidden && e.textContent",
-        )
+        .eval("return document.getElementById('sv-error').hidden")
         .await;
-    assert_eq!(error, json!("the fake could not wake dozy"));
-
-    // An accepted wake clears it and reads the sandbox again.
-    let reads = browser.eval("return window.fakeWake.reads").await;
-    browser
-        .eval("window.fakeWake.status = 202; return true")
-        .await;
-    browser.click("#sv-actions [data-action=\"wake\"]").await;
-    browser
-        .wait_for(
-            "the refresh after the wake",
-            &format!(
-                "return window.fakeWake.calls.length === 2 && window.fakeWake.reads > {reads} && document.getElementById('sv-error').hidden"
-            ),
-        )
-        .await;
-    let calls = browser.eval("return window.fakeWake.calls").await;
-    assert_eq!(
-        calls,
-        json!([
-            "POST /api/sandboxes/dozy/wake same-origin",
-            "POST /api/sandboxes/dozy/wake same-origin"
-        ])
-    );
-
-    // The list's button does the same.
-    browser
-        .click("[data-sandbox=\"dozy\"] [data-action=\"wake\"]")
-        .await;
-    browser
-        .wait_for(
-            "the list's wake",
-            "return window.fakeWake.calls.length === 3 && document.getElementById('sandbox-error').hidden",
-        )
-        .await;
+    assert_eq!(error, json!(true));
     browser.quit().await;
 }
