@@ -132,9 +132,10 @@ impl Browser {
             .await
     }
 
-    /// Waits until `script` returns something truthy, and returns it.
+    /// Waits until `script` returns something truthy, and returns it. Generously: a page may
+    /// wait on a real Go build, which takes half a minute on a busy two-core machine.
     pub(crate) async fn wait_for(&self, what: &str, script: &str) -> Value {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(90);
         loop {
             let v = self.eval(script).await;
             let falsy = v.is_null() || v == json!(false) || v == json!("") || v == json!(0);
