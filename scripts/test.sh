@@ -35,10 +35,11 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # The integration tests run user code as an unprivileged user they create when run as root
-# (sdp-it-run, see crates/testkit/src/users.rs); remove it, and anything left running as it,
+# (sdp-it-run, and sdp-it-plain for an agent run without root; see crates/testkit/src/users.rs);
+# remove them, and anything left running as them,
 # once they are done.
 if [ "$(id -u)" -eq 0 ]; then
-  trap 'pkill -KILL -u sdp-it-run 2>/dev/null; userdel sdp-it-run 2>/dev/null; true' EXIT
+  trap 'for u in sdp-it-run sdp-it-plain; do pkill -KILL -u $u 2>/dev/null; userdel $u 2>/dev/null; done; true' EXIT
 fi
 
 cargo fmt --all -- --check

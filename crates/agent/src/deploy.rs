@@ -2,9 +2,14 @@
 //! start it in the runtime, wait for its health path; then report the outcome.
 //!
 //! Every step is an event of the deployment (see [`crate::events`]); the last event is the
-//! outcome, with each service's commit and upstream address. A healthy instance is handed to
-//! the [`Supervisor`] with what starts it again; the one it replaces is unwatched before it
-//! is stopped, so that its end is no crash.
+//! outcome, with each service's commit and upstream address. The one an instance replaces is
+//! unwatched before it is stopped, so that its end is no crash. The healthy instances are
+//! handed to the [`Supervisor`], with what starts them again, only once the control plane has
+//! the outcome (or after [`OUTCOME_ACK_WAIT`]): an instance that dies meanwhile is then
+//! reported after the outcome that recorded where it ran, never before it (a report about a
+//! service still deploying is left out), so the routes never keep pointing at a dead port.
+//! The whole deployment holds the sandbox ([`Supervisor::hold`]): no sleep, wake or teardown
+//! of it runs meanwhile.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -34,6 +39,17 @@ const BUILD_PASS_THROUGH: &[&str] = &[
     "GONOSUMDB",
     "GOTOOLCHAIN",
 ];
+
+/// The longest the supervision of a deployment's instances waits for the control plane to
+/// acknowledge its outcome (it may be away; the instances are watched all the same then).
+const OUTCOME_ACK_WAIT: Duration = Duration::from_secs(10);
+
+/// An instance started and healthy, to be watched once the outcome is in.
+struct Started {
+    spec: InstanceSpec,
+    instance: crate::runtime::Instance,
+    tail: crate::runtime_log::Tail,
+}
 
 /// How long a build's last output may take to arrive once it has exited.
 const OUTPUT_AFTER_BUILD: Duration = Duration::from_secs(1);
@@ -71,8 +87,13 @@ struct Failure(String);
 impl Deployer {
     /// Runs a deploy job to its outcome, or until `cancel` (a teardown) stops it.
     pub async fn run(&self, job: DeployJob, cancel: CancellationToken) {
+        let _held = tokio::select! {
+            _ = cancel.cancelled() => None,
+            held = self.supervisor.hold(&job.sandbox_id) => Some(held),
+        };
         let deployment = job.deployment.clone();
         let mut outcomes = Vec::new();
+        let mut started = Vec::new();
         let mut failure = None;
         for spec in &job.services {
             let mut replacing = false;
@@ -81,7 +102,10 @@ impl Deployer {
                 r = self.service(&job, spec, &mut replacing) => r,
             };
             match result {
-                Ok(outcome) => outcomes.push(outcome),
+                Ok((outcome, instance)) => {
+                    outcomes.push(outcome);
+                    started.push(instance);
+                }
                 Err(Failure(reason)) => {
                     // A service that failed before its previous instance was stopped (at
                     // fetching or building) still runs that instance: like the services
@@ -110,6 +134,25 @@ impl Deployer {
             )
             .await;
         self.outbox.close(&deployment);
+        let acked = async {
+            while self.outbox.pending_deployments().contains(&deployment) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            // Torn down: its teardown unwatches and stops them right after.
+            _ = cancel.cancelled() => {}
+            _ = tokio::time::timeout(OUTCOME_ACK_WAIT, acked) => {}
+        }
+        for Started {
+            spec,
+            instance,
+            tail,
+        } in started
+        {
+            self.supervisor
+                .watch(&job.sandbox_id, spec, Some((instance, tail)));
+        }
     }
 
     /// Fetches, builds and starts one service. `replacing` turns true once its previous
@@ -119,7 +162,7 @@ impl Deployer {
         job: &DeployJob,
         spec: &ServiceSpec,
         replacing: &mut bool,
-    ) -> Result<ServiceOutcome, Failure> {
+    ) -> Result<(ServiceOutcome, Started), Failure> {
         let d = &job.deployment;
         let service = &spec.service;
         let out = &self.outbox;
@@ -248,15 +291,19 @@ impl Deployer {
             .map_err(|e| Failure(format!("cannot keep what starts {service} again: {e}")))?;
         out.step(d, service, Step::Healthy, StepState::Done).await;
         let upstream = self.supervisor.upstream(&instance);
-        self.supervisor
-            .running(sandbox, service, upstream.clone(), 0)
-            .await;
-        self.supervisor.watch(sandbox, kept, Some((instance, tail)));
-        Ok(ServiceOutcome {
+        let outcome = ServiceOutcome {
             service: service.clone(),
             commit: Some(commit),
             upstream: Some(upstream),
-        })
+        };
+        Ok((
+            outcome,
+            Started {
+                spec: kept,
+                instance,
+                tail,
+            },
+        ))
     }
 
     /// Replaces whatever is in `checkout` with the files of `commit`: a fresh folder of user
@@ -408,6 +455,7 @@ impl Deployer {
     /// Stops everything of sandbox `sandbox` and deletes its checkouts, its home and what the
     /// agent recorded of it; nothing of another id, whatever its name.
     pub async fn teardown(&self, sandbox: &SandboxId) -> Result<(), String> {
+        let held = self.supervisor.hold(sandbox).await;
         // Unwatched first: nothing may start again what is being removed.
         self.supervisor.unwatch_sandbox(sandbox).await;
         self.supervisor
@@ -430,6 +478,8 @@ impl Deployer {
             }
         }
         self.supervisor.log.close(sandbox);
+        drop(held);
+        self.supervisor.release(sandbox);
         Ok(())
     }
 }

@@ -644,7 +644,12 @@ impl Worker {
         if let Some(refused) = self.deploying(&sandbox) {
             return refused;
         }
-        match deployer.supervisor.sleep(&sandbox).await {
+        // In a task of its own: a connection lost meanwhile must not leave it half done.
+        let supervisor = deployer.supervisor.clone();
+        let slept = tokio::spawn(async move { supervisor.sleep(&sandbox).await })
+            .await
+            .unwrap_or_else(|e| Err(format!("the sleep failed: {e}")));
+        match slept {
             Ok(()) => JobOutput::Slept,
             Err(message) => JobOutput::Failed(JobError {
                 code: JobErrorCode::Failed,
@@ -660,7 +665,11 @@ impl Worker {
         if let Some(refused) = self.deploying(&sandbox) {
             return refused;
         }
-        match deployer.supervisor.wake(&sandbox).await {
+        let supervisor = deployer.supervisor.clone();
+        let woken = tokio::spawn(async move { supervisor.wake(&sandbox).await })
+            .await
+            .unwrap_or_else(|e| Err(format!("the wake failed: {e}")));
+        match woken {
             Ok(services) => JobOutput::Woken { services },
             Err(message) => JobOutput::Failed(JobError {
                 code: JobErrorCode::Failed,

@@ -15,7 +15,9 @@
 //! deploy job's env holds none). A sleeping service has `<service>.sleeping` beside it.
 //!
 //! Whoever stops an instance on purpose (a redeploy, a teardown, a sleep) unwatches it first,
-//! so that nothing restarts it and its end is not reported as a crash.
+//! so that nothing restarts it and its end is not reported as a crash; and a deployment, a
+//! sleep, a wake and a teardown of one sandbox never run at once: each holds the sandbox's
+//! lock ([`Supervisor::hold`]), so none starts what another is stopping.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -107,6 +109,10 @@ pub struct Supervisor {
     pub health_timeout: Duration,
     pub policy: Policy,
     watched: Mutex<HashMap<(SandboxId, ServiceName), Watch>>,
+    /// Where each watched instance serves now (a restart may move it).
+    upstreams: Mutex<HashMap<(SandboxId, ServiceName), String>>,
+    /// Per sandbox: held by its deployment, sleep, wake or teardown.
+    locks: Mutex<HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// What went wrong with a running instance.
@@ -133,7 +139,55 @@ impl Supervisor {
             health_timeout,
             policy: Policy::default(),
             watched: Mutex::default(),
+            upstreams: Mutex::default(),
+            locks: Mutex::default(),
         }
+    }
+
+    /// Waits until nothing else changes `sandbox`'s instances (a deployment, a sleep, a wake,
+    /// a teardown), and keeps it so while the guard lives.
+    pub async fn hold(&self, sandbox: &SandboxId) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(sandbox.clone())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
+    }
+
+    /// The sandbox is gone: its lock too, unless someone waits for it (a job that then finds
+    /// nothing of it).
+    pub fn release(&self, sandbox: &SandboxId) {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        if locks
+            .get(sandbox)
+            .is_some_and(|lock| Arc::strong_count(lock) == 1)
+        {
+            locks.remove(sandbox);
+        }
+    }
+
+    fn set_upstream(&self, sandbox: &SandboxId, service: &ServiceName, upstream: Option<String>) {
+        let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (sandbox.clone(), service.clone());
+        match upstream {
+            Some(upstream) => {
+                upstreams.insert(key, upstream);
+            }
+            None => {
+                upstreams.remove(&key);
+            }
+        }
+    }
+
+    fn current_upstream(&self, sandbox: &SandboxId, service: &ServiceName) -> Option<String> {
+        self.upstreams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&(sandbox.clone(), service.clone()))
+            .cloned()
     }
 
     fn spec_path(&self, sandbox: &SandboxId, service: &ServiceName) -> PathBuf {
@@ -289,6 +343,8 @@ impl Supervisor {
     ) {
         let cancel = CancellationToken::new();
         let key = (sandbox.clone(), spec.service.clone());
+        let upstream = current.as_ref().map(|(instance, _)| self.upstream(instance));
+        self.set_upstream(sandbox, &spec.service, upstream);
         let task =
             tokio::spawn(
                 self.clone()
@@ -316,6 +372,7 @@ impl Supervisor {
             watch.cancel.cancel();
             let _ = watch.task.await;
         }
+        self.set_upstream(sandbox, service, None);
     }
 
     pub async fn unwatch_sandbox(&self, sandbox: &SandboxId) {
@@ -399,20 +456,27 @@ impl Supervisor {
         }
     }
 
-    /// Stops `sandbox`'s instances and keeps what starts them again.
+    /// Stops `sandbox`'s instances and keeps what starts them again. A service that cannot
+    /// be stopped does not keep the others awake: each is tried, and the first failure is
+    /// returned.
     pub async fn sleep(&self, sandbox: &SandboxId) -> Result<(), String> {
+        let _held = self.hold(sandbox).await;
         self.unwatch_sandbox(sandbox).await;
         let specs = self.specs(sandbox);
         if specs.is_empty() {
             return Err(format!("nothing of sandbox {sandbox} runs on this agent"));
         }
+        let mut failed = None;
         for spec in specs {
-            self.runtime
-                .stop_service(sandbox, &spec.service)
-                .await
-                .map_err(|e| format!("cannot stop {}: {e}", spec.service))?;
-            std::fs::write(self.sleeping_path(sandbox, &spec.service), b"")
-                .map_err(|e| format!("cannot record that {} sleeps: {e}", spec.service))?;
+            // Marked first: an agent that dies while stopping it wakes nothing at its start.
+            if let Err(e) = std::fs::write(self.sleeping_path(sandbox, &spec.service), b"") {
+                failed.get_or_insert(format!("cannot record that {} sleeps: {e}", spec.service));
+                continue;
+            }
+            if let Err(e) = self.runtime.stop_service(sandbox, &spec.service).await {
+                failed.get_or_insert(format!("cannot stop {}: {e}", spec.service));
+                continue;
+            }
             self.log
                 .system(sandbox, &spec.service, format!("{} sleeps", spec.service))
                 .await;
@@ -427,15 +491,19 @@ impl Supervisor {
             )
             .await;
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// Starts `sandbox`'s kept instances again (no fetch, no build) and waits until each is
-    /// healthy; returns where each runs.
+    /// healthy; returns where each runs. One that runs and is watched already (woken by an
+    /// earlier wake, or deployed since) is left running, and answered with where it serves:
+    /// a wake asked for again, after the control plane gave up waiting for one, never stops
+    /// what the first is starting.
     pub async fn wake(
         self: &Arc<Self>,
         sandbox: &SandboxId,
     ) -> Result<Vec<ServiceOutcome>, String> {
+        let _held = self.hold(sandbox).await;
         let specs = self.specs(sandbox);
         if specs.is_empty() {
             return Err(format!(
@@ -445,6 +513,16 @@ impl Supervisor {
         let mut outcomes = Vec::new();
         for spec in specs {
             let service = spec.service.clone();
+            if !self.sleeping_path(sandbox, &service).exists()
+                && let Some(upstream) = self.current_upstream(sandbox, &service)
+            {
+                outcomes.push(ServiceOutcome {
+                    service,
+                    commit: Some(spec.commit.clone()),
+                    upstream: Some(upstream),
+                });
+                continue;
+            }
             self.unwatch(sandbox, &service).await;
             let (instance, tail) = self
                 .restart(sandbox, &spec)
@@ -485,6 +563,17 @@ impl Supervisor {
         }
     }
 
+    /// Waits until the instance's health path answers again.
+    async fn until_healthy(&self, host: &str, port: u16, spec: &InstanceSpec) {
+        let interval = Duration::from_millis(spec.health_interval_ms.max(10));
+        loop {
+            tokio::time::sleep(interval).await;
+            if health::check(&self.http, host, port, &spec.health).await.is_ok() {
+                return;
+            }
+        }
+    }
+
     async fn supervise(
         self: Arc<Self>,
         sandbox: SandboxId,
@@ -508,6 +597,8 @@ impl Supervisor {
                     reason = &mut exit => (Trouble::Crashed, reason),
                     reason = self.until_unhealthy(&health_host, host_port, &spec) => (Trouble::Unhealthy, reason),
                 };
+                // Not serving: a wake asked for now starts it again rather than pointing at it.
+                self.set_upstream(&sandbox, &service, None);
                 if trouble == Trouble::Crashed {
                     // Its last lines reach the followers a moment after its end.
                     tokio::time::sleep(LAST_LINES_GRACE).await;
@@ -530,22 +621,35 @@ impl Supervisor {
                 )
                 .await;
                 if spec.restart == RestartPolicy::Never {
-                    // Left as it is; an unhealthy one may still end.
+                    // Left as it is. An unhealthy one is still checked: it is running again
+                    // once it answers, unhealthy again when it stops answering, crashed
+                    // when it ends.
                     if trouble == Trouble::Unhealthy {
-                        let reason = tokio::select! {
-                            _ = cancel.cancelled() => return,
-                            reason = exit => reason,
-                        };
-                        self.report(
-                            &sandbox,
-                            &service,
-                            InstanceState::Crashed,
-                            Some(reason),
-                            tail.lines(),
-                            None,
-                            restarts,
-                        )
-                        .await;
+                        let upstream = crate::deploy::upstream_address(&self.advertise_host, host_port);
+                        let mut healthy = false;
+                        loop {
+                            let (state, reason, last_lines) = tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                reason = &mut exit => {
+                                    tokio::time::sleep(LAST_LINES_GRACE).await;
+                                    (InstanceState::Crashed, Some(reason), tail.lines())
+                                }
+                                reason = self.until_unhealthy(&health_host, host_port, &spec), if healthy => {
+                                    (InstanceState::Unhealthy, Some(reason), Vec::new())
+                                }
+                                () = self.until_healthy(&health_host, host_port, &spec), if !healthy => {
+                                    (InstanceState::Running, None, Vec::new())
+                                }
+                            };
+                            healthy = state == InstanceState::Running;
+                            let upstream = healthy.then(|| upstream.clone());
+                            self.set_upstream(&sandbox, &service, upstream.clone());
+                            self.report(&sandbox, &service, state, reason, last_lines, upstream, restarts)
+                                .await;
+                            if state == InstanceState::Crashed {
+                                return;
+                            }
+                        }
                     }
                     return;
                 }
@@ -609,6 +713,7 @@ impl Supervisor {
             match attempt {
                 Ok((instance, tail)) => {
                     let upstream = self.upstream(&instance);
+                    self.set_upstream(&sandbox, &service, Some(upstream.clone()));
                     self.log
                         .system(
                             &sandbox,
@@ -668,10 +773,13 @@ mod tests {
         let users = UserCode::default();
         layout.prepare(&users).unwrap();
         std::fs::create_dir_all(layout.state_of(&id())).unwrap();
+        // A window of its own: tests run side by side, and two of them trying the same free
+        // port at once would see one instance crash at its start.
+        let first = 20000 + 500 * (rand::random::<u16>() % 80);
         let runtime = Arc::new(ProcessRuntime::new(
             &layout.run,
             users,
-            (20000, 60000),
+            (first, first + 499),
             "127.0.0.1",
         ));
         let log = Arc::new(RuntimeLog::new(&layout.state));
@@ -872,6 +980,54 @@ mod tests {
         let reports = reports_until(&supervisor.log, |r| r.state == InstanceState::Unhealthy).await;
         let reason = reports.last().unwrap().reason.clone().unwrap();
         assert!(reason.contains("status 404, 3 times in a row"), "{reason}");
+        supervisor.unwatch_sandbox(&id()).await;
+        supervisor.runtime.stop_sandbox(&id()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn under_never_an_unhealthy_instance_that_answers_again_is_running_again() {
+        let work = tempfile::tempdir().unwrap();
+        let supervisor = supervisor(work.path());
+        let spec = spec(work.path(), SERVE, RestartPolicy::Never);
+        let health = spec.checkout.join("healthz");
+        let upstream = deployed(&supervisor, spec).await;
+        std::fs::remove_file(&health).unwrap();
+        reports_until(&supervisor.log, |r| r.state == InstanceState::Unhealthy).await;
+        // A slow spell ends: it answers again, and is routed again, where it ran.
+        std::fs::write(&health, "ok").unwrap();
+        let reports = reports_until(&supervisor.log, |r| r.state == InstanceState::Running).await;
+        let running = reports.last().unwrap();
+        assert_eq!(running.upstream.as_deref(), Some(upstream.as_str()));
+        assert_eq!(running.restarts, 0);
+        supervisor.unwatch_sandbox(&id()).await;
+        supervisor.runtime.stop_sandbox(&id()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_wake_asked_for_again_leaves_the_woken_instance_running_where_it_is() {
+        let work = tempfile::tempdir().unwrap();
+        let supervisor = supervisor(work.path());
+        deployed(
+            &supervisor,
+            spec(work.path(), SERVE, RestartPolicy::OnFailure),
+        )
+        .await;
+        supervisor.sleep(&id()).await.unwrap();
+        // The control plane gave up waiting and asks again while the first wake runs: the
+        // second waits for the first, and stops nothing it started.
+        let sandbox = id();
+        let (first, second) = tokio::join!(supervisor.wake(&sandbox), async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            supervisor.wake(&sandbox).await
+        });
+        let (first, second) = (first.unwrap(), second.unwrap());
+        assert_eq!(first[0].upstream, second[0].upstream);
+        let running = pid(&supervisor);
+        assert!(nix::sys::signal::kill(nix::unistd::Pid::from_raw(running), None).is_ok());
+        // And a wake of an awake sandbox changes nothing.
+        let third = supervisor.wake(&id()).await.unwrap();
+        assert_eq!(third[0].upstream, first[0].upstream);
+        assert_eq!(pid(&supervisor), running);
         supervisor.unwatch_sandbox(&id()).await;
         supervisor.runtime.stop_sandbox(&id()).await.unwrap();
     }

@@ -19,7 +19,7 @@ use crate::database::Database;
 use crate::docker::{docker_cleanup, docker_image};
 use crate::git_server::GitServer;
 use crate::process::{Proc, free_port_range, kill_processes_under};
-use crate::users::{RUN_AS, run_as_line};
+use crate::users::{PLAIN_AGENT, ensure_user, run_as_line};
 use crate::{AGENT_TOKEN, DEFAULT_LOG, PASSWORD, USER};
 
 /// Knobs of a test environment (the in-process tier reads the server's among them).
@@ -375,15 +375,16 @@ impl TestEnv {
         self.agents.push(proc);
     }
 
-    /// Starts micro agent `name` as the unprivileged [`RUN_AS`] user instead of root, as a
-    /// plain user would run `sdp agent` (builds then run as that user too).
+    /// Starts micro agent `name` as the unprivileged [`PLAIN_AGENT`] user instead of root, as
+    /// a plain user would run `sdp agent` (builds then run as that user too).
     pub fn start_unprivileged_agent(&mut self, name: &str) {
         let work_dir = self.agent_work_dir(name);
         std::fs::create_dir_all(&work_dir).unwrap();
-        let user = nix::unistd::User::from_name(RUN_AS).unwrap().unwrap();
+        ensure_user(PLAIN_AGENT);
+        let user = nix::unistd::User::from_name(PLAIN_AGENT).unwrap().unwrap();
         std::os::unix::fs::chown(&work_dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
             .unwrap();
-        let proc = self.spawn_agent(name, "micro", AGENT_TOKEN, Some(RUN_AS));
+        let proc = self.spawn_agent(name, "micro", AGENT_TOKEN, Some(PLAIN_AGENT));
         self.agents.push(proc);
     }
 

@@ -78,7 +78,7 @@ pub use fake_agent::{Deploys, FakeAgent, Script, ScriptedAgent, Wakes};
 pub use git_server::GitServer;
 pub use in_process::{InProcessBuilder, InProcessEnv};
 pub use process::{Proc, run_sdp};
-pub use users::{RUN_AS, ensure_run_as_user, run_as_ids};
+pub use users::{PLAIN_AGENT, RUN_AS, ensure_run_as_user, run_as_ids};
 
 /// The token every test agent and server share.
 pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";

@@ -11,11 +11,21 @@ pub(crate) fn running_as_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Creates [`RUN_AS`] unless it exists; tests in parallel processes take turns (`flock`),
-/// since `useradd` refuses to run while another holds `/etc/passwd`.
+/// The user an agent runs as when a test runs one without root ([`crate::TestEnv::start_unprivileged_agent`]):
+/// not [`RUN_AS`], whose hostile builds in other tests running meanwhile would otherwise read
+/// that agent's environment (its token) in `/proc`, as user code of the agent's own user may.
+pub const PLAIN_AGENT: &str = "sdp-it-plain";
+
+/// Creates [`RUN_AS`] unless it exists.
 pub fn ensure_run_as_user() {
+    ensure_user(RUN_AS);
+}
+
+/// Creates the system user `name` unless it exists; tests in parallel processes take turns
+/// (`flock`), since `useradd` refuses to run while another holds `/etc/passwd`.
+pub fn ensure_user(name: &str) {
     let script = format!(
-        "id -u {RUN_AS} >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin {RUN_AS}"
+        "id -u {name} >/dev/null 2>&1 || useradd --system --no-create-home --shell /usr/sbin/nologin {name}"
     );
     let out = Command::new("flock")
         .args(["/tmp/sdp-it-useradd.lock", "sh", "-c", &script])
@@ -23,7 +33,7 @@ pub fn ensure_run_as_user() {
         .expect("flock runs");
     assert!(
         out.status.success(),
-        "cannot create the user {RUN_AS}: {}",
+        "cannot create the user {name}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
