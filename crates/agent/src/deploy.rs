@@ -78,7 +78,6 @@ pub struct Deployer {
     pub users: UserCode,
     pub build_timeout: Duration,
     pub health_timeout: Duration,
-    pub http: reqwest::Client,
 }
 
 /// Why a service did not come up, as the user reads it.
@@ -270,7 +269,7 @@ impl Deployer {
             }
         };
         if let Err(reason) = health::wait_healthy(
-            &self.http,
+            &self.supervisor.http,
             &instance.health_host,
             instance.host_port,
             &spec.health,
@@ -533,7 +532,6 @@ pub(crate) mod tests {
             users,
             build_timeout: Duration::from_secs(60),
             health_timeout: Duration::from_secs(5),
-            http: reqwest::Client::new(),
         }
     }
 

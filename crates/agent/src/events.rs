@@ -34,6 +34,11 @@ use crate::lines::MAX_LINE;
 const CAPACITY: usize = 100_000;
 const CAPACITY_BYTES: usize = 64 << 20;
 
+/// Ended keys remembered, the latest: late events come from tasks that end with their
+/// stream, so an id ended thousands of streams ago gets none, and the set stays bounded over
+/// the agent's life.
+const CLOSED_KEPT: usize = 4096;
+
 /// The most one event takes encoded: far above a log line ([`MAX_LINE`] plus its fields) and
 /// far below a frame, so that a batch always has room for at least one.
 pub const MAX_EVENT_BYTES: usize = 64 * 1024;
@@ -75,6 +80,8 @@ struct State<S: Stream> {
     /// Keys whose stream has ended (a deployment's outcome, a sandbox's teardown): later
     /// events of theirs would be refused by the control plane, so they are not sent.
     closed: HashSet<S::Key>,
+    /// `closed` in the order they ended, to forget the oldest.
+    closed_order: VecDeque<S::Key>,
 }
 
 /// A bounded queue of unacknowledged events of one [`Stream`].
@@ -95,6 +102,7 @@ impl<S: Stream> Default for Queue<S> {
                 sent: 0,
                 last_seq: HashMap::new(),
                 closed: HashSet::new(),
+                closed_order: VecDeque::new(),
             }),
             queued: Notify::new(),
             freed: Notify::new(),
@@ -148,14 +156,29 @@ impl<S: Stream> Queue<S> {
     /// `key`'s events go on from `seq + 1`, unless it has events here already: its numbering
     /// was kept elsewhere (on disk) across the agent's restart.
     pub fn continue_after(&self, key: &S::Key, seq: u64) {
-        self.lock().last_seq.entry(key.clone()).or_insert(seq);
+        let mut state = self.lock();
+        if !state.closed.contains(key) {
+            state.last_seq.entry(key.clone()).or_insert(seq);
+        }
     }
 
     /// No more events of `key`.
     pub fn close(&self, key: &S::Key) {
         let mut state = self.lock();
         state.last_seq.remove(key);
-        state.closed.insert(key.clone());
+        if state.closed.insert(key.clone()) {
+            state.closed_order.push_back(key.clone());
+        }
+        if state.closed_order.len() > CLOSED_KEPT
+            && let Some(oldest) = state.closed_order.pop_front()
+        {
+            state.closed.remove(&oldest);
+        }
+    }
+
+    /// Whether `key` was closed (lately: see [`CLOSED_KEPT`]).
+    pub fn is_closed(&self, key: &S::Key) -> bool {
+        self.lock().closed.contains(key)
     }
 
     /// Forgets `key`'s queued events: nobody wants them any more.
@@ -576,6 +599,24 @@ mod tests {
             joined.push_str(&line);
         }
         assert_eq!(joined, line);
+    }
+
+    #[tokio::test]
+    async fn a_closed_deployment_takes_no_more_events_and_only_the_latest_closed_are_kept() {
+        let outbox = Outbox::default();
+        let d = dep(0xd);
+        outbox.system(&d, None, "before".into()).await;
+        outbox.close(&d);
+        outbox.system(&d, None, "late".into()).await;
+        outbox.continue_after(&d, 7);
+        assert_eq!(seqs(outbox.next_batch(10, usize::MAX)), [(d.clone(), 1)]);
+        assert!(outbox.lock().last_seq.is_empty());
+        for n in 0..CLOSED_KEPT as u64 + 10 {
+            outbox.close(&dep(0x1000 + n));
+        }
+        assert_eq!(outbox.lock().closed.len(), CLOSED_KEPT);
+        assert!(!outbox.is_closed(&d), "the oldest are forgotten");
+        assert!(outbox.is_closed(&dep(0x1000 + CLOSED_KEPT as u64 + 9)));
     }
 
     #[tokio::test]

@@ -8,6 +8,18 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Between checks while an instance starts.
 const STARTING_POLL: Duration = Duration::from_millis(100);
 
+/// The client of every health check. A user's health path is hostile: a redirect would make
+/// the agent request any URL it names (another sandbox's port, the control plane) every
+/// health interval, and a proxy from the agent's environment would carry checks off the
+/// host. So a 3xx is an answer like any other (not healthy), and no proxy is used.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .expect("a client with neither TLS nor proxies builds")
+}
+
 /// One check: `Ok` on a 200, else what came back.
 pub async fn check(
     http: &reqwest::Client,
@@ -50,4 +62,51 @@ pub async fn wait_healthy(
         "did not become healthy within {}s: {path} gave {last}",
         timeout.as_secs()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A server answering every request with `answer`; counts the requests it got.
+    async fn serve(answer: String) -> (u16, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(answer.as_bytes()).await;
+            }
+        });
+        (port, requests)
+    }
+
+    #[tokio::test]
+    async fn a_redirect_is_not_followed_and_counts_as_unhealthy() {
+        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (target, reached) = serve(ok.to_owned()).await;
+        let redirect = format!(
+            "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:{target}/\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+        );
+        let (health, _) = serve(redirect).await;
+        let answer = check(&client(), "127.0.0.1", health, "/healthz").await;
+        assert_eq!(answer, Err("status 302".to_owned()));
+        // Whatever the client did, it did before answering.
+        assert_eq!(
+            reached.load(Ordering::SeqCst),
+            0,
+            "the redirect was followed"
+        );
+        assert_eq!(check(&client(), "127.0.0.1", target, "/").await, Ok(()));
+    }
 }

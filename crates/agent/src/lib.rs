@@ -194,7 +194,6 @@ impl Agent {
                 users,
                 build_timeout: config.build_timeout.get(),
                 health_timeout: config.health_timeout.get(),
-                http: reqwest::Client::new(),
             }))
         } else {
             None

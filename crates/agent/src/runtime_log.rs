@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use sdp_protocol::{
     AgentMessage, DeploymentId, InstanceReport, LogStream, RuntimeBody, RuntimeEvent, SandboxId,
-    ServiceName, escaped_len, escaped_pieces,
+    ServiceName, escaped_len, escaped_pieces, split_escaped,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -32,8 +32,14 @@ use crate::lines::MAX_LINE;
 
 /// The file in a sandbox's state folder.
 const SAVED: &str = "runtime.json";
-/// The last lines of an instance kept for a crash report.
+/// The last lines of an instance kept for a crash report, each cut to `TAIL_LINE` bytes and
+/// all together at most `TAIL_BYTES` (encoded): a crash report must fit well inside
+/// [`crate::events::MAX_EVENT_BYTES`] whatever the service prints, or it would be left out.
 const TAIL_LINES: usize = 20;
+const TAIL_LINE: usize = 1024;
+const TAIL_BYTES: usize = 16 * 1024;
+/// Ends a line of the tail that was cut.
+const CUT: &str = "…";
 
 /// Where an output line ends in its source, carried with its event until acknowledged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,16 +75,28 @@ impl Stream for RuntimeEvents {
         event.seq
     }
 
+    /// A report stays a report, without its last lines: the control plane must learn of a
+    /// crash whatever the instance printed before it.
     fn shrink(event: &mut RuntimeEvent, bytes: usize) {
-        let service = match &event.body {
-            RuntimeBody::Log { service, .. } => service.clone(),
-            RuntimeBody::Instance(report) => report.service.clone(),
-        };
-        event.body = RuntimeBody::Log {
-            service,
-            stream: LogStream::System,
-            line: format!("an event of {bytes} bytes was too large to send, and was left out"),
-        };
+        match &mut event.body {
+            RuntimeBody::Instance(report) => {
+                report.last_lines = vec![format!(
+                    "(its last lines were left out: the report took {bytes} bytes)"
+                )];
+                if let Some(reason) = &mut report.reason {
+                    reason.truncate(split_escaped(reason, MAX_LINE).0.len());
+                }
+            }
+            RuntimeBody::Log { service, .. } => {
+                event.body = RuntimeBody::Log {
+                    service: service.clone(),
+                    stream: LogStream::System,
+                    line: format!(
+                        "an event of {bytes} bytes was too large to send, and was left out"
+                    ),
+                };
+            }
+        }
     }
 
     fn frame(events: Vec<RuntimeEvent>) -> AgentMessage {
@@ -126,9 +144,13 @@ impl RuntimeLog {
     }
 
     /// Runs `f` on what is kept of `sandbox`, read from disk the first time, and writes it back
-    /// when `f` says it changed.
+    /// when `f` says it changed. Of a sandbox torn down nothing is kept or written: a late
+    /// line or acknowledgement must not bring back what `close` dropped.
     fn with_saved<T>(&self, sandbox: &SandboxId, f: impl FnOnce(&mut Saved) -> (T, bool)) -> T {
         let mut all = self.saved.lock().unwrap_or_else(|e| e.into_inner());
+        if self.queue.is_closed(sandbox) {
+            return f(&mut Saved::default()).0;
+        }
         let saved = all.entry(sandbox.clone()).or_insert_with(|| {
             let saved: Saved = std::fs::read(self.path(sandbox))
                 .ok()
@@ -307,11 +329,17 @@ pub struct Tail(Arc<Mutex<VecDeque<String>>>);
 
 impl Tail {
     fn push(&self, line: &str) {
+        let line = match split_escaped(line, TAIL_LINE - CUT.len()) {
+            (whole, "") => whole.to_owned(),
+            (head, _) => format!("{head}{CUT}"),
+        };
         let mut lines = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if lines.len() == TAIL_LINES {
-            lines.pop_front();
+        lines.push_back(line);
+        let mut bytes: usize = lines.iter().map(|l| escaped_len(l)).sum();
+        while lines.len() > TAIL_LINES || bytes > TAIL_BYTES {
+            let oldest = lines.pop_front().expect("not empty");
+            bytes -= escaped_len(&oldest);
         }
-        lines.push_back(line.to_owned());
     }
 
     pub fn lines(&self) -> Vec<String> {
@@ -377,6 +405,72 @@ mod tests {
                 RuntimeBody::Instance(_) => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_lines_cut_short_and_bounded_in_total() {
+        let tail = Tail::default();
+        tail.push("first");
+        tail.push(&"é".repeat(160_000));
+        let lines = tail.lines();
+        assert_eq!(lines[0], "first");
+        assert!(lines[1].ends_with(CUT) && escaped_len(&lines[1]) <= TAIL_LINE);
+        for i in 0..100 {
+            tail.push(&format!("{i}{}", "\0".repeat(TAIL_LINE)));
+        }
+        let lines = tail.lines();
+        assert!(lines.len() <= TAIL_LINES);
+        assert!(lines.iter().map(|l| escaped_len(l)).sum::<usize>() <= TAIL_BYTES);
+        assert!(lines.last().unwrap().starts_with("99"));
+    }
+
+    #[tokio::test]
+    async fn a_crash_report_too_large_to_send_stays_a_report_without_its_last_lines() {
+        let state = tempfile::tempdir().unwrap();
+        let sandbox = id(1);
+        let log = RuntimeLog::new(state.path());
+        let report = InstanceReport {
+            service: ServiceName::parse("orders").unwrap(),
+            state: sdp_protocol::InstanceState::Crashed,
+            reason: Some("exit code 2".into()),
+            last_lines: vec!["\0".repeat(MAX_LINE); 20],
+            upstream: None,
+            restarts: 3,
+            gave_up: true,
+        };
+        log.report(&sandbox, report.clone()).await;
+        let events = log.next_batch(10, usize::MAX);
+        assert!(sdp_protocol::encoded_len(&events[0]) <= crate::events::MAX_EVENT_BYTES);
+        let RuntimeBody::Instance(sent) = &events[0].body else {
+            panic!("not a report: {:?}", events[0].body)
+        };
+        assert_eq!(sent.last_lines.len(), 1);
+        assert!(sent.last_lines[0].contains("left out"));
+        let without_lines = InstanceReport {
+            last_lines: sent.last_lines.clone(),
+            ..report
+        };
+        assert_eq!(*sent, without_lines);
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_torn_down_takes_nothing_more_and_writes_nothing() {
+        let state = tempfile::tempdir().unwrap();
+        let sandbox = id(1);
+        let folder = state.path().join(sandbox.as_str());
+        std::fs::create_dir_all(&folder).unwrap();
+        let service = ServiceName::parse("orders").unwrap();
+        let log = RuntimeLog::new(state.path());
+        log.system(&sandbox, &service, "before".into()).await;
+        log.close(&sandbox);
+        // Late: a follower's last line, the control plane's acknowledgement, a start.
+        log.system(&sandbox, &service, "late".into()).await;
+        log.ack(&sandbox, 1);
+        log.begin(&sandbox, &service);
+        assert!(log.next_batch(10, usize::MAX).is_empty());
+        assert!(log.saved.lock().unwrap().is_empty());
+        assert!(!folder.join(SAVED).exists());
+        assert!(log.queue.pending().is_empty());
     }
 
     #[tokio::test]

@@ -134,7 +134,7 @@ impl Supervisor {
             runtime,
             log,
             layout,
-            http: reqwest::Client::new(),
+            http: health::client(),
             advertise_host: advertise_host.to_owned(),
             health_timeout,
             policy: Policy::default(),

@@ -298,7 +298,10 @@ impl Runtime for DockerRuntime {
         let name = container_name(&self.agent, sandbox, service);
         self.ensure_network(sandbox, req.sandbox.as_str()).await?;
         self.stop_service(sandbox, &req.service).await?;
-        let host_port = self.ports.allocate()?;
+        // Freed if creating or starting the container fails, or this future is dropped
+        // before the port is recorded in `published`.
+        let lease = self.ports.lease()?;
+        let host_port = lease.port();
         let container_port = format!("{}/tcp", req.port);
         let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         env.push(format!("PORT={}", req.port));
@@ -349,17 +352,15 @@ impl Runtime for DockerRuntime {
         let options = CreateContainerOptionsBuilder::default().name(&name).build();
         let created = self.docker.create_container(Some(options), body).await;
         if let Err(e) = created {
-            self.release(host_port);
             return Err(err(&format!("cannot create container {name}"), e));
         }
         if let Err(e) = self.docker.start_container(&name, None).await {
-            self.release(host_port);
             return Err(err(&format!("cannot start container {name}"), e));
         }
         self.published
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(name.clone(), host_port);
+            .insert(name.clone(), lease.keep());
         let generation = req.output.log.begin(sandbox, &req.service);
         let out = req
             .output

@@ -56,6 +56,17 @@ impl Ports {
         Err(RuntimeError(format!("no free port left in {lo}-{hi}")))
     }
 
+    /// A port as [`Ports::allocate`] gives it, held by the returned lease until it is kept:
+    /// a start that fails, or whose future is dropped halfway, frees it by dropping the lease.
+    pub fn lease(&self) -> Result<Lease<'_>, RuntimeError> {
+        let port = self.allocate()?;
+        Ok(Lease {
+            ports: self,
+            port,
+            kept: false,
+        })
+    }
+
     /// A port an instance found at start still holds.
     pub fn claim(&self, port: u16) {
         self.lock().in_use.insert(port);
@@ -63,6 +74,41 @@ impl Ports {
 
     pub fn release(&self, port: u16) {
         self.lock().in_use.remove(&port);
+    }
+
+    /// The ports handed out, lowest first.
+    #[cfg(test)]
+    pub fn taken(&self) -> Vec<u16> {
+        let mut taken: Vec<u16> = self.lock().in_use.iter().copied().collect();
+        taken.sort();
+        taken
+    }
+}
+
+/// A port handed out for an instance that is not started yet.
+pub struct Lease<'a> {
+    ports: &'a Ports,
+    port: u16,
+    kept: bool,
+}
+
+impl Lease<'_> {
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The instance started: whoever tracks it frees the port from now on.
+    pub fn keep(mut self) -> u16 {
+        self.kept = true;
+        self.port
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.ports.release(self.port);
+        }
     }
 }
 
@@ -84,5 +130,16 @@ mod tests {
         assert_ne!(first, second, "the freed port came back at once");
         ports.claim(second);
         assert!(ports.allocate().is_ok());
+    }
+
+    #[test]
+    fn a_lease_dropped_before_it_is_kept_frees_its_port() {
+        let ports = Ports::new((20000, 60000), "127.0.0.1");
+        let lease = ports.lease().unwrap();
+        assert_eq!(ports.taken(), [lease.port()]);
+        drop(lease);
+        assert!(ports.taken().is_empty());
+        let kept = ports.lease().unwrap().keep();
+        assert_eq!(ports.taken(), [kept]);
     }
 }

@@ -100,6 +100,10 @@ pub struct ProcessRuntime {
     /// Instances whose output files this agent follows: cancelling the token ends the
     /// followers.
     followed: Mutex<HashMap<(SandboxId, ServiceName), CancellationToken>>,
+    /// The port this runtime holds for each instance it started or took up. Only these are
+    /// freed when a pid file goes: a dead instance of an earlier run may name a port that
+    /// was handed out again since, to an instance that still runs.
+    held: Mutex<HashMap<(SandboxId, ServiceName), u16>>,
 }
 
 /// A runtime dropped (the agent stops) follows nothing any more; its instances run on.
@@ -139,6 +143,7 @@ impl ProcessRuntime {
             ports: Ports::new(ports, bind_host),
             base_env,
             followed: Mutex::default(),
+            held: Mutex::default(),
         }
     }
 
@@ -229,8 +234,27 @@ impl ProcessRuntime {
         let _ = killpg(group, Signal::SIGKILL);
     }
 
-    async fn stop_by_file(&self, path: &Path) {
-        if let Ok(text) = std::fs::read_to_string(path)
+    fn hold(&self, sandbox: &SandboxId, service: &ServiceName, port: u16) {
+        self.ports.claim(port);
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((sandbox.clone(), service.clone()), port);
+    }
+
+    /// Frees `port` if this runtime holds it for the instance.
+    fn free(&self, sandbox: &SandboxId, service: &ServiceName, port: u16) {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (sandbox.clone(), service.clone());
+        if held.get(&key) == Some(&port) {
+            held.remove(&key);
+            self.ports.release(port);
+        }
+    }
+
+    async fn stop_by_file(&self, sandbox: &SandboxId, service: &ServiceName) {
+        let path = self.pid_path(sandbox, service);
+        if let Ok(text) = std::fs::read_to_string(&path)
             && let Ok(pid_file) = serde_json::from_str::<PidFile>(&text)
         {
             if pid_file.leader() == Leader::Reused {
@@ -241,10 +265,23 @@ impl ProcessRuntime {
             } else {
                 Self::end_group(pid_file.pid).await;
             }
-            self.ports.release(pid_file.port);
+            self.free(sandbox, service, pid_file.port);
         }
         let _ = std::fs::remove_file(path);
     }
+}
+
+/// The services with a pid file in `dir`.
+fn pid_files(dir: &Path) -> Vec<ServiceName> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|f| {
+            let name = f.file_name().to_string_lossy().into_owned();
+            ServiceName::parse(name.strip_suffix(".pid.json")?).ok()
+        })
+        .collect()
 }
 
 /// Why a child ended, as people read it.
@@ -281,10 +318,11 @@ fn pidfd_exit(pid: i32) -> Option<Exit> {
 impl Runtime for ProcessRuntime {
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
         // No container maps the catalog's port here: the service listens on `PORT` itself.
-        let port = self.ports.allocate()?;
+        // Freed on every way out before the pid file records it.
+        let lease = self.ports.lease()?;
+        let port = lease.port();
         tracing::debug!(sandbox = %req.sandbox, sandbox_id = %req.sandbox_id, service = %req.service, port, catalog_port = req.port, "starting a process");
         if let Err(e) = self.users.create_dir(&req.home) {
-            self.ports.release(port);
             return Err(err(format!("cannot create {}: {e}", req.home.display())));
         }
         let dir = self.run_dir.join(req.sandbox_id.as_str());
@@ -305,7 +343,6 @@ impl Runtime for ProcessRuntime {
         let (stdout, stderr) = match files {
             Ok(files) => files,
             Err(e) => {
-                self.ports.release(port);
                 return Err(err(format!(
                     "cannot create the output files in {}: {e}",
                     dir.display()
@@ -328,7 +365,6 @@ impl Runtime for ProcessRuntime {
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
-                self.ports.release(port);
                 return Err(err(format!("cannot start {}: {e}", req.service)));
             }
         };
@@ -344,8 +380,14 @@ impl Runtime for ProcessRuntime {
             start_time: start_time(pid),
             boot_id: boot_id(),
         };
-        std::fs::write(&path, serde_json::to_vec(&pid_file).expect("serializes"))
-            .map_err(|e| err(format!("cannot write {}: {e}", path.display())))?;
+        if let Err(e) = std::fs::write(&path, serde_json::to_vec(&pid_file).expect("serializes")) {
+            // Nothing could find this instance to stop it, and its port is about to be
+            // handed out again: it goes now.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+            let _ = child.wait().await;
+            return Err(err(format!("cannot write {}: {e}", path.display())));
+        }
+        self.hold(&req.sandbox_id, &req.service, lease.keep());
         let generation = req.output.log.begin(&req.sandbox_id, &req.service);
         let out = req
             .output
@@ -406,7 +448,7 @@ impl Runtime for ProcessRuntime {
         let Some(exit) = pidfd_exit(pid_file.pid) else {
             return Ok(None);
         };
-        self.ports.claim(pid_file.port);
+        self.hold(sandbox, service, pid_file.port);
         let generation = output.log.generation(sandbox, service);
         let output_lines = self.follow_files(output.of(sandbox, service, deployment, generation));
         tracing::info!(%sandbox, %service, pid = pid_file.pid, port = pid_file.port, "took up an instance an earlier run started");
@@ -423,7 +465,7 @@ impl Runtime for ProcessRuntime {
         sandbox: &SandboxId,
         service: &ServiceName,
     ) -> Result<(), RuntimeError> {
-        self.stop_by_file(&self.pid_path(sandbox, service)).await;
+        self.stop_by_file(sandbox, service).await;
         self.unfollow(sandbox, service);
         for stream in [LogStream::Stdout, LogStream::Stderr] {
             let _ = std::fs::remove_file(self.output_path(sandbox, service, stream));
@@ -433,10 +475,8 @@ impl Runtime for ProcessRuntime {
 
     async fn stop_sandbox(&self, sandbox: &SandboxId) -> Result<(), RuntimeError> {
         let dir = self.run_dir.join(sandbox.as_str());
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for entry in entries.flatten() {
-                self.stop_by_file(&entry.path()).await;
-            }
+        for service in pid_files(&dir) {
+            self.stop_by_file(sandbox, &service).await;
         }
         self.followed
             .lock()
@@ -460,32 +500,145 @@ impl Runtime for ProcessRuntime {
             let Ok(id) = SandboxId::parse(entry.file_name().to_string_lossy().into_owned()) else {
                 continue;
             };
-            let files: Vec<(ServiceName, PidFile)> = std::fs::read_dir(entry.path())
+            let files: Vec<(ServiceName, PidFile, bool)> = pid_files(&entry.path())
                 .into_iter()
-                .flatten()
-                .flatten()
-                .filter_map(|f| {
-                    let name = f.file_name().to_string_lossy().into_owned();
-                    let service = ServiceName::parse(name.strip_suffix(".pid.json")?).ok()?;
-                    let text = std::fs::read_to_string(f.path()).ok()?;
-                    Some((service, serde_json::from_str::<PidFile>(&text).ok()?))
+                .filter_map(|service| {
+                    let text = std::fs::read_to_string(self.pid_path(&id, &service)).ok()?;
+                    let pid_file = serde_json::from_str::<PidFile>(&text).ok()?;
+                    let alive = pid_file.alive();
+                    Some((service, pid_file, alive))
                 })
                 .collect();
-            // Ports of instances a previous run started stay taken.
-            for (_, p) in &files {
-                self.ports.claim(p.port);
-            }
-            // Instances a previous run started still print: their files are kept bounded.
-            for (service, _) in files.iter().filter(|(_, p)| p.alive()) {
+            // Ports of instances that run (a previous run may have started them) stay
+            // taken, and instances still print: their files are kept bounded.
+            for (service, pid_file, _) in files.iter().filter(|(_, _, alive)| *alive) {
+                self.hold(&id, service, pid_file.port);
                 self.keep_bounded(&id, service);
             }
-            let alive = files.iter().any(|(_, p)| p.alive());
-            if alive {
+            if files.iter().any(|(_, _, alive)| *alive) {
                 found.push(id);
             } else {
                 let _ = std::fs::remove_dir_all(entry.path());
+                for (service, pid_file, _) in &files {
+                    self.free(&id, service, pid_file.port);
+                }
             }
         }
         Ok(found)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use sdp_protocol::{RestartPolicy, SandboxName};
+
+    use super::*;
+    use crate::runtime_log::{RuntimeLog, Tail};
+
+    fn id(n: u64) -> SandboxId {
+        SandboxId::parse(format!("sbx_{n:016x}")).unwrap()
+    }
+
+    fn orders() -> ServiceName {
+        ServiceName::parse("orders").unwrap()
+    }
+
+    fn runtime(work: &Path) -> ProcessRuntime {
+        ProcessRuntime::new(
+            &work.join("run"),
+            UserCode::default(),
+            (20000, 60000),
+            "127.0.0.1",
+        )
+    }
+
+    fn request(work: &Path, sandbox: &SandboxId, run: &str) -> StartRequest {
+        let checkout = work.join("checkout");
+        std::fs::create_dir_all(&checkout).unwrap();
+        StartRequest {
+            sandbox_id: sandbox.clone(),
+            sandbox: SandboxName::parse("pay-42").unwrap(),
+            service: orders(),
+            deployment: DeploymentId::parse("dep_0000000000000001").unwrap(),
+            checkout,
+            home: work.join("home"),
+            run: run.into(),
+            port: 8080,
+            env: BTreeMap::new(),
+            restart: RestartPolicy::Never,
+            output: Output {
+                log: Arc::new(RuntimeLog::new(&work.join("state"))),
+                deployment: None,
+                tail: Tail::default(),
+            },
+        }
+    }
+
+    /// Whether a process whose command line holds `marker` runs (zombies hold none).
+    fn running(marker: &str) -> bool {
+        std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+            std::fs::read(p.path().join("cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+        })
+    }
+
+    #[tokio::test]
+    async fn a_service_that_exits_at_once_gives_its_port_back_when_its_files_are_cleared() {
+        let work = tempfile::tempdir().unwrap();
+        let runtime = runtime(work.path());
+        let instance = runtime
+            .start(request(work.path(), &id(1), "exit 0"))
+            .await
+            .unwrap();
+        assert_eq!(runtime.ports.taken(), [instance.host_port]);
+        instance.exit.await;
+        // An agent's hello clears what runs no more.
+        assert!(runtime.sandboxes().await.unwrap().is_empty());
+        assert!(runtime.ports.taken().is_empty());
+        runtime.stop_sandbox(&id(1)).await.unwrap();
+        assert!(runtime.ports.taken().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_dead_instance_of_an_earlier_run_never_frees_a_port_handed_out_again() {
+        let work = tempfile::tempdir().unwrap();
+        let runtime = runtime(work.path());
+        let live = runtime
+            .start(request(work.path(), &id(2), "exec sleep 60"))
+            .await
+            .unwrap();
+        // An earlier run's instance, long gone, had the same port.
+        std::fs::create_dir_all(work.path().join("run").join(id(1).as_str())).unwrap();
+        let pid_file = PidFile {
+            pid: i32::MAX,
+            port: live.host_port,
+            deployment: DeploymentId::parse("dep_0000000000000001").unwrap(),
+            start_time: Some(1),
+            boot_id: boot_id(),
+        };
+        let path = runtime.pid_path(&id(1), &orders());
+        std::fs::write(&path, serde_json::to_vec(&pid_file).unwrap()).unwrap();
+        assert_eq!(runtime.sandboxes().await.unwrap(), [id(2)]);
+        assert!(!path.exists());
+        assert_eq!(runtime.ports.taken(), [live.host_port]);
+        runtime.stop_sandbox(&id(2)).await.unwrap();
+        assert!(runtime.ports.taken().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_instance_whose_pid_file_cannot_be_written_is_ended_and_frees_its_port() {
+        let work = tempfile::tempdir().unwrap();
+        let runtime = runtime(work.path());
+        // A folder where the pid file goes makes writing it fail.
+        std::fs::create_dir_all(runtime.pid_path(&id(3), &orders())).unwrap();
+        let marker = "sleep 61.2345";
+        let started = runtime
+            .start(request(work.path(), &id(3), &format!("exec {marker}")))
+            .await;
+        assert!(started.is_err());
+        assert!(runtime.ports.taken().is_empty());
+        assert!(!running(marker), "the instance still runs");
     }
 }
