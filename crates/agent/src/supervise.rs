@@ -43,6 +43,9 @@ use crate::runtime_log::{RuntimeLog, Tail};
 /// files every 20 ms while an instance prints, and Docker's log stream lags a little.
 const LAST_LINES_GRACE: Duration = Duration::from_millis(300);
 
+/// How long the agent's stop waits for a supervision task to end.
+const STOP_GRACE: Duration = Duration::from_secs(2);
+
 /// What starts an instance again, as kept on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceSpec {
@@ -343,7 +346,9 @@ impl Supervisor {
     ) {
         let cancel = CancellationToken::new();
         let key = (sandbox.clone(), spec.service.clone());
-        let upstream = current.as_ref().map(|(instance, _)| self.upstream(instance));
+        let upstream = current
+            .as_ref()
+            .map(|(instance, _)| self.upstream(instance));
         self.set_upstream(sandbox, &spec.service, upstream);
         let task =
             tokio::spawn(
@@ -389,7 +394,9 @@ impl Supervisor {
         }
     }
 
-    /// The agent stops: nothing is watched any more; the instances run on.
+    /// The agent stops: nothing is watched any more; the instances run on. A task waiting
+    /// for room in the runtime log (the control plane is gone, the queue full) is not waited
+    /// for past [`STOP_GRACE`]: the agent's exit must not hang on it.
     pub async fn stop(&self) {
         let all: Vec<Watch> = self
             .watched
@@ -398,9 +405,14 @@ impl Supervisor {
             .drain()
             .map(|(_, w)| w)
             .collect();
-        for watch in all {
+        for watch in &all {
             watch.cancel.cancel();
-            let _ = watch.task.await;
+        }
+        for watch in all {
+            let abort = watch.task.abort_handle();
+            if tokio::time::timeout(STOP_GRACE, watch.task).await.is_err() {
+                abort.abort();
+            }
         }
     }
 
@@ -568,7 +580,10 @@ impl Supervisor {
         let interval = Duration::from_millis(spec.health_interval_ms.max(10));
         loop {
             tokio::time::sleep(interval).await;
-            if health::check(&self.http, host, port, &spec.health).await.is_ok() {
+            if health::check(&self.http, host, port, &spec.health)
+                .await
+                .is_ok()
+            {
                 return;
             }
         }
@@ -625,7 +640,8 @@ impl Supervisor {
                     // once it answers, unhealthy again when it stops answering, crashed
                     // when it ends.
                     if trouble == Trouble::Unhealthy {
-                        let upstream = crate::deploy::upstream_address(&self.advertise_host, host_port);
+                        let upstream =
+                            crate::deploy::upstream_address(&self.advertise_host, host_port);
                         let mut healthy = false;
                         loop {
                             let (state, reason, last_lines) = tokio::select! {
@@ -644,8 +660,10 @@ impl Supervisor {
                             healthy = state == InstanceState::Running;
                             let upstream = healthy.then(|| upstream.clone());
                             self.set_upstream(&sandbox, &service, upstream.clone());
-                            self.report(&sandbox, &service, state, reason, last_lines, upstream, restarts)
-                                .await;
+                            self.report(
+                                &sandbox, &service, state, reason, last_lines, upstream, restarts,
+                            )
+                            .await;
                             if state == InstanceState::Crashed {
                                 return;
                             }

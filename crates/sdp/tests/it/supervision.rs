@@ -327,11 +327,9 @@ fn docker(args: &[&str]) {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_killed_container_is_restarted_and_one_stopped_behind_the_agents_back_is_restored() {
-    if !docker_available() {
-        return;
-    }
+/// A sandbox (named `prefix` and a random tail: the engine is shared) of `service` on
+/// `branch` in the docker runtime: its environment, a session, its name and its container.
+async fn in_docker(prefix: &str, service: &str, branch: &str) -> (TestEnv, String, String, String) {
     let env = TestEnv::builder(SDP)
         .repos(&["orders"])
         .runtime("docker")
@@ -339,10 +337,31 @@ async fn a_killed_container_is_restarted_and_one_stopped_behind_the_agents_back_
         .start()
         .await;
     let token = env.login().await;
-    let name = format!("dock-{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let (sandbox, d) = env.deploy(&token, &name, &["orders@feature/x"]).await;
+    let name = format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let (sandbox, d) = env
+        .deploy(&token, &name, &[&format!("{service}@{branch}")])
+        .await;
     assert_eq!(d["state"], "ready", "{d}");
-    let container = container(&env, sandbox["id"].as_str().unwrap(), "orders");
+    let container = container(&env, sandbox["id"].as_str().unwrap(), service);
+    (env, token, name, container)
+}
+
+/// `kill -9` of a container's first process, from the host.
+fn kill_container(inspected: &Value) {
+    let pid = inspected["State"]["Pid"].as_i64().unwrap();
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_container_is_restarted_and_one_stopped_behind_the_agents_back_is_restored() {
+    if !docker_available() {
+        return;
+    }
+    let (env, token, name, container) = in_docker("dock", "orders", "feature/x").await;
     let answer = format!("orders on feature/x in {name}\n");
     let ok = through_router(&env, &name, "/orders/1").await;
     assert_eq!((ok.status, ok.body.as_str()), (200, answer.as_str()));
@@ -352,13 +371,7 @@ async fn a_killed_container_is_restarted_and_one_stopped_behind_the_agents_back_
         "the engine brings it back after its own restart"
     );
 
-    // kill -9 of the container's first process, from the host.
-    let pid = inspected["State"]["Pid"].as_i64().unwrap();
-    let status = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    kill_container(&inspected);
     eventually("the container runs again after the kill", || async {
         let s = service(&env, &token, &name, "orders").await;
         (s["state"] == "running" && s["restarts"].as_u64() >= Some(1)).then_some(())
@@ -475,27 +488,12 @@ async fn a_killed_container_that_must_not_restart_stays_crashed_and_the_router_a
     if !docker_available() {
         return;
     }
-    let env = TestEnv::builder(SDP)
-        .repos(&["orders"])
-        .runtime("docker")
-        .gateway(true)
-        .start()
-        .await;
-    let token = env.login().await;
-    let name = format!("glass-{:06x}", rand::random::<u32>() & 0xff_ffff);
-    let (sandbox, d) = env.deploy(&token, &name, &["brittle@main"]).await;
-    assert_eq!(d["state"], "ready", "{d}");
-    let container = container(&env, sandbox["id"].as_str().unwrap(), "brittle");
+    let (env, token, name, container) = in_docker("glass", "brittle", "main").await;
     assert_eq!(through_router(&env, &name, "/brittle/1").await.status, 200);
     let inspected = docker_inspect(&container).unwrap();
     assert_eq!(inspected["HostConfig"]["RestartPolicy"]["Name"], "no");
 
-    let pid = inspected["State"]["Pid"].as_i64().unwrap();
-    let status = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    kill_container(&inspected);
     let crashed = eventually("the service is crashed", || async {
         let s = service(&env, &token, &name, "brittle").await;
         (s["state"] == "crashed").then_some(s)
