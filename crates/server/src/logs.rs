@@ -218,7 +218,12 @@ impl Logs {
         let stream = self.stream(deployment);
         let mut writer = stream.writer.lock().await;
         self.open(deployment, &mut writer).await?;
-        Ok(writer.last_seq)
+        let last = writer.last_seq;
+        if writer.ended {
+            drop(writer);
+            self.forget_if(deployment, &stream);
+        }
+        Ok(last)
     }
 
     /// Closes what is open of a deployment's log (its file, its live channel, once its
@@ -446,6 +451,10 @@ impl Logs {
         let mut writer = stream.writer.lock().await;
         self.open(deployment, &mut writer).await?;
         if writer.ended {
+            // Opened again for nothing (a deployment failing after its sandbox's end had
+            // cancelled it): not kept, or its file would stay open for good.
+            drop(writer);
+            self.forget_if(deployment, &stream);
             return Ok(None);
         }
         let frame = make(writer.last_seq + 1);
@@ -685,6 +694,28 @@ mod tests {
         assert_eq!(ends(read(&again, "d", 5).await), [(5, true)]);
         let line: Frame = serde_json::from_str(&read(&again, "d", 2).await[0].json).unwrap();
         assert_eq!(line, log(2));
+    }
+
+    #[tokio::test]
+    async fn an_ended_log_written_to_again_keeps_no_file_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        assert_eq!(logs.append_own("d", end).await.unwrap(), Some(1));
+        // A deployment failing after its sandbox's end cancelled it, a gap asked about: the
+        // log takes nothing, and is not kept open for it.
+        assert_eq!(logs.append_own("d", end).await.unwrap(), None);
+        assert_eq!(logs.last_seq("d").await.unwrap(), 1);
+        assert_eq!(
+            logs.append_agent("d", &[log(2)]).await.unwrap(),
+            (Some(2), vec![])
+        );
+        assert!(
+            logs.streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty(),
+            "an ended log is still open"
+        );
     }
 
     #[tokio::test]

@@ -16,17 +16,15 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
 
-/// The deployment logs `pid` holds open.
-fn open_logs(pid: u32) -> usize {
+/// The logs (deployments' and runtime logs) `pid` holds open.
+fn open_logs(pid: u32) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|fd| {
-            std::fs::read_link(fd.path())
-                .is_ok_and(|target| target.extension().is_some_and(|e| e == "log"))
-        })
-        .count()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter(|target| target.extension().is_some_and(|e| e == "log"))
+        .collect()
 }
 
 /// The agent's process: the last agent the environment started.
@@ -112,15 +110,21 @@ async fn a_thousand_cancelled_deployments_leak_no_file_descriptor() {
     // open, whatever the agent sent after its teardown.
     let mut logs = open_logs(server);
     for _ in 0..50 {
-        if logs == 0 {
+        if logs.is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         logs = open_logs(server);
     }
-    assert_eq!(
-        logs, 0,
-        "the control plane holds {logs} logs of ended deployments open"
+    assert!(
+        logs.is_empty(),
+        "the control plane holds {} logs of ended sandboxes open: {:?}\nthe first ends with:\n{}",
+        logs.len(),
+        &logs[..logs.len().min(5)],
+        logs.first()
+            .and_then(|l| std::fs::read_to_string(l).ok())
+            .map(|t| t.lines().rev().take(6).collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
     );
     assert!(
         after <= before + 8,
