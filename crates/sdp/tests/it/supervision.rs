@@ -132,7 +132,12 @@ async fn a_killed_instance_is_reported_crashed_restarted_and_the_router_answers_
         first,
         "a new instance"
     );
-    let after = through_router(&env, "phoenix", "/talker/again").await;
+    // The route table follows the report a moment later.
+    let after = eventually("the router answers again", || async {
+        let r = through_router(&env, "phoenix", "/talker/again").await;
+        (r.status != 503).then_some(r)
+    })
+    .await;
     assert_eq!(
         (after.status, after.body.as_str()),
         (200, "talker on phoenix\n"),
@@ -189,7 +194,11 @@ async fn an_instance_that_must_not_restart_stays_crashed_and_the_router_answers_
             .any(|l| l.as_str().unwrap().starts_with("tick ")),
         "{crashed}"
     );
-    let down = through_router(&env, "glass", "/fragile/x").await;
+    let down = eventually("the router says it is down", || async {
+        let r = through_router(&env, "glass", "/fragile/x").await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
     assert_eq!(down.status, 503, "{}", down.body);
     let error = &down.json()["error"];
     assert_eq!(error["code"], "instance_down", "{}", down.body);
@@ -503,7 +512,11 @@ async fn a_killed_container_that_must_not_restart_stays_crashed_and_the_router_a
         crashed["reason"].as_str().unwrap().contains("SIGKILL"),
         "{crashed}"
     );
-    let down = through_router(&env, &name, "/brittle/2").await;
+    let down = eventually("the router says it is down", || async {
+        let r = through_router(&env, &name, "/brittle/2").await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
     assert_eq!(down.status, 503, "{}", down.body);
     assert_eq!(down.json()["error"]["code"], "instance_down");
     tokio::time::sleep(Duration::from_secs(3)).await;
