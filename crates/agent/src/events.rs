@@ -60,6 +60,14 @@ pub trait Stream {
     fn shrink(event: &mut Self::Event, bytes: usize);
     /// The frame that carries a batch.
     fn frame(events: Vec<Self::Event>) -> AgentMessage;
+    /// One key may hold at most this fraction (1/N) of the queue's bounds: with N > 1, one
+    /// key that emits without pause (a sandbox's chatty instance) leaves room for the others.
+    const KEY_SHARE: usize = 1;
+    /// Whether `body` is queued whatever the bounds: rare events that must not wait behind a
+    /// flood (an instance's new state). Each stays bounded in size.
+    fn urgent(_body: &Self::Body) -> bool {
+        false
+    }
 }
 
 struct Queued<S: Stream> {
@@ -82,6 +90,8 @@ struct State<S: Stream> {
     closed: HashSet<S::Key>,
     /// `closed` in the order they ended, to forget the oldest.
     closed_order: VecDeque<S::Key>,
+    /// Events and their encoded bytes queued, per key.
+    held: HashMap<S::Key, (usize, usize)>,
 }
 
 /// A bounded queue of unacknowledged events of one [`Stream`].
@@ -103,6 +113,7 @@ impl<S: Stream> Default for Queue<S> {
                 last_seq: HashMap::new(),
                 closed: HashSet::new(),
                 closed_order: VecDeque::new(),
+                held: HashMap::new(),
             }),
             queued: Notify::new(),
             freed: Notify::new(),
@@ -126,7 +137,13 @@ impl<S: Stream> Queue<S> {
                 if state.closed.contains(key) {
                     return;
                 }
-                if state.queue.len() < CAPACITY && state.bytes < CAPACITY_BYTES {
+                let (events, bytes) = state.held.get(key).copied().unwrap_or_default();
+                let urgent = item.as_ref().is_some_and(|(body, _)| S::urgent(body));
+                let room = state.queue.len() < CAPACITY
+                    && state.bytes < CAPACITY_BYTES
+                    && events < CAPACITY / S::KEY_SHARE
+                    && bytes < CAPACITY_BYTES / S::KEY_SHARE;
+                if urgent || room {
                     let (body, tag) = item.take().expect("queued once");
                     let seq = state.last_seq.entry(key.clone()).or_insert(0);
                     *seq += 1;
@@ -143,6 +160,9 @@ impl<S: Stream> Queue<S> {
                         bytes = encoded_len(&event);
                     }
                     state.bytes += bytes;
+                    let held = state.held.entry(key.clone()).or_default();
+                    held.0 += 1;
+                    held.1 += bytes;
                     state.queue.push_back(Queued { event, bytes, tag });
                     drop(state);
                     self.queued.notify_one();
@@ -228,8 +248,16 @@ impl<S: Stream> Queue<S> {
         let mut removed_bytes = 0;
         let queue = std::mem::take(&mut state.queue);
         for (index, queued) in queue.into_iter().enumerate() {
-            if acked(S::key(&queued.event), S::seq(&queued.event)) {
+            let key = S::key(&queued.event);
+            if acked(key, S::seq(&queued.event)) {
                 removed_bytes += queued.bytes;
+                if let Some(held) = state.held.get_mut(key) {
+                    held.0 -= 1;
+                    held.1 -= queued.bytes;
+                    if held.0 == 0 {
+                        state.held.remove(key);
+                    }
+                }
                 if index < sent {
                     removed_sent += 1;
                 }

@@ -71,6 +71,16 @@ impl Stream for RuntimeEvents {
         &event.sandbox
     }
 
+    /// Sandboxes share the agent's queue: one that prints without pause holds at most an
+    /// eighth of it, and the others' lines go on.
+    const KEY_SHARE: usize = 8;
+
+    /// A state report never waits behind output, its own sandbox's or another's: the
+    /// control plane routes by it.
+    fn urgent(body: &RuntimeBody) -> bool {
+        matches!(body, RuntimeBody::Instance(_))
+    }
+
     fn seq(event: &RuntimeEvent) -> u64 {
         event.seq
     }
@@ -405,6 +415,52 @@ mod tests {
                 RuntimeBody::Instance(_) => None,
             })
             .collect()
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_that_floods_waits_for_room_while_others_and_state_reports_go_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::sync::Arc::new(RuntimeLog::new(dir.path()));
+        let service = ServiceName::parse("orders").unwrap();
+        // Nothing is sent or acknowledged: the flooding sandbox fills its share and waits.
+        let pushed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let flood = {
+            let (log, service, pushed) = (log.clone(), service.clone(), pushed.clone());
+            tokio::spawn(async move {
+                loop {
+                    log.system(&id(1), &service, "x".repeat(8000)).await;
+                    pushed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        };
+        let count = || pushed.load(std::sync::atomic::Ordering::Relaxed);
+        let mut waited = false;
+        for _ in 0..200 {
+            let before = count();
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            if before > 0 && count() == before {
+                waited = true;
+                break;
+            }
+        }
+        assert!(waited, "the flood never waited for room");
+        let quick = std::time::Duration::from_secs(5);
+        tokio::time::timeout(quick, log.system(&id(2), &service, "hello".into()))
+            .await
+            .expect("another sandbox's line waited behind the flood");
+        let report = InstanceReport {
+            service: service.clone(),
+            state: sdp_protocol::InstanceState::Crashed,
+            reason: Some("exit code 1".into()),
+            last_lines: Vec::new(),
+            upstream: None,
+            restarts: 0,
+            gave_up: false,
+        };
+        tokio::time::timeout(quick, log.report(&id(1), report))
+            .await
+            .expect("the flooding sandbox's own crash report waited");
+        flood.abort();
     }
 
     #[test]
