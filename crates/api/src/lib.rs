@@ -238,6 +238,68 @@ pub struct Page<T> {
     pub next: Option<String>,
 }
 
+/// A frame of a log: one line of the control plane's log files, one text frame of
+/// `/ws/deployments/{id}` and `/ws/sandboxes/{id}/logs`. `seq` numbers a log's frames from 1
+/// without gaps, so a viewer that lost its connection asks for `?from=<last seq + 1>`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Frame {
+    Log {
+        seq: u64,
+        ts: String,
+        service: Option<String>,
+        stream: String,
+        line: String,
+    },
+    Step {
+        seq: u64,
+        ts: String,
+        service: Option<String>,
+        step: String,
+        state: String,
+    },
+    /// An instance's new state (runtime logs only): `running`, `unhealthy`, `crashed`,
+    /// `restarting` or `sleeping`, as its agent reported it.
+    Instance {
+        seq: u64,
+        ts: String,
+        service: String,
+        state: String,
+        reason: Option<String>,
+        restarts: u32,
+    },
+    /// The last frame: the deployment's final state (or, in a runtime log's live stream,
+    /// the sandbox's end).
+    End {
+        seq: u64,
+        ts: String,
+        state: String,
+        error: Option<String>,
+    },
+}
+
+impl Frame {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Frame::Log { seq, .. }
+            | Frame::Step { seq, .. }
+            | Frame::Instance { seq, .. }
+            | Frame::End { seq, .. } => *seq,
+        }
+    }
+
+    /// The frame numbered `to` (a runtime log numbers its frames as it stores them).
+    pub fn renumbered(mut self, to: u64) -> Frame {
+        match &mut self {
+            Frame::Log { seq, .. }
+            | Frame::Step { seq, .. }
+            | Frame::Instance { seq, .. }
+            | Frame::End { seq, .. } => *seq = to,
+        }
+        self
+    }
+}
+
 /// Every error's body: `{"error": {"code": "...", "message": "..."}}`, a stable `code` for
 /// programs and a `message` for people.
 #[derive(Debug, Clone, Serialize, Deserialize)]

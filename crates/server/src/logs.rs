@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
 use sdp_config::ByteSize;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::io::Write;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncSeekExt, BufReader};
@@ -36,74 +36,16 @@ const READ_CHUNK: usize = 64 * 1024;
 /// How the notice of a cut log begins.
 const CUT_NOTICE: &str = "the log was cut here";
 
-/// One line of a log file and one frame of the WebSocket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Frame {
-    Log {
-        seq: u64,
-        ts: String,
-        service: Option<String>,
-        stream: String,
-        line: String,
-    },
-    Step {
-        seq: u64,
-        ts: String,
-        service: Option<String>,
-        step: String,
-        state: String,
-    },
-    /// An instance's new state (runtime logs only): `running`, `unhealthy`, `crashed`,
-    /// `restarting` or `sleeping`, as its agent reported it.
-    Instance {
-        seq: u64,
-        ts: String,
-        service: String,
-        state: String,
-        reason: Option<String>,
-        restarts: u32,
-    },
-    /// The last frame: the deployment's final state (or, in a runtime log's live stream,
-    /// the sandbox's end).
-    End {
-        seq: u64,
-        ts: String,
-        state: String,
-        error: Option<String>,
-    },
+pub use sdp_api::Frame;
+
+/// A line a build or a service printed: what a cut log drops.
+fn is_output(frame: &Frame) -> bool {
+    matches!(frame, Frame::Log { stream, .. } if stream == "stdout" || stream == "stderr")
 }
 
-impl Frame {
-    pub fn seq(&self) -> u64 {
-        match self {
-            Frame::Log { seq, .. }
-            | Frame::Step { seq, .. }
-            | Frame::Instance { seq, .. }
-            | Frame::End { seq, .. } => *seq,
-        }
-    }
-
-    /// The frame numbered `to` (a runtime log numbers its frames as it stores them).
-    pub fn renumbered(mut self, to: u64) -> Frame {
-        match &mut self {
-            Frame::Log { seq, .. }
-            | Frame::Step { seq, .. }
-            | Frame::Instance { seq, .. }
-            | Frame::End { seq, .. } => *seq = to,
-        }
-        self
-    }
-
-    /// A line a build or a service printed: what a cut log drops.
-    fn is_output(&self) -> bool {
-        matches!(self, Frame::Log { stream, .. } if stream == "stdout" || stream == "stderr")
-    }
-
-    fn is_cut_notice(&self) -> bool {
-        matches!(self, Frame::Log { service: None, stream, line, .. }
-            if stream == "system" && line.starts_with(CUT_NOTICE))
-    }
+fn is_cut_notice(frame: &Frame) -> bool {
+    matches!(frame, Frame::Log { service: None, stream, line, .. }
+        if stream == "system" && line.starts_with(CUT_NOTICE))
 }
 
 /// A stored frame, serialized once for every viewer: cloning its text is a reference count.
@@ -273,7 +215,7 @@ impl Logs {
                     if !in_order {
                         break;
                     }
-                    writer.cut |= frame.is_cut_notice();
+                    writer.cut |= is_cut_notice(&frame);
                     writer.ended = matches!(frame, Frame::End { .. });
                     writer.last_seq = seq;
                     writer.stored(seq, n as u64);
@@ -374,13 +316,13 @@ impl Logs {
             }
             resume_gap = false;
             next = seq + 1;
-            if frame.is_output() && cut {
+            if is_output(frame) && cut {
                 continue;
             }
             let mut json = serde_json::to_string(frame).expect("frames serialize");
             let size = writer.len + (buffer.len() + json.len() + 1) as u64;
             if let Frame::Log { ts, .. } = frame
-                && frame.is_output()
+                && is_output(frame)
                 && size > self.max_size.get()
             {
                 cut = true;
@@ -789,7 +731,7 @@ mod tests {
             .iter()
             .map(|l| serde_json::from_str(&l.json).unwrap())
             .collect();
-        let notices: Vec<&Frame> = frames.iter().filter(|f| f.is_cut_notice()).collect();
+        let notices: Vec<&Frame> = frames.iter().filter(|f| is_cut_notice(f)).collect();
         assert_eq!(notices.len(), 1, "{notices:?}");
         let Frame::Log {
             line, seq: cut_at, ..
