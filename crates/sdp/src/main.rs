@@ -1,8 +1,9 @@
-//! `sdp`: one binary for the control plane, the agents, dev mode and (later) the CLI.
+//! `sdp`: one binary for the control plane, the agents, dev mode and the command line client.
 //!
 //! This file only parses the command line, sets up logging and calls into the library
 //! crates. It is also git's askpass helper, which must be answered before anything else.
 
+mod cli;
 mod demo;
 mod dev;
 
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use sdp_agent::{Agent, AgentConfig};
 use sdp_protocol::Role;
 use sdp_server::{Server, ServerConfig};
@@ -19,8 +20,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "sdp", version, about = "SDP, the Sandbox Deployment Platform")]
 struct Cli {
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    /// Log format on stderr (the server's and the agents'): text, coloured only on a
+    /// terminal, or one JSON object a line.
+    #[arg(long, global = true, value_enum, env = "SDP_LOG_FORMAT", default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -34,6 +36,20 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    #[command(flatten)]
+    Platform(Platform),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
+    /// Print a completion script: `sdp completion bash > /etc/bash_completion.d/sdp`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The platform's own processes, and their tools.
+#[derive(Subcommand)]
+enum Platform {
     /// Run the control plane: HTTP API, WebSocket hub, dashboard, persistence.
     Server {
         #[arg(long, value_name = "FILE")]
@@ -111,10 +127,18 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let cli = Cli::parse();
+    let command = match cli.command {
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "sdp", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
+        Command::Client(command) => return run_client(command),
+        Command::Platform(command) => command,
+    };
     init_logging(cli.log_format);
     if matches!(
-        cli.command,
-        Command::Server { .. } | Command::Agent { .. } | Command::Dev { .. }
+        command,
+        Platform::Server { .. } | Platform::Agent { .. } | Platform::Dev { .. }
     ) && let Err(e) = harden()
     {
         eprintln!("error: {e:#}");
@@ -127,7 +151,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    match runtime.block_on(run(command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -136,6 +160,39 @@ fn main() -> ExitCode {
             } else {
                 ExitCode::from(1)
             }
+        }
+    }
+}
+
+/// Runs a command of the client: its failure is one line, a hint, and the status of SPEC §10.
+fn run_client(command: cli::ClientCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(cli::FAILED);
+        }
+    };
+    match runtime.block_on(cli::run(command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            anstream::eprintln!(
+                "{}error:{} {}",
+                cli::output::BAD.render(),
+                cli::output::BAD.render_reset(),
+                failure.message
+            );
+            if let Some(hint) = &failure.hint {
+                anstream::eprintln!(
+                    "{}hint:{} {hint}",
+                    cli::output::DIM.render(),
+                    cli::output::DIM.render_reset()
+                );
+            }
+            ExitCode::from(failure.status)
         }
     }
 }
@@ -188,7 +245,10 @@ fn init_logging(format: LogFormat) {
     let cap = tracing_subscriber::filter::filter_fn(|meta| {
         *meta.level() <= tracing::Level::INFO || !is_quiet(meta.target())
     });
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colour codes are for a person at a terminal; in a file or a journal they are noise.
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let layer = match format {
         LogFormat::Text => layer.with_filter(cap).boxed(),
         LogFormat::Json => layer.json().flatten_event(true).with_filter(cap).boxed(),
@@ -199,9 +259,9 @@ fn init_logging(format: LogFormat) {
         .init();
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Platform) -> anyhow::Result<()> {
     match command {
-        Command::Server { config } => {
+        Platform::Server { config } => {
             let config: ServerConfig = load(config.as_deref(), &[])?;
             let server = Server::bind(config).await.map_err(|e| match e {
                 sdp_server::ServerError::Config(_) => usage(e),
@@ -210,7 +270,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             server.run(stop_on_signal()).await?;
             Ok(())
         }
-        Command::Agent { config, role } => {
+        Platform::Agent { config, role } => {
             let role = role.map(|r| match r {
                 RoleArg::Micro => Role::Micro,
                 RoleArg::Gateway => Role::Gateway,
@@ -225,8 +285,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             agent.run(stop_on_signal()).await?;
             Ok(())
         }
-        Command::Dev { data, port } => dev::run(&data, port, stop_on_signal()).await,
-        Command::Config {
+        Platform::Dev { data, port } => dev::run(&data, port, stop_on_signal()).await,
+        Platform::Config {
             command: ConfigCommand::Print { config, kind },
         } => {
             let kind = match kind {
@@ -248,7 +308,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             print!("{text}");
             Ok(())
         }
-        Command::DemoService => demo::serve().await,
+        Platform::DemoService => demo::serve().await,
     }
 }
 
@@ -269,7 +329,10 @@ fn load<T: serde::de::DeserializeOwned>(
     file: Option<&Path>,
     extra: &[(String, String)],
 ) -> anyhow::Result<T> {
-    let env = std::env::vars().chain(extra.iter().cloned());
+    // SDP_LOG_FORMAT is every process's (`--log-format`), not a key of one configuration.
+    let env = std::env::vars()
+        .filter(|(k, _)| k != "SDP_LOG_FORMAT")
+        .chain(extra.iter().cloned());
     let loaded = sdp_config::load(file, env).map_err(usage)?;
     for var in &loaded.ignored_env {
         // Not an error: the server, the agents and the client share one environment.
