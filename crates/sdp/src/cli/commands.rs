@@ -231,49 +231,18 @@ async fn deploy(
     let mut session = Session::open()?;
     let existing = session.client.sandbox(&name).await?;
     let redeploy = existing.as_ref().is_some_and(is_live);
-    let accepted = spin(
-        if redeploy {
-            "redeploying"
-        } else {
-            "creating the sandbox"
-        },
-        session.with_reauth(|client| {
+    let doing = if redeploy {
+        "redeploying"
+    } else {
+        "creating the sandbox"
+    };
+    // The spinner turns inside the call, so that it is gone while a password is asked.
+    let accepted = session
+        .with_reauth(|client| {
             let (name, selections, ttl) = (name.clone(), selections.clone(), ttl.clone());
-            async move {
-                if !redeploy {
-                    let create = CreateSandbox {
-                        name: name.clone(),
-                        services: selections.clone(),
-                        ttl: ttl.clone(),
-                    };
-                    match client.create(&create).await {
-                        // Created by someone (or another shell) meanwhile: redeploy it.
-                        Err(e) if e.code() == Some("sandbox_exists") => {}
-                        other => return other,
-                    }
-                }
-                let accepted = client
-                    .redeploy(
-                        &name,
-                        &Redeploy {
-                            services: selections,
-                        },
-                    )
-                    .await?;
-                match ttl {
-                    Some(ttl) => {
-                        let sandbox = client.extend(&name, &ttl).await?;
-                        Ok(sdp_api::Accepted {
-                            sandbox,
-                            ..accepted
-                        })
-                    }
-                    None => Ok(accepted),
-                }
-            }
-        }),
-    )
-    .await?;
+            async move { spin(doing, submit(&client, &name, selections, ttl, redeploy)).await }
+        })
+        .await?;
     let Some(deployment) = accepted.deployment.clone() else {
         if json {
             print_json(&accepted);
@@ -324,6 +293,47 @@ async fn deploy(
         json,
     )
     .await
+}
+
+/// Creates the sandbox, or redeploys it when `redeploy` (it exists, and lives); a `ttl`
+/// extends a redeployed one.
+async fn submit(
+    client: &Client,
+    name: &str,
+    selections: Vec<Selection>,
+    ttl: Option<String>,
+    redeploy: bool,
+) -> Result<sdp_api::Accepted, ClientError> {
+    if !redeploy {
+        let create = CreateSandbox {
+            name: name.to_owned(),
+            services: selections.clone(),
+            ttl: ttl.clone(),
+        };
+        match client.create(&create).await {
+            // Created meanwhile (by another shell of the same person): redeploy it.
+            Err(e) if e.code() == Some("sandbox_exists") => {}
+            other => return other,
+        }
+    }
+    let accepted = client
+        .redeploy(
+            name,
+            &Redeploy {
+                services: selections,
+            },
+        )
+        .await?;
+    match ttl {
+        Some(ttl) => {
+            let sandbox = client.extend(name, &ttl).await?;
+            Ok(sdp_api::Accepted {
+                sandbox,
+                ..accepted
+            })
+        }
+        None => Ok(accepted),
+    }
 }
 
 /// Exit 0 when the deployment ended ready, else 1 with its error and the step that failed.

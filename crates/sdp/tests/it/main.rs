@@ -10,6 +10,7 @@ mod browser;
 mod browser_sandbox_view;
 mod canary;
 mod cli;
+mod client;
 mod deploy;
 mod dev_smoke;
 mod docker;
