@@ -87,3 +87,43 @@ fn a_server_whose_probe_repository_asks_no_password_refuses_to_start() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("git.probe_repo"), "{err}");
 }
+
+#[test]
+fn logs_are_json_with_sdp_log_format_and_never_coloured_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = dir.path().join("server.toml");
+    std::fs::write(
+        &server,
+        "listen = \"127.0.0.1:9000\"\n[git]\nprobe_repo = \"https://git.example.com/p.git\"\n",
+    )
+    .unwrap();
+    let args = ["config", "print", "--config", server.to_str().unwrap()];
+    // An SDP_* variable that names no key is warned about: a log line to look at.
+    let (code, _, err) = sdp(
+        &args,
+        &[
+            ("SDP_AGENT_TOKEN", "x"),
+            ("SDP_NO_SUCH_KEY", "1"),
+            ("SDP_LOG_FORMAT", "json"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("SDP_NO_SUCH_KEY"))
+        .expect(&err);
+    let v: serde_json::Value = serde_json::from_str(line).expect(line);
+    assert_eq!(v["level"], "WARN", "{line}");
+    assert!(
+        !err.contains("SDP_LOG_FORMAT"),
+        "the log format is no config key to warn about: {err}"
+    );
+
+    let (code, _, err) = sdp(&args, &[("SDP_AGENT_TOKEN", "x"), ("SDP_NO_SUCH_KEY", "1")]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("WARN"), "{err}");
+    assert!(
+        !err.contains('\u{1b}'),
+        "no colour codes in a pipe: {err:?}"
+    );
+}
