@@ -455,17 +455,16 @@ async fn status(name: &str, json: bool) -> Result<(), Failure> {
         print_json(&s);
         return Ok(());
     }
-    anstream::println!(
-        "{}{}{}  {}{}{}",
+    output::out(format_args!(
+        "{}{}{}  {}{}{}\n",
         NAME.render(),
         s.name,
         NAME.render_reset(),
         state_style(&s.state).render(),
         s.state,
         state_style(&s.state).render_reset()
-    );
-    println!("owner:    {}", s.owner);
-    println!("url:      {}", s.url);
+    ));
+    output::out(format_args!("owner:    {}\nurl:      {}\n", s.owner, s.url));
     let expiry = format!("{} ({})", s.expires_at, output::relative(&s.expires_at));
     if s.expires_soon {
         say(
@@ -473,9 +472,9 @@ async fn status(name: &str, json: bool) -> Result<(), Failure> {
             format!("expires:  {expiry}: `sdp extend {}` keeps it", s.name),
         );
     } else {
-        println!("expires:  {expiry}");
+        output::out(format_args!("expires:  {expiry}\n"));
     }
-    println!();
+    output::out("\n");
     let mut table = Table::new(&[
         "SERVICE", "BRANCH", "COMMIT", "STATE", "UPSTREAM", "RESTARTS",
     ]);
@@ -541,7 +540,7 @@ async fn logs(
         None => {
             if !follow {
                 let text = client.runtime_log(target, service.as_deref()).await?;
-                print!("{text}");
+                output::out(text);
                 return Ok(());
             }
             let s = find(client, target).await?;
@@ -557,7 +556,7 @@ async fn logs(
 /// The lines of a deployment's text log of one service (`[service/stream]`), or all.
 fn print_filtered(text: &str, service: Option<&str>) {
     match service {
-        None => print!("{text}"),
+        None => output::out(text),
         Some(service) => {
             let tag = format!(" [{service}/");
             let step = format!(" [{service}] ");
@@ -565,7 +564,7 @@ fn print_filtered(text: &str, service: Option<&str>) {
                 .lines()
                 .filter(|l| l.contains(&tag) || l.contains(&step))
             {
-                println!("{line}");
+                output::out(format_args!("{line}\n"));
             }
         }
     }
@@ -648,7 +647,7 @@ async fn agents(json: bool) -> Result<(), Failure> {
 async fn open(name: &str) -> Result<(), Failure> {
     let session = Session::open()?;
     let s = find(&session.client, name).await?;
-    println!("{}", s.url);
+    output::out(format_args!("{}\n", s.url));
     // Only for a person at a desktop: a text browser would take over the terminal, and a
     // script wants the URL alone.
     let desktop =

@@ -81,14 +81,14 @@ impl Render {
                     "system" => DIM,
                     _ => anstyle::Style::new(),
                 };
-                anstream::println!(
-                    "{}{who:>width$} |{} {}{line}{}",
+                output::out(format_args!(
+                    "{}{who:>width$} |{} {}{line}{}\n",
                     NAME.render(),
                     NAME.render_reset(),
                     style.render(),
                     style.render_reset(),
                     width = self.width
-                );
+                ));
             }
             Frame::Step {
                 ts,

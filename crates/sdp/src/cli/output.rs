@@ -77,7 +77,6 @@ impl Table {
                 *w = (*w).max(cell.text.chars().count());
             }
         }
-        let mut out = anstream::stdout().lock();
         let headers: Vec<Cell> = self
             .headers
             .iter()
@@ -100,26 +99,41 @@ impl Table {
                     " ".repeat(pad)
                 ));
             }
-            let _ = writeln!(out, "{}", line.trim_end());
+            out(format_args!("{}\n", line.trim_end()));
         }
+    }
+}
+
+/// Writes `text` to stdout, without colour where it does not belong. A reader that went away
+/// (`sdp logs demo | head`) ends the command quietly, as SIGPIPE ends other tools.
+pub fn out(text: impl std::fmt::Display) {
+    let mut stdout = anstream::stdout().lock();
+    if let Err(e) = write!(stdout, "{text}")
+        && e.kind() == std::io::ErrorKind::BrokenPipe
+    {
+        std::process::exit(0);
     }
 }
 
 /// Prints `value` as pretty JSON on stdout, for programs.
 pub fn print_json<T: serde::Serialize>(value: &T) {
     let text = serde_json::to_string_pretty(value).expect("API types serialize");
-    println!("{text}");
+    out(format_args!("{text}\n"));
 }
 
 /// Prints `value` as one line of JSON on stdout: a stream of objects for programs.
 pub fn print_json_line<T: serde::Serialize>(value: &T) {
     let text = serde_json::to_string(value).expect("API types serialize");
-    println!("{text}");
+    out(format_args!("{text}\n"));
 }
 
 /// Prints `text` in `style` on stdout (plain when stdout is not a terminal, or `NO_COLOR`).
 pub fn say(style: Style, text: impl std::fmt::Display) {
-    anstream::println!("{}{text}{}", style.render(), style.render_reset());
+    out(format_args!(
+        "{}{text}{}\n",
+        style.render(),
+        style.render_reset()
+    ));
 }
 
 /// The same on stderr: notes about the command, apart from its output.
