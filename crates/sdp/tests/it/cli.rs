@@ -1,14 +1,20 @@
 use crate::run_sdp as sdp;
 
-#[test]
-fn config_print_shows_the_effective_config_with_secrets_redacted() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = dir.path().join("server.toml");
+/// A server's config file in `dir` that `config print` takes (with `SDP_AGENT_TOKEN` set).
+fn server_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("server.toml");
     std::fs::write(
-        &server,
+        &path,
         "listen = \"127.0.0.1:9000\"\n[git]\nprobe_repo = \"https://git.example.com/p.git\"\n",
     )
     .unwrap();
+    path
+}
+
+#[test]
+fn config_print_shows_the_effective_config_with_secrets_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = server_file(dir.path());
     let (code, out, err) = sdp(
         &["config", "print", "--config", server.to_str().unwrap()],
         &[
@@ -91,12 +97,7 @@ fn a_server_whose_probe_repository_asks_no_password_refuses_to_start() {
 #[test]
 fn logs_are_json_with_sdp_log_format_and_never_coloured_in_a_file() {
     let dir = tempfile::tempdir().unwrap();
-    let server = dir.path().join("server.toml");
-    std::fs::write(
-        &server,
-        "listen = \"127.0.0.1:9000\"\n[git]\nprobe_repo = \"https://git.example.com/p.git\"\n",
-    )
-    .unwrap();
+    let server = server_file(dir.path());
     let args = ["config", "print", "--config", server.to_str().unwrap()];
     // An SDP_* variable that names no key is warned about: a log line to look at.
     let (code, _, err) = sdp(

@@ -60,6 +60,16 @@ impl Person {
         out
     }
 
+    /// `program` with this person's config and none of the `SDP_*` variables of the shell.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(program);
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SDP_")) {
+            cmd.env_remove(k);
+        }
+        cmd.envs(self.env());
+        cmd
+    }
+
     /// Runs `sdp args` on a terminal (util-linux `script`), typing `typed` and a newline;
     /// its exit status and everything the terminal showed.
     fn at_terminal(&self, args: &[&str], typed: &str) -> (i32, String) {
@@ -68,13 +78,9 @@ impl Person {
             .chain(args.iter().copied())
             .collect::<Vec<_>>()
             .join(" ");
-        let mut cmd = Command::new("script");
-        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SDP_")) {
-            cmd.env_remove(k);
-        }
-        let mut child = cmd
+        let mut child = self
+            .command("script")
             .args(["-qec", &command, "/dev/null"])
-            .envs(self.env())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -236,13 +242,9 @@ async fn a_log_followed_across_a_server_restart_misses_no_line_and_repeats_none(
 
     let out_path = me.home.path().join("follow.out");
     let err_path = me.home.path().join("follow.err");
-    let mut cmd = Command::new(SDP);
-    for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("SDP_")) {
-        cmd.env_remove(k);
-    }
-    let mut follower = cmd
+    let mut follower = me
+        .command(SDP)
         .args(["logs", &id, "-f"])
-        .envs(me.env())
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&out_path).unwrap())
         .stderr(std::fs::File::create(&err_path).unwrap())
