@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use sdp_api::{CreateSandbox, ListParams, Redeploy, Sandbox, Selection};
 use sdp_client::{Client, ClientError, Store, StoredSession};
-use sdp_protocol::DeploymentId;
+use sdp_protocol::{BranchName, DeploymentId, SandboxId, SandboxName, ServiceName};
 
 use super::follow::{self, Render};
 use super::output::{
@@ -200,13 +200,19 @@ async fn logout() -> Result<(), Failure> {
     Ok(())
 }
 
-/// `orders@feature/x` as a selection; the branch is everything after the first `@`.
+/// `orders@feature/x` as a selection; the branch is everything after the first `@`. Names
+/// are checked here as the server checks them, so that a typo is bad usage (exit 2) that
+/// sends nothing.
 fn selection(raw: &str) -> Result<Selection, Failure> {
     match raw.split_once('@') {
-        Some((service, branch)) if !service.is_empty() && !branch.is_empty() => Ok(Selection {
-            service: service.to_owned(),
-            branch: branch.to_owned(),
-        }),
+        Some((service, branch)) if !service.is_empty() && !branch.is_empty() => {
+            let service = ServiceName::parse(service.to_owned()).map_err(Failure::usage_of)?;
+            let branch = BranchName::parse(branch.to_owned()).map_err(Failure::usage_of)?;
+            Ok(Selection {
+                service: service.as_str().to_owned(),
+                branch: branch.as_str().to_owned(),
+            })
+        }
         _ => Err(Failure::usage(format!(
             "`{raw}` is not SERVICE@BRANCH, like orders@feature/x"
         ))),
@@ -224,6 +230,10 @@ async fn deploy(
     follow: bool,
     json: bool,
 ) -> Result<(), Failure> {
+    // A sandbox is named by its name, or by its id when it exists.
+    if SandboxId::parse(name.clone()).is_err() {
+        SandboxName::parse(name.clone()).map_err(Failure::usage_of)?;
+    }
     let selections = services
         .iter()
         .map(|s| selection(s))
@@ -672,7 +682,15 @@ mod tests {
             (s.service.as_str(), s.branch.as_str()),
             ("orders", "feature/a@b")
         );
-        for bad in ["orders", "@main", "orders@", ""] {
+        for bad in [
+            "orders",
+            "@main",
+            "orders@",
+            "",
+            "orders@-x",
+            "orders@a..b",
+            "Orders@main",
+        ] {
             let e = selection(bad).unwrap_err();
             assert_eq!(e.status, crate::cli::USAGE, "{bad}");
         }

@@ -44,6 +44,10 @@ impl Failure {
         Failure::new(USAGE, message)
     }
 
+    pub fn usage_of(e: impl std::fmt::Display) -> Failure {
+        Failure::usage(e.to_string())
+    }
+
     pub fn hint(mut self, hint: impl Into<String>) -> Failure {
         self.hint = Some(hint.into());
         self

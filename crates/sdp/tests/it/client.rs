@@ -193,8 +193,13 @@ async fn a_developer_logs_in_deploys_lists_and_removes_from_the_command_line() {
     let (code, _, err) = me.sdp(&["deploy", "nobranch", "orders"], &[]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("SERVICE@BRANCH"), "{err}");
+    let (code, _, err) = me.sdp(&["deploy", "Bad_Name", "orders@main"], &[]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("sandbox name"), "{err}");
+    let (code, _, err) = me.sdp(&["deploy", "ok", "orders@bad..branch"], &[]);
+    assert_eq!(code, 2, "{err}");
     let (code, _, err) = me.sdp(&["status", "nobranch"], &[]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 1, "nothing was created: {err}");
 
     // Redeploying one's own sandbox on another branch.
     let (code, out, err) = me.sdp(&["deploy", "feat", "orders@main", "-f"], &[]);
