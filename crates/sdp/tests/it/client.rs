@@ -299,6 +299,51 @@ async fn a_log_followed_across_a_server_restart_misses_no_line_and_repeats_none(
     assert_eq!(status.code(), Some(1), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_log_followed_across_a_server_restart_misses_no_tick_and_repeats_none() {
+    let mut env = TestEnv::builder(SDP)
+        .repos(&["talker"])
+        .gateway(true)
+        .start()
+        .await;
+    let me = Person::new(&env.url);
+    me.login();
+    me.ok(&["deploy", "chat", "talker@main", "--follow"]);
+    let out_path = me.home.path().join("follow.out");
+    let err_path = me.home.path().join("follow.err");
+    let mut follower = me
+        .command(SDP)
+        .args(["logs", "chat", "-f", "--service", "talker"])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    // `talker | tick N`, a line every 20 ms.
+    let ticks = || -> Vec<u64> {
+        std::fs::read_to_string(&out_path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split("| tick ").nth(1)?.parse().ok())
+            .collect()
+    };
+    wait_until("the follower shows ticks", || ticks().len() > 20).await;
+    env.restart_server_with("", "");
+    let before = ticks().len();
+    wait_until("ticks after the restart", || ticks().len() > before + 200).await;
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(
+        err.contains("connection lost"),
+        "the restart dropped the connection:\n{err}"
+    );
+    let ticks = ticks();
+    let first = ticks[0];
+    let expected: Vec<u64> = (first..first + ticks.len() as u64).collect();
+    assert_eq!(ticks, expected, "every tick once, in order");
+}
+
 #[test]
 fn an_unreachable_server_is_exit_status_4_and_a_missing_session_is_3() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
