@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -419,8 +420,10 @@ fn parse_cursor(raw: &str) -> Option<(i64, String)> {
 
 pub async fn list(
     State(state): State<AppState>,
-    Query(params): Query<ListParams>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page<Sandbox>>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let q = list_query(params, SandboxState::ALL)?;
     let rows = state.db.list_sandboxes(&q).await?;
     let next = (rows.len() == q.limit as usize)
