@@ -3,16 +3,19 @@
 # machine with only the Rust toolchain: git (with git http-backend, for the test git server),
 # util-linux, passwd and procps (user code runs as a user the tests create),
 # python3 (the tests read the server's SQLite file with it), Go (the deploy tests build a
-# real Go service), busybox-static (the offline image the docker tests run services in), and
-# Chromium with chromedriver (the dashboard is tested in a real browser). The docker tests
-# need a running Docker Engine; with CI=true its absence fails them. Tests of the in-process
-# tier (crates/testkit, `InProcessEnv`) need none of these but python3.
+# real Go service), busybox-static (the offline image the docker tests run services in),
+# Chromium with chromedriver (the dashboard is tested in a real browser), and schemathesis
+# (from PyPI, into a venv outside the repository: the API is fuzzed from its OpenAPI
+# document). The docker tests need a running Docker Engine; with CI=true its absence fails
+# them. Tests of the in-process tier (crates/testkit, `InProcessEnv`) need none of these but
+# python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
 command -v git >/dev/null 2>&1 || missing+=(git)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 command -v go >/dev/null 2>&1 || missing+=(golang-go)
 dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
@@ -33,6 +36,15 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test.sh: installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+# The API fuzzing test (crates/sdp/tests/it/openapi.rs) runs schemathesis from this venv,
+# which it finds through SDP_TEST_SCHEMATHESIS.
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/sdp-test/venv"
+if [ ! -x "$venv/bin/schemathesis" ]; then
+  echo "test.sh: installing schemathesis into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet 'schemathesis>=4,<5'
+fi
+export SDP_TEST_SCHEMATHESIS="$venv/bin/schemathesis"
 
 # The integration tests run user code as an unprivileged user they create when run as root
 # (sdp-it-run, and sdp-it-plain for an agent run without root; see crates/testkit/src/users.rs);

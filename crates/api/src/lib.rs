@@ -4,17 +4,26 @@
 //! Requests that change something refuse unknown fields, so that a typo is an error rather
 //! than a silent default.
 //! Times are RFC 3339 strings; states are the lower-case words of SPEC §3.
+//!
+//! The types are also the schemas of the control plane's OpenAPI document (`ToSchema`). A
+//! field the server always writes, even as null, is `required` there
+//! (`#[schema(required = true)]`), so that a response without it breaks the document.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 pub use sdp_protocol::{Branch, RouteDecision, RouteKind};
 
 /// `POST /api/login`. (Unknown fields are ignored here, as they always were.)
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct LoginRequest {
+    /// No `:` and no control character.
+    #[schema(example = "alice", min_length = 1, max_length = 256)]
     pub username: String,
+    /// No NUL or line break.
+    #[schema(format = Password, min_length = 1, max_length = 1024)]
     pub password: String,
 }
 
@@ -28,10 +37,11 @@ impl fmt::Debug for LoginRequest {
 }
 
 /// The answer to a login: the session token (also set as a cookie) and until when it holds.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize, ToSchema)]
 pub struct LoginResponse {
     pub token: String,
     pub user: String,
+    #[schema(format = DateTime)]
     pub expires_at: String,
 }
 
@@ -46,25 +56,28 @@ impl fmt::Debug for LoginResponse {
 }
 
 /// `GET /api/session`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SessionInfo {
     pub user: String,
+    #[schema(format = DateTime)]
     pub expires_at: String,
 }
 
 /// `GET /api/health`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Health {
+    /// Always `ok`: the control plane answers.
     pub status: String,
     pub version: String,
     /// Agents connected now.
     pub agents: usize,
     /// `server`, or `dev` (`sdp dev`: any password is accepted).
+    #[schema(example = "server")]
     pub mode: String,
 }
 
 /// A catalog service (`GET /api/services`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Service {
     pub name: String,
     pub repo: String,
@@ -73,13 +86,14 @@ pub struct Service {
 }
 
 /// An agent, connected or seen before (`GET /api/agents`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Agent {
     pub name: String,
     pub role: String,
     pub version: String,
     pub host: String,
     pub connected: bool,
+    #[schema(format = DateTime)]
     pub last_seen: String,
     pub running: u32,
     pub load: u32,
@@ -87,39 +101,50 @@ pub struct Agent {
 }
 
 /// A service and the branch to deploy of it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Selection {
+    /// A service of the catalog.
+    #[schema(example = "orders")]
     pub service: String,
+    /// A branch name by git's rules, not starting with `-`.
+    #[schema(example = "feature/x", min_length = 1, max_length = 255)]
     pub branch: String,
 }
 
 /// `POST /api/sandboxes`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
+    /// A DNS label: lower-case letters, digits and `-`.
+    #[schema(example = "demo", pattern = "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")]
     pub name: String,
+    #[schema(min_items = 1, max_items = 16)]
     pub services: Vec<Selection>,
-    /// A duration like `8h`; the server's `sandbox_ttl` when absent.
+    /// A duration like `8h`, at most 30 days; the server's `sandbox_ttl` when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(example = "8h")]
     pub ttl: Option<String>,
 }
 
 /// `POST /api/sandboxes/{id}/deploy`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Redeploy {
+    #[schema(min_items = 1, max_items = 16)]
     pub services: Vec<Selection>,
 }
 
 /// `POST /api/sandboxes/{id}/extend`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Extend {
+    /// A duration like `8h`, at most 30 days: the sandbox expires this long from now.
+    #[schema(example = "8h")]
     pub ttl: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Sandbox {
     pub id: String,
     pub name: String,
@@ -128,39 +153,47 @@ pub struct Sandbox {
     /// sandbox's instances are stopped until a request or `POST …/wake` wakes it.
     pub state: String,
     pub url: String,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
     pub expires_at: String,
     /// A live sandbox that expires within the hour: extend it, or it is deleted.
     pub expires_soon: bool,
     pub services: Vec<SandboxService>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct SandboxService {
     pub service: String,
     pub branch: String,
+    #[schema(required = true)]
     pub commit: Option<String>,
     /// `deploying`, `running`, `unhealthy`, `crashed`, `sleeping`, `failed` or `stopped`.
     /// An instance being restarted shows as `crashed` (or `unhealthy`, when that is why it
     /// restarts), with `restarts` counting up.
     pub state: String,
     /// `host:port` of its instance, while one runs.
+    #[schema(required = true)]
     pub upstream: Option<String>,
     /// Why it is `crashed` or `unhealthy` (`exit code 2`, `/healthz gave status 500`).
     #[serde(default)]
+    #[schema(required = true)]
     pub reason: Option<String>,
     /// Restarts of its instance since it was deployed.
     #[serde(default)]
+    #[schema(required = true)]
     pub restarts: u32,
     /// Its instance's last lines before it crashed, oldest first.
     #[serde(default)]
+    #[schema(required = true)]
     pub last_lines: Vec<String>,
 }
 
 /// One entry of `GET /api/sandboxes/{id}/history`: a row of the audit trail about the
 /// sandbox (deploys, deletes, and its instances' crashes, restarts and health failures).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct HistoryEntry {
+    #[schema(format = DateTime)]
     pub at: String,
     /// Who: a user, `sdp` (expiry, sleep), `router` (a wake for a request), or
     /// `agent:<name>` (what an agent reported).
@@ -173,23 +206,29 @@ pub struct HistoryEntry {
 }
 
 /// The answer to a create or a redeploy (202): the sandbox and its new deployment.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Accepted {
     pub sandbox: Sandbox,
+    #[schema(required = true)]
     pub deployment: Option<Deployment>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Deployment {
     pub id: String,
     pub sandbox_id: String,
     pub requested_by: String,
     /// `queued`, `running`, `ready`, `failed` or `cancelled`.
     pub state: String,
+    #[schema(required = true)]
     pub error: Option<String>,
+    #[schema(format = DateTime)]
     pub created_at: String,
+    #[schema(format = DateTime)]
+    #[schema(required = true)]
     pub finished_at: Option<String>,
     /// The micro agent that ran it.
+    #[schema(required = true)]
     pub agent: Option<String>,
     pub services: Vec<DeploymentService>,
     /// Every step with its start and end, in order (only in `GET /api/deployments/{id}`).
@@ -197,63 +236,77 @@ pub struct Deployment {
     pub steps: Option<Vec<StepInfo>>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct DeploymentService {
     pub service: String,
     pub branch: String,
+    #[schema(required = true)]
     pub commit: Option<String>,
     pub step: String,
     pub state: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct StepInfo {
-    /// `None` for a step of the whole deployment (`routing`).
+    /// Null for a step of the whole deployment (`routing`).
+    #[schema(required = true)]
     pub service: Option<String>,
     pub step: String,
     pub state: String,
+    #[schema(format = DateTime)]
     pub started_at: String,
+    #[schema(format = DateTime)]
+    #[schema(required = true)]
     pub ended_at: Option<String>,
 }
 
 /// The query of a listing: filters, and the page to read.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListParams {
+    /// Only this user's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Only those in this state (one of a sandbox's, or of a deployment's, states).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
     /// 1 to 200; 50 when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
     /// The `next` of the previous page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
 }
 
-/// One page of a listing, newest first; `next` reads the following one, until it is `None`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// One page of a listing, newest first; `next` reads the following one, until it is null.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Page<T> {
     pub items: Vec<T>,
+    #[schema(required = true)]
     pub next: Option<String>,
 }
 
 /// A frame of a log: one line of the control plane's log files, one text frame of
 /// `/ws/deployments/{id}` and `/ws/sandboxes/{id}/logs`. `seq` numbers a log's frames from 1
 /// without gaps, so a viewer that lost its connection asks for `?from=<last seq + 1>`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Frame {
     Log {
         seq: u64,
+        #[schema(format = DateTime)]
         ts: String,
+        #[schema(required = true)]
         service: Option<String>,
         stream: String,
         line: String,
     },
     Step {
         seq: u64,
+        #[schema(format = DateTime)]
         ts: String,
+        #[schema(required = true)]
         service: Option<String>,
         step: String,
         state: String,
@@ -262,9 +315,11 @@ pub enum Frame {
     /// `restarting` or `sleeping`, as its agent reported it.
     Instance {
         seq: u64,
+        #[schema(format = DateTime)]
         ts: String,
         service: String,
         state: String,
+        #[schema(required = true)]
         reason: Option<String>,
         restarts: u32,
     },
@@ -272,8 +327,10 @@ pub enum Frame {
     /// the sandbox's end).
     End {
         seq: u64,
+        #[schema(format = DateTime)]
         ts: String,
         state: String,
+        #[schema(required = true)]
         error: Option<String>,
     },
 }
@@ -302,12 +359,12 @@ impl Frame {
 
 /// Every error's body: `{"error": {"code": "...", "message": "..."}}`, a stable `code` for
 /// programs and a `message` for people.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     pub code: String,
     pub message: String,

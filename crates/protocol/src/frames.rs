@@ -383,9 +383,17 @@ pub enum JobOutput {
     Failed(JobError),
 }
 
+/// A branch of a repository and the commit at its tip.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Branch {
+    /// Without `refs/heads/`: `feature/x`.
+    #[cfg_attr(feature = "openapi", schema(value_type = String, example = "feature/x"))]
     pub name: BranchName,
+    #[cfg_attr(
+        feature = "openapi",
+        schema(example = "8f2c1d0e9b7a6c5d4e3f2a1b0c9d8e7f6a5b4c3d")
+    )]
     pub commit: String,
 }
 

@@ -59,6 +59,7 @@ pub struct SandboxRoutes {
 
 /// Where a request went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RouteKind {
     Sandbox,
@@ -76,16 +77,20 @@ impl RouteKind {
 
 /// One request the router routed for a sandbox, as the route inspector shows it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RouteDecision {
     #[serde(with = "time::serde::rfc3339")]
+    #[cfg_attr(feature = "openapi", schema(value_type = String, format = DateTime))]
     pub time: OffsetDateTime,
     pub method: String,
     /// The path without its query, which may hold secrets.
     pub path: String,
     /// The service whose route matched; none when no route did.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, required = true))]
     pub service: Option<ServiceName>,
     pub route: RouteKind,
     /// Where it was sent; none when the router answered itself.
+    #[cfg_attr(feature = "openapi", schema(required = true))]
     pub upstream: Option<String>,
     /// The status the client got.
     pub status: u16,

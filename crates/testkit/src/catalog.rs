@@ -35,8 +35,9 @@ pub(crate) fn server_toml(
     tables: &str,
 ) -> String {
     let tls_port = up.tls_baseline.rsplit(':').next().unwrap_or("9");
-    // `extra`: more keys of the entry (its restart policy, its health interval).
-    let watched = |name: &str, repo: &str, build: &str, run: &str, extra: &str| {
+    // `extra`: more keys of the entry (its restart policy, its health interval). Each entry
+    // comes with its name, for `Options::catalog` to choose among them.
+    let watched = |name: &'static str, repo: &str, build: &str, run: &str, extra: &str| {
         // The two Go services fall back to the local baseline; the others to a port where
         // nothing listens.
         let baseline = match name {
@@ -45,12 +46,13 @@ pub(crate) fn server_toml(
             "untrusted" => format!("https://{}", up.tls_baseline),
             _ => "http://127.0.0.1:9".to_owned(),
         };
-        format!(
+        let entry = format!(
             "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"{build}\"\nrun = \"{run}\"\nport = 8080\nhealth = \"/healthz\"\nroutes = [\"/{name}\"]\nbaseline = \"{baseline}\"\nenv = {{ GREETING = \"hi\" }}\n{extra}\n",
             up.repo(repo)
-        )
+        );
+        (name, entry)
     };
-    let service = |name: &str, build: &str, run: &str| watched(name, name, build, run, "");
+    let service = |name: &'static str, build: &str, run: &str| watched(name, name, build, run, "");
     // Written only when a test sets them: the server's own defaults otherwise.
     let knobs: String = [
         ("idle_after", o.idle_after),
@@ -59,15 +61,7 @@ pub(crate) fn server_toml(
     .iter()
     .filter_map(|(key, value)| value.map(|v| format!("{key} = \"{v}\"\n")))
     .collect();
-    format!(
-        "{keys}{knobs}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{}{}{}{}{}{}{}{}{}{}{}{}{}\n{tables}",
-        data_dir.display(),
-        o.session_ttl,
-        o.sandbox_ttl,
-        o.job_timeout,
-        o.agent_timeout,
-        up.repo("probe"),
-        up.router,
+    let catalog = [
         // Real Go services; the echo shows the build's output in the log.
         service(
             "orders",
@@ -129,5 +123,20 @@ pub(crate) fn server_toml(
             "TICK_SECONDS=0 python3 talk.py",
             "",
         ),
+    ];
+    let services: String = catalog
+        .into_iter()
+        .filter(|(name, _)| o.catalog.is_none_or(|only| only.contains(name)))
+        .map(|(_, entry)| entry)
+        .collect();
+    format!(
+        "{keys}{knobs}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{services}\n{tables}",
+        data_dir.display(),
+        o.session_ttl,
+        o.sandbox_ttl,
+        o.job_timeout,
+        o.agent_timeout,
+        up.repo("probe"),
+        up.router,
     )
 }

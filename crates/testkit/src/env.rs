@@ -49,6 +49,8 @@ pub struct Options {
     /// Agents get `work_dir = "./agent-<name>"`, relative to the test's directory, where
     /// they are started.
     pub relative_work_dir: bool,
+    /// Only these services of the kit's catalog; all of them when `None`.
+    pub catalog: Option<&'static [&'static str]>,
 }
 
 impl Default for Options {
@@ -69,6 +71,7 @@ impl Default for Options {
             log: DEFAULT_LOG,
             agent_extra: "",
             relative_work_dir: false,
+            catalog: None,
         }
     }
 }
@@ -148,6 +151,14 @@ impl EnvBuilder {
     /// they are started.
     pub fn relative_work_dir(mut self) -> Self {
         self.opts.relative_work_dir = true;
+        self
+    }
+
+    /// Configures the control plane with only these services of the kit's catalog, for a test
+    /// that must not meet the ones made to fail (`stuck`'s git server never answers; `secure`,
+    /// `untrusted` and `hostile` have no repository until a test creates it).
+    pub fn catalog(mut self, services: &'static [&'static str]) -> Self {
+        self.opts.catalog = Some(services);
         self
     }
 

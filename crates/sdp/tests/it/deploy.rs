@@ -541,7 +541,9 @@ async fn listings_are_newest_first_paginated_and_filtered() {
         "/api/sandboxes?state=sleepy",
         "/api/sandboxes?limit=0",
         "/api/sandboxes?cursor=zzz",
+        "/api/sandboxes?limit=many",
         "/api/deployments?limit=1000",
+        "/api/deployments?limit=-1",
     ] {
         let reply = env.get(bad, Some(&token)).await;
         assert_eq!(reply.status, 400, "{bad}: {}", reply.body);

@@ -21,6 +21,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod login;
+mod openapi;
 mod router;
 mod runtime;
 mod runtime_log;

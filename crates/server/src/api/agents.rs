@@ -8,10 +8,17 @@ use axum::extract::State;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::response::Response;
-use sdp_api::Agent;
+use sdp_api::{Agent, ErrorBody};
 use sdp_protocol::{Capability, MAX_FRAME_BYTES};
 
 /// Connected agents with their live figures, then the ones seen before and gone.
+#[utoipa::path(
+    get,
+    path = "/api/agents",
+    operation_id = "list_agents",
+    tag = "agents",
+    responses((status = 200, description = "The agents", body = Vec<Agent>))
+)]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Agent>>, ApiError> {
     let live = state.dispatch.connected().await;
     let mut views: Vec<Agent> = live
@@ -51,6 +58,18 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Vec<Agent>>, Api
     Ok(Json(views))
 }
 
+/// The agents' WebSocket (SPEC §2): for `sdp agent` only, which presents the agent token.
+/// Its frames are the agent protocol's (`sdp-protocol`), not this API's.
+#[utoipa::path(
+    get,
+    path = "/ws/agent",
+    operation_id = "agent_socket",
+    tag = "agents",
+    responses(
+        (status = 101, description = "Switching to the agent protocol's WebSocket"),
+        (status = 400, description = "`websocket_required`: not a WebSocket upgrade request", body = ErrorBody),
+    )
+)]
 pub async fn socket(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use sdp_api::{LoginRequest, LoginResponse, SessionInfo};
+use sdp_api::{ErrorBody, LoginRequest, LoginResponse, SessionInfo};
 use sdp_protocol::{Credentials, JobErrorCode, Password, ProbeCredentials, Role, Username};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -19,6 +19,27 @@ use crate::error::{ApiError, ApiJson, Asked, agent_error};
 use crate::limiter::{Limit, Refused, client_address};
 use crate::sessions::{self, COOKIE_NAME};
 
+/// Checks the Bitbucket credentials with `git ls-remote` on a micro agent and opens a session.
+#[utoipa::path(
+    post,
+    path = "/api/login",
+    operation_id = "login",
+    tag = "session",
+    request_body = LoginRequest,
+    responses(
+        (status = 200, description = "Logged in: the session token, also set as the `sdp_session` cookie", body = LoginResponse,
+            headers(("set-cookie" = String, description = "`sdp_session=<token>; HttpOnly; SameSite=Strict; Path=/; Max-Age=<seconds>` (and `Secure` behind https)"))),
+        (status = 400, description = "`invalid_username`, `invalid_password`, `invalid_json` or `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`invalid_credentials`: Bitbucket did not accept this username and password", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`", body = ErrorBody),
+        (status = 429, description = "`too_many_logins`: too many attempts for this user, from this address or in all", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds until an attempt is taken again"))),
+        (status = 502, description = "`agent_error`, `repo_unreachable` or `git_failed`: the probe could not say", body = ErrorBody),
+        (status = 503, description = "`no_agent` or `agent_disconnected`: no micro agent to ask", body = ErrorBody),
+        (status = 504, description = "`agent_timeout` or `git_timeout`: no answer within `job_timeout`", body = ErrorBody),
+    )
+)]
 pub async fn login(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -138,6 +159,17 @@ fn too_many_logins(username: &Username, client: std::net::IpAddr, refused: Refus
     response
 }
 
+/// Ends the session and wipes the password it held.
+#[utoipa::path(
+    post,
+    path = "/api/logout",
+    operation_id = "logout",
+    tag = "session",
+    responses(
+        (status = 204, description = "Logged out; the cookie is cleared",
+            headers(("set-cookie" = String, description = "`sdp_session=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0`"))),
+    )
+)]
 pub async fn logout(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
@@ -157,6 +189,13 @@ pub async fn logout(
 
 /// Who the session belongs to, and until when: for pages and clients that hold a session but
 /// not its user (a new tab).
+#[utoipa::path(
+    get,
+    path = "/api/session",
+    operation_id = "session",
+    tag = "session",
+    responses((status = 200, description = "The session's user and expiry", body = SessionInfo))
+)]
 pub async fn session(Extension(session): Extension<CurrentSession>) -> Json<SessionInfo> {
     Json(SessionInfo {
         user: session.username.to_string(),

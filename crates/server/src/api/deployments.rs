@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
-use sdp_api::{Deployment, DeploymentService, ListParams, Page, StepInfo};
+use sdp_api::{Deployment, DeploymentService, ErrorBody, ListParams, Page, StepInfo};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
@@ -56,6 +56,18 @@ async fn load(state: &AppState, id: &str) -> Result<DeploymentRow, ApiError> {
     })
 }
 
+/// A deployment, with its agent and every step's start and end.
+#[utoipa::path(
+    get,
+    path = "/api/deployments/{id}",
+    operation_id = "get_deployment",
+    tag = "deployments",
+    params(("id" = String, Path, description = "The deployment's id (`dep_…`)")),
+    responses(
+        (status = 200, description = "The deployment, with `steps`", body = Deployment),
+        (status = 404, description = "`unknown_deployment`", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -77,6 +89,18 @@ pub async fn get(
     Ok(Json(view))
 }
 
+/// Deployments, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/api/deployments",
+    operation_id = "list_deployments",
+    tag = "deployments",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of deployments (without `steps`)", body = Page<Deployment>),
+        (status = 400, description = "`invalid_query`, `invalid_state`, `invalid_limit` or `invalid_cursor`", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -140,6 +164,17 @@ pub(super) fn render(frame: &Frame) -> String {
 
 /// The whole log as text, streamed: read and rendered a chunk at a time, so a long log costs
 /// no more memory than a short one.
+#[utoipa::path(
+    get,
+    path = "/api/deployments/{id}/logs",
+    operation_id = "deployment_log",
+    tag = "deployments",
+    params(("id" = String, Path, description = "The deployment's id (`dep_…`)")),
+    responses(
+        (status = 200, description = "The deployment's log, one line per frame", content_type = "text/plain", body = String),
+        (status = 404, description = "`unknown_deployment`", body = ErrorBody),
+    )
+)]
 pub async fn logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -193,11 +228,27 @@ pub(super) fn text_body(
         .into_response()
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SocketParams {
+    /// The first `seq` to send; 1 when absent.
     from: Option<u64>,
 }
 
+/// The deployment's log live: the stored frames from `from`, then the live ones, then the
+/// `end` frame, each a JSON text frame (the `Frame` schema).
+#[utoipa::path(
+    get,
+    path = "/ws/deployments/{id}",
+    operation_id = "deployment_log_socket",
+    tag = "deployments",
+    params(("id" = String, Path, description = "The deployment's id (`dep_…`)"), SocketParams),
+    responses(
+        (status = 101, description = "Switching to the WebSocket of the deployment's frames"),
+        (status = 400, description = "`invalid_query`, or `websocket_required`: not a WebSocket upgrade request", body = ErrorBody),
+        (status = 404, description = "`unknown_deployment`", body = ErrorBody),
+    )
+)]
 pub async fn socket(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -2,12 +2,14 @@
 //!
 //! Every endpoint is declared once in [`endpoints`], with the access it requires. The router
 //! and the table that tests walk ([`route_table`]) are both built from that list, so a new
-//! route cannot exist without its access rule, nor escape the tests that check it.
+//! route cannot exist without its access rule, nor escape the tests that check it. The API
+//! document (`openapi.rs`) describes each of them, and a test keeps it to that list.
 
 mod agents;
 mod auth;
 mod catalog;
 mod deployments;
+mod openapi;
 mod runtime;
 mod sandboxes;
 
@@ -40,7 +42,7 @@ pub use crate::error::MAX_BODY_BYTES;
 /// Who may call an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Anyone: only login and health.
+    /// Anyone: login, health, and the API document (which holds no data).
     Public,
     /// Anyone: the dashboard's static page, which holds no data; it fetches everything
     /// through the API with the session.
@@ -87,6 +89,7 @@ fn endpoints() -> Vec<Endpoint> {
     vec![
         endpoint(Method::GET, "/", Page, dashboard),
         endpoint(Method::GET, "/api/health", Public, health),
+        endpoint(Method::GET, "/api/openapi.json", Public, openapi::document),
         endpoint(Method::POST, "/api/login", Public, auth::login),
         endpoint(Method::POST, "/api/logout", Session, auth::logout),
         endpoint(Method::GET, "/api/session", Session, auth::session),
@@ -326,6 +329,14 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// Whether the control plane answers, and how many agents are connected.
+#[utoipa::path(
+    get,
+    path = "/api/health",
+    operation_id = "health",
+    tag = "session",
+    responses((status = 200, description = "The control plane answers", body = sdp_api::Health))
+)]
 async fn health(State(state): State<AppState>) -> Json<sdp_api::Health> {
     Json(sdp_api::Health {
         status: "ok".into(),
@@ -335,6 +346,14 @@ async fn health(State(state): State<AppState>) -> Json<sdp_api::Health> {
     })
 }
 
+/// The dashboard: one page that holds no data and calls this API with the session.
+#[utoipa::path(
+    get,
+    path = "/",
+    operation_id = "dashboard",
+    tag = "dashboard",
+    responses((status = 200, description = "The page", content_type = "text/html", body = String))
+)]
 async fn dashboard() -> axum::response::Html<&'static str> {
     axum::response::Html(include_str!("dashboard.html"))
 }

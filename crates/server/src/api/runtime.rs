@@ -10,14 +10,14 @@ use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use sdp_api::HistoryEntry;
+use sdp_api::{ErrorBody, HistoryEntry};
 use sdp_protocol::ServiceName;
 use serde::Deserialize;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::deployments::{render, stream_log, text_body};
-use super::sandboxes::load;
+use super::sandboxes::{SANDBOX_KEY, load};
 use super::{AppState, rfc3339};
 use crate::error::ApiError;
 use crate::logs::{Frame, FrameLog, Line};
@@ -28,10 +28,17 @@ const MAX_TAIL: usize = 100_000;
 /// The most history entries answered: the newest ones.
 const MAX_HISTORY: u32 = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogParams {
+    /// Only this catalog service's lines.
+    #[param(example = "orders")]
     service: Option<String>,
+    /// Only lines from this time on: an RFC 3339 time, or a duration back from now (`10m`).
+    #[param(example = "10m")]
     since: Option<String>,
+    /// Only the last this many lines.
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 100_000)]
     tail: Option<String>,
 }
 
@@ -121,6 +128,18 @@ fn text(body: String) -> Response {
 }
 
 /// `GET /api/sandboxes/{id}/logs?service=&since=&tail=`: the runtime log as text.
+#[utoipa::path(
+    get,
+    path = "/api/sandboxes/{id}/logs",
+    operation_id = "sandbox_log",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo"), LogParams),
+    responses(
+        (status = 200, description = "The runtime log (its services' output after ready, and their state changes), one line per frame; empty once the sandbox has ended", content_type = "text/plain", body = String),
+        (status = 400, description = "`invalid_query`, `invalid_service`, `invalid_since` or `invalid_tail`", body = ErrorBody),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+    )
+)]
 pub async fn logs(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -178,10 +197,16 @@ pub async fn logs(
     Ok(text(body))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct SocketParams {
+    /// The first `seq` to send.
     from: Option<u64>,
+    /// Only this catalog service's frames.
+    #[param(example = "orders")]
     service: Option<String>,
+    /// Without `from`: start with the last this many frames.
+    #[param(value_type = Option<u32>, minimum = 0, maximum = 100_000)]
     tail: Option<String>,
 }
 
@@ -225,6 +250,18 @@ async fn tail_start(
 /// `/ws/sandboxes/{id}/logs?from=&service=&tail=`: the stored frames from `from` (or, without
 /// `from`, the last `tail` of them), then the live ones, as `/ws/deployments/{id}` does; the
 /// last frame is `end` when the sandbox ends.
+#[utoipa::path(
+    get,
+    path = "/ws/sandboxes/{id}/logs",
+    operation_id = "sandbox_log_socket",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo"), SocketParams),
+    responses(
+        (status = 101, description = "Switching to the WebSocket of the runtime log's frames (the `Frame` schema)"),
+        (status = 400, description = "`invalid_query`, `invalid_service`, `invalid_tail`, or `websocket_required`: not a WebSocket upgrade request", body = ErrorBody),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+    )
+)]
 pub async fn socket(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -275,6 +312,17 @@ pub async fn socket(
 }
 
 /// `GET /api/sandboxes/{id}/history`: the sandbox's audit rows, oldest first.
+#[utoipa::path(
+    get,
+    path = "/api/sandboxes/{id}/history",
+    operation_id = "sandbox_history",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo")),
+    responses(
+        (status = 200, description = "At most the newest 1000 rows, oldest first", body = Vec<HistoryEntry>),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+    )
+)]
 pub async fn history(
     State(state): State<AppState>,
     Path(key): Path<String>,

@@ -5,11 +5,12 @@ use std::time::Duration;
 
 use axum::Extension;
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sdp_api::{
-    Accepted, CreateSandbox, Deployment, Extend, ListParams, Page, Redeploy, Sandbox,
+    Accepted, CreateSandbox, Deployment, ErrorBody, Extend, ListParams, Page, Redeploy, Sandbox,
     SandboxService, Selection,
 };
 use sdp_protocol::{BranchName, SandboxName, ServiceSpec};
@@ -26,6 +27,9 @@ use crate::lifecycle::Request;
 pub const MAX_SERVICES: usize = 16;
 /// The longest a sandbox may be given at once.
 pub const MAX_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// What a path's `{id}` may be, in the API document.
+pub(super) const SANDBOX_KEY: &str = "The sandbox's id (`sbx_…`) or its name";
+
 /// A live sandbox this close to its expiry is shown as expiring soon.
 const EXPIRY_WARNING: time::Duration = time::Duration::hours(1);
 
@@ -209,6 +213,23 @@ async fn accepted(
         .into_response())
 }
 
+/// Creates a sandbox and its first deployment, which runs on after the answer.
+#[utoipa::path(
+    post,
+    path = "/api/sandboxes",
+    operation_id = "create_sandbox",
+    tag = "sandboxes",
+    request_body = CreateSandbox,
+    responses(
+        (status = 202, description = "Created; the deployment runs", body = Accepted),
+        (status = 400, description = "`invalid_sandbox_name`, `no_services`, `too_many_services` (over 16), `unknown_service`, `duplicate_service`, `invalid_branch`, `invalid_ttl`, `invalid_json` or `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`reauth_required`: the control plane restarted and no longer holds the password; log in again", body = ErrorBody),
+        (status = 409, description = "`sandbox_exists`: a live sandbox has this name", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`", body = ErrorBody),
+        (status = 507, description = "`insufficient_storage`: the control plane's disk is nearly full (`min_free_space`)", body = ErrorBody),
+    )
+)]
 pub async fn create(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
@@ -242,6 +263,26 @@ pub async fn create(
     accepted(&state, sandbox_id.as_str(), deployment_id.as_str()).await
 }
 
+/// Deploys the services it lists to the sandbox (the others keep running); its owner only.
+#[utoipa::path(
+    post,
+    path = "/api/sandboxes/{id}/deploy",
+    operation_id = "redeploy_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo")),
+    request_body = Redeploy,
+    responses(
+        (status = 202, description = "Accepted; the deployment runs", body = Accepted),
+        (status = 400, description = "`no_services`, `too_many_services` (over 16), `unknown_service`, `duplicate_service`, `invalid_branch`, `invalid_json` or `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`reauth_required`: the control plane restarted and no longer holds the password; log in again", body = ErrorBody),
+        (status = 403, description = "`not_owner`", body = ErrorBody),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+        (status = 409, description = "`deployment_in_progress` or `sandbox_ended`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`", body = ErrorBody),
+        (status = 507, description = "`insufficient_storage`: the control plane's disk is nearly full (`min_free_space`)", body = ErrorBody),
+    )
+)]
 pub async fn redeploy(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
@@ -340,6 +381,18 @@ fn write_error(e: WriteError, name: &SandboxName) -> ApiError {
     }
 }
 
+/// A sandbox with its services' states.
+#[utoipa::path(
+    get,
+    path = "/api/sandboxes/{id}",
+    operation_id = "get_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo")),
+    responses(
+        (status = 200, description = "The sandbox", body = Sandbox),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+    )
+)]
 pub async fn get(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -349,6 +402,20 @@ pub async fn get(
 }
 
 /// The route inspector: the gateway's last routing decisions for the sandbox, newest first.
+#[utoipa::path(
+    get,
+    path = "/api/sandboxes/{id}/requests",
+    operation_id = "sandbox_requests",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo")),
+    responses(
+        (status = 200, description = "Up to the last 200 decisions (none once the sandbox has ended)", body = Vec<sdp_protocol::RouteDecision>),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+        (status = 502, description = "`agent_error`: the gateway agent could not say", body = ErrorBody),
+        (status = 503, description = "`no_agent` or `agent_disconnected`: no gateway agent to ask", body = ErrorBody),
+        (status = 504, description = "`agent_timeout`: no answer within `job_timeout`", body = ErrorBody),
+    )
+)]
 pub async fn requests(
     State(state): State<AppState>,
     Path(key): Path<String>,
@@ -417,10 +484,24 @@ fn parse_cursor(raw: &str) -> Option<(i64, String)> {
     Some((t.parse().ok()?, id.to_owned())).filter(|_| valid_id)
 }
 
+/// Sandboxes, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/api/sandboxes",
+    operation_id = "list_sandboxes",
+    tag = "sandboxes",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page of sandboxes", body = Page<Sandbox>),
+        (status = 400, description = "`invalid_query`, `invalid_state`, `invalid_limit` or `invalid_cursor`", body = ErrorBody),
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
-    Query(params): Query<ListParams>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<Page<Sandbox>>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let q = list_query(params, SandboxState::ALL)?;
     let rows = state.db.list_sandboxes(&q).await?;
     let next = (rows.len() == q.limit as usize)
@@ -430,6 +511,21 @@ pub async fn list(
     Ok(Json(Page { items, next }))
 }
 
+/// Tears the sandbox down; its owner only. Its agents remove its instances and routes after
+/// the answer.
+#[utoipa::path(
+    delete,
+    path = "/api/sandboxes/{id}",
+    operation_id = "delete_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo")),
+    responses(
+        (status = 202, description = "The sandbox, now `deleted`", body = Sandbox),
+        (status = 403, description = "`not_owner`", body = ErrorBody),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+        (status = 409, description = "`sandbox_ended`: it was deleted or expired before", body = ErrorBody),
+    )
+)]
 pub async fn delete(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
@@ -447,6 +543,24 @@ pub async fn delete(
     Ok((StatusCode::ACCEPTED, Json(sandbox_view(&state, row))).into_response())
 }
 
+/// Makes the sandbox expire `ttl` from now; its owner only.
+#[utoipa::path(
+    post,
+    path = "/api/sandboxes/{id}/extend",
+    operation_id = "extend_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo")),
+    request_body = Extend,
+    responses(
+        (status = 200, description = "The sandbox with its new expiry", body = Sandbox),
+        (status = 400, description = "`invalid_ttl`, `invalid_json` or `invalid_request`", body = ErrorBody),
+        (status = 403, description = "`not_owner`", body = ErrorBody),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+        (status = 409, description = "`sandbox_ended`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`", body = ErrorBody),
+    )
+)]
 pub async fn extend(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
@@ -471,6 +585,19 @@ pub async fn extend(
 /// is (still `sleeping`); it is `ready` once its agent has started its instances. A sandbox
 /// that does not sleep is answered the same and left as it is: waking is idempotent, and
 /// the router may have woken it a moment before.
+#[utoipa::path(
+    post,
+    path = "/api/sandboxes/{id}/wake",
+    operation_id = "wake_sandbox",
+    tag = "sandboxes",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo")),
+    responses(
+        (status = 202, description = "The sandbox as it is; it is `ready` once its agent has started it", body = Sandbox),
+        (status = 403, description = "`not_owner`", body = ErrorBody),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+        (status = 409, description = "`sandbox_ended`", body = ErrorBody),
+    )
+)]
 pub async fn wake(
     State(state): State<AppState>,
     Extension(session): Extension<CurrentSession>,
