@@ -43,9 +43,12 @@ fn schemathesis() -> Option<PathBuf> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_api_document_is_served_to_anyone_as_json() {
-    let env = InProcessEnv::builder().no_agents().start().await;
+async fn the_api_document_is_served_as_json_to_a_session_only() {
+    let env = InProcessEnv::builder().start().await;
     let reply = env.get("/api/openapi.json", None).await;
+    assert_eq!(reply.status, 401, "{}", reply.body);
+    let token = env.login().await;
+    let reply = env.get("/api/openapi.json", Some(&token)).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert_eq!(reply.headers["content-type"], "application/json");
     let doc = reply.json();
@@ -99,12 +102,17 @@ async fn fuzzing_the_api_from_its_document_finds_no_server_error_and_no_answer_o
         "[headers]\nAuthorization = \"Bearer ${SDP_FUZZ_TOKEN}\"\n",
     )
     .unwrap();
+    // The document needs a session too: it is read here and handed over as a file.
+    let reply = env.get("/api/openapi.json", Some(&token)).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let document = dir.path().join("openapi.json");
+    std::fs::write(&document, &reply.body).unwrap();
     let started = Instant::now();
     let run = tokio::process::Command::new(&schemathesis)
         .arg("--config-file")
         .arg(&config)
         .arg("run")
-        .arg(format!("{}/api/openapi.json", env.url))
+        .arg(&document)
         .args(["--url", &env.url])
         .args([
             "--checks",

@@ -89,7 +89,7 @@ fn endpoints() -> Vec<Endpoint> {
     vec![
         endpoint(Method::GET, "/", Page, dashboard),
         endpoint(Method::GET, "/api/health", Public, health),
-        endpoint(Method::GET, "/api/openapi.json", Public, openapi::document),
+        endpoint(Method::GET, "/api/openapi.json", Session, openapi::document),
         endpoint(Method::POST, "/api/login", Public, auth::login),
         endpoint(Method::POST, "/api/logout", Session, auth::logout),
         endpoint(Method::GET, "/api/session", Session, auth::session),
