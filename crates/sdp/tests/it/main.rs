@@ -20,6 +20,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod login;
+mod metrics;
 mod router;
 mod runtime;
 mod runtime_log;
