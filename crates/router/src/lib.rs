@@ -6,7 +6,9 @@
 //! service by the longest route prefix and the upstream (the sandbox's instance, else the
 //! baseline); [`proxy`] rewrites the headers a proxy must, streams the request there through
 //! a keep-alive pool, and streams the answer back with `X-SDP-Route`. Decisions for sandboxes
-//! are kept by the [`inspector::Inspector`].
+//! are kept by the [`inspector::Inspector`]; every answer is counted by where it went and its
+//! status class, with the upstream's latency ([`metrics`]), which [`Router::serve_metrics`]
+//! serves apart from the routed traffic.
 //!
 //! A request naming a sandbox that sleeps is held instead (`proxy::hold`): the router asks its
 //! owner to wake the sandbox ([`Reports::wake`], once per [`WAKE_REPEAT`] however many
