@@ -112,6 +112,9 @@ pub struct GatewayConfig {
     /// `-Proto` and `-Host` are kept; from anyone else they are replaced. None by default.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Where the router's `GET /metrics` is served (Prometheus text); none: not served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl GatewayConfig {
@@ -121,6 +124,7 @@ impl GatewayConfig {
             connect_timeout: default_connect_timeout(),
             upstream_timeout: default_upstream_timeout(),
             trusted_proxies: Vec::new(),
+            metrics_listen: None,
         }
     }
 

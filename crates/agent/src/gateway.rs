@@ -59,6 +59,8 @@ pub struct Gateway {
     /// [`ACTIVITY_PERIOD`], shorter in tests.
     activity_period: Duration,
     listen: SocketAddr,
+    /// Where the router's metrics are served, if anywhere.
+    metrics_listen: Option<SocketAddr>,
     /// `<work_dir>/routes.json`.
     saved: PathBuf,
     /// One table at a time is installed and saved, so the file is the table in use. Holds
@@ -114,6 +116,7 @@ impl Gateway {
             wakes_out: tokio::sync::Mutex::new(wakes_out),
             activity_period: ACTIVITY_PERIOD,
             listen: config.listen,
+            metrics_listen: config.metrics_listen,
             saved,
             installing: Mutex::new(0),
         }
@@ -127,6 +130,21 @@ impl Gateway {
 
     pub async fn serve(&self, listener: TcpListener, shutdown: CancellationToken) {
         self.router.serve(listener, shutdown).await;
+    }
+
+    /// Binds the metrics listener, when `metrics_listen` asks for one.
+    pub async fn bind_metrics(&self) -> Result<Option<TcpListener>, (SocketAddr, std::io::Error)> {
+        let Some(addr) = self.metrics_listen else {
+            return Ok(None);
+        };
+        let listener = TcpListener::bind(addr).await.map_err(|e| (addr, e))?;
+        let bound = listener.local_addr().map_err(|e| (addr, e))?;
+        tracing::info!(addr = %bound, "router metrics listening at /metrics");
+        Ok(Some(listener))
+    }
+
+    pub async fn serve_metrics(&self, listener: TcpListener, shutdown: CancellationToken) {
+        self.router.serve_metrics(listener, shutdown).await;
     }
 
     /// A new connection to the control plane: its tables count from the start again (it may

@@ -65,7 +65,7 @@ const OUTBOX: usize = 64;
 pub enum AgentError {
     #[error("invalid configuration: {0}")]
     Config(String),
-    #[error("the router cannot listen on {addr}: {source}")]
+    #[error("the gateway agent cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
         source: std::io::Error,
@@ -77,6 +77,8 @@ pub struct Agent {
     name: AgentName,
     /// Bound by [`Agent::bind_router`].
     router_listener: Option<tokio::net::TcpListener>,
+    /// Gateway agents with `metrics_listen`: bound before running, as the router's is.
+    metrics_listener: Option<tokio::net::TcpListener>,
     worker: Arc<Worker>,
     in_flight: Arc<AtomicU32>,
     /// TLS for a `wss://` control plane.
@@ -213,6 +215,7 @@ impl Agent {
             config,
             name,
             router_listener: None,
+            metrics_listener: None,
             worker: Arc::new(Worker {
                 git,
                 deployer,
@@ -235,12 +238,25 @@ impl Agent {
         self.router_listener = Some(listener);
     }
 
-    /// Gateway agents: binds the router's listener, so that a taken port is an error before
-    /// anything runs. Returns where it listens.
+    /// Gateway agents: serves the router's metrics on `listener` instead of binding
+    /// `gateway.metrics_listen`, for a caller that prints the address (`sdp dev`).
+    pub fn use_metrics_listener(&mut self, listener: tokio::net::TcpListener) {
+        self.metrics_listener = Some(listener);
+    }
+
+    /// Gateway agents: binds the router's listener, and the metrics listener when there is
+    /// one, so that a taken port is an error before anything runs. Returns where the router
+    /// listens.
     pub async fn bind_router(&mut self) -> Result<Option<std::net::SocketAddr>, AgentError> {
         let Some(gateway) = &self.worker.gateway else {
             return Ok(None);
         };
+        if self.metrics_listener.is_none() {
+            self.metrics_listener = gateway
+                .bind_metrics()
+                .await
+                .map_err(|(addr, source)| AgentError::Listen { addr, source })?;
+        }
         if self.router_listener.is_none() {
             let listener = gateway.bind().await.map_err(|source| AgentError::Listen {
                 addr: self
@@ -267,6 +283,12 @@ impl Agent {
         {
             let shutdown = shutdown.clone();
             tokio::spawn(async move { gateway.serve(listener, shutdown).await });
+        }
+        if let (Some(gateway), Some(listener)) =
+            (self.worker.gateway.clone(), self.metrics_listener.take())
+        {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { gateway.serve_metrics(listener, shutdown).await });
         }
         // Before the first hello: instances an earlier run started are watched again, and
         // their output followed from where the control plane's acknowledgements end.

@@ -6,7 +6,9 @@
 //! service by the longest route prefix and the upstream (the sandbox's instance, else the
 //! baseline); [`proxy`] rewrites the headers a proxy must, streams the request there through
 //! a keep-alive pool, and streams the answer back with `X-SDP-Route`. Decisions for sandboxes
-//! are kept by the [`inspector::Inspector`].
+//! are kept by the [`inspector::Inspector`]; every answer is counted by where it went and its
+//! status class, with the upstream's latency ([`metrics`]), which [`Router::serve_metrics`]
+//! serves apart from the routed traffic.
 //!
 //! A request naming a sandbox that sleeps is held instead (`proxy::hold`): the router asks its
 //! owner to wake the sandbox ([`Reports::wake`], once per [`WAKE_REPEAT`] however many
@@ -22,6 +24,7 @@
 //! its wakes and activity.
 
 mod inspector;
+mod metrics;
 mod pool;
 mod proxy;
 mod sleep;
@@ -99,6 +102,10 @@ struct Shared {
     activity: Activity,
     /// Wakes asked, so that many held requests ask once.
     wakes: sleep::Wakes,
+    /// Requests and upstream latencies, one shard per serving thread.
+    metrics: Arc<metrics::Metrics>,
+    /// What [`Router::metrics`] encodes: the metrics above.
+    registry: prometheus_client::registry::Registry,
 }
 
 /// One serving thread's view: its table, and its own upstream pool. A connection and the
@@ -132,6 +139,9 @@ impl Router {
         if config.threads == 0 {
             config.threads = std::thread::available_parallelism().map_or(1, usize::from);
         }
+        let metrics = Arc::new(metrics::Metrics::new(config.threads));
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register_collector(Box::new(metrics.clone()));
         Self {
             shared: Arc::new(Shared {
                 tables: (0..config.threads)
@@ -143,6 +153,8 @@ impl Router {
                 installed: tokio::sync::watch::Sender::new(0),
                 activity: Activity::default(),
                 wakes: sleep::Wakes::new(reports),
+                metrics,
+                registry,
             }),
         }
     }
@@ -186,6 +198,50 @@ impl Router {
     /// The last decisions for `sandbox`, newest first.
     pub fn requests(&self, sandbox: &str) -> Vec<RouteDecision> {
         self.shared.inspector.recent(sandbox)
+    }
+
+    /// The router's metrics in the Prometheus text format: requests by target and status
+    /// class, upstream latency by target.
+    pub fn metrics(&self) -> String {
+        metrics::encode(&self.shared.registry)
+    }
+
+    /// Serves `GET /metrics` ([`Router::metrics`]) on `listener` until `shutdown`: a
+    /// listener of its own, apart from the routed traffic. Other paths are 404.
+    pub async fn serve_metrics(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let header_read_timeout = self.shared.config.header_read_timeout;
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "router metrics cannot accept a connection");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let router = self.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let answer =
+                        metrics::answer(&router.shared.registry, req.method(), req.uri().path());
+                    async move { Ok::<_, Infallible>(answer) }
+                });
+                let connection = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
+                    .serve_connection(TokioIo::new(stream), service);
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    ended = connection => if let Err(e) = ended {
+                        tracing::debug!(%peer, error = %e, "metrics connection ended with an error");
+                    },
+                }
+            });
+        }
     }
 
     /// Serves HTTP/1.1 on `listener` until `shutdown`. Connections are handed round-robin to

@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use sdp_protocol::{RouteDecision, RouteKind, ServiceName};
 use time::OffsetDateTime;
 
+use crate::metrics::Target;
 use crate::pool::{PooledBody, RequestBody};
 use crate::table::{Route, SANDBOX_HEADER, Sandbox, Table};
 use crate::{Inner, sleep};
@@ -241,7 +242,19 @@ impl Client {
     }
 }
 
+/// What a request was answered, and where it went.
+pub(crate) type Answered = (Response<Body>, Target);
+
 pub async fn handle(inner: &Inner, req: Request<Incoming>, client: &Client) -> Response<Body> {
+    let (response, target) = route(inner, req, client).await;
+    inner
+        .shared
+        .metrics
+        .request(inner.thread, target, response.status());
+    response
+}
+
+async fn route(inner: &Inner, req: Request<Incoming>, client: &Client) -> Answered {
     // Held until this request has its answer: a table installed meanwhile is for the next.
     let table = inner.table();
     let host = host_of(&req);
@@ -265,7 +278,7 @@ pub(crate) async fn forward(
     host: Option<HeaderValue>,
     named: Option<Named<'_>>,
     held: Option<Since>,
-) -> Response<Body> {
+) -> Answered {
     let sandbox = named.map(|n| n.name);
     let entry = named.and_then(|n| n.entry);
     let pending = Pending::new(inner, &req, named, held);
@@ -278,7 +291,7 @@ pub(crate) async fn forward(
     let (service, upstream, kind) = match route {
         Route::UnknownSandbox => {
             let name = sandbox.unwrap_or_default();
-            return json_error(
+            let response = json_error(
                 StatusCode::NOT_FOUND,
                 "unknown_sandbox",
                 &format!(
@@ -286,15 +299,17 @@ pub(crate) async fn forward(
                 ),
                 RouteKind::Sandbox,
             );
+            return (response, Target::Router);
         }
         Route::NoRoute => {
             pending.record(None, RouteKind::Baseline, None, StatusCode::NOT_FOUND);
-            return json_error(
+            let response = json_error(
                 StatusCode::NOT_FOUND,
                 "no_route",
                 &format!("no service's route matches {path}"),
                 RouteKind::Baseline,
             );
+            return (response, Target::Router);
         }
         Route::NoBaseline { service } => {
             pending.record(
@@ -303,7 +318,7 @@ pub(crate) async fn forward(
                 None,
                 StatusCode::SERVICE_UNAVAILABLE,
             );
-            return json_error(
+            let response = json_error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no_baseline",
                 &format!(
@@ -312,6 +327,7 @@ pub(crate) async fn forward(
                 ),
                 RouteKind::Baseline,
             );
+            return (response, Target::Router);
         }
         Route::Down { service, state } => {
             pending.record(
@@ -324,7 +340,7 @@ pub(crate) async fn forward(
                 "service {} of this sandbox is {state}: see its runtime log; it answers again once it runs",
                 service.name
             );
-            return error_response(
+            let response = error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({ "error": {
                     "code": "instance_down",
@@ -334,6 +350,7 @@ pub(crate) async fn forward(
                 } }),
                 RouteKind::Sandbox,
             );
+            return (response, Target::Router);
         }
         Route::To {
             service,
@@ -352,12 +369,13 @@ pub(crate) async fn forward(
     let target = match upstream.target(req.uri().path_and_query()) {
         Ok(uri) => uri,
         Err(e) => {
-            return json_error(
+            let response = json_error(
                 StatusCode::BAD_REQUEST,
                 "bad_path",
                 &format!("the path cannot be forwarded: {e}"),
                 kind,
             );
+            return (response, Target::Router);
         }
     };
     // Taken before the request is consumed: resolves once the client has our 101.
@@ -374,6 +392,7 @@ pub(crate) async fn forward(
 
     let (parts, body) = req.into_parts();
     let (body, body_sent) = RequestBody::sent(body);
+    let sent_at = Instant::now();
     let send = inner.pool.send(upstream, Request::from_parts(parts, body));
     let timeout = inner.shared.config.response_timeout;
     let sent = async {
@@ -389,7 +408,13 @@ pub(crate) async fn forward(
     }
     .await;
     let mut response = match sent {
-        Some(Ok(response)) => response,
+        Some(Ok(response)) => {
+            inner
+                .shared
+                .metrics
+                .upstream_latency(inner.thread, kind, sent_at.elapsed());
+            response
+        }
         Some(Err(e)) => {
             let reason = e.to_string();
             tracing::debug!(upstream = upstream.label(), service = %service.name, reason, "upstream failed");
@@ -399,7 +424,7 @@ pub(crate) async fn forward(
                 Some(upstream.label()),
                 StatusCode::BAD_GATEWAY,
             );
-            return json_error(
+            let response = json_error(
                 StatusCode::BAD_GATEWAY,
                 "upstream_unreachable",
                 &format!(
@@ -409,6 +434,7 @@ pub(crate) async fn forward(
                 ),
                 kind,
             );
+            return (response, kind.into());
         }
         None => {
             pending.record(
@@ -417,7 +443,7 @@ pub(crate) async fn forward(
                 Some(upstream.label()),
                 StatusCode::GATEWAY_TIMEOUT,
             );
-            return json_error(
+            let response = json_error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
                 &format!(
@@ -428,6 +454,7 @@ pub(crate) async fn forward(
                 ),
                 kind,
             );
+            return (response, kind.into());
         }
     };
 
@@ -462,7 +489,7 @@ pub(crate) async fn forward(
         .headers_mut()
         .insert(ROUTE_HEADER, HeaderValue::from_static(kind.as_str()));
     pending.record(Some(&service.name), kind, Some(upstream.label()), status);
-    response.map(Either::Left)
+    (response.map(Either::Left), kind.into())
 }
 
 /// Holds a request for `sandbox`, which sleeps in the table it came with, until a table shows
@@ -479,7 +506,7 @@ pub(crate) async fn hold(
     client: &Client,
     host: Option<HeaderValue>,
     sandbox: String,
-) -> Response<Body> {
+) -> Answered {
     let since = Since::now();
     // Subscribed before the table is read: an install in between is seen, not missed.
     let mut installed = inner.shared.installed.subscribe();
@@ -514,7 +541,7 @@ pub(crate) async fn hold(
                 None,
                 StatusCode::SERVICE_UNAVAILABLE,
             );
-            return waking(&sandbox, table.wake_timeout);
+            return (waking(&sandbox, table.wake_timeout), Target::Router);
         }
         // Not held across the wait: the next table is read fresh.
         drop(table);

@@ -68,6 +68,11 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             format!("the router cannot listen on 127.0.0.1:{gateway_port}; choose another port with --port N (the router takes N+1)")
         })?;
     let gateway_url = format!("http://{}", router_listener.local_addr()?);
+    // The router's metrics on a port of their own, any free one: only this machine reads them.
+    let metrics_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .context("the router's metrics cannot listen on a free port of 127.0.0.1")?;
+    let metrics_addr = metrics_listener.local_addr()?;
     let probe_repo = RepoUrl::parse(repo_path(&repos, DEMOS[0].name).display().to_string())?;
     let server_config = ServerConfig {
         listen: ([127, 0, 0, 1], port).into(),
@@ -118,8 +123,10 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             build_timeout: ConfigDuration::from_secs(600),
             health_timeout: ConfigDuration::from_secs(30),
             docker: DockerConfig::default(),
-            gateway: (role == Role::Gateway)
-                .then(|| GatewayConfig::new(([127, 0, 0, 1], gateway_port).into())),
+            gateway: (role == Role::Gateway).then(|| GatewayConfig {
+                metrics_listen: Some(metrics_addr),
+                ..GatewayConfig::new(([127, 0, 0, 1], gateway_port).into())
+            }),
             // Dev mode is one person's first try on their own machine, with demo
             // repositories only: builds run as whoever runs it, root included (said at start).
             run_as: None,
@@ -138,6 +145,7 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
 
     let mut gateway = Agent::new(gateway, crate::askpass_program()?)?;
     gateway.use_router_listener(router_listener);
+    gateway.use_metrics_listener(metrics_listener);
     let agents = [Agent::new(micro, crate::askpass_program()?)?, gateway];
     let mut tasks = Vec::new();
     for agent in agents {
@@ -153,6 +161,7 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
     println!("SDP dev is running.");
     println!("  Dashboard and API: {url}");
     println!("  Sandbox router: {gateway_url} (a sandbox's own URL is in its page)");
+    println!("  Metrics: {url}/metrics (control plane), http://{metrics_addr}/metrics (router)");
     println!("  Dev mode accepts any username and password: the demo repositories are local.");
     println!(
         "  Demo services: {}",

@@ -14,6 +14,7 @@ mod hub;
 mod lifecycle;
 mod limiter;
 mod logs;
+mod metrics;
 mod runtime_logs;
 mod sessions;
 

@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::ws::Utf8Bytes;
+use prometheus_client::metrics::counter::Counter;
 use sdp_config::ByteSize;
 use serde::Deserialize;
 use std::io::Write;
@@ -107,6 +108,8 @@ pub struct Logs {
     dir: PathBuf,
     max_size: ByteSize,
     streams: Mutex<HashMap<String, Arc<Stream>>>,
+    /// Lines written to any log, for `/metrics`.
+    stored_lines: Counter,
 }
 
 /// What a reader needs of a line.
@@ -118,13 +121,15 @@ struct Head {
 }
 
 impl Logs {
-    /// Logs under `dir`, each cut past `max_size`.
-    pub fn new(dir: PathBuf, max_size: ByteSize) -> std::io::Result<Logs> {
+    /// Logs under `dir`, each cut past `max_size`; every line stored counts in
+    /// `stored_lines`.
+    pub fn new(dir: PathBuf, max_size: ByteSize, stored_lines: Counter) -> std::io::Result<Logs> {
         std::fs::create_dir_all(&dir)?;
         Ok(Logs {
             dir,
             max_size,
             streams: Mutex::default(),
+            stored_lines,
         })
     }
 
@@ -362,6 +367,7 @@ impl Logs {
         for (_, seq, json) in &staged {
             writer.stored(*seq, json.len() as u64 + 1);
         }
+        self.stored_lines.inc_by(staged.len() as u64);
         writer.last_seq = taken;
         writer.cut = cut;
         writer.resume_gap = resume_gap;
@@ -401,6 +407,7 @@ impl Logs {
         }
         let frame = make(writer.last_seq + 1);
         Self::write(&stream, &mut writer, &frame).await?;
+        self.stored_lines.inc();
         let seq = frame.seq();
         if writer.ended {
             drop(writer);
@@ -608,7 +615,7 @@ mod tests {
     #[tokio::test]
     async fn a_log_is_read_back_from_any_seq_and_knows_its_end() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        let logs = Logs::new(dir.path().to_owned(), CAP, Counter::default()).unwrap();
         let (ack, stored) = logs
             .append_agent("d", &[log(1), log(2), log(3)])
             .await
@@ -632,7 +639,7 @@ mod tests {
             [(3, false), (4, false), (5, true)]
         );
         // A new server reads the file alone.
-        let again = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        let again = Logs::new(dir.path().to_owned(), CAP, Counter::default()).unwrap();
         assert_eq!(ends(read(&again, "d", 5).await), [(5, true)]);
         let line: Frame = serde_json::from_str(&read(&again, "d", 2).await[0].json).unwrap();
         assert_eq!(line, log(2));
@@ -641,7 +648,7 @@ mod tests {
     #[tokio::test]
     async fn an_ended_log_written_to_again_keeps_no_file_open() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        let logs = Logs::new(dir.path().to_owned(), CAP, Counter::default()).unwrap();
         assert_eq!(logs.append_own("d", end).await.unwrap(), Some(1));
         // A deployment failing after its sandbox's end cancelled it, a gap asked about: the
         // log takes nothing, and is not kept open for it.
@@ -663,14 +670,14 @@ mod tests {
     #[tokio::test]
     async fn a_broken_last_line_is_cut_off_before_new_lines_are_appended() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        let logs = Logs::new(dir.path().to_owned(), CAP, Counter::default()).unwrap();
         logs.append_agent("c", &[log(1), log(2)]).await.unwrap();
         let path = logs.path("c");
         let mut text = std::fs::read_to_string(&path).unwrap();
         text.push_str("{\"type\":\"log\",\"seq\":3,\"ts\":\"2026");
         std::fs::write(&path, text).unwrap();
 
-        let restarted = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        let restarted = Logs::new(dir.path().to_owned(), CAP, Counter::default()).unwrap();
         let (ack, stored) = restarted.append_agent("c", &[log(3)]).await.unwrap();
         assert_eq!((ack, stored), (Some(3), vec![0]));
         let lines = read(&restarted, "c", 1).await;
@@ -683,7 +690,7 @@ mod tests {
     #[tokio::test]
     async fn a_running_log_is_read_from_its_index_in_chunks() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = Logs::new(dir.path().to_owned(), CAP).unwrap();
+        let logs = Logs::new(dir.path().to_owned(), CAP, Counter::default()).unwrap();
         let frames: Vec<Frame> = (1..=5000).map(log).collect();
         for run in frames.chunks(700) {
             logs.append_agent("r", run).await.unwrap();
@@ -713,7 +720,7 @@ mod tests {
     async fn past_its_cap_a_log_keeps_a_notice_its_steps_and_its_end_and_acknowledges_every_line() {
         let dir = tempfile::tempdir().unwrap();
         let cap = ByteSize::kib(64);
-        let logs = Logs::new(dir.path().to_owned(), cap).unwrap();
+        let logs = Logs::new(dir.path().to_owned(), cap, Counter::default()).unwrap();
         let mut live = logs.subscribe("x");
         // About 130 bytes a line: the cap falls within the first thousand lines.
         let mut frames: Vec<Frame> = (1..=3000).map(log).collect();
@@ -763,14 +770,14 @@ mod tests {
     async fn a_cut_log_resumes_after_a_restart_past_the_lines_it_dropped() {
         let dir = tempfile::tempdir().unwrap();
         let cap = ByteSize::kib(64);
-        let logs = Logs::new(dir.path().to_owned(), cap).unwrap();
+        let logs = Logs::new(dir.path().to_owned(), cap, Counter::default()).unwrap();
         let frames: Vec<Frame> = (1..=1500).map(log).collect();
         let (ack, _) = logs.append_agent("y", &frames).await.unwrap();
         assert_eq!(ack, Some(1500));
         let size = std::fs::metadata(logs.path("y")).unwrap().len();
 
         // The agent forgot everything up to 1500; the new server's file ends before that.
-        let restarted = Logs::new(dir.path().to_owned(), cap).unwrap();
+        let restarted = Logs::new(dir.path().to_owned(), cap, Counter::default()).unwrap();
         let (ack, stored) = restarted
             .append_agent("y", &[log(1501), step(1502)])
             .await

@@ -19,6 +19,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::counter::Counter;
 use sdp_config::ByteSize;
 use serde::Deserialize;
 use tokio::sync::broadcast;
@@ -56,6 +57,8 @@ pub struct RuntimeLogs {
     dir: PathBuf,
     max_size: ByteSize,
     streams: Mutex<Streams>,
+    /// Lines written to any runtime log, for `/metrics`.
+    stored_lines: Counter,
 }
 
 #[derive(Default)]
@@ -146,13 +149,19 @@ fn last_line(path: &Path, repair: bool) -> std::io::Result<(u64, Option<u64>)> {
 }
 
 impl RuntimeLogs {
-    /// Runtime logs under `dir`, each rotated past `max_size`.
-    pub fn new(dir: PathBuf, max_size: ByteSize) -> std::io::Result<RuntimeLogs> {
+    /// Runtime logs under `dir`, each rotated past `max_size`; every line stored counts in
+    /// `stored_lines`.
+    pub fn new(
+        dir: PathBuf,
+        max_size: ByteSize,
+        stored_lines: Counter,
+    ) -> std::io::Result<RuntimeLogs> {
         std::fs::create_dir_all(&dir)?;
         Ok(RuntimeLogs {
             dir,
             max_size,
             streams: Mutex::default(),
+            stored_lines,
         })
     }
 
@@ -236,7 +245,8 @@ impl RuntimeLogs {
             let json = serde_json::to_string(&frame.renumbered(seq)).expect("frames serialize");
             let size = writer.len + (buffer.len() + json.len() + 1) as u64;
             if size > self.max_size.get() && writer.len + buffer.len() as u64 > 0 {
-                self.write(sandbox, &mut writer, &buffer)?;
+                let stored = (seq - 1) - writer.last_seq;
+                self.write(sandbox, &mut writer, &buffer, stored)?;
                 // Stored: a failure further on numbers on after them.
                 writer.last_seq = seq - 1;
                 buffer.clear();
@@ -253,15 +263,22 @@ impl RuntimeLogs {
         if lines.is_empty() {
             return Ok(writer.last_seq);
         }
-        self.write(sandbox, &mut writer, &buffer)?;
+        let stored = seq - writer.last_seq;
+        self.write(sandbox, &mut writer, &buffer, stored)?;
         writer.last_seq = seq;
         // No viewer is fine; a slow one lags and reads the files.
         let _ = stream.live.send(Arc::new(lines));
         Ok(seq)
     }
 
-    /// Appends whole lines to the current file, or nothing.
-    fn write(&self, sandbox: &str, writer: &mut Writer, text: &str) -> std::io::Result<()> {
+    /// Appends whole lines (`lines` of them) to the current file, or nothing.
+    fn write(
+        &self,
+        sandbox: &str,
+        writer: &mut Writer,
+        text: &str,
+        lines: u64,
+    ) -> std::io::Result<()> {
         let len = writer.len;
         let file = writer.file.as_mut().expect("opened before writing");
         if let Err(e) = file.write_all(text.as_bytes()) {
@@ -271,6 +288,7 @@ impl RuntimeLogs {
             return Err(e);
         }
         writer.len += text.len() as u64;
+        self.stored_lines.inc_by(lines);
         Ok(())
     }
 
@@ -400,7 +418,7 @@ mod tests {
     async fn a_flooded_runtime_log_rotates_keeps_at_most_two_files_and_numbers_on() {
         let dir = tempfile::tempdir().unwrap();
         let cap = ByteSize::kib(64);
-        let logs = RuntimeLogs::new(dir.path().to_owned(), cap).unwrap();
+        let logs = RuntimeLogs::new(dir.path().to_owned(), cap, Counter::default()).unwrap();
         for run in 0..100 {
             let frames = (0..50).map(|i| log(run * 50 + i)).collect();
             logs.append("s", frames).await.unwrap();
@@ -418,7 +436,7 @@ mod tests {
         assert!(kept[0] > 1, "the oldest lines are gone");
 
         // A new run numbers on from the files.
-        let again = RuntimeLogs::new(dir.path().to_owned(), cap).unwrap();
+        let again = RuntimeLogs::new(dir.path().to_owned(), cap, Counter::default()).unwrap();
         assert_eq!(again.append("s", vec![log(0)]).await.unwrap(), 5001);
         assert_eq!(seqs(&again, "s", 5000).await, [5000, 5001]);
     }
@@ -426,7 +444,8 @@ mod tests {
     #[tokio::test]
     async fn a_removed_runtime_log_leaves_no_file_and_ends_its_viewers() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = RuntimeLogs::new(dir.path().to_owned(), ByteSize::kib(64)).unwrap();
+        let logs =
+            RuntimeLogs::new(dir.path().to_owned(), ByteSize::kib(64), Counter::default()).unwrap();
         logs.append("s", vec![log(1), log(2)]).await.unwrap();
         let mut live = logs.subscribe("s");
         logs.remove("s", "deleted").await.unwrap();
@@ -447,12 +466,14 @@ mod tests {
     #[tokio::test]
     async fn a_broken_last_line_is_cut_off_and_numbering_goes_on_after_the_last_whole_one() {
         let dir = tempfile::tempdir().unwrap();
-        let logs = RuntimeLogs::new(dir.path().to_owned(), ByteSize::kib(64)).unwrap();
+        let logs =
+            RuntimeLogs::new(dir.path().to_owned(), ByteSize::kib(64), Counter::default()).unwrap();
         logs.append("s", vec![log(1), log(2)]).await.unwrap();
         let mut text = std::fs::read_to_string(logs.path("s")).unwrap();
         text.push_str("{\"type\":\"log\",\"seq\":3,\"ts");
         std::fs::write(logs.path("s"), text).unwrap();
-        let again = RuntimeLogs::new(dir.path().to_owned(), ByteSize::kib(64)).unwrap();
+        let again =
+            RuntimeLogs::new(dir.path().to_owned(), ByteSize::kib(64), Counter::default()).unwrap();
         assert_eq!(again.append("s", vec![log(3)]).await.unwrap(), 3);
         assert_eq!(seqs(&again, "s", 1).await, [1, 2, 3]);
     }

@@ -36,6 +36,13 @@ async fn every_route_but_login_and_health_refuses_a_missing_a_bad_and_an_expired
         let method = Method::from_bytes(route.method.as_str().as_bytes()).unwrap();
         match route.access {
             Access::Public => continue,
+            Access::Metrics => {
+                // Aggregates only: served to anyone (see metrics.rs for what it holds).
+                let resp = env.http.request(method, &url).send().await.unwrap();
+                assert_eq!(resp.status(), 200, "{} {}", route.method, route.path);
+                let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
+                assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+            }
             Access::Page => {
                 let resp = env.http.request(method, &url).send().await.unwrap();
                 assert_eq!(resp.status(), 200, "{} {}", route.method, route.path);

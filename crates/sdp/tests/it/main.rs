@@ -21,6 +21,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod login;
+mod metrics;
 mod openapi;
 mod router;
 mod runtime;

@@ -17,6 +17,7 @@ use crate::db::Audit;
 use crate::dispatch::{CallError, Target, call};
 use crate::error::{ApiError, ApiJson, Asked, agent_error};
 use crate::limiter::{Limit, Refused, client_address};
+use crate::metrics::LoginOutcome;
 use crate::sessions::{self, COOKIE_NAME};
 
 /// Checks the Bitbucket credentials with `git ls-remote` on a micro agent and opens a session.
@@ -46,12 +47,33 @@ pub async fn login(
     headers: HeaderMap,
     ApiJson(req): ApiJson<LoginRequest>,
 ) -> Result<Response, ApiError> {
+    let answer = attempt(&state, peer, &headers, req).await;
+    // Told by the answer, which every way out of an attempt gives.
+    let outcome = match &answer {
+        Ok(response) if response.status() == StatusCode::TOO_MANY_REQUESTS => {
+            LoginOutcome::RateLimited
+        }
+        Ok(_) => LoginOutcome::Accepted,
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => LoginOutcome::Refused,
+        Err(e) if e.status.is_client_error() => LoginOutcome::Invalid,
+        Err(_) => LoginOutcome::Failed,
+    };
+    state.metrics.login(outcome);
+    answer
+}
+
+async fn attempt(
+    state: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    req: LoginRequest,
+) -> Result<Response, ApiError> {
     let username = Username::parse(req.username)
         .map_err(|e| ApiError::bad_request("invalid_username", e.to_string()))?;
     let password = Password::parse(req.password)
         .map_err(|e| ApiError::bad_request("invalid_password", e.to_string()))?;
     // Before any job: a flood of guesses must not become a flood of git processes.
-    let client = client_address(peer, &headers, &state.config.trusted_proxies);
+    let client = client_address(peer, headers, &state.config.trusted_proxies);
     if let Err(refused) = state.login_limiter.attempt(username.as_str(), client) {
         return Ok(too_many_logins(&username, client, refused));
     }

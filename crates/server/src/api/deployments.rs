@@ -18,6 +18,7 @@ use super::{AppState, rfc3339};
 use crate::db::DeploymentRow;
 use crate::error::ApiError;
 use crate::logs::{Frame, FrameLog, Line, LogReader};
+use crate::metrics::LogKind;
 
 pub(crate) fn deployment_view(row: DeploymentRow) -> Deployment {
     Deployment {
@@ -265,6 +266,7 @@ pub async fn socket(
     let connections = state.connections.clone();
     Ok(upgrade.on_upgrade(move |socket| {
         connections.track_future(async move {
+            let _viewing = state.metrics.viewing(LogKind::Deployment);
             let logs = state.lifecycle.logs();
             let every = |_: &Line| true;
             if let Err(reason) = stream_log(logs, &id, from, socket, &state.shutdown, &every).await
@@ -301,6 +303,9 @@ pub(super) async fn stream_log(
         }
         let mut received = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
+            // Not only at the next write: a quiet log's viewer that left would hold its task
+            // (and count as open) until then.
+            left = viewer_left(&mut socket) => return Err(left),
             r = live.recv() => r.map_err(|e| match e {
                 RecvError::Lagged(n) => TryRecvError::Lagged(n),
                 RecvError::Closed => TryRecvError::Closed,
@@ -345,6 +350,18 @@ pub(super) async fn stream_log(
             received = live.try_recv();
         }
         socket.flush().await.map_err(|e| e.to_string())?;
+    }
+}
+
+/// Resolves once the viewer has closed its side, or its connection failed; what else it
+/// sends means nothing and is dropped.
+async fn viewer_left(socket: &mut WebSocket) -> String {
+    loop {
+        match socket.recv().await {
+            None | Some(Ok(Message::Close(_))) => return "the viewer closed the socket".into(),
+            Some(Err(e)) => return e.to_string(),
+            Some(Ok(_)) => {}
+        }
     }
 }
 

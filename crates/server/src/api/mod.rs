@@ -34,6 +34,7 @@ use crate::hub::Hub;
 use crate::lifecycle::{Lifecycle, RouteSource, Settings};
 use crate::limiter::LoginLimiter;
 use crate::logs::Logs;
+use crate::metrics::{self, LogKind, Metrics, World};
 use crate::runtime_logs::RuntimeLogs;
 use crate::sessions::{self, PasswordVault};
 
@@ -53,6 +54,10 @@ pub enum Access {
     SessionWebSocket,
     /// The agent token.
     Agent,
+    /// Anyone: `/metrics`, which holds aggregates only. Its labels are fixed words (states,
+    /// steps, roles, outcomes), never a name or an id (see `metrics.rs`); operators who
+    /// want it private keep it off their public proxy.
+    Metrics,
 }
 
 /// One row of the server's own route list.
@@ -90,6 +95,7 @@ fn endpoints() -> Vec<Endpoint> {
         endpoint(Method::GET, "/", Page, dashboard),
         endpoint(Method::GET, "/api/health", Public, health),
         endpoint(Method::GET, "/api/openapi.json", Session, openapi::document),
+        endpoint(Method::GET, "/metrics", Metrics, scrape_metrics),
         endpoint(Method::POST, "/api/login", Public, auth::login),
         endpoint(Method::POST, "/api/logout", Session, auth::logout),
         endpoint(Method::GET, "/api/session", Session, auth::session),
@@ -191,6 +197,7 @@ pub(crate) struct Inner {
     pub lifecycle: Arc<Lifecycle>,
     pub vault: PasswordVault,
     pub login_limiter: LoginLimiter,
+    pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     /// The agent connections, waited for at shutdown.
     pub connections: tokio_util::task::TaskTracker,
@@ -227,9 +234,17 @@ impl AppState {
                 baseline: s.baseline.clone(),
             })
             .collect();
-        let logs = Logs::new(config.data_dir.join("logs"), config.max_log_size)?;
-        let runtime_logs =
-            RuntimeLogs::new(config.data_dir.join("runtime"), config.max_runtime_log_size)?;
+        let metrics = Arc::new(Metrics::default());
+        let logs = Logs::new(
+            config.data_dir.join("logs"),
+            config.max_log_size,
+            metrics.stored_lines(LogKind::Deployment),
+        )?;
+        let runtime_logs = RuntimeLogs::new(
+            config.data_dir.join("runtime"),
+            config.max_runtime_log_size,
+            metrics.stored_lines(LogKind::Runtime),
+        )?;
         let settings = Settings {
             job_timeout: config.job_timeout.get(),
             agent_timeout: config.agent_timeout.get(),
@@ -264,6 +279,7 @@ impl AppState {
                 hub,
                 source,
                 settings,
+                metrics.clone(),
                 shutdown.clone(),
             )
         });
@@ -277,6 +293,7 @@ impl AppState {
             lifecycle,
             vault: PasswordVault::default(),
             login_limiter: LoginLimiter::default(),
+            metrics,
             shutdown,
             connections: tokio_util::task::TaskTracker::new(),
             dev_mode,
@@ -294,7 +311,7 @@ pub(crate) fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for Endpoint { spec, handler } in endpoints() {
         let handler = match spec.access {
-            Access::Public | Access::Page => handler,
+            Access::Public | Access::Page | Access::Metrics => handler,
             Access::Session => handler.route_layer(middleware::from_fn_with_state(
                 state.clone(),
                 require_session,
@@ -344,6 +361,33 @@ async fn health(State(state): State<AppState>) -> Json<sdp_api::Health> {
         agents: state.dispatch.connected().await.len(),
         mode: if state.dev_mode { "dev" } else { "server" }.into(),
     })
+}
+
+/// `GET /metrics`: the counters as they are, and the world (agents, sandboxes) as it is now.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    operation_id = "metrics",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The control plane's metrics in Prometheus text format (0.0.4). No label holds a user, sandbox, branch, service or agent name", content_type = "text/plain", body = String),
+        (status = 500, description = "`internal`: the database could not be read", body = sdp_api::ErrorBody)
+    )
+)]
+async fn scrape_metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let read = async {
+        let agents = state
+            .dispatch
+            .connected()
+            .await
+            .into_iter()
+            .map(|a| a.role)
+            .collect();
+        let sandboxes = state.db.live_sandbox_counts().await?;
+        Ok::<_, ApiError>(World { agents, sandboxes })
+    };
+    let text = state.metrics.encode(read).await?;
+    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response())
 }
 
 /// The dashboard: one page that holds no data and calls this API with the session.

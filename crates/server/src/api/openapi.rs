@@ -33,6 +33,7 @@ const AGENT_TOKEN: &str = "agent_token";
     paths(
         super::dashboard,
         super::health,
+        super::scrape_metrics,
         document,
         auth::login,
         auth::logout,
@@ -67,6 +68,7 @@ const AGENT_TOKEN: &str = "agent_token";
         (name = "agents", description = "The agents"),
         (name = "sandboxes", description = "Sandboxes: deploy, read, extend, wake, delete; their runtime logs"),
         (name = "deployments", description = "Deployments and their logs"),
+        (name = "operations", description = "Metrics for operators"),
     )
 )]
 struct ApiDoc;
@@ -139,7 +141,7 @@ impl Modify for ByAccess {
                 continue;
             };
             match route.access {
-                Access::Public | Access::Page => {}
+                Access::Public | Access::Page | Access::Metrics => {}
                 Access::Session => require_session(operation),
                 Access::SessionWebSocket => {
                     require_session(operation);
@@ -291,7 +293,7 @@ mod tests {
                 .map(String::as_str)
                 .collect();
             let expected: &[&str] = match route.access {
-                Access::Public | Access::Page => &[],
+                Access::Public | Access::Page | Access::Metrics => &[],
                 Access::Session | Access::SessionWebSocket => &[SESSION_COOKIE, SESSION_BEARER],
                 Access::Agent => &[AGENT_TOKEN],
             };

@@ -21,6 +21,7 @@ use super::sandboxes::{SANDBOX_KEY, load};
 use super::{AppState, rfc3339};
 use crate::error::ApiError;
 use crate::logs::{Frame, FrameLog, Line};
+use crate::metrics::LogKind;
 
 /// The most lines `tail` may ask for.
 const MAX_TAIL: usize = 100_000;
@@ -290,6 +291,7 @@ pub async fn socket(
     let (id, ended) = (row.id.to_string(), row.state);
     Ok(upgrade.on_upgrade(move |mut socket| {
         connections.track_future(async move {
+            let _viewing = state.metrics.viewing(LogKind::Runtime);
             if ended.has_ended() {
                 let end = Frame::End {
                     seq: from,

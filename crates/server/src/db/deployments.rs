@@ -6,6 +6,7 @@ use sqlx::{Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
 use super::sandboxes::{is_unique_violation, record_instances};
+use super::steps::{EndedStep, ended_steps};
 use super::{
     Audit, Db, DeploymentState, Instance, ListQuery, Listing, Selection, WriteError, from_millis,
     insert_audit, parsed, parsed_opt, to_millis,
@@ -259,14 +260,15 @@ impl Db {
         rows.iter().map(|r| parsed(r, "agent")).collect()
     }
 
-    /// Ends a deployment in progress and brings its sandbox's services up to date; false
-    /// when it had ended already (finishing twice changes nothing).
+    /// Ends a deployment in progress and brings its sandbox's services up to date; returns
+    /// the steps this ended (those still open), or `None` when it had ended already
+    /// (finishing twice changes nothing).
     pub async fn finish_deployment(
         &self,
         deployment_id: &DeploymentId,
         finish: &Finish<'_>,
         at: OffsetDateTime,
-    ) -> Result<bool, sqlx::Error> {
+    ) -> Result<Option<Vec<EndedStep>>, sqlx::Error> {
         let state = if finish.ok {
             DeploymentState::Ready
         } else {
@@ -284,19 +286,21 @@ impl Db {
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
-            return Ok(false);
+            return Ok(None);
         };
         let sandbox_id: SandboxId = parsed(&row, "sandbox_id")?;
-        sqlx::query(
+        let closed = sqlx::query(
             "UPDATE deployment_steps SET ended_at = ?2,
                state = CASE WHEN state = 'running' THEN ?3 ELSE state END
-             WHERE deployment_id = ?1 AND ended_at IS NULL",
+             WHERE deployment_id = ?1 AND ended_at IS NULL
+             RETURNING step, state, started_at",
         )
         .bind(deployment_id.as_str())
         .bind(to_millis(at))
         .bind(if finish.ok { "done" } else { "failed" })
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        let ended = ended_steps(&closed, to_millis(at))?;
         record_instances(&mut tx, &sandbox_id, deployment_id, finish.instances).await?;
         if !finish.ok {
             // The services of this deployment that have no outcome: those never started
@@ -321,7 +325,7 @@ impl Db {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(Some(ended))
     }
 
     /// Running deployments whose routing step has begun, and not ended: after a restart of
@@ -490,12 +494,69 @@ mod tests {
             error: None,
             instances: &[],
         };
-        assert!(db.finish_deployment(&dep(1), &ok, now).await.unwrap());
+        assert!(
+            db.finish_deployment(&dep(1), &ok, now)
+                .await
+                .unwrap()
+                .is_some()
+        );
         db.create_redeploy(&sbx(1), "alice", &dep(20), &orders(), now, &AUDIT)
             .await
             .unwrap();
         assert_eq!(db.active_deployments().await.unwrap(), 1);
         assert_eq!(audit_rows(&db).await, 2);
+    }
+
+    #[tokio::test]
+    async fn each_step_ends_once_with_how_it_ended_and_how_long_it_took() {
+        let (_dir, db) = temp_db().await;
+        create(&db, 1, "pay", 1).await.unwrap();
+        let t0 = OffsetDateTime::now_utc();
+        let at = |ms: i64| t0 + time::Duration::milliseconds(ms);
+        let step = |step, state, ms| {
+            let db = db.clone();
+            async move {
+                db.record_step(&dep(1), Some("orders"), step, state, at(ms))
+                    .await
+                    .unwrap()
+            }
+        };
+        let ended = |step, state, seconds| EndedStep {
+            step,
+            state,
+            seconds,
+        };
+        assert_eq!(step(Step::Fetching, StepState::Running, 0).await, []);
+        assert_eq!(
+            step(Step::Building, StepState::Running, 1500).await,
+            [ended(Step::Fetching, StepState::Done, 1.5)]
+        );
+        // A step that fails ends in that state, once.
+        assert_eq!(
+            step(Step::Building, StepState::Failed, 4000).await,
+            [ended(Step::Building, StepState::Failed, 2.5)]
+        );
+        assert_eq!(step(Step::Building, StepState::Failed, 5000).await, []);
+        // A step recorded ended at once (skipped, healthy) took no time.
+        assert_eq!(
+            step(Step::Healthy, StepState::Done, 6000).await,
+            [ended(Step::Healthy, StepState::Done, 0.0)]
+        );
+        // What is still open when the deployment ends, ends with it.
+        step(Step::Starting, StepState::Running, 7000).await;
+        let failed = Finish {
+            ok: false,
+            error: Some("gone"),
+            instances: &[],
+        };
+        let closed = db
+            .finish_deployment(&dep(1), &failed, at(7250))
+            .await
+            .unwrap();
+        assert_eq!(
+            closed,
+            Some(vec![ended(Step::Starting, StepState::Failed, 0.25)])
+        );
     }
 
     #[tokio::test]
@@ -514,13 +575,23 @@ mod tests {
             error: Some("first"),
             instances: &instances,
         };
-        assert!(db.finish_deployment(&dep(1), &failed, now).await.unwrap());
+        assert!(
+            db.finish_deployment(&dep(1), &failed, now)
+                .await
+                .unwrap()
+                .is_some()
+        );
         let again = Finish {
             ok: true,
             error: None,
             instances: &[],
         };
-        assert!(!db.finish_deployment(&dep(1), &again, now).await.unwrap());
+        assert!(
+            db.finish_deployment(&dep(1), &again, now)
+                .await
+                .unwrap()
+                .is_none()
+        );
         let row = db.deployment(dep(1).as_str()).await.unwrap().unwrap();
         assert_eq!(row.state, DeploymentState::Failed);
         assert_eq!(row.error.as_deref(), Some("first"));

@@ -30,6 +30,7 @@ pub use deployments::{DeploymentRow, Finish};
 pub use sandboxes::{Instance, SandboxRow, Selection, WriteError};
 pub use sleep::Slept;
 pub use states::{DeploymentState, Ending, SandboxState, ServiceState};
+pub use steps::EndedStep;
 
 #[derive(Clone)]
 pub struct Db {

@@ -317,6 +317,19 @@ impl Db {
         rows.iter().map(|r| parsed(r, "id")).collect()
     }
 
+    /// How many live sandboxes are in each state (states with none are left out).
+    pub async fn live_sandbox_counts(&self) -> Result<Vec<(SandboxState, u64)>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM sandboxes
+             WHERE state NOT IN ('expired', 'deleted') GROUP BY state",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((parsed(r, "state")?, r.try_get::<i64, _>("n")?.max(0) as u64)))
+            .collect()
+    }
+
     /// Every live sandbox with each of its services that has an upstream or is down; a
     /// sandbox with none comes once with `None`s.
     pub async fn live_upstreams(&self) -> Result<Vec<LiveService>, sqlx::Error> {

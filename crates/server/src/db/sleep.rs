@@ -244,6 +244,7 @@ mod tests {
             db.finish_deployment(&deployment, &finish, at)
                 .await
                 .unwrap()
+                .is_some()
         );
         id
     }

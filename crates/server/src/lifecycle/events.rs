@@ -284,12 +284,13 @@ impl Lifecycle {
                 state,
             } => {
                 let service = service.as_ref().map(|s| s.as_str());
-                if let Err(e) = self
+                match self
                     .db
                     .record_step(deployment, service, *step, *state, event.ts)
                     .await
                 {
-                    tracing::error!(%deployment, error = %e, "cannot record a step");
+                    Ok(ended) => self.metrics.steps_ended(&ended),
+                    Err(e) => tracing::error!(%deployment, error = %e, "cannot record a step"),
                 }
             }
             EventBody::Outcome {

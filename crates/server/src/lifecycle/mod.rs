@@ -30,9 +30,12 @@ use tokio_util::task::TaskTracker;
 
 pub use routes::{RoutePublisher, RouteSource};
 
-use crate::db::{Audit, Db, Ending, Finish, Instance, SandboxRow, Selection, WriteError};
+use crate::db::{
+    Audit, Db, DeploymentState, Ending, Finish, Instance, SandboxRow, Selection, WriteError,
+};
 use crate::dispatch::{CallError, Dispatch, Target, call};
 use crate::logs::{Frame, Logs};
+use crate::metrics::Metrics;
 use crate::runtime_logs::RuntimeLogs;
 
 /// Stopping containers can take a while; longer than a git call.
@@ -62,6 +65,8 @@ pub struct Lifecycle {
     dispatch: Arc<dyn Dispatch>,
     routes: RoutePublisher,
     settings: Settings,
+    /// Deployments' ends and steps' durations, counted as they happen.
+    metrics: Arc<Metrics>,
     tasks: TaskTracker,
     /// Per agent, how many times its connection has ended: a watch for its return belongs to
     /// one absence, and a later absence starts its own.
@@ -136,6 +141,7 @@ impl Lifecycle {
         dispatch: Arc<dyn Dispatch>,
         source: impl FnOnce(Arc<dyn Dispatch>) -> RouteSource,
         settings: Settings,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
         let tasks = TaskTracker::new();
@@ -148,6 +154,7 @@ impl Lifecycle {
             dispatch,
             routes,
             settings,
+            metrics,
             tasks,
             absences: std::sync::Mutex::default(),
             waking: std::sync::Mutex::default(),
@@ -352,13 +359,19 @@ impl Lifecycle {
             .finish_deployment(deployment, finish, OffsetDateTime::now_utc())
             .await
         {
-            Ok(true) => {
-                let state = if finish.ok { "ready" } else { "failed" };
-                self.end_log(deployment, state, finish.error.map(str::to_owned))
+            Ok(Some(steps)) => {
+                let state = if finish.ok {
+                    DeploymentState::Ready
+                } else {
+                    DeploymentState::Failed
+                };
+                self.metrics.steps_ended(&steps);
+                self.metrics.deployment_ended(state);
+                self.end_log(deployment, state.as_str(), finish.error.map(str::to_owned))
                     .await;
                 true
             }
-            Ok(false) => true,
+            Ok(None) => true,
             Err(e) => {
                 tracing::error!(%deployment, error = %e, "cannot record the end of a deployment");
                 false
@@ -433,12 +446,13 @@ impl Lifecycle {
 
     async fn routing_step(&self, deployment: &DeploymentId, state: StepState) {
         let now = OffsetDateTime::now_utc();
-        if let Err(e) = self
+        match self
             .db
             .record_step(deployment, None, Step::Routing, state, now)
             .await
         {
-            tracing::error!(%deployment, error = %e, "cannot record a step");
+            Ok(ended) => self.metrics.steps_ended(&ended),
+            Err(e) => tracing::error!(%deployment, error = %e, "cannot record a step"),
         }
         self.append_own(deployment, |seq| Frame::Step {
             seq,
@@ -480,6 +494,7 @@ impl Lifecycle {
             .await?;
         tracing::info!(sandbox = %sandbox.name, sandbox_id = %sandbox.id, state = %ending.state(), "sandbox ended");
         if let Some(deployment) = cancelled {
+            self.metrics.deployment_ended(DeploymentState::Cancelled);
             self.end_log(
                 &deployment,
                 "cancelled",
