@@ -25,6 +25,9 @@ dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v setpriv >/dev/null 2>&1 || missing+=(util-linux)
 command -v useradd >/dev/null 2>&1 || missing+=(passwd)
 command -v pkill >/dev/null 2>&1 || missing+=(procps)
+# The static build is checked with `file`, and run in a network namespace of its own (`ip`).
+command -v file >/dev/null 2>&1 || missing+=(file)
+command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -60,4 +63,9 @@ cargo fmt --all -- --check
 # The control plane's modules must not import each other in a circle (ARCHITECTURE.md).
 python3 scripts/check-acyclic.py crates/server/src crates/router/src
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The statically linked binary operators install, in the tests' faster profile: the
+# static_build test runs it with no shared library around.
+SDP_BUILD_PROFILE=ci-static ./scripts/build.sh
+SDP_TEST_STATIC_BIN="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/x86_64-unknown-linux-gnu/ci-static/sdp"
+export SDP_TEST_STATIC_BIN
 cargo nextest run --workspace --locked --no-fail-fast

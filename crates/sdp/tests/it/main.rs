@@ -27,6 +27,7 @@ mod router;
 mod runtime;
 mod runtime_log;
 mod sleep;
+mod static_build;
 mod supervision;
 mod tls;
 
