@@ -516,7 +516,7 @@ if [ "$rollback" = yes ]; then
     [ "${#units[@]}" -gt 0 ] || continue
     if [ "$dry_run" = yes ]; then
       echo "${H_NAME[$i]}:"
-      echo "  would put /usr/local/bin/sdp.previous back in place, and restart ${units[*]}"
+      echo "  to do: put /usr/local/bin/sdp.previous back in place, and restart ${units[*]}"
       continue
     fi
     echo "${H_NAME[$i]}:"
@@ -574,6 +574,7 @@ for ((i = 0; i < ${#H_DEST[@]}; i++)); do
   remote "$i" inspect "${H_ROOT[$i]}" "${args[@]}" >"$WORK/inspect.$i"
 
   : >"$WORK/manifest.$i"
+  : >"$WORK/restarts.$i"
   plan=()
   files=()
   while read -r kind src dst mode units; do
@@ -589,6 +590,7 @@ for ((i = 0; i < ${#H_DEST[@]}; i++)); do
     esac
     echo "$kind $want $src $dst $mode $units" >>"$WORK/manifest.$i"
     files+=("$src")
+    [ "$units" = - ] || echo "$units" | tr , '\n' >>"$WORK/restarts.$i"
   done <"$WORK/items.$i"
   if [ -n "${H_SITE[$i]}" ]; then
     have=$(awk '$1 == "nginx" { print $3 }' "$WORK/inspect.$i")
@@ -604,7 +606,12 @@ for ((i = 0; i < ${#H_DEST[@]}; i++)); do
     esac
   fi
   pending=$(awk '$1 == "pending" { print $2 }' "$WORK/inspect.$i" | tr '\n' ' ')
-  [ -z "$pending" ] || plan+=("restart left over from an earlier run: $pending")
+  [ -z "$pending" ] || plan+=("finish the restarts of an earlier run: $pending")
+  awk '$1 == "pending" { print $2 }' "$WORK/inspect.$i" >>"$WORK/restarts.$i"
+  restarts=()
+  for unit in "${RESTART_ORDER[@]}"; do
+    if grep -qxF "$unit" "$WORK/restarts.$i"; then restarts+=("$unit"); fi
+  done
 
   echo "${H_NAME[$i]} [${H_ROLES[$i]// /,}]:"
   while read -r what dst state; do
@@ -618,7 +625,8 @@ for ((i = 0; i < ${#H_DEST[@]}; i++)); do
   fi
   changed_hosts=$((changed_hosts + 1))
   if [ "$dry_run" = yes ]; then
-    printf '  would %s\n' "${plan[@]}"
+    printf '  to do: %s\n' "${plan[@]}"
+    if [ "${#restarts[@]}" -gt 0 ]; then echo "  to do: restart ${restarts[*]} (control planes first, across hosts)"; fi
     continue
   fi
   if [ -s "$WORK/manifest.$i" ]; then

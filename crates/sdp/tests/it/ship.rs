@@ -967,7 +967,13 @@ fn deploy_sh_installs_upgrades_and_rolls_back_over_ssh_with_keys_only() {
     assert_eq!(run.code, Some(0), "{ctx}");
     assert!(
         run.output
-            .contains("would binary /usr/local/bin/sdp: replace"),
+            .contains("to do: binary /usr/local/bin/sdp: replace"),
+        "{ctx}"
+    );
+    assert!(
+        run.output.contains(
+            "to do: restart sdp-server.service sdp-agent-gateway.service (control planes first"
+        ),
         "{ctx}"
     );
     assert!(run.output.contains("dry run: nothing was changed"), "{ctx}");
