@@ -4,7 +4,8 @@
 # util-linux, passwd and procps (user code runs as a user the tests create),
 # python3 (the tests read the server's SQLite file with it), Go (the deploy tests build a
 # real Go service), busybox-static (the offline image the docker tests run services in),
-# Chromium with chromedriver (the dashboard is tested in a real browser), and schemathesis
+# Chromium with chromedriver (the dashboard is tested in a real browser), openssh-server,
+# nginx and systemd's tools (the deploy script is tested over ssh), and schemathesis
 # (from PyPI, into a venv outside the repository: the API is fuzzed from its OpenAPI
 # document). The docker tests need a running Docker Engine; with CI=true its absence fails
 # them. Tests of the in-process tier (crates/testkit, `InProcessEnv`) need none of these but
@@ -28,6 +29,12 @@ command -v pkill >/dev/null 2>&1 || missing+=(procps)
 # The static build is checked with `file`, and run in a network namespace of its own (`ip`).
 command -v file >/dev/null 2>&1 || missing+=(file)
 command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+# The shipping tests (crates/sdp/tests/it/ship.rs) run scripts/deploy.sh against real sshd
+# processes, check the nginx site with nginx -t and the units with systemd-analyze verify, and
+# deploy.sh makes the users with systemd-sysusers.
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+[ -x /usr/sbin/nginx ] || missing+=(nginx)
+[ -x /usr/bin/systemd-analyze ] && [ -x /usr/bin/systemd-sysusers ] || missing+=(systemd)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -26,6 +26,7 @@ mod openapi;
 mod router;
 mod runtime;
 mod runtime_log;
+mod ship;
 mod sleep;
 mod static_build;
 mod supervision;
