@@ -5,11 +5,12 @@
 # python3 (the tests read the server's SQLite file with it), Go (the deploy tests build a
 # real Go service), busybox-static (the offline image the docker tests run services in),
 # Chromium with chromedriver (the dashboard is tested in a real browser), openssh-server,
-# nginx and systemd's tools (the deploy script is tested over ssh), and schemathesis
-# (from PyPI, into a venv outside the repository: the API is fuzzed from its OpenAPI
-# document). The docker tests need a running Docker Engine; with CI=true its absence fails
-# them. Tests of the in-process tier (crates/testkit, `InProcessEnv`) need none of these but
-# python3.
+# nginx and systemd's tools (the deploy script is tested over ssh), docker-compose (the
+# compose stack is started with Debian's, from the images scripts/images.sh makes of Debian
+# packages with apt-get download and dpkg), and schemathesis (from PyPI, into a venv outside
+# the repository: the API is fuzzed from its OpenAPI document). The docker tests need a
+# running Docker Engine; with CI=true its absence fails them. Tests of the in-process tier
+# (crates/testkit, `InProcessEnv`) need none of these but python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,9 @@ command -v ip >/dev/null 2>&1 || missing+=(iproute2)
 [ -x /usr/sbin/sshd ] || missing+=(openssh-server)
 [ -x /usr/sbin/nginx ] || missing+=(nginx)
 [ -x /usr/bin/systemd-analyze ] && [ -x /usr/bin/systemd-sysusers ] || missing+=(systemd)
+# The compose test: Debian's docker-compose starts the stack; scripts/images.sh unpacks the
+# micro agent's packages (dpkg-deb, ldconfig: present on any Debian).
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -71,7 +75,8 @@ cargo fmt --all -- --check
 python3 scripts/check-acyclic.py crates/server/src crates/router/src
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The statically linked binary operators install, in the tests' faster profile: the
-# static_build test runs it with no shared library around.
+# static_build test runs it with no shared library around, and the compose test packages it
+# into images (scripts/images.sh).
 SDP_BUILD_PROFILE=ci-static ./scripts/build.sh
 SDP_TEST_STATIC_BIN="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/x86_64-unknown-linux-gnu/ci-static/sdp"
 export SDP_TEST_STATIC_BIN

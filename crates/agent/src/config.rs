@@ -45,7 +45,7 @@ pub struct AgentConfig {
     pub run_as: Option<String>,
     /// Lets a root agent without `run_as` run builds as root. Unsafe: any user's build then
     /// reads every other user's password. For a single-user machine only.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bool_or_string")]
     pub allow_root_builds: bool,
     /// git processes at once on this agent; more jobs wait in a queue.
     #[serde(default = "default_max_git_jobs")]
@@ -61,7 +61,7 @@ pub struct AgentConfig {
     /// Allows plain `ws://` to a control plane on another host. Deploy jobs carry users'
     /// passwords: only for a network nobody else can read (a tunnel). It never turns
     /// certificate checks off.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "bool_or_string")]
     pub insecure: bool,
 }
 
@@ -77,6 +77,10 @@ pub enum Runtime {
 pub struct DockerConfig {
     #[serde(default = "default_image")]
     pub image: String,
+    /// A tarball of `docker save` loaded into the engine when it lacks `image` (hosts with no
+    /// registry): at start, and again when a deploy finds the image gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_archive: Option<PathBuf>,
     #[serde(default = "default_memory")]
     pub memory: String,
     #[serde(default = "default_cpus", deserialize_with = "number_or_string")]
@@ -90,6 +94,7 @@ impl Default for DockerConfig {
     fn default() -> Self {
         Self {
             image: default_image(),
+            image_archive: None,
             memory: default_memory(),
             cpus: default_cpus(),
             pids: default_pids(),
@@ -202,6 +207,27 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Er
             .trim()
             .parse()
             .map_err(|_| serde::de::Error::custom(format!("{t:?} is not a number"))),
+    }
+}
+
+/// A switch from the environment (`SDP_INSECURE=true`, as a container's settings give it)
+/// is a string.
+fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bool(bool),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bool(b) => Ok(b),
+        Raw::Text(t) => match t.trim() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(serde::de::Error::custom(format!(
+                "{t:?} is not true or false"
+            ))),
+        },
     }
 }
 
@@ -343,6 +369,31 @@ mod tests {
         )
         .unwrap()
         .config
+    }
+
+    #[test]
+    fn switches_from_the_environment_are_read_as_booleans() {
+        let load = |value: &str| {
+            sdp_config::load::<AgentConfig>(
+                None,
+                [
+                    ("SDP_SERVER".to_owned(), "ws://10.1.2.3/ws/agent".to_owned()),
+                    ("SDP_TOKEN".to_owned(), "t".to_owned()),
+                    ("SDP_ROLE".to_owned(), "micro".to_owned()),
+                    ("SDP_INSECURE".to_owned(), value.to_owned()),
+                    ("SDP_ALLOW_ROOT_BUILDS".to_owned(), value.to_owned()),
+                ],
+            )
+        };
+        let on = load("true").unwrap().config;
+        assert!(on.insecure && on.allow_root_builds);
+        let off = load("false").unwrap().config;
+        assert!(!off.insecure && !off.allow_root_builds);
+        let refusal = load("yes").unwrap_err().to_string();
+        assert!(
+            refusal.contains("\"yes\" is not true or false"),
+            "{refusal}"
+        );
     }
 
     #[test]

@@ -50,7 +50,7 @@ use deploy::Deployer;
 use events::{Outbox, Queue, Stream};
 use gateway::Gateway;
 pub use git::Git;
-use runtime::{DockerLimits, DockerRuntime, ProcessRuntime};
+use runtime::{DockerLimits, DockerRuntime, ImageArchive, ImageError, ProcessRuntime};
 use runtime_log::RuntimeLog;
 use supervise::Supervisor;
 
@@ -81,6 +81,8 @@ pub struct Agent {
     metrics_listener: Option<tokio::net::TcpListener>,
     worker: Arc<Worker>,
     in_flight: Arc<AtomicU32>,
+    /// Micro agents of the Docker runtime: what [`Agent::load_image`] asks.
+    docker: Option<Arc<DockerRuntime>>,
     /// TLS for a `wss://` control plane.
     connector: Option<tokio_tungstenite::Connector>,
 }
@@ -147,6 +149,7 @@ impl Agent {
         );
         let events = Arc::new(Outbox::default());
         let runtime_log = Arc::new(RuntimeLog::new(&layout.state));
+        let mut docker = None;
         let deployer = if config.role == Role::Micro {
             let ports = parse_port_range(&config.port_range).map_err(AgentError::Config)?;
             let runtime: Arc<dyn runtime::Runtime> = match config.runtime {
@@ -169,7 +172,14 @@ impl Agent {
                         Ok(ip) => ip.to_string(),
                         Err(_) => "0.0.0.0".to_owned(),
                     };
-                    Arc::new(
+                    let archive = config
+                        .docker
+                        .image_archive
+                        .as_deref()
+                        .map(ImageArchive::open)
+                        .transpose()
+                        .map_err(AgentError::Config)?;
+                    let runtime = Arc::new(
                         DockerRuntime::new(
                             name.as_str(),
                             &config.docker.image,
@@ -177,9 +187,12 @@ impl Agent {
                             ports,
                             &publish_ip,
                             users.owner(),
+                            archive,
                         )
                         .map_err(|e| AgentError::Config(e.to_string()))?,
-                    )
+                    );
+                    docker = Some(runtime.clone());
+                    runtime
                 }
             };
             Some(Arc::new(Deployer {
@@ -225,7 +238,26 @@ impl Agent {
                 active: Mutex::default(),
             }),
             in_flight: Arc::default(),
+            docker,
         })
+    }
+
+    /// Micro agents of the Docker runtime with `docker.image_archive`: loads the image from
+    /// the archive when the engine lacks it, before the agent runs. An archive that does not
+    /// give the engine the image is a configuration error; an engine that does not answer
+    /// is not (it may be starting too), and deploys load the image when they find it missing.
+    pub async fn load_image(&self) -> Result<(), AgentError> {
+        let Some(docker) = &self.docker else {
+            return Ok(());
+        };
+        match docker.ensure_image().await {
+            Ok(()) => Ok(()),
+            Err(ImageError::Archive(e)) => Err(AgentError::Config(e)),
+            Err(e @ ImageError::Engine { .. }) => {
+                tracing::warn!(error = %e, "the image is not checked at start; deploys load it when they find it missing");
+                Ok(())
+            }
+        }
     }
 
     pub fn name(&self) -> &AgentName {

@@ -281,6 +281,7 @@ async fn run(command: Platform) -> anyhow::Result<()> {
                 .collect();
             let config: AgentConfig = load(config.as_deref(), &extra)?;
             let mut agent = Agent::new(config, askpass_program()?).map_err(usage)?;
+            agent.load_image().await.map_err(usage)?;
             agent.bind_router().await?;
             agent.run(stop_on_signal()).await?;
             Ok(())
@@ -314,11 +315,17 @@ async fn run(command: Platform) -> anyhow::Result<()> {
 
 /// The program git runs as askpass: this very binary. `/proc/<pid>/exe` still runs it after
 /// the file was replaced by an upgrade, when its path would name the new binary or nothing.
-/// Only root's git may use it: the process is non-dumpable (see [`harden`]), which closes its
-/// `/proc` links to every other process of its user, git included.
+/// Only a git holding CAP_SYS_PTRACE may use it: the process is non-dumpable (see
+/// [`harden`]), which closes its `/proc` links to every other process of its user, git
+/// included. Root on a host holds it; root in a container usually does not, and there the
+/// binary's path serves, as an image's files are not replaced under a running process.
 fn askpass_program() -> anyhow::Result<PathBuf> {
     let own = PathBuf::from(format!("/proc/{}/exe", std::process::id()));
-    if nix::unistd::geteuid().is_root() && own.exists() {
+    let may_trace = rustix::thread::capabilities(None).is_ok_and(|caps| {
+        caps.effective
+            .contains(rustix::thread::CapabilitySet::SYS_PTRACE)
+    });
+    if nix::unistd::geteuid().is_root() && may_trace && own.exists() {
         return Ok(own);
     }
     std::env::current_exe().context("cannot find the sdp binary for git's askpass")

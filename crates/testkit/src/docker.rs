@@ -64,7 +64,7 @@ pub fn docker_available() -> bool {
 }
 
 /// Removes the containers and networks agent `name` left.
-pub(crate) fn docker_cleanup(name: &str) {
+pub fn docker_cleanup(name: &str) {
     let script = format!(
         "docker ps -aq --filter label=sdp.agent={name} | xargs -r docker rm -f >/dev/null; \
          docker network ls -q --filter label=sdp.agent={name} | xargs -r docker network rm >/dev/null"

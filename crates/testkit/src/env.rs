@@ -46,6 +46,10 @@ pub struct Options {
     pub log: &'static str,
     /// More lines of the micro agents' config files.
     pub agent_extra: &'static str,
+    /// The docker runtime's `[docker] image`: the kit's own ([`docker_image`]) when `None`.
+    pub docker_image: Option<String>,
+    /// More lines of the micro agents' `[docker]` table (`image_archive = …`).
+    pub docker_extra: String,
     /// Agents get `work_dir = "./agent-<name>"`, relative to the test's directory, where
     /// they are started.
     pub relative_work_dir: bool,
@@ -70,6 +74,8 @@ impl Default for Options {
             runtime: "process",
             log: DEFAULT_LOG,
             agent_extra: "",
+            docker_image: None,
+            docker_extra: String::new(),
             relative_work_dir: false,
             catalog: None,
         }
@@ -144,6 +150,18 @@ impl EnvBuilder {
     /// More lines of the micro agents' config files.
     pub fn agent_extra(mut self, toml: &'static str) -> Self {
         self.opts.agent_extra = toml;
+        self
+    }
+
+    /// The docker runtime's `[docker] image`, instead of the kit's own.
+    pub fn docker_image(mut self, image: &str) -> Self {
+        self.opts.docker_image = Some(image.to_owned());
+        self
+    }
+
+    /// More lines of the micro agents' `[docker]` table (docker runtime).
+    pub fn docker_extra(mut self, toml: &str) -> Self {
+        self.opts.docker_extra = toml.to_owned();
         self
     }
 
@@ -410,8 +428,12 @@ impl TestEnv {
             "\n[gateway]\nlisten = \"127.0.0.1:0\"\n".to_owned()
         } else if self.opts.runtime == "docker" {
             format!(
-                "\n[docker]\nimage = \"{}\"\nmemory = \"256m\"\ncpus = 0.5\npids = 128\n",
-                docker_image()
+                "\n[docker]\nimage = \"{}\"\nmemory = \"256m\"\ncpus = 0.5\npids = 128\n{}\n",
+                self.opts
+                    .docker_image
+                    .as_deref()
+                    .unwrap_or_else(|| docker_image()),
+                self.opts.docker_extra
             )
         } else {
             String::new()

@@ -44,6 +44,12 @@ impl Drop for GitServer {
 impl GitServer {
     /// Serves the bare repositories under `root` on a free loopback port.
     pub async fn start(root: &Path) -> GitServer {
+        GitServer::start_on(root, std::net::Ipv4Addr::LOCALHOST.into()).await
+    }
+
+    /// Serves the bare repositories under `root` on a free port of `ip`, an address of this
+    /// host (the gateway of a Docker network, for agents in containers).
+    pub async fn start_on(root: &Path, ip: std::net::IpAddr) -> GitServer {
         std::fs::create_dir_all(root).unwrap();
         let shared = Shared {
             root: root.to_owned(),
@@ -54,7 +60,7 @@ impl GitServer {
         let app = axum::Router::new()
             .fallback(handle)
             .with_state(shared.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let task = tokio::spawn(async move {
             axum::serve(listener, app).await.unwrap();

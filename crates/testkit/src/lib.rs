@@ -72,13 +72,13 @@ pub mod users;
 
 pub use baseline::{Baseline, TlsBaseline};
 pub use client::{Api, Reply, step_state, wait_until};
-pub use docker::{docker_available, docker_image, docker_inspect};
+pub use docker::{docker_available, docker_cleanup, docker_image, docker_inspect};
 pub use env::{EnvBuilder, Options, TestEnv, files_containing};
 pub use fake_agent::{Deploys, FakeAgent, Script, ScriptedAgent, Wakes};
 pub use git_server::GitServer;
 pub use in_process::{InProcessBuilder, InProcessEnv};
 pub use process::{Proc, run_sdp};
-pub use users::{PLAIN_AGENT, RUN_AS, ensure_run_as_user, run_as_ids};
+pub use users::{PLAIN_AGENT, RUN_AS, ensure_run_as_user, run_as_ids, run_as_line};
 
 /// The token every test agent and server share.
 pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";

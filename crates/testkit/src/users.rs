@@ -39,7 +39,7 @@ pub fn ensure_user(name: &str) {
 }
 
 /// The `run_as` line of a test agent's config: [`RUN_AS`] as root, nothing otherwise.
-pub(crate) fn run_as_line() -> String {
+pub fn run_as_line() -> String {
     if running_as_root() {
         ensure_run_as_user();
         format!("run_as = \"{RUN_AS}\"\n")

@@ -8,8 +8,13 @@
 //! container's engine restart policy follows the service's (`unless-stopped` for
 //! `on-failure`, `no` for `never`), so that an engine restart brings it back; crashes after
 //! that are the agent's supervisor's (`crate::supervise`).
+//!
+//! Deploy hosts have no registry: with `image_archive`, an engine that lacks the image gets
+//! it from that tarball (`docker save`'s format, loaded as `docker load` does), at the agent's
+//! start and again before a container is created without it.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use bollard::Docker;
@@ -17,8 +22,8 @@ use bollard::models::{
     ContainerCreateBody, HostConfig, NetworkCreateRequest, PortBinding, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, LogsOptionsBuilder,
-    RemoveContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, ImportImageOptionsBuilder, ListContainersOptionsBuilder,
+    LogsOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
 use sdp_protocol::{DeploymentId, LogStream, RestartPolicy, SandboxId, ServiceName};
@@ -50,6 +55,61 @@ pub struct DockerRuntime {
     published: Mutex<HashMap<String, u16>>,
     /// `uid:gid` that containers run as: user code's user, who owns the checkouts.
     user: String,
+    /// Where `image` comes from when the engine lacks it.
+    archive: Option<ImageArchive>,
+    /// One load at a time: deploys that find the image missing together load it once.
+    loading: tokio::sync::Mutex<()>,
+}
+
+/// `docker.image_archive`, checked at start: an absolute path to a file the agent can read.
+#[derive(Debug, Clone)]
+pub struct ImageArchive(PathBuf);
+
+impl ImageArchive {
+    /// Fails, naming the path, when it is not a file that opens for reading; a relative path
+    /// is taken from the current directory, once.
+    pub fn open(path: &Path) -> Result<ImageArchive, String> {
+        let absolute = std::path::absolute(path)
+            .map_err(|e| format!("`docker.image_archive` {}: {e}", path.display()))?;
+        let refuse = |why: String| {
+            if absolute == path {
+                format!("`docker.image_archive` {}: {why}", path.display())
+            } else {
+                format!(
+                    "`docker.image_archive` {} ({}): {why}",
+                    path.display(),
+                    absolute.display()
+                )
+            }
+        };
+        let meta = std::fs::metadata(&absolute).map_err(|e| refuse(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(refuse("not a file (a tarball of `docker save`)".into()));
+        }
+        std::fs::File::open(&absolute).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+        Ok(ImageArchive(absolute))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+/// Why the engine has no usable image.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    /// The engine could not be asked: it may answer later.
+    #[error("cannot ask the Docker Engine for image {image}: {reason}")]
+    Engine { image: String, reason: String },
+    /// The archive did not give the engine the image: the configuration is wrong.
+    #[error("{0}")]
+    Archive(String),
+}
+
+impl From<ImageError> for RuntimeError {
+    fn from(e: ImageError) -> Self {
+        RuntimeError(e.to_string())
+    }
 }
 
 fn err(context: &str, e: impl std::fmt::Display) -> RuntimeError {
@@ -86,6 +146,7 @@ impl DockerRuntime {
         ports: (u16, u16),
         publish_ip: &str,
         user: (u32, u32),
+        archive: Option<ImageArchive>,
     ) -> Result<DockerRuntime, RuntimeError> {
         let docker = Docker::connect_with_local_defaults()
             .map_err(|e| err("cannot reach the Docker Engine", e))?;
@@ -100,7 +161,82 @@ impl DockerRuntime {
             publish_ip: publish_ip.to_owned(),
             published: Mutex::default(),
             user: format!("{}:{}", user.0, user.1),
+            archive,
+            loading: tokio::sync::Mutex::default(),
         })
+    }
+
+    /// Makes sure the engine has the image when there is an archive to load it from: loads
+    /// it when the engine lacks it, and fails, naming the archive and the image, when the
+    /// engine still lacks it afterwards. Without an archive the engine is left to say what
+    /// it lacks when a container is created.
+    pub async fn ensure_image(&self) -> Result<(), ImageError> {
+        let Some(archive) = &self.archive else {
+            return Ok(());
+        };
+        let _loading = self.loading.lock().await;
+        if self.has_image().await? {
+            return Ok(());
+        }
+        let archive = archive.path();
+        tracing::info!(image = %self.image, archive = %archive.display(), "the engine lacks the image: loading the archive");
+        let loaded = self.load(archive).await?;
+        if !self.has_image().await? {
+            let held = if loaded.is_empty() {
+                "no tagged image".to_owned()
+            } else {
+                loaded.join(", ")
+            };
+            return Err(ImageError::Archive(format!(
+                "loaded `docker.image_archive` {}, but the engine still has no image {}: the archive holds {held}; set `docker.image` to one of them, or save {} into the archive",
+                archive.display(),
+                self.image,
+                self.image
+            )));
+        }
+        tracing::info!(image = %self.image, archive = %archive.display(), loaded = %loaded.join(", "), "image loaded");
+        Ok(())
+    }
+
+    async fn has_image(&self) -> Result<bool, ImageError> {
+        match self.docker.inspect_image(&self.image).await {
+            Ok(_) => Ok(true),
+            Err(e) if status_is(&e, &[404]) => Ok(false),
+            Err(e) => Err(ImageError::Engine {
+                image: self.image.clone(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    /// Streams `archive` to the engine's load endpoint; returns the tags it says it loaded.
+    async fn load(&self, archive: &Path) -> Result<Vec<String>, ImageError> {
+        let refused = |why: String| {
+            ImageError::Archive(format!(
+                "cannot load `docker.image_archive` {} (for image {}): {why}",
+                archive.display(),
+                self.image
+            ))
+        };
+        let file = tokio::fs::File::open(archive)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        let options = ImportImageOptionsBuilder::default().quiet(true).build();
+        let mut replies =
+            self.docker
+                .import_image_stream(options, tokio_util::io::ReaderStream::new(file), None);
+        let mut loaded = Vec::new();
+        while let Some(reply) = replies.next().await {
+            let reply = reply.map_err(|e| refused(e.to_string()))?;
+            if let Some(tag) = reply
+                .stream
+                .as_deref()
+                .and_then(|line| line.trim().strip_prefix("Loaded image: "))
+            {
+                loaded.push(tag.to_owned());
+            }
+        }
+        Ok(loaded)
     }
 
     /// This agent's containers (running or not) carrying all of `labels`.
@@ -296,6 +432,7 @@ impl Runtime for DockerRuntime {
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
         let (sandbox, service) = (&req.sandbox_id, req.service.as_str());
         let name = container_name(&self.agent, sandbox, service);
+        self.ensure_image().await?;
         self.ensure_network(sandbox, req.sandbox.as_str()).await?;
         self.stop_service(sandbox, &req.service).await?;
         // Freed if creating or starting the container fails, or this future is dropped

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use sdp_protocol::{DeploymentId, RestartPolicy, SandboxId, SandboxName, ServiceName};
 
-pub use docker::{DockerLimits, DockerRuntime};
+pub use docker::{DockerLimits, DockerRuntime, ImageArchive, ImageError};
 pub(crate) use ports::Ports;
 pub use process::ProcessRuntime;
 

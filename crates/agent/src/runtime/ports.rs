@@ -47,7 +47,13 @@ impl Ports {
             if state.in_use.contains(&port) {
                 continue;
             }
-            if std::net::TcpListener::bind((self.bind_host.as_str(), port)).is_ok() {
+            let free = match std::net::TcpListener::bind((self.bind_host.as_str(), port)) {
+                Ok(_) => true,
+                // Not an address of this network namespace: an agent in a container that
+                // publishes on its host's address. Only the engine can tell, as it publishes.
+                Err(e) => e.kind() == std::io::ErrorKind::AddrNotAvailable,
+            };
+            if free {
                 state.in_use.insert(port);
                 state.next = if port == hi { lo } else { port + 1 };
                 return Ok(port);
@@ -130,6 +136,16 @@ mod tests {
         assert_ne!(first, second, "the freed port came back at once");
         ports.claim(second);
         assert!(ports.allocate().is_ok());
+    }
+
+    #[test]
+    fn ports_on_an_address_of_another_network_namespace_are_left_to_the_engine() {
+        // TEST-NET-3: an address no interface here holds, as the host's address is to an
+        // agent in a container.
+        let ports = Ports::new((20000, 20001), "203.0.113.7");
+        assert_eq!(ports.allocate().unwrap(), 20000);
+        assert_eq!(ports.allocate().unwrap(), 20001);
+        assert!(ports.allocate().is_err(), "handed out twice");
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::process::Command;
 const STATIC_BIN: &str = "SDP_TEST_STATIC_BIN";
 
 /// The static binary, or `None` (the test skips) outside CI when it was not built.
-fn static_binary() -> Option<PathBuf> {
+pub(crate) fn static_binary() -> Option<PathBuf> {
     let built = std::env::var_os(STATIC_BIN).map(PathBuf::from).or_else(|| {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
         ["ci-static", "release"]
