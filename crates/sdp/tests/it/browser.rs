@@ -277,12 +277,9 @@ pub(crate) async fn wait_path(browser: &Browser, prefix: &str) -> String {
         .to_owned()
 }
 
-/// Ticks `service` in the new sandbox form, searches its branches for `search` with the
-/// keyboard and takes the best match with Enter.
+/// Searches the branches of `service` (ticked in the new sandbox form) for `search` with the
+/// keyboard and takes the best match, `expect`, with Enter.
 pub(crate) async fn pick_branch(browser: &Browser, service: &str, search: &str, expect: &str) {
-    browser
-        .click(&format!("[data-deploy-service={}]", json!(service)))
-        .await;
     let input = format!("[data-picker={}] input", json!(service));
     browser
         .wait_for(
@@ -402,6 +399,7 @@ async fn a_user_creates_a_sandbox_from_the_form_follows_its_deployment_reaches_i
         );
     }
     // Unticked and ticked again, it keeps its branches.
+    browser.click("[data-deploy-service=\"orders\"]").await;
     browser.click("[data-deploy-service=\"orders\"]").await;
     pick_branch(&browser, "orders", "featu", "feature/x").await;
     browser.type_into("#sandbox-name", "web").await;

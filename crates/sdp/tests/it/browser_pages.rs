@@ -97,6 +97,7 @@ async fn a_branch_name_holding_markup_is_shown_as_text_on_every_page() {
             "return document.querySelector('[data-deploy-service=\"orders\"]')",
         )
         .await;
+    browser.click("[data-deploy-service=\"orders\"]").await;
     pick_branch(&browser, "orders", "onerror", hostile).await;
     let option = browser
         .eval("return document.querySelector('[data-picker=\"orders\"] li[data-branch^=\"feature\"] .picker-name').textContent")
@@ -302,5 +303,93 @@ async fn a_log_of_100000_lines_keeps_only_the_rows_in_sight_in_the_page() {
         .await;
     assert_eq!(top, json!("false"), "scrolling up stops following");
     browser.screenshot("deployment-long").await;
+    browser.quit().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn five_thousand_branches_are_searched_from_the_keyboard_and_one_branch_serves_every_service()
+{
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let env = InProcessEnv::builder().gateway(true).start().await;
+    let names: Vec<String> = std::iter::once("main".to_owned())
+        .chain((1..5000).map(|i| format!("team-{}/feature-{i}", i % 7)))
+        .collect();
+    let branches: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), FAKE_COMMIT)).collect();
+    env.script.set_branches(&branches);
+    browser.open(&format!("{}/new", env.url)).await;
+    sign_in(&browser).await;
+    wait_path(&browser, "/new").await;
+    browser
+        .wait_for(
+            "the services",
+            "return document.querySelector('[data-deploy-service=\"billing\"]')",
+        )
+        .await;
+    browser.click("#same-branch").await;
+    browser.click("[data-deploy-service=\"billing\"]").await;
+    browser
+        .wait_for(
+            "billing's branches",
+            "var i = document.querySelector('[data-picker=\"billing\"] input'); return i && !i.disabled",
+        )
+        .await;
+    browser.click("[data-deploy-service=\"orders\"]").await;
+    browser
+        .wait_for(
+            "orders' branches",
+            "var i = document.querySelector('[data-picker=\"orders\"] input'); return i && !i.disabled",
+        )
+        .await;
+    let count = browser
+        .eval("return document.querySelector('[data-picker=\"orders\"] .picker-note').textContent")
+        .await;
+    assert_eq!(count, json!("5,000 branches"));
+    browser.click("[data-picker=\"orders\"] input").await;
+    let listed = browser
+        .wait_for(
+            "the first branches and how many more",
+            "var l = document.querySelector('[data-picker=\"orders\"] ul'); return !l.hidden && {options: l.querySelectorAll('[role=option]').length, more: l.querySelector('.picker-more').textContent}",
+        )
+        .await;
+    assert_eq!(listed["options"], json!(50), "{listed}");
+    assert_eq!(listed["more"], json!("4,950 more: type to narrow"));
+    // How long a keystroke's filtering and drawing takes, for people to read (not asserted).
+    let took = browser
+        .eval("var i = document.querySelector('[data-picker=\"orders\"] input'); var t = performance.now(); i.value = 'feature-12'; i.dispatchEvent(new Event('input')); return performance.now() - t")
+        .await;
+    eprintln!("filtering 5,000 branches took {took} ms");
+    pick_branch(&browser, "orders", "feature-4321", "team-2/feature-4321").await;
+    // The shortcut chose it for billing too.
+    let billing = browser
+        .eval("return document.querySelector('[data-picker=\"billing\"] input').value")
+        .await;
+    assert_eq!(billing, json!("team-2/feature-4321"));
+    browser.type_into("#sandbox-name", "wide").await;
+    browser.click("#deploy-submit").await;
+    wait_path(&browser, "/deployments/").await;
+    assert_eq!(wait_end(&browser).await, json!("ready"));
+    let token = env.login().await;
+    let sandbox = env.get("/api/sandboxes/wide", Some(&token)).await.json();
+    let chosen: Vec<(&str, &str)> = sandbox["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["service"].as_str().unwrap(),
+                s["branch"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        chosen,
+        [
+            ("billing", "team-2/feature-4321"),
+            ("orders", "team-2/feature-4321")
+        ],
+        "{sandbox}"
+    );
     browser.quit().await;
 }
