@@ -27,7 +27,9 @@ export class LogView {
     this.rowHeight = 0;
     this.rows = h('div', { class: 'log-rows' });
     this.spacer = h('div', { class: 'log-spacer' }, this.rows);
-    this.el = h('div', { class: 'logview', id, role: 'log', tabindex: 0, 'aria-label': label, 'data-lines': 0 }, this.spacer);
+    // A log's lines are not read out as they come (a build's would drown everything else):
+    // the status line beside it says what happens.
+    this.el = h('div', { class: 'logview', id, role: 'log', 'aria-live': 'off', tabindex: 0, 'aria-label': label, 'data-lines': 0 }, this.spacer);
     this.el.addEventListener('scroll', () => this.onScroll(), { passive: true });
     this.el.addEventListener('keydown', (e) => {
       if (e.key === 'End') this.setFollow(true);

@@ -41,17 +41,34 @@ export default function deploymentPage(root, ctx) {
 
   let dep = null;
   let sandboxName = '';
+  // Built once and updated in place: the line is redrawn every second while the deployment
+  // runs, and a link replaced under the pointer would lose the click.
+  const sandboxRef = h('span');
+  const requester = h('strong');
+  const started = h('span');
+  const took = h('span');
+  const agent = h('span');
+  fill(meta, 'Sandbox ', sandboxRef, ' · requested by ', requester, ' · started ', started, ' · ', took, agent);
+  let shownRef = null;
+  let shownState = '';
   const renderHead = () => {
-    fill(state, badge(dep.state, { 'data-dep-state': dep.state }));
-    const took = span(dep.created_at, dep.finished_at, Date.now());
-    fill(meta,
-      'Sandbox ', sandboxName
+    if (dep.state !== shownState) {
+      shownState = dep.state;
+      fill(state, badge(dep.state, { 'data-dep-state': dep.state }));
+      fill(depError, dep.error ? errorBox(dep.error) : null);
+    }
+    const ref = sandboxName || dep.sandbox_id;
+    if (ref !== shownRef) {
+      shownRef = ref;
+      fill(sandboxRef, sandboxName
         ? h('a', { id: 'dep-sandbox', href: `/sandboxes/${encodeURIComponent(sandboxName)}`, text: sandboxName })
-        : h('code', { text: dep.sandbox_id }),
-      ' · requested by ', h('strong', { text: dep.requested_by }), ' · started ', timeEl(dep.created_at),
-      ' · ', dep.finished_at ? `took ${fmtDuration(took)}` : `running for ${fmtDuration(took)}`,
-      dep.agent ? [' · on ', h('code', { text: dep.agent })] : null);
-    fill(depError, dep.error ? errorBox(dep.error) : '');
+        : h('code', { text: dep.sandbox_id }));
+    }
+    requester.textContent = dep.requested_by;
+    fill(started, timeEl(dep.created_at));
+    const d = span(dep.created_at, dep.finished_at, Date.now());
+    took.textContent = dep.finished_at ? `took ${fmtDuration(d)}` : `running for ${fmtDuration(d)}`;
+    fill(agent, dep.agent ? [' · on ', h('code', { text: dep.agent })] : null);
   };
 
   const renderTimeline = () => {

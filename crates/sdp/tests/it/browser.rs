@@ -81,8 +81,14 @@ impl Browser {
     }
 
     pub(crate) async fn call(&self, path: &str, body: Value) -> Value {
-        let v: Value = self
-            .http
+        let v = self.try_call(path, body).await;
+        assert!(v["value"]["error"].is_null(), "WebDriver {path}: {v}");
+        v["value"].clone()
+    }
+
+    /// The WebDriver answer, error or not.
+    async fn try_call(&self, path: &str, body: Value) -> Value {
+        self.http
             .post(format!("{}{path}", self.base))
             .json(&body)
             .send()
@@ -90,9 +96,7 @@ impl Browser {
             .unwrap()
             .json()
             .await
-            .unwrap();
-        assert!(v["value"]["error"].is_null(), "WebDriver {path}: {v}");
-        v["value"].clone()
+            .unwrap()
     }
 
     pub(crate) async fn open(&self, url: &str) {
@@ -116,9 +120,20 @@ impl Browser {
             .await;
     }
 
+    /// Clicks the element `css` names. Pages redraw what changed while a test looks at
+    /// them: an element replaced between finding and clicking it is found again.
     pub(crate) async fn click(&self, css: &str) {
-        let id = self.find(css).await;
-        self.call(&format!("/element/{id}/click"), json!({})).await;
+        for _ in 0..3 {
+            let id = self.find(css).await;
+            let v = self
+                .try_call(&format!("/element/{id}/click"), json!({}))
+                .await;
+            if v["value"]["error"] != "stale element reference" {
+                assert!(v["value"]["error"].is_null(), "WebDriver click {css}: {v}");
+                return;
+            }
+        }
+        panic!("{css} was replaced each time it was clicked");
     }
 
     /// Ends the browser session, so Chromium exits before chromedriver does.
@@ -613,5 +628,9 @@ async fn a_user_creates_a_sandbox_from_the_form_follows_its_deployment_reaches_i
     browser.click("#logout").await;
     wait_login_form(&browser).await;
     assert_eq!(browser.path().await, "/login");
+    // The session ended on the server too: a page opened now asks for a sign-in.
+    browser.open(&format!("{}/sandboxes", env.url)).await;
+    wait_login_form(&browser).await;
+    assert_eq!(browser.path().await, "/login?next=%2Fsandboxes");
     browser.quit().await;
 }
