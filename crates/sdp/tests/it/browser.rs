@@ -173,6 +173,16 @@ impl Browser {
             .await;
     }
 
+    /// Makes the page see a system that prefers dark colours (through Chromium's DevTools
+    /// protocol, which chromedriver passes on).
+    pub(crate) async fn prefer_dark(&self) {
+        self.call(
+            "/goog/cdp/execute",
+            json!({"cmd": "Emulation.setEmulatedMedia", "params": {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}}),
+        )
+        .await;
+    }
+
     /// The page's URL, without its origin.
     pub(crate) async fn path(&self) -> String {
         self.eval("return location.pathname + location.search")

@@ -214,6 +214,17 @@ async fn ansi_colours_are_drawn_without_escape_codes_and_a_progress_bar_ends_as_
         .await;
     assert!(streams.as_str().unwrap().contains("stderr"), "{streams}");
     browser.screenshot("deployment-filtered").await;
+
+    // The theme follows the system's: dark, the page and the log are dark, the text light.
+    let lightness = "var l = c => { var [r, g, b] = getComputedStyle(c[0])[c[1]].match(/\\d+/g).map(Number); return (r + g + b) / 3; }; return {page: l([document.body, 'backgroundColor']), text: l([document.body, 'color']), log: l([document.getElementById('log-lines'), 'backgroundColor'])}";
+    let light = browser.eval(lightness).await;
+    assert!(light["page"].as_f64().unwrap() > 200.0, "{light}");
+    browser.prefer_dark().await;
+    let dark = browser.eval(lightness).await;
+    assert!(dark["page"].as_f64().unwrap() < 50.0, "{dark}");
+    assert!(dark["log"].as_f64().unwrap() < 50.0, "{dark}");
+    assert!(dark["text"].as_f64().unwrap() > 200.0, "{dark}");
+    browser.screenshot("deployment-dark").await;
     browser.quit().await;
 }
 
