@@ -67,7 +67,7 @@ async fn a_link_to_a_deployment_opens_it_directly_and_after_the_sign_in_it_asks_
         .await;
     assert_eq!(sandbox, json!("/sandboxes/linked"));
 
-    // The sandbox's page, opened directly.
+    // The sandbox's page, opened directly; its Redeploy opens the new deployment's page.
     browser.open(&format!("{}/sandboxes/linked", env.url)).await;
     browser
         .wait_for(
@@ -75,6 +75,28 @@ async fn a_link_to_a_deployment_opens_it_directly_and_after_the_sign_in_it_asks_
             "return document.querySelector('#sv-state [data-view-state=\"ready\"]')",
         )
         .await;
+    browser
+        .click("#sv-actions [data-action=\"redeploy\"]")
+        .await;
+    browser
+        .wait_for(
+            "another deployment's page",
+            &format!(
+                "return location.pathname.indexOf('/deployments/dep_') === 0 && location.pathname !== {}",
+                json!(format!("/deployments/{id}"))
+            ),
+        )
+        .await;
+    assert_eq!(wait_end(&browser).await, json!("ready"));
+    let deployments = env
+        .get("/api/sandboxes/linked/deployments", Some(&token))
+        .await
+        .json();
+    assert_eq!(
+        deployments["items"].as_array().unwrap().len(),
+        2,
+        "{deployments}"
+    );
     browser.quit().await;
 }
 
