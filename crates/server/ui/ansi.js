@@ -90,11 +90,6 @@ export function parseAnsi(line) {
   return runs;
 }
 
-// The line's text without any sequence: what a search or a copy sees.
-export function plain(line) {
-  return parseAnsi(line).map((r) => r.text).join('');
-}
-
 // Fills `el` with the runs as text nodes and spans styled by class (the named colours) or
 // by the style object (the others): never as markup.
 export function renderRuns(el, runs) {

@@ -16,7 +16,7 @@ export function onUnauthorized(fn) {
   unauthorized = fn;
 }
 
-export async function api(method, path, body) {
+async function api(method, path, body) {
   const init = { method, credentials: 'same-origin', headers: { Accept: 'application/json' } };
   if (body !== undefined) {
     init.headers['Content-Type'] = 'application/json';

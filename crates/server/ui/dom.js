@@ -21,7 +21,7 @@ export function h(tag, props, ...children) {
   return el;
 }
 
-export function append(el, children) {
+function append(el, children) {
   for (const c of children) {
     if (c == null || c === false) continue;
     if (Array.isArray(c)) append(el, c);
@@ -64,7 +64,7 @@ const TONE = {
 };
 export const PROBLEM = new Set(['crashed', 'unhealthy', 'failed']);
 
-export function tone(state) {
+function tone(state) {
   return TONE[state] || 'plain';
 }
 
@@ -103,7 +103,7 @@ export function fmtDuration(ms) {
 }
 
 // "in 3 h", "5 min ago".
-export function relative(iso, now = Date.now()) {
+function relative(iso, now = Date.now()) {
   const t = new Date(iso).getTime();
   if (isNaN(t)) return '—';
   const diff = t - now;

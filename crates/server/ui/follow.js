@@ -92,8 +92,5 @@ export function follow({ path, onFrame, onStatus, check }) {
         socket = null;
       }
     },
-    get lastSeq() {
-      return lastSeq;
-    },
   };
 }

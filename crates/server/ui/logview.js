@@ -61,13 +61,6 @@ export class LogView {
     this.schedule();
   }
 
-  clear() {
-    this.lines = [];
-    this.shown = [];
-    this.open.clear();
-    this.schedule();
-  }
-
   // `service`: '' for all; `streams`: a Set of the streams and kinds shown, or null for all.
   setFilter(filter) {
     this.filter = { ...this.filter, ...filter };

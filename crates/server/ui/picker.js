@@ -81,11 +81,6 @@ export class BranchPicker {
     return Boolean(this.byName && this.byName.has(name));
   }
 
-  commitOf(name) {
-    const b = this.byName && this.byName.get(name);
-    return b ? b.commit : '';
-  }
-
   choose(name, { quiet = false } = {}) {
     this.value = name;
     this.input.value = name;
