@@ -2,6 +2,11 @@
 //! progress bars print), a line whose text would take more than [`MAX_LINE`] bytes in a frame
 //! is cut into pieces (between characters, never inside one), and bytes that are not UTF-8 are
 //! replaced rather than refused.
+//!
+//! A line ended by a lone `\r` keeps it as its last character: it is a progress bar's redraw,
+//! which a viewer draws over with the next line of the same stream, as a terminal does. A `\r`
+//! that ends a read is taken for a plain line end, since what follows it is not known yet
+//! (progress bars mostly write the `\r` first, and a CRLF mostly comes whole).
 
 use std::sync::Arc;
 
@@ -66,6 +71,9 @@ pub struct Splitter {
     escaped: usize,
     partial: Vec<u8>,
     after_cr: bool,
+    /// A `\r` just read, with the position past it: whether it ends a progress line depends
+    /// on the character after it.
+    cr_at: Option<u64>,
     pos: u64,
 }
 
@@ -121,21 +129,48 @@ impl Splitter {
                 self.push_char(char::REPLACEMENT_CHARACTER, invalid.len() as u64, &mut out);
             }
         }
+        // The read ends just after a `\r`: a line end, as far as anyone can tell now.
+        if let Some(at) = self.cr_at.take() {
+            self.end_line(at, false, &mut out);
+            self.after_cr = true;
+        }
         out
+    }
+
+    fn end_line(&mut self, at: u64, progress: bool, out: &mut Vec<(String, u64)>) {
+        let mut line = std::mem::take(&mut self.line);
+        // The `\r` takes two bytes encoded; a line that full is no progress bar.
+        if progress && self.escaped + escaped_char_len('\r') <= MAX_LINE {
+            line.push('\r');
+        }
+        out.push((line, at));
+        self.escaped = 0;
     }
 
     /// `c` took `bytes` of the output.
     fn push_char(&mut self, c: char, bytes: u64, out: &mut Vec<(String, u64)>) {
+        if let Some(at) = self.cr_at.take() {
+            // A CRLF ends a plain line; a `\r` before anything else, a progress line.
+            self.end_line(at, c != '\n', out);
+            if c == '\n' {
+                self.pos += bytes;
+                return;
+            }
+        }
         match c {
             '\n' if self.after_cr => {
                 self.after_cr = false;
                 self.pos += bytes;
             }
-            '\n' | '\r' => {
+            '\n' => {
                 self.pos += bytes;
-                out.push((std::mem::take(&mut self.line), self.pos));
-                self.escaped = 0;
-                self.after_cr = c == '\r';
+                self.end_line(self.pos, false, out);
+                self.after_cr = false;
+            }
+            '\r' => {
+                self.pos += bytes;
+                self.cr_at = Some(self.pos);
+                self.after_cr = false;
             }
             _ => {
                 self.after_cr = false;
@@ -184,10 +219,32 @@ mod tests {
 
     #[test]
     fn lines_end_at_newline_crlf_or_a_lone_carriage_return() {
-        assert_eq!(split(&[b"a\nb\r\nc\rd"]), ["a", "b", "c", "d"]);
+        assert_eq!(split(&[b"a\nb\r\nc\rd"]), ["a", "b", "c\r", "d"]);
         // A CRLF split across two reads is still one line end.
         assert_eq!(split(&[b"a\r", b"\nb\n"]), ["a", "b"]);
         assert_eq!(split(&[b"\n\n"]), ["", ""]);
+    }
+
+    #[test]
+    fn a_progress_bar_keeps_its_carriage_returns_and_its_last_drawing_ends_plain() {
+        let bar = b"fetching\n\r[#   ] 25%\r[##  ] 50%\r[####] 100%\ndone\n";
+        assert_eq!(
+            split(&[bar]),
+            [
+                "fetching",
+                "\r",
+                "[#   ] 25%\r",
+                "[##  ] 50%\r",
+                "[####] 100%",
+                "done"
+            ]
+        );
+        // Read by read as a pipe delivers it: a `\r` that ends a read is a plain line end.
+        let reads: Vec<&[u8]> = vec![b"[#   ] 25%", b"\r[##  ] 50%", b"\r[####] 100%\n"];
+        assert_eq!(
+            split(&reads),
+            ["[#   ] 25%\r", "[##  ] 50%\r", "[####] 100%"]
+        );
     }
 
     #[test]
@@ -197,12 +254,12 @@ mod tests {
         let lines = s.push_at(&output[..4]);
         let more = s.push_at(&output[4..]);
         assert_eq!(lines, [("a".to_owned(), 2)]);
-        assert_eq!(more[0], ("bé".to_owned(), 7));
+        assert_eq!(more[0], ("bé\r".to_owned(), 7));
         assert_eq!(more[1], ("c".to_owned(), 9));
         // Taken up after "a\r": the "\n" that follows ends no empty line.
         let mut resumed = Splitter::resumed(2, true);
         let again = resumed.push_at(&output[2..]);
-        assert_eq!(again[0], ("bé".to_owned(), 7));
+        assert_eq!(again[0], ("bé\r".to_owned(), 7));
         assert_eq!(again.last().unwrap().1, output.len() as u64);
     }
 

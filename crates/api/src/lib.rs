@@ -61,6 +61,10 @@ pub struct SessionInfo {
     pub user: String,
     #[schema(format = DateTime)]
     pub expires_at: String,
+    /// The sandbox router's URL (`gateway.public_url`): where a request that names its
+    /// sandbox by header (`X-SDP-Sandbox`) goes.
+    #[serde(default)]
+    pub gateway_url: String,
 }
 
 /// `GET /api/health`.

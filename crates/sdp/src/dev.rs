@@ -183,11 +183,13 @@ fn repo_path(repos: &Path, name: &str) -> PathBuf {
 }
 
 fn service(repos: &Path, demo: &Demo, exe: &Path) -> anyhow::Result<ServiceConfig> {
+    let exe = shell_quote(&exe.display().to_string());
     Ok(ServiceConfig {
         name: ServiceName::parse(demo.name)?,
         repo: RepoUrl::parse(repo_path(repos, demo.name).display().to_string())?,
-        build: "test -s message.txt".to_owned(),
-        run: format!("{} demo-service", shell_quote(&exe.display().to_string())),
+        // A build's log, for the dashboard to show, then the check that there is a message.
+        build: format!("{exe} demo-build {} && test -s message.txt", demo.name),
+        run: format!("{exe} demo-service"),
         port: 8080,
         health: "/healthz".to_owned(),
         routes: vec![demo.route.to_owned()],

@@ -80,6 +80,9 @@ enum Platform {
     /// The demo service of `sdp dev`: answers with the checkout's message.txt.
     #[command(hide = true)]
     DemoService,
+    /// The demo services' build in `sdp dev`: prints a build's log.
+    #[command(hide = true)]
+    DemoBuild { service: String },
 }
 
 #[derive(Subcommand)]
@@ -310,6 +313,7 @@ async fn run(command: Platform) -> anyhow::Result<()> {
             Ok(())
         }
         Platform::DemoService => demo::serve().await,
+        Platform::DemoBuild { service } => demo::build(&service),
     }
 }
 

@@ -17,6 +17,7 @@ mod logs;
 mod metrics;
 mod runtime_logs;
 mod sessions;
+mod ui;
 
 use std::net::SocketAddr;
 use std::time::Duration;

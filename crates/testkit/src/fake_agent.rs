@@ -23,6 +23,8 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
+use sdp_protocol::LogStream;
+
 use crate::{AGENT_TOKEN, PASSWORD, USER};
 
 /// An environment whose control plane agents can dial.
@@ -217,11 +219,16 @@ pub struct Script {
     /// The services deployed to each sandbox (by id), which a wake starts again.
     deployed: Mutex<HashMap<String, Vec<sdp_protocol::ServiceName>>>,
     released: tokio::sync::watch::Sender<bool>,
+    build_output: Mutex<BuildOutput>,
     /// Every job a scripted agent was sent, as JSON, with `agent` added: its name.
     jobs: Mutex<Vec<Value>>,
     /// The frames each way, for the failure report.
     transcript: Mutex<Vec<String>>,
 }
+
+/// What each service's scripted build prints, and after how many of its lines it waits for
+/// [`Script::release`].
+type BuildOutput = (Vec<(LogStream, String)>, Option<usize>);
 
 /// The tip every branch of a scripted agent's repositories points at.
 pub const FAKE_COMMIT: &str = "5dc0ffee5dc0ffee5dc0ffee5dc0ffee5dc0ffee";
@@ -242,6 +249,7 @@ impl Default for Script {
             wakes: Mutex::new(Wakes::Ready),
             deployed: Mutex::default(),
             released: tokio::sync::watch::Sender::new(false),
+            build_output: Mutex::default(),
             jobs: Mutex::default(),
             transcript: Mutex::default(),
         }
@@ -265,6 +273,25 @@ impl Script {
     /// How wake jobs are answered from now on.
     pub fn set_wakes(&self, wakes: Wakes) {
         *self.wakes.lock().unwrap() = wakes;
+    }
+
+    /// From now on each service's build prints `lines` (`(stream, text)`: `stdout`, `stderr`
+    /// or `system`), after its usual line; with `hold_after`, it prints that many and waits
+    /// for [`Script::release`] before the rest.
+    pub fn set_build_output(&self, lines: Vec<(&str, String)>, hold_after: Option<usize>) {
+        let lines = lines
+            .into_iter()
+            .map(|(stream, text)| (wire::stream(stream), text))
+            .collect();
+        *self.build_output.lock().unwrap() = (lines, hold_after);
+    }
+
+    /// Replaces the branches every repository has: `(name, commit)`.
+    pub fn set_branches(&self, branches: &[(&str, &str)]) {
+        *self.branches.lock().unwrap() = branches
+            .iter()
+            .map(|(name, commit)| ((*name).to_owned(), (*commit).to_owned()))
+            .collect();
     }
 
     /// Lets every held deployment (and every later one) go on to its outcome.
@@ -491,6 +518,15 @@ pub mod wire {
         encode(&AgentMessage::Runtime { events })
     }
 
+    /// `stdout`, `stderr`, or anything else: `system`.
+    pub fn stream(name: &str) -> LogStream {
+        match name {
+            "stdout" => LogStream::Stdout,
+            "stderr" => LogStream::Stderr,
+            _ => LogStream::System,
+        }
+    }
+
     /// A runtime event: a line `service` printed on `stream` (`stdout`, `stderr`, `system`).
     pub fn runtime_log(
         sandbox: &str,
@@ -499,11 +535,7 @@ pub mod wire {
         stream: &str,
         line: &str,
     ) -> sdp_protocol::RuntimeEvent {
-        let stream = match stream {
-            "stdout" => LogStream::Stdout,
-            "stderr" => LogStream::Stderr,
-            _ => LogStream::System,
-        };
+        let stream = self::stream(stream);
         sdp_protocol::RuntimeEvent {
             sandbox: sdp_protocol::SandboxId::parse(sandbox).unwrap(),
             seq,
@@ -640,7 +672,8 @@ pub mod wire {
                 drop(deployed);
                 let held = *script.deploys.lock().unwrap() == Deploys::Held;
                 let released = script.released.subscribe();
-                deployments.spawn(run_deployment(deploy, held, released, out.clone()));
+                let output = script.build_output.lock().unwrap().clone();
+                deployments.spawn(run_deployment(deploy, held, output, released, out.clone()));
                 JobOutput::Accepted
             }
             JobKind::Teardown { .. } => JobOutput::TornDown,
@@ -696,26 +729,33 @@ pub mod wire {
     /// that record (seen here with events sent at once), so the fakes never outrun it.
     const STEP_PAUSE: Duration = Duration::from_millis(50);
 
+    /// Build output goes out this many lines to a frame, as a real agent batches it.
+    const OUTPUT_BATCH: usize = 256;
+
     /// A deployment's events, as a real agent sends them: per service its steps and a line
-    /// of output, then the outcome.
+    /// of output (and the script's build output), then the outcome.
     async fn run_deployment(
         deploy: DeployJob,
         held: bool,
+        (output, hold_after): super::BuildOutput,
         mut released: tokio::sync::watch::Receiver<bool>,
         out: UnboundedSender<String>,
     ) {
         let mut seq = 0;
-        let mut send = |body: EventBody| {
-            seq += 1;
-            let event = Event {
-                deployment: deploy.deployment.clone(),
-                seq,
-                ts: OffsetDateTime::now_utc(),
-                body,
-            };
-            let _ = out.send(encode(&AgentMessage::Events {
-                events: vec![event],
-            }));
+        let mut send = |bodies: Vec<EventBody>| {
+            let events = bodies
+                .into_iter()
+                .map(|body| {
+                    seq += 1;
+                    Event {
+                        deployment: deploy.deployment.clone(),
+                        seq,
+                        ts: OffsetDateTime::now_utc(),
+                        body,
+                    }
+                })
+                .collect();
+            let _ = out.send(encode(&AgentMessage::Events { events }));
         };
         let step = |service: &sdp_protocol::ServiceName, step, state| EventBody::Step {
             service: Some(service.clone()),
@@ -725,21 +765,41 @@ pub mod wire {
         let mut outcomes = Vec::new();
         for (i, spec) in deploy.services.iter().enumerate() {
             let service = &spec.service;
-            send(step(service, Step::Fetching, StepState::Running));
+            send(vec![step(service, Step::Fetching, StepState::Running)]);
             if held && i == 0 {
                 let _ = released.wait_for(|go| *go).await;
             }
             tokio::time::sleep(STEP_PAUSE).await;
-            send(step(service, Step::Building, StepState::Running));
-            send(EventBody::Log {
+            send(vec![step(service, Step::Building, StepState::Running)]);
+            send(vec![EventBody::Log {
                 service: Some(service.clone()),
                 stream: LogStream::Stdout,
                 line: format!("building {service} from {}", spec.branch),
-            });
+            }]);
+            let printed = |lines: &[(LogStream, String)]| -> Vec<EventBody> {
+                lines
+                    .iter()
+                    .map(|(stream, line)| EventBody::Log {
+                        service: Some(service.clone()),
+                        stream: *stream,
+                        line: line.clone(),
+                    })
+                    .collect()
+            };
+            let hold = hold_after.unwrap_or(output.len()).min(output.len());
+            for part in output[..hold].chunks(OUTPUT_BATCH) {
+                send(printed(part));
+            }
+            if hold < output.len() {
+                let _ = released.wait_for(|go| *go).await;
+                for part in output[hold..].chunks(OUTPUT_BATCH) {
+                    send(printed(part));
+                }
+            }
             tokio::time::sleep(STEP_PAUSE).await;
-            send(step(service, Step::Starting, StepState::Running));
+            send(vec![step(service, Step::Starting, StepState::Running)]);
             tokio::time::sleep(STEP_PAUSE).await;
-            send(step(service, Step::Healthy, StepState::Done));
+            send(vec![step(service, Step::Healthy, StepState::Done)]);
             outcomes.push(ServiceOutcome {
                 service: service.clone(),
                 commit: Some(FAKE_COMMIT.to_owned()),
@@ -747,10 +807,10 @@ pub mod wire {
             });
         }
         tokio::time::sleep(STEP_PAUSE).await;
-        send(EventBody::Outcome {
+        send(vec![EventBody::Outcome {
             ok: true,
             error: None,
             services: outcomes,
-        });
+        }]);
     }
 }

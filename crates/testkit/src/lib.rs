@@ -68,6 +68,7 @@ pub mod fake_agent;
 pub mod git_server;
 pub mod in_process;
 pub mod process;
+pub mod proxy;
 pub mod users;
 
 pub use baseline::{Baseline, TlsBaseline};
@@ -78,6 +79,7 @@ pub use fake_agent::{Deploys, FakeAgent, Script, ScriptedAgent, Wakes};
 pub use git_server::GitServer;
 pub use in_process::{InProcessBuilder, InProcessEnv};
 pub use process::{Proc, run_sdp};
+pub use proxy::CutProxy;
 pub use users::{PLAIN_AGENT, RUN_AS, ensure_run_as_user, run_as_ids, run_as_line};
 
 /// The token every test agent and server share.

@@ -49,6 +49,12 @@ async fn every_route_but_login_and_health_refuses_a_missing_a_bad_and_an_expired
                 let ct = resp.headers()["content-type"].to_str().unwrap().to_owned();
                 assert!(ct.starts_with("text/html"), "{ct}");
             }
+            Access::Asset => {
+                // Served to anyone; a file this version does not have is a 404, not a 401.
+                let reply = Reply::from(env.http.request(method, &url).send().await.unwrap()).await;
+                assert_eq!(reply.status, 404, "{} {}", route.method, route.path);
+                assert_eq!(reply.error_code(), "not_found");
+            }
             Access::Session | Access::SessionWebSocket => {
                 let cases: [(&str, Option<String>); 4] = [
                     ("no session", None),
@@ -181,4 +187,198 @@ async fn an_agent_with_a_wrong_token_is_refused() {
     env.start_agent("intruder", "micro", "not-the-token");
     env.agents[0].wait_for_line("the refusal", |l| l.contains("refused the agent token"));
     assert_eq!(env.health().await["agents"], 0);
+}
+
+/// A request made with the session cookie, from a page at `origin` (none when `None`).
+async fn by_cookie(
+    env: &InProcessEnv,
+    method: Method,
+    path: &str,
+    token: &str,
+    origin: Option<&str>,
+    body: serde_json::Value,
+) -> Reply {
+    let mut req = env
+        .http
+        .request(method, format!("{}{path}", env.url))
+        .header("cookie", format!("sdp_session={token}"))
+        .json(&body);
+    if let Some(origin) = origin {
+        req = req.header("origin", origin);
+    }
+    Reply::from(req.send().await.unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_made_with_the_cookie_must_come_from_our_own_origin_and_a_bearer_token_need_not() {
+    let env = InProcessEnv::builder().gateway(true).start().await;
+    let token = env.login().await;
+    let create = |name: &str| serde_json::json!({"name": name, "services": [{"service": "orders", "branch": "main"}]});
+
+    for origin in [None, Some("http://evil.example"), Some("null")] {
+        let refused = by_cookie(
+            &env,
+            Method::POST,
+            "/api/sandboxes",
+            &token,
+            origin,
+            create("forged"),
+        )
+        .await;
+        assert_eq!(refused.status, 403, "from {origin:?}: {}", refused.body);
+        assert_eq!(refused.error_code(), "forbidden_origin");
+    }
+    let listed = env.get("/api/sandboxes", Some(&token)).await.json();
+    assert_eq!(
+        listed["items"],
+        serde_json::json!([]),
+        "a refused request changed nothing"
+    );
+    // Reading with the cookie needs no Origin: a page's GETs send none.
+    let read = by_cookie(
+        &env,
+        Method::GET,
+        "/api/sandboxes",
+        &token,
+        None,
+        serde_json::json!(null),
+    )
+    .await;
+    assert_eq!(read.status, 200, "{}", read.body);
+
+    let ours = by_cookie(
+        &env,
+        Method::POST,
+        "/api/sandboxes",
+        &token,
+        Some(&env.url),
+        create("ours"),
+    )
+    .await;
+    assert_eq!(ours.status, 202, "{}", ours.body);
+    let deleted = by_cookie(
+        &env,
+        Method::DELETE,
+        "/api/sandboxes/ours",
+        &token,
+        Some("http://evil.example"),
+        serde_json::json!(null),
+    )
+    .await;
+    assert_eq!(deleted.status, 403, "{}", deleted.body);
+
+    // The command line sends its token itself, and no Origin: a browser cannot be made to.
+    let bearer = env
+        .http
+        .post(format!("{}/api/sandboxes", env.url))
+        .header("authorization", format!("Bearer {token}"))
+        .header("origin", "http://evil.example")
+        .json(&create("cli"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), 202);
+    let deleted = env.delete_sandbox(&token, "cli").await;
+    assert_eq!(deleted.status, 202, "{}", deleted.body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_is_one_page_for_every_route_and_its_files_are_cached_by_version() {
+    let env = InProcessEnv::builder().no_agents().start().await;
+    let page = env.http.get(format!("{}/", env.url)).send().await.unwrap();
+    assert_eq!(page.headers()["cache-control"], "no-cache");
+    let etag = page.headers()["etag"].to_str().unwrap().to_owned();
+    assert!(
+        page.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    let html = page.text().await.unwrap();
+    for path in [
+        "/login",
+        "/sandboxes",
+        "/new",
+        "/sandboxes/demo",
+        "/deployments/dep_1",
+        "/agents",
+    ] {
+        let other = env
+            .http
+            .get(format!("{}{path}", env.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(other.status(), 200, "{path}");
+        assert_eq!(other.text().await.unwrap(), html, "{path}");
+    }
+    let again = env
+        .http
+        .get(format!("{}/sandboxes", env.url))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+
+    // Every file the page names is served under its version, cacheable for a year.
+    let script = html
+        .split("src=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    assert!(
+        script.starts_with("/assets/") && script.ends_with("/main.js"),
+        "{script}"
+    );
+    let main = env
+        .http
+        .get(format!("{}{script}", env.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(main.status(), 200);
+    assert_eq!(
+        main.headers()["cache-control"],
+        "public, max-age=31536000, immutable"
+    );
+    assert!(
+        main.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/javascript")
+    );
+    let etag = main.headers()["etag"].to_str().unwrap().to_owned();
+    let body = main.text().await.unwrap();
+    assert!(body.contains("from './router.js'"), "{body}");
+    let cached = env
+        .http
+        .get(format!("{}{script}", env.url))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status(), 304);
+    let dir = script.trim_end_matches("main.js");
+    let css = env
+        .http
+        .get(format!("{}{dir}app.css", env.url))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        css.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/css")
+    );
+    // Another version's file is not this version's: the page must be loaded again.
+    let stale = env
+        .get(&script.replacen("/assets/", "/assets/0", 1), None)
+        .await;
+    assert_eq!(stale.status, 404);
+    assert_eq!(stale.error_code(), "not_found");
+    let missing = env.get(&format!("{dir}nope.js"), None).await;
+    assert_eq!(missing.status, 404);
 }

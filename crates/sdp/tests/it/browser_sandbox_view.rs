@@ -1,13 +1,13 @@
-//! The dashboard's sandbox view in a real browser, against the in-process control plane with
+//! The dashboard's sandbox page in a real browser, against the in-process control plane with
 //! a fake agent that reports what instances do after `ready`: services' states, the live
 //! runtime log with its service filter, the history, and a sleeping sandbox's Wake button.
 
 use serde_json::{Value, json};
 
 use sdp_testkit::fake_agent::wire::{runtime_instance, runtime_log};
-use sdp_testkit::{FakeAgent, InProcessEnv, PASSWORD, USER};
+use sdp_testkit::{FakeAgent, InProcessEnv};
 
-use crate::browser::Browser;
+use crate::browser::{Browser, sign_in as sign_in_here};
 
 /// A ready sandbox `name` running `selections`, with its id.
 async fn ready(env: &InProcessEnv, name: &str, selections: &[&str]) -> String {
@@ -31,29 +31,15 @@ async fn report(agent: &mut FakeAgent, events: Vec<sdp_protocol::RuntimeEvent>) 
 
 async fn sign_in(browser: &Browser, url: &str) {
     browser.open(url).await;
-    browser
-        .wait_for(
-            "the login form",
-            "var f = document.getElementById('login-form'); return f && f.offsetParent !== null",
-        )
-        .await;
-    browser.type_into("#username", USER).await;
-    browser.type_into("#password", PASSWORD).await;
-    browser.click("#login-submit").await;
-    browser
-        .wait_for(
-            "the signed-in user",
-            "var w = document.getElementById('whoami'); return w.offsetParent !== null && w.textContent",
-        )
-        .await;
+    sign_in_here(browser).await;
 }
 
-/// Opens sandbox `name`'s view from the list and waits until its runtime log is live.
+/// Opens sandbox `name`'s page from the list and waits until its runtime log is live.
 async fn open_view(browser: &Browser, name: &str) {
-    let button = format!("[data-sandbox=\"{name}\"] [data-action=\"view\"]");
+    let button = format!("[data-sandbox=\"{name}\"] [data-sandbox-link]");
     browser
         .wait_for(
-            "the sandbox's View button",
+            "the sandbox's link",
             &format!(
                 "return document.querySelector('{}')",
                 button.replace('\'', "\\'")
@@ -163,7 +149,7 @@ async fn a_crashed_service_shows_its_state_reason_restarts_and_folded_last_lines
         "{last}"
     );
     let markup = browser
-        .eval("return document.getElementById('bold') === null && document.querySelector('#sandbox-view b') === null")
+        .eval("return document.getElementById('bold') === null && document.querySelector('#main b') === null")
         .await;
     assert_eq!(markup, json!(true), "the reason became markup");
     let billing = browser
@@ -284,7 +270,7 @@ async fn runtime_lines_appear_live_as_text_and_the_service_filter_hides_other_se
     browser
         .wait_for(
             "only billing's lines",
-            "var l = document.querySelectorAll('#rt-lines span'); return l.length > 0 && document.getElementById('rt-status').textContent.indexOf('Live') === 0 && Array.from(l).every(s => s.getAttribute('data-service') === 'billing')",
+            "var l = document.querySelectorAll('#rt-lines .log-row'); return l.length > 0 && document.getElementById('rt-status').textContent.indexOf('Live') === 0 && Array.from(l).every(s => s.getAttribute('data-service') === 'billing')",
         )
         .await;
     report(
@@ -309,12 +295,15 @@ async fn runtime_lines_appear_live_as_text_and_the_service_filter_hides_other_se
     );
     assert!(text.contains("said before the view opened"), "{text}");
 
-    // Closing the view ends its WebSocket: later lines reach no page.
-    browser.click("#sv-close").await;
+    // Leaving the page ends its WebSocket: later lines reach no page, not even the one left.
+    browser
+        .eval("window.__left = document.getElementById('rt-lines'); return true")
+        .await;
+    browser.click("#nav a[href=\"/sandboxes\"]").await;
     browser
         .wait_for(
-            "the view closed",
-            "return document.getElementById('sandbox-view').hidden",
+            "the page left",
+            "return !document.getElementById('rt-lines') && document.getElementById('sandboxes')",
         )
         .await;
     report(
@@ -329,7 +318,13 @@ async fn runtime_lines_appear_live_as_text_and_the_service_filter_hides_other_se
     )
     .await;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-    let text = runtime_text(&browser).await;
+    let text = browser
+        .eval("return window.__left.textContent")
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(text.contains("orders after the filter"), "{text}");
     assert!(!text.contains("nobody is watching"), "{text}");
     browser.quit().await;
 }
@@ -396,14 +391,10 @@ async fn the_runtime_log_resumes_after_a_dropped_connection_without_gaps_or_repe
         report(&mut agent, events).await;
     }
     wait_line(&browser, "bulk 2099.").await;
-    let kept = browser
-        .eval("var p = document.getElementById('rt-lines'); return {n: p.children.length, first: p.firstChild.textContent}")
-        .await;
-    assert_eq!(kept["n"], json!(2000), "{kept}");
-    assert!(
-        kept["first"].as_str().unwrap().contains("bulk 100."),
-        "{kept}"
-    );
+    let kept = browser.log_lines("#rt-lines").await;
+    assert_eq!(kept.len(), 2000, "{kept:?}");
+    assert!(kept[0].contains("bulk 100."), "{kept:?}");
+    assert!(kept[1999].contains("bulk 2099."), "{kept:?}");
     browser.quit().await;
 }
 

@@ -524,6 +524,33 @@ async fn listings_are_newest_first_paginated_and_filtered() {
         .await
         .typed();
     assert!(nobody.items.is_empty());
+    // A sandbox's own deployments, by its name or its id.
+    let of_two: Page<Deployment> = env
+        .get("/api/sandboxes/two/deployments", Some(&token))
+        .await
+        .typed();
+    assert_eq!(of_two.items.len(), 1);
+    let two_id = &of_two.items[0].sandbox_id;
+    assert_eq!(
+        mine.items
+            .iter()
+            .filter(|d| &d.sandbox_id == two_id)
+            .count(),
+        1
+    );
+    let by_id: Page<Deployment> = env
+        .get(
+            &format!("/api/sandboxes/{two_id}/deployments?limit=1"),
+            Some(&token),
+        )
+        .await
+        .typed();
+    assert_eq!(by_id.items[0].id, of_two.items[0].id);
+    let unknown = env
+        .get("/api/sandboxes/nine/deployments", Some(&token))
+        .await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    assert_eq!(unknown.error_code(), "unknown_sandbox");
     // Every deployment failed at once: no agent.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -544,6 +571,7 @@ async fn listings_are_newest_first_paginated_and_filtered() {
         "/api/sandboxes?limit=many",
         "/api/deployments?limit=1000",
         "/api/deployments?limit=-1",
+        "/api/sandboxes/one/deployments?state=sleepy",
     ] {
         let reply = env.get(bad, Some(&token)).await;
         assert_eq!(reply.status, 400, "{bad}: {}", reply.body);

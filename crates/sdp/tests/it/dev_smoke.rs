@@ -43,6 +43,36 @@ async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
         dev.log_text()
     );
     let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
+    // Its build printed a build's log for the dashboard to show: a few hundred lines, in
+    // colour, with a progress bar redrawn by carriage returns (each redraw a line that
+    // keeps its `\r`, the last one plain).
+    let log = api
+        .get(
+            &format!(
+                "/api/deployments/{}/logs",
+                deployment["id"].as_str().unwrap()
+            ),
+            Some(&token),
+        )
+        .await
+        .body;
+    assert!(log.lines().count() > 200, "{log}");
+    assert!(
+        log.contains("\u{1b}[32m   compiling\u{1b}[0m hello/internal/"),
+        "{log}"
+    );
+    assert!(log.contains("[hello/stderr] \u{1b}[33mwarning"), "{log}");
+    // (`lines()` would take each `\r\n` for a line end.)
+    let bar: Vec<&str> = log
+        .split('\n')
+        .filter(|l| l.contains("Restoring the build cache"))
+        .collect();
+    assert!(bar.len() > 10, "{log}");
+    assert!(
+        bar[..bar.len() - 1].iter().all(|l| l.ends_with('\r')),
+        "{bar:?}"
+    );
+    assert!(bar[bar.len() - 1].ends_with("] 100%"), "{bar:?}");
     assert_eq!(
         api.answer(upstream).await,
         "Hello from feature/x: a new greeting.\n"

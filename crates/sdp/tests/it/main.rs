@@ -7,6 +7,7 @@ mod access;
 mod agents;
 mod branches;
 mod browser;
+mod browser_pages;
 mod browser_sandbox_view;
 mod canary;
 mod cli;

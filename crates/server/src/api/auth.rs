@@ -210,16 +210,20 @@ pub async fn logout(
 }
 
 /// Who the session belongs to, and until when: for pages and clients that hold a session but
-/// not its user (a new tab).
+/// not its user (a new tab); and where the sandbox router is.
 #[utoipa::path(
     get,
     path = "/api/session",
     operation_id = "session",
     tag = "session",
-    responses((status = 200, description = "The session's user and expiry", body = SessionInfo))
+    responses((status = 200, description = "The session's user and expiry, and the router's URL", body = SessionInfo))
 )]
-pub async fn session(Extension(session): Extension<CurrentSession>) -> Json<SessionInfo> {
+pub async fn session(
+    State(state): State<AppState>,
+    Extension(session): Extension<CurrentSession>,
+) -> Json<SessionInfo> {
     Json(SessionInfo {
+        gateway_url: state.config.gateway.public_url.clone(),
         user: session.username.to_string(),
         expires_at: session.expires_at.format(&Rfc3339).unwrap_or_default(),
     })

@@ -13,9 +13,9 @@ use sdp_api::{Deployment, DeploymentService, ErrorBody, ListParams, Page, StepIn
 use serde::Deserialize;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
-use super::sandboxes::{cursor, list_query};
+use super::sandboxes::{SANDBOX_KEY, cursor, list_query, load as load_sandbox};
 use super::{AppState, rfc3339};
-use crate::db::DeploymentRow;
+use crate::db::{DeploymentRow, ListQuery};
 use crate::error::ApiError;
 use crate::logs::{Frame, FrameLog, Line, LogReader};
 use crate::metrics::LogKind;
@@ -109,12 +109,42 @@ pub async fn list(
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     let q = list_query(params, crate::db::DeploymentState::ALL)?;
-    let rows = state.db.list_deployments(&q).await?;
+    page_of(&state, &q).await
+}
+
+async fn page_of(state: &AppState, q: &ListQuery) -> Result<Json<Page<Deployment>>, ApiError> {
+    let rows = state.db.list_deployments(q).await?;
     let next = (rows.len() == q.limit as usize)
         .then(|| rows.last().map(|r| cursor(r.created_at, r.id.as_str())))
         .flatten();
     let items: Vec<Deployment> = rows.into_iter().map(deployment_view).collect();
     Ok(Json(Page { items, next }))
+}
+
+/// A sandbox's deployments, newest first, a page at a time.
+#[utoipa::path(
+    get,
+    path = "/api/sandboxes/{id}/deployments",
+    operation_id = "sandbox_deployments",
+    tag = "deployments",
+    params(("id" = String, Path, description = SANDBOX_KEY, example = "demo"), ListParams),
+    responses(
+        (status = 200, description = "A page of the sandbox's deployments (without `steps`)", body = Page<Deployment>),
+        (status = 400, description = "`invalid_query`, `invalid_state`, `invalid_limit` or `invalid_cursor`", body = ErrorBody),
+        (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
+    )
+)]
+pub async fn of_sandbox(
+    State(state): State<AppState>,
+    Path(key): Path<String>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Page<Deployment>>, ApiError> {
+    let Query(params) =
+        params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let mut q = list_query(params, crate::db::DeploymentState::ALL)?;
+    let sandbox = load_sandbox(&state, &key).await?;
+    q.sandbox = Some(sandbox.id.to_string());
+    page_of(&state, &q).await
 }
 
 /// One frame as a line for people.

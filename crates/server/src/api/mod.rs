@@ -37,6 +37,7 @@ use crate::logs::Logs;
 use crate::metrics::{self, LogKind, Metrics, World};
 use crate::runtime_logs::RuntimeLogs;
 use crate::sessions::{self, PasswordVault};
+use crate::ui;
 
 pub use crate::error::MAX_BODY_BYTES;
 
@@ -45,9 +46,11 @@ pub use crate::error::MAX_BODY_BYTES;
 pub enum Access {
     /// Anyone: login, health, and the API document (which holds no data).
     Public,
-    /// Anyone: the dashboard's static page, which holds no data; it fetches everything
-    /// through the API with the session.
+    /// Anyone: the dashboard's page (the same for every route of the app), which holds no
+    /// data; it fetches everything through the API with the session.
     Page,
+    /// Anyone: the dashboard's static files (`/assets/<version>/<file>`), which hold no data.
+    Asset,
     /// A valid session, by cookie or `Authorization: Bearer`.
     Session,
     /// A valid session, and an `Origin` (when the client sends one) equal to `public_url`'s.
@@ -92,7 +95,14 @@ where
 fn endpoints() -> Vec<Endpoint> {
     use Access::*;
     vec![
-        endpoint(Method::GET, "/", Page, dashboard),
+        endpoint(Method::GET, "/", Page, ui::home),
+        endpoint(Method::GET, "/login", Page, ui::login),
+        endpoint(Method::GET, "/sandboxes", Page, ui::sandboxes),
+        endpoint(Method::GET, "/new", Page, ui::new_sandbox),
+        endpoint(Method::GET, "/sandboxes/{name}", Page, ui::sandbox),
+        endpoint(Method::GET, "/deployments/{id}", Page, ui::deployment),
+        endpoint(Method::GET, "/agents", Page, ui::agents),
+        endpoint(Method::GET, "/assets/{version}/{file}", Asset, ui::asset),
         endpoint(Method::GET, "/api/health", Public, health),
         endpoint(Method::GET, "/api/openapi.json", Session, openapi::document),
         endpoint(Method::GET, "/metrics", Metrics, scrape_metrics),
@@ -151,6 +161,12 @@ fn endpoints() -> Vec<Endpoint> {
             "/api/sandboxes/{id}/history",
             Session,
             runtime::history,
+        ),
+        endpoint(
+            Method::GET,
+            "/api/sandboxes/{id}/deployments",
+            Session,
+            deployments::of_sandbox,
         ),
         endpoint(Method::GET, "/api/deployments", Session, deployments::list),
         endpoint(
@@ -311,7 +327,7 @@ pub(crate) fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for Endpoint { spec, handler } in endpoints() {
         let handler = match spec.access {
-            Access::Public | Access::Page | Access::Metrics => handler,
+            Access::Public | Access::Page | Access::Asset | Access::Metrics => handler,
             Access::Session => handler.route_layer(middleware::from_fn_with_state(
                 state.clone(),
                 require_session,
@@ -390,18 +406,6 @@ async fn scrape_metrics(State(state): State<AppState>) -> Result<Response, ApiEr
     Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response())
 }
 
-/// The dashboard: one page that holds no data and calls this API with the session.
-#[utoipa::path(
-    get,
-    path = "/",
-    operation_id = "dashboard",
-    tag = "dashboard",
-    responses((status = 200, description = "The page", content_type = "text/html", body = String))
-)]
-async fn dashboard() -> axum::response::Html<&'static str> {
-    axum::response::Html(include_str!("dashboard.html"))
-}
-
 /// The caller of a session endpoint, put in the request's extensions by the middleware.
 #[derive(Debug, Clone)]
 pub(crate) struct CurrentSession {
@@ -410,10 +414,16 @@ pub(crate) struct CurrentSession {
     pub expires_at: OffsetDateTime,
 }
 
-/// The session token a request carries: `Authorization: Bearer` first, then the cookie.
-fn presented_token(headers: &HeaderMap) -> Option<&str> {
+/// The session token a request carries, and whether it came as the cookie:
+/// `Authorization: Bearer` first, then the cookie.
+fn presented_token(headers: &HeaderMap) -> Option<(&str, bool)> {
     if let Some(value) = headers.get(header::AUTHORIZATION) {
-        return value.to_str().ok()?.strip_prefix("Bearer ").map(str::trim);
+        let token = value
+            .to_str()
+            .ok()?
+            .strip_prefix("Bearer ")
+            .map(str::trim)?;
+        return Some((token, false));
     }
     headers
         .get_all(header::COOKIE)
@@ -422,11 +432,15 @@ fn presented_token(headers: &HeaderMap) -> Option<&str> {
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(name, _)| *name == sessions::COOKIE_NAME)
-        .map(|(_, value)| value)
+        .map(|(_, value)| (value, true))
 }
 
-async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentSession, ApiError> {
-    let token = presented_token(headers).ok_or_else(|| {
+/// The request's session, and whether it came as the cookie.
+async fn authenticate(
+    state: &AppState,
+    headers: &HeaderMap,
+) -> Result<(CurrentSession, bool), ApiError> {
+    let (token, by_cookie) = presented_token(headers).ok_or_else(|| {
         ApiError::unauthorized(
             "unauthenticated",
             "log in first: send the session token as a cookie or `Authorization: Bearer`",
@@ -453,11 +467,24 @@ async fn authenticate(state: &AppState, headers: &HeaderMap) -> Result<CurrentSe
     }
     let username =
         Username::parse(row.username).map_err(|e| ApiError::internal("session user", &e))?;
-    Ok(CurrentSession {
+    let session = CurrentSession {
         token_hash,
         username,
         expires_at: row.expires_at,
-    })
+    };
+    Ok((session, by_cookie))
+}
+
+/// Whether the request's `Origin` is `public_url`'s.
+fn origin_matches(state: &AppState, headers: &HeaderMap) -> Option<bool> {
+    let origin = headers.get(header::ORIGIN)?;
+    Some(
+        origin
+            .to_str()
+            .ok()
+            .and_then(|o| url::Url::parse(o).ok())
+            .is_some_and(|o| o.origin() == state.public_url.origin()),
+    )
 }
 
 async fn require_session(
@@ -465,7 +492,22 @@ async fn require_session(
     mut req: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
-    let session = authenticate(&state, req.headers()).await?;
+    let (session, by_cookie) = authenticate(&state, req.headers()).await?;
+    // A browser sends the cookie with whatever request any page makes, and SameSite is a
+    // policy of the browser's, not ours: a change made with the cookie must come from our
+    // own pages, which browsers say in `Origin` on every request that is not a GET or HEAD.
+    // Clients that send the token themselves (the CLI, `Authorization: Bearer`) are not
+    // browsers riding on a cookie, and are let through.
+    if by_cookie && !req.method().is_safe() && origin_matches(&state, req.headers()) != Some(true) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            format!(
+                "a change made with the session cookie must come from a page of {} (its Origin header is missing or another)",
+                state.public_url.origin().ascii_serialization()
+            ),
+        ));
+    }
     req.extensions_mut().insert(session);
     Ok(next.run(req).await)
 }
@@ -477,20 +519,13 @@ async fn require_session_and_origin(
 ) -> Result<Response, ApiError> {
     // Browsers always send Origin on a WebSocket upgrade, and a page of another site must not
     // ride on the user's cookie. Clients that are not browsers (the CLI) send none.
-    if let Some(origin) = req.headers().get(header::ORIGIN) {
+    if origin_matches(&state, req.headers()) == Some(false) {
         let allowed = state.public_url.origin().ascii_serialization();
-        let matches = origin
-            .to_str()
-            .ok()
-            .and_then(|o| url::Url::parse(o).ok())
-            .is_some_and(|o| o.origin() == state.public_url.origin());
-        if !matches {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "forbidden_origin",
-                format!("WebSocket connections are accepted only from pages of {allowed}"),
-            ));
-        }
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            format!("WebSocket connections are accepted only from pages of {allowed}"),
+        ));
     }
     require_session(State(state), req, next).await
 }

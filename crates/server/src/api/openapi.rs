@@ -18,6 +18,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::{Access, agents, auth, catalog, deployments, route_table, runtime, sandboxes};
 use crate::sessions::COOKIE_NAME;
+use crate::ui;
 
 /// The names of the security schemes in the document.
 const SESSION_COOKIE: &str = "session_cookie";
@@ -31,7 +32,14 @@ const AGENT_TOKEN: &str = "agent_token";
         description = "The JSON API of SDP, the Sandbox Deployment Platform. Errors are the HTTP status and `{\"error\": {\"code\", \"message\"}}` (the `ErrorBody` schema); times are RFC 3339; a path's sandbox is its id or its name."
     ),
     paths(
-        super::dashboard,
+        ui::home,
+        ui::login,
+        ui::sandboxes,
+        ui::new_sandbox,
+        ui::sandbox,
+        ui::deployment,
+        ui::agents,
+        ui::asset,
         super::health,
         super::scrape_metrics,
         document,
@@ -52,6 +60,7 @@ const AGENT_TOKEN: &str = "agent_token";
         runtime::logs,
         runtime::history,
         deployments::list,
+        deployments::of_sandbox,
         deployments::get,
         deployments::logs,
         agents::socket,
@@ -62,7 +71,7 @@ const AGENT_TOKEN: &str = "agent_token";
     components(schemas(sdp_api::Frame)),
     modifiers(&ByAccess),
     tags(
-        (name = "dashboard", description = "The web page"),
+        (name = "dashboard", description = "The web app: its page, for each of its routes, and its static files"),
         (name = "session", description = "Health, login and the session"),
         (name = "catalog", description = "Services and their branches"),
         (name = "agents", description = "The agents"),
@@ -141,8 +150,17 @@ impl Modify for ByAccess {
                 continue;
             };
             match route.access {
-                Access::Public | Access::Page | Access::Metrics => {}
-                Access::Session => require_session(operation),
+                Access::Public | Access::Page | Access::Asset | Access::Metrics => {}
+                Access::Session => {
+                    require_session(operation);
+                    if !route.method.is_safe() {
+                        refusal(
+                            operation,
+                            "403",
+                            "`forbidden_origin`: the session came as the cookie, and the request's `Origin` is missing or not `public_url`'s",
+                        );
+                    }
+                }
                 Access::SessionWebSocket => {
                     require_session(operation);
                     refusal(
@@ -293,7 +311,7 @@ mod tests {
                 .map(String::as_str)
                 .collect();
             let expected: &[&str] = match route.access {
-                Access::Public | Access::Page | Access::Metrics => &[],
+                Access::Public | Access::Page | Access::Asset | Access::Metrics => &[],
                 Access::Session | Access::SessionWebSocket => &[SESSION_COOKIE, SESSION_BEARER],
                 Access::Agent => &[AGENT_TOKEN],
             };

@@ -467,6 +467,7 @@ pub(crate) fn list_query<S: std::fmt::Display + Copy>(
     Ok(ListQuery {
         owner: params.owner,
         state: params.state,
+        sandbox: None,
         limit,
         after,
     })

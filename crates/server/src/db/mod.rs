@@ -80,6 +80,8 @@ where
 pub struct ListQuery {
     pub owner: Option<String>,
     pub state: Option<String>,
+    /// Deployments of this sandbox only (an id).
+    pub sandbox: Option<String>,
     pub limit: u32,
     /// `(created_at, id)` of the last item of the previous page.
     pub after: Option<(i64, String)>,
@@ -141,13 +143,14 @@ impl Db {
     /// One page of a listing's rows, newest first, after the cursor's `(created_at, id)`.
     async fn page(&self, listing: Listing, q: &ListQuery) -> Result<Vec<SqliteRow>, sqlx::Error> {
         // Both names are ours, never the request's.
-        let (table, owner) = match listing {
-            Listing::Sandboxes => ("sandboxes", "owner"),
-            Listing::Deployments => ("deployments", "requested_by"),
+        let (table, owner, sandbox) = match listing {
+            Listing::Sandboxes => ("sandboxes", "owner", "id"),
+            Listing::Deployments => ("deployments", "requested_by", "sandbox_id"),
         };
         let sql = format!(
             "SELECT * FROM {table}
              WHERE (?1 IS NULL OR {owner} = ?1) AND (?2 IS NULL OR state = ?2)
+               AND (?7 IS NULL OR {sandbox} = ?7)
                AND (created_at < ?3 OR (created_at = ?3 AND id < ?4) OR ?5)
              ORDER BY created_at DESC, id DESC LIMIT ?6"
         );
@@ -159,6 +162,7 @@ impl Db {
             .bind(&after_id)
             .bind(q.after.is_none())
             .bind(i64::from(q.limit))
+            .bind(&q.sandbox)
             .fetch_all(&self.pool)
             .await
     }
