@@ -210,18 +210,7 @@ impl Router {
     /// listener of its own, apart from the routed traffic. Other paths are 404.
     pub async fn serve_metrics(&self, listener: TcpListener, shutdown: CancellationToken) {
         let header_read_timeout = self.shared.config.header_read_timeout;
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "router metrics cannot accept a connection");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, peer)) = accept(&listener, &shutdown, "router metrics").await {
             let router = self.clone();
             let stop = shutdown.clone();
             tokio::spawn(async move {
@@ -266,19 +255,7 @@ impl Router {
             return;
         }
         let mut next = 0usize;
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors, typically: wait rather than spin.
-                        tracing::warn!(error = %e, "router cannot accept a connection");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        while let Some((stream, peer)) = accept(&listener, &shutdown, "router").await {
             let _ = stream.set_nodelay(true);
             let Ok(stream) = stream.into_std() else {
                 continue;
@@ -367,5 +344,26 @@ async fn serve_connection(inner: Arc<Inner>, stream: tokio::net::TcpStream, peer
         .with_upgrades();
     if let Err(e) = connection.await {
         tracing::debug!(%peer, error = %e, "router connection ended with an error");
+    }
+}
+
+/// The next connection on `listener`, or `None` once `shutdown` is cancelled. A failing
+/// accept (out of file descriptors, typically) is waited out rather than spun on.
+async fn accept(
+    listener: &TcpListener,
+    shutdown: &CancellationToken,
+    what: &str,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => return Some(accepted),
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
     }
 }
