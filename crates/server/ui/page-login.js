@@ -18,7 +18,8 @@ export default function loginPage(root, ctx) {
   const password = h('input', { id: 'password', name: 'password', type: 'password', autocomplete: 'current-password', required: true });
   const submit = h('button', { type: 'submit', id: 'login-submit', class: 'primary' }, 'Sign in');
   const notice = h('p', { id: 'dev-notice', class: 'notice', hidden: !session.devMode },
-    'Dev mode: the demo repositories are local, so any username and password is accepted.');
+    'Dev mode: the demo repositories are local, so any username and password is accepted. ' +
+    'Logs hide the password wherever it appears, as they would a real one: a long one keeps them readable.');
   const form = h('form', { id: 'login-form', class: 'card narrow', novalidate: true },
     h('h1', null, 'Sign in with your Bitbucket credentials'),
     notice,
