@@ -60,6 +60,18 @@ fn have(programs: &[&str]) -> bool {
     false
 }
 
+/// [`have`], and root, which the ssh tests need (they start sshd and write install roots
+/// owned by others): without it the test is skipped, and fails under `CI=true`.
+fn have_as_root(programs: &[&str]) -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        let how = "the ssh deploy tests need root";
+        assert!(std::env::var("CI").as_deref() != Ok("true"), "{how}");
+        eprintln!("skipping: {how}");
+        return false;
+    }
+    have(programs)
+}
+
 /// The block that `deploy.sh` splices into a site, as it renders it: the lines of
 /// `sdp-locations.conf` indented by four spaces between the marker lines.
 fn rendered_block() -> String {
@@ -757,13 +769,7 @@ fn assert_restart_order(calls: &[String]) {
 
 #[test]
 fn deploy_sh_installs_upgrades_and_rolls_back_over_ssh_with_keys_only() {
-    if !have(&["/usr/sbin/sshd", "/usr/bin/ssh", "/usr/sbin/nginx"])
-        || !nix::unistd::geteuid().is_root()
-    {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the ssh deploy test needs root, sshd and nginx in CI");
-        }
-        eprintln!("skipping: the ssh deploy test needs root, sshd and nginx");
+    if !have_as_root(&["/usr/sbin/sshd", "/usr/bin/ssh", "/usr/sbin/nginx"]) {
         return;
     }
     let hosts = Hosts::start();
@@ -1029,11 +1035,7 @@ fn deploy_sh_installs_upgrades_and_rolls_back_over_ssh_with_keys_only() {
 
 #[test]
 fn deploy_sh_fails_without_prompting_when_a_host_takes_no_key() {
-    if !have(&["/usr/sbin/sshd", "/usr/bin/ssh"]) || !nix::unistd::geteuid().is_root() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the ssh deploy test needs root and sshd in CI");
-        }
-        eprintln!("skipping: the ssh deploy test needs root and sshd");
+    if !have_as_root(&["/usr/sbin/sshd", "/usr/bin/ssh"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -1076,13 +1078,7 @@ fn deploy_sh_fails_without_prompting_when_a_host_takes_no_key() {
 
 #[test]
 fn deploy_sh_puts_the_site_back_when_nginx_refuses_the_block() {
-    if !have(&["/usr/sbin/sshd", "/usr/bin/ssh", "/usr/sbin/nginx"])
-        || !nix::unistd::geteuid().is_root()
-    {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("the ssh deploy test needs root, sshd and nginx in CI");
-        }
-        eprintln!("skipping: the ssh deploy test needs root, sshd and nginx");
+    if !have_as_root(&["/usr/sbin/sshd", "/usr/bin/ssh", "/usr/sbin/nginx"]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
