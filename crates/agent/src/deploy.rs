@@ -23,6 +23,7 @@ use sdp_protocol::{
 use tokio_util::sync::CancellationToken;
 
 use crate::events::Outbox;
+use crate::gateway_routes::GatewayRoutesFiles;
 use crate::git::{BASE_PASS_THROUGH, Git};
 use crate::group::GroupGuard;
 use crate::health;
@@ -78,6 +79,8 @@ pub struct Deployer {
     pub users: UserCode,
     pub build_timeout: Duration,
     pub health_timeout: Duration,
+    /// Gateway agents: the routes files of the sandboxes' own API gateways.
+    pub gateway_routes: Option<Arc<GatewayRoutesFiles>>,
 }
 
 /// Why a service did not come up, as the user reads it.
@@ -86,6 +89,10 @@ struct Failure(String);
 impl Deployer {
     /// Runs a deploy job to its outcome, or until `cancel` (a teardown) stops it.
     pub async fn run(&self, job: DeployJob, cancel: CancellationToken) {
+        if job.after_seq > 0 {
+            // The log holds another agent's half of this deployment already.
+            self.outbox.continue_after(&job.deployment, job.after_seq);
+        }
         let _held = tokio::select! {
             _ = cancel.cancelled() => None,
             held = self.supervisor.hold(&job.sandbox_id) => Some(held),
@@ -256,7 +263,38 @@ impl Deployer {
             health_interval_ms: spec.health_interval_ms,
             checkout: checkout.clone(),
             home: self.layout.home_of(sandbox),
+            gateway: spec.gateway.clone(),
         };
+        if let Some(gateway) = &spec.gateway {
+            // Its routes are in place before it starts.
+            let Some(files) = &self.gateway_routes else {
+                out.step(d, service, Step::Starting, StepState::Failed)
+                    .await;
+                return Err(Failure(format!(
+                    "{service} is an API gateway, which only a gateway agent runs"
+                )));
+            };
+            let routes = files.routes_of(&job.sandbox);
+            if let Err(reason) = files
+                .write(sandbox, service, gateway, &checkout, &routes)
+                .await
+            {
+                out.step(d, service, Step::Starting, StepState::Failed)
+                    .await;
+                return Err(Failure(format!("{service}: {reason}")));
+            }
+            out.system(
+                d,
+                Some(service),
+                format!(
+                    "{} routes of table generation {} written to {}",
+                    routes.routes.len(),
+                    routes.generation,
+                    gateway.routes_file
+                ),
+            )
+            .await;
+        }
         let (request, tail) = self
             .supervisor
             .request(sandbox, &kept, Some(self.outbox.clone()));
@@ -532,6 +570,7 @@ pub(crate) mod tests {
             users,
             build_timeout: Duration::from_secs(60),
             health_timeout: Duration::from_secs(5),
+            gateway_routes: None,
         }
     }
 
@@ -554,6 +593,7 @@ pub(crate) mod tests {
             health_interval_ms: 1000,
             checkout: "/nonexistent".into(),
             home: "/nonexistent".into(),
+            gateway: None,
         }
     }
 

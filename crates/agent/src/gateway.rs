@@ -273,6 +273,7 @@ mod tests {
             upstreams: BTreeMap::from([(orders.clone(), upstream.to_string())]),
             down: BTreeMap::new(),
             sleeping,
+            gateway: None,
         };
         RouteTable {
             generation: 1,

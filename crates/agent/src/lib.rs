@@ -13,6 +13,7 @@ mod config;
 mod deploy;
 mod events;
 mod gateway;
+mod gateway_routes;
 mod git;
 mod group;
 mod health;
@@ -49,6 +50,7 @@ pub use config::{
 use deploy::Deployer;
 use events::{Outbox, Queue, Stream};
 use gateway::Gateway;
+use gateway_routes::GatewayRoutesFiles;
 pub use git::Git;
 use runtime::{DockerLimits, DockerRuntime, ImageArchive, ImageError, ProcessRuntime};
 use runtime_log::RuntimeLog;
@@ -150,7 +152,9 @@ impl Agent {
         let events = Arc::new(Outbox::default());
         let runtime_log = Arc::new(RuntimeLog::new(&layout.state));
         let mut docker = None;
-        let deployer = if config.role == Role::Micro {
+        // Both roles deploy: micro agents the sandboxes' services, gateway agents the
+        // sandboxes' own API gateways (`kind = "gateway"`).
+        let deployer = {
             let ports = parse_port_range(&config.port_range).map_err(AgentError::Config)?;
             let runtime: Arc<dyn runtime::Runtime> = match config.runtime {
                 Runtime::Process => Arc::new(ProcessRuntime::new(
@@ -195,6 +199,8 @@ impl Agent {
                     runtime
                 }
             };
+            let gateway_routes = (config.role == Role::Gateway)
+                .then(|| Arc::new(GatewayRoutesFiles::new(users.clone())));
             Some(Arc::new(Deployer {
                 git: git.clone(),
                 supervisor: Arc::new(Supervisor::new(
@@ -209,9 +215,8 @@ impl Agent {
                 users,
                 build_timeout: config.build_timeout.get(),
                 health_timeout: config.health_timeout.get(),
+                gateway_routes,
             }))
-        } else {
-            None
         };
         let gateway = match (&config.gateway, config.role) {
             (Some(gateway), Role::Gateway) => Some(Arc::new(Gateway::new(gateway, &layout.root))),
@@ -368,6 +373,13 @@ impl Agent {
                 Runtime::Process => Capability::RuntimeProcess,
             }),
             Role::Gateway => capabilities.push(Capability::Router),
+        }
+        // Gateway agents run the sandboxes' own API gateways too.
+        if self.config.role == Role::Gateway {
+            capabilities.push(match self.config.runtime {
+                Runtime::Docker => Capability::RuntimeDocker,
+                Runtime::Process => Capability::RuntimeProcess,
+            });
         }
         Hello {
             protocol: PROTOCOL_VERSION,
@@ -628,7 +640,17 @@ impl Worker {
             JobKind::Deploy(job) => self.start_deploy(job),
             JobKind::Teardown(Teardown { sandbox_id }) => self.teardown(sandbox_id).await,
             JobKind::Routes(table) => match &self.gateway {
-                Some(gateway) => gateway.install(&table),
+                Some(gateway) => {
+                    let applied = gateway.install(&table);
+                    // The sandboxes' own gateways follow the table the router uses.
+                    if applied == JobOutput::RoutesApplied
+                        && let Some(deployer) = &self.deployer
+                        && let Some(files) = &deployer.gateway_routes
+                    {
+                        files.apply(&table, &deployer.supervisor).await;
+                    }
+                    applied
+                }
                 None => unsupported("only gateway agents route"),
             },
             JobKind::Requests(Requests { sandbox }) => match &self.gateway {
@@ -643,7 +665,7 @@ impl Worker {
     /// Takes a deploy job: it runs in its own task; its progress goes out as events.
     fn start_deploy(self: &Arc<Self>, job: DeployJob) -> JobOutput {
         let Some(deployer) = self.deployer.clone() else {
-            return unsupported("only micro agents deploy");
+            return unsupported("this agent does not deploy");
         };
         let mut active = self.lock_active();
         if let Some(running) = active.get(&job.sandbox_id) {
@@ -744,6 +766,9 @@ impl Worker {
         if let Some((cancel, mut done)) = running {
             cancel.cancel();
             let _ = done.wait_for(|d| *d).await;
+        }
+        if let Some(files) = &deployer.gateway_routes {
+            files.forget(&sandbox);
         }
         match deployer.teardown(&sandbox).await {
             Ok(()) => {

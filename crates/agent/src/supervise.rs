@@ -25,8 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sdp_protocol::{
-    DeploymentId, InstanceReport, InstanceState, RestartPolicy, SandboxId, SandboxName,
-    ServiceName, ServiceOutcome,
+    DeploymentId, GatewaySpec, InstanceReport, InstanceState, RestartPolicy, SandboxId,
+    SandboxName, ServiceName, ServiceOutcome,
 };
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
@@ -62,6 +62,9 @@ pub struct InstanceSpec {
     pub health_interval_ms: u64,
     pub checkout: PathBuf,
     pub home: PathBuf,
+    /// Set for a sandbox's own API gateway: how it learns the sandbox's routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewaySpec>,
 }
 
 /// The numbers of the restart policy.
@@ -362,6 +365,66 @@ impl Supervisor {
             .insert(key, Watch { cancel, task });
         if let Some(old) = old {
             old.cancel.cancel();
+        }
+    }
+
+    /// The watched instances that are a sandbox's own API gateway, with their specs.
+    pub fn gateways(&self) -> Vec<(SandboxId, InstanceSpec)> {
+        let keys: Vec<(SandboxId, ServiceName)> = self
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        keys.into_iter()
+            .filter_map(|(sandbox, service)| {
+                let spec: InstanceSpec = serde_json::from_slice(
+                    &std::fs::read(self.spec_path(&sandbox, &service)).ok()?,
+                )
+                .ok()?;
+                spec.gateway.is_some().then_some((sandbox, spec))
+            })
+            .collect()
+    }
+
+    /// Starts a watched instance again now (a gateway reloaded by `restart`), and reports
+    /// where it runs. Nothing happens to one no longer watched (redeployed, asleep, torn
+    /// down meanwhile); one that does not come up is left to the restart policy.
+    pub async fn restart_now(
+        self: &Arc<Self>,
+        sandbox: &SandboxId,
+        spec: InstanceSpec,
+    ) -> Result<(), String> {
+        let _held = self.hold(sandbox).await;
+        let key = (sandbox.clone(), spec.service.clone());
+        if !self
+            .watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&key)
+        {
+            return Ok(());
+        }
+        self.unwatch(sandbox, &spec.service).await;
+        match self.restart(sandbox, &spec).await {
+            Ok((instance, tail)) => {
+                let upstream = self.upstream(&instance);
+                self.log
+                    .system(
+                        sandbox,
+                        &spec.service,
+                        format!("{} restarted to read its routes", spec.service),
+                    )
+                    .await;
+                self.running(sandbox, &spec.service, upstream, 0).await;
+                self.watch(sandbox, spec, Some((instance, tail)));
+                Ok(())
+            }
+            Err(reason) => {
+                self.watch(sandbox, spec, None);
+                Err(reason)
+            }
         }
     }
 
@@ -831,6 +894,7 @@ mod tests {
             restart,
             health_interval_ms: 50,
             home: work.join("home"),
+            gateway: None,
             checkout,
         }
     }

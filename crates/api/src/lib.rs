@@ -87,6 +87,9 @@ pub struct Service {
     pub repo: String,
     pub routes: Vec<String>,
     pub baseline: String,
+    /// `service`, or `gateway`: the company's API gateway, which runs on the gateway agent
+    /// and gets every request of a sandbox that selects it.
+    pub kind: String,
 }
 
 /// An agent, connected or seen before (`GET /api/agents`).

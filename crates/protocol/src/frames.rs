@@ -267,6 +267,15 @@ pub struct DeployJob {
     /// Given to services as `SDP_GATEWAY_URL`.
     pub gateway_url: String,
     pub services: Vec<ServiceSpec>,
+    /// The deployment's log holds events up to this `seq` already (another agent's: the
+    /// micro agent deploys a sandbox's services, then the gateway agent its gateway), so
+    /// this agent's go on from the next.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub after_seq: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 job_spec!(DeployJob, Deploy, "deploy", (), JobOutput::Accepted => ());
 
@@ -325,6 +334,9 @@ pub struct ServiceSpec {
     /// make it `unhealthy`.
     #[serde(default = "default_health_interval_ms")]
     pub health_interval_ms: u64,
+    /// Set for the company's API gateway (`kind = "gateway"`), which the gateway agent runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<crate::GatewaySpec>,
 }
 
 fn default_health_interval_ms() -> u64 {
@@ -988,7 +1000,37 @@ mod tests {
                         env: BTreeMap::from([("LOG_LEVEL".into(), "debug".into())]),
                         restart: RestartPolicy::Never,
                         health_interval_ms: 2000,
+                        gateway: None,
                     }],
+                    after_seq: 0,
+                }),
+            }),
+            ServerMessage::Job(Job {
+                id: RequestId(13),
+                job: JobKind::Deploy(DeployJob {
+                    deployment: dep(),
+                    sandbox_id: sbx(),
+                    sandbox: SandboxName::parse("pay-42").unwrap(),
+                    credentials: creds(),
+                    gateway_url: "http://127.0.0.1:8081".into(),
+                    services: vec![ServiceSpec {
+                        service: ServiceName::parse("api-gateway").unwrap(),
+                        repo: repo(),
+                        branch: BranchName::parse("feature/auth").unwrap(),
+                        build: "go build -o .sdp/bin/gw ./cmd/gateway".into(),
+                        run: "./.sdp/bin/gw".into(),
+                        port: 8080,
+                        health: "/healthz".into(),
+                        env: BTreeMap::new(),
+                        restart: RestartPolicy::OnFailure,
+                        health_interval_ms: 10000,
+                        gateway: Some(crate::GatewaySpec {
+                            routes_file: crate::CheckoutPath::parse("config/routes.json").unwrap(),
+                            routes_template: None,
+                            reload: crate::Reload::parse("signal:HUP").unwrap(),
+                        }),
+                    }],
+                    after_seq: 12,
                 }),
             }),
             ServerMessage::Job(Job {
@@ -1016,6 +1058,7 @@ mod tests {
                             InstanceState::Crashed,
                         )]),
                         sleeping: false,
+                        gateway: None,
                     }],
                     wake_timeout_ms: 60_000,
                 }),

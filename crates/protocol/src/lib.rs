@@ -7,6 +7,7 @@
 
 mod credentials;
 mod frames;
+mod gateway;
 mod names;
 mod replies;
 mod routes;
@@ -21,10 +22,13 @@ pub use frames::{
     ServiceOutcome, ServiceSpec, Sleep, Step, StepState, Teardown, UnknownStep, WakeJob, Welcome,
     decode_agent_frame, decode_server_frame, encode, encode_frame,
 };
+pub use gateway::{CheckoutPath, GatewaySpec, InvalidGatewaySetting, Reload, ReloadSignal};
 pub use names::{
     AgentName, BranchName, DeploymentId, InvalidName, RepoUrl, SandboxId, SandboxName, ServiceName,
     Username,
 };
 pub use replies::{MAX_REPLY_BYTES, ReplyAssembly, ReplyError};
-pub use routes::{RouteDecision, RouteKind, RouteTable, SandboxRoutes, ServiceRoutes};
+pub use routes::{
+    GatewayRoute, GatewayRoutes, RouteDecision, RouteKind, RouteTable, SandboxRoutes, ServiceRoutes,
+};
 pub use sizing::{encoded_len, escaped_char_len, escaped_len, escaped_pieces, split_escaped};

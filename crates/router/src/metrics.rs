@@ -47,7 +47,7 @@ impl Target {
 impl From<RouteKind> for Target {
     fn from(kind: RouteKind) -> Self {
         match kind {
-            RouteKind::Sandbox => Target::Sandbox,
+            RouteKind::Sandbox | RouteKind::Gateway => Target::Sandbox,
             RouteKind::Baseline => Target::Baseline,
         }
     }

@@ -109,7 +109,7 @@ fn error_response(status: StatusCode, body: serde_json::Value, route: RouteKind)
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    headers.insert(ROUTE_HEADER, HeaderValue::from_static(route.as_str()));
+    headers.insert(ROUTE_HEADER, HeaderValue::from_static(route.header_value()));
     response
 }
 
@@ -487,7 +487,7 @@ pub(crate) async fn forward(
     }
     response
         .headers_mut()
-        .insert(ROUTE_HEADER, HeaderValue::from_static(kind.as_str()));
+        .insert(ROUTE_HEADER, HeaderValue::from_static(kind.header_value()));
     pending.record(Some(&service.name), kind, Some(upstream.label()), status);
     (response.map(Either::Left), kind.into())
 }

@@ -172,6 +172,9 @@ pub struct Sandbox {
     down: FastMap<usize, InstanceState>,
     /// Its requests are held until a table says it is awake.
     sleeping: bool,
+    /// The index of its own API gateway, when it runs one (placed: up or down): every request
+    /// of the sandbox goes there, whatever its path.
+    gateway: Option<usize>,
     /// Set when a request for it is routed; shared by every thread's table and by the tables
     /// that follow while the sandbox stays in them, and cleared by [`Activity::take`].
     active: Arc<AtomicBool>,
@@ -354,7 +357,7 @@ impl Table {
             }
             // A service down is the sandbox's all the same: its requests never fall back to the
             // baseline, which would answer for code the user did not deploy.
-            let down = sandbox
+            let down: FastMap<usize, InstanceState> = sandbox
                 .down
                 .iter()
                 .filter(|(service, state)| {
@@ -362,11 +365,17 @@ impl Table {
                 })
                 .filter_map(|(service, state)| Some((*index.get(service)?, *state)))
                 .collect();
+            let gateway = sandbox
+                .gateway
+                .as_ref()
+                .and_then(|service| index.get(service).copied())
+                .filter(|i| upstreams.contains_key(i) || down.contains_key(i));
             compiled.sandboxes.insert(
                 sandbox.sandbox.to_string(),
                 Sandbox {
                     upstreams,
                     down,
+                    gateway,
                     sleeping: sandbox.sleeping,
                     active: activity.flag(sandbox.sandbox.as_str()),
                 },
@@ -457,6 +466,21 @@ impl Table {
 
     /// Where a request for `path` goes, in `sandbox` (found by [`Table::sandbox`]) or none.
     pub fn route_in<'t>(&'t self, sandbox: Option<&'t Sandbox>, path: &str) -> Route<'t> {
+        if let Some(s) = sandbox
+            && let Some(i) = s.gateway
+        {
+            let service = &self.services[i];
+            return match (s.upstreams.get(&i), s.down.get(&i)) {
+                (Some(upstream), _) => Route::To {
+                    service,
+                    upstream,
+                    kind: RouteKind::Gateway,
+                },
+                (None, Some(&state)) => Route::Down { service, state },
+                // Compiled only when placed.
+                (None, None) => Route::NoBaseline { service },
+            };
+        }
         let Some(i) = self.service_index(path) else {
             return Route::NoRoute;
         };
@@ -549,6 +573,7 @@ mod tests {
                 )]),
                 down: BTreeMap::new(),
                 sleeping: false,
+                gateway: None,
             }],
         })
         .unwrap()
@@ -671,6 +696,7 @@ mod tests {
                     (ServiceName::parse("web").unwrap(), InstanceState::Running),
                 ]),
                 sleeping: false,
+                gateway: None,
             }],
             ..RouteTable::default()
         })
@@ -728,6 +754,7 @@ mod tests {
                 ]),
                 down: BTreeMap::new(),
                 sleeping: false,
+                gateway: None,
             }],
             ..RouteTable::default()
         })

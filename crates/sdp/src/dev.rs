@@ -197,6 +197,11 @@ fn service(repos: &Path, demo: &Demo, exe: &Path) -> anyhow::Result<ServiceConfi
         env: Default::default(),
         restart: Default::default(),
         health_interval: ConfigDuration::from_secs(10),
+        kind: Default::default(),
+        routes_file: None,
+        routes_format: None,
+        routes_template: None,
+        reload: None,
     })
 }
 

@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use sdp_config::{ByteSize, ConfigDuration, Secret};
-use sdp_protocol::{RepoUrl, RestartPolicy, ServiceName};
+use sdp_protocol::{CheckoutPath, GatewaySpec, Reload, RepoUrl, RestartPolicy, ServiceName};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +112,113 @@ pub struct ServiceConfig {
     /// How often `health` is checked after `ready`; three failures in a row = `unhealthy`.
     #[serde(default = "default_health_interval")]
     pub health_interval: ConfigDuration,
+    /// `service` (deployed on a micro agent, routed by its `routes`) or `gateway` (the
+    /// company's own API gateway: deployed on the gateway agent, it gets every request of
+    /// the sandbox that selects it).
+    #[serde(default)]
+    pub kind: ServiceKind,
+    /// Gateways: where the agent writes the sandbox's routes, relative to the working
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_file: Option<CheckoutPath>,
+    /// Gateways: `json`, or `template` (`routes_template` rendered with the same data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_format: Option<RoutesFormat>,
+    /// Gateways with `routes_format = "template"`: a file of the gateway's own repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_template: Option<CheckoutPath>,
+    /// Gateways: `restart`, or `signal:HUP` (`USR1`, `USR2`) to reload the routes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload: Option<Reload>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceKind {
+    #[default]
+    Service,
+    Gateway,
+}
+
+impl ServiceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceKind::Service => "service",
+            ServiceKind::Gateway => "gateway",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutesFormat {
+    Json,
+    Template,
+}
+
+impl ServiceConfig {
+    /// What the gateway agent needs to keep a gateway's routes (none for other services).
+    /// Checked by `validate` before.
+    pub fn gateway_spec(&self) -> Option<GatewaySpec> {
+        if self.kind != ServiceKind::Gateway {
+            return None;
+        }
+        Some(GatewaySpec {
+            routes_file: self.routes_file.clone()?,
+            routes_template: match self.routes_format {
+                Some(RoutesFormat::Template) => self.routes_template.clone(),
+                Some(RoutesFormat::Json) | None => None,
+            },
+            reload: self.reload.unwrap_or(Reload::Restart),
+        })
+    }
+
+    /// Checks the keys of a gateway, and that other services have none of them.
+    fn validate_kind(&self) -> Result<(), String> {
+        let name = &self.name;
+        match self.kind {
+            ServiceKind::Service => {
+                for (key, set) in [
+                    ("routes_file", self.routes_file.is_some()),
+                    ("routes_format", self.routes_format.is_some()),
+                    ("routes_template", self.routes_template.is_some()),
+                    ("reload", self.reload.is_some()),
+                ] {
+                    if set {
+                        return Err(format!(
+                            "service `{name}`: `{key}` is only for `kind = \"gateway\"`"
+                        ));
+                    }
+                }
+            }
+            ServiceKind::Gateway => {
+                if self.routes_file.is_none() {
+                    return Err(format!(
+                        "gateway `{name}` needs `routes_file`: where the agent writes the sandbox's routes"
+                    ));
+                }
+                if !self.routes.is_empty() || !self.baseline.is_empty() {
+                    return Err(format!(
+                        "gateway `{name}` takes no `routes` or `baseline`: it gets every request of the sandbox that selects it"
+                    ));
+                }
+                match (self.routes_format, &self.routes_template) {
+                    (Some(RoutesFormat::Template), None) => {
+                        return Err(format!(
+                            "gateway `{name}`: `routes_format = \"template\"` needs `routes_template`, a file of the gateway's repository"
+                        ));
+                    }
+                    (Some(RoutesFormat::Json) | None, Some(_)) => {
+                        return Err(format!(
+                            "gateway `{name}`: `routes_template` is used only with `routes_format = \"template\"`"
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_listen() -> SocketAddr {
@@ -257,6 +364,7 @@ impl ServerConfig {
                     s.name
                 ));
             }
+            s.validate_kind()?;
             if s.build.trim().is_empty() || s.run.trim().is_empty() {
                 return Err(format!(
                     "service `{}`: `build` and `run` cannot be empty",

@@ -653,6 +653,7 @@ mod tests {
                 upstreams: BTreeMap::from([(service.clone(), format!("10.0.0.1:{}", 20_000 + i))]),
                 down: BTreeMap::new(),
                 sleeping: false,
+                gateway: None,
             })
             .collect();
         let table = RouteTable {

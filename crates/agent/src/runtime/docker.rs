@@ -26,7 +26,7 @@ use bollard::query_parameters::{
     LogsOptionsBuilder, RemoveContainerOptionsBuilder,
 };
 use futures_util::StreamExt;
-use sdp_protocol::{DeploymentId, LogStream, RestartPolicy, SandboxId, ServiceName};
+use sdp_protocol::{DeploymentId, LogStream, ReloadSignal, RestartPolicy, SandboxId, ServiceName};
 
 use super::{Exit, Instance, Output, Ports, Runtime, RuntimeError, StartRequest};
 use crate::lines::Splitter;
@@ -577,6 +577,35 @@ impl Runtime for DockerRuntime {
             format!("{LABEL_SERVICE}={service}"),
         ])
         .await
+    }
+
+    async fn signal(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        signal: ReloadSignal,
+    ) -> Result<(), RuntimeError> {
+        // The engine signals the container's first process: the service, where the image's
+        // `sh -c` runs a single command in its place (busybox and alpine do).
+        let found = self
+            .containers(&[
+                format!("{LABEL_SANDBOX}={sandbox}"),
+                format!("{LABEL_SERVICE}={service}"),
+            ])
+            .await?;
+        if found.is_empty() {
+            return Err(RuntimeError(format!("{service} has no container")));
+        }
+        for (id, _) in found {
+            let options = bollard::query_parameters::KillContainerOptionsBuilder::default()
+                .signal(&format!("SIG{}", signal.as_str()))
+                .build();
+            self.docker
+                .kill_container(&id, Some(options))
+                .await
+                .map_err(|e| err("cannot signal the container", e))?;
+        }
+        Ok(())
     }
 
     async fn stop_sandbox(&self, sandbox: &SandboxId) -> Result<(), RuntimeError> {

@@ -12,7 +12,9 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use sdp_protocol::{DeploymentId, RestartPolicy, SandboxId, SandboxName, ServiceName};
+use sdp_protocol::{
+    DeploymentId, ReloadSignal, RestartPolicy, SandboxId, SandboxName, ServiceName,
+};
 
 pub use docker::{DockerLimits, DockerRuntime, ImageArchive, ImageError};
 pub(crate) use ports::Ports;
@@ -114,6 +116,14 @@ pub trait Runtime: Send + Sync {
         &self,
         sandbox: &SandboxId,
         service: &ServiceName,
+    ) -> Result<(), RuntimeError>;
+    /// Sends `signal` to the instance of `service` in `sandbox` (a gateway's reload): to the
+    /// service itself, never to a shell that only waits for it.
+    async fn signal(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        signal: ReloadSignal,
     ) -> Result<(), RuntimeError>;
     /// Stops and removes every instance of sandbox `sandbox`, and nothing of another id.
     async fn stop_sandbox(&self, sandbox: &SandboxId) -> Result<(), RuntimeError>;

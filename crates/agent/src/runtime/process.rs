@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use sdp_protocol::{DeploymentId, LogStream, SandboxId, ServiceName};
+use sdp_protocol::{DeploymentId, LogStream, ReloadSignal, SandboxId, ServiceName};
 use serde::{Deserialize, Serialize};
 
 use tokio_util::sync::CancellationToken;
@@ -271,6 +271,27 @@ impl ProcessRuntime {
     }
 }
 
+/// The processes of process group `pgid`, found in `/proc`.
+fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // Fields after the command name (which may hold spaces): state, ppid, pgrp.
+                    let after_name = &stat[stat.rfind(')')? + 1..];
+                    after_name.split_whitespace().nth(2)?.parse::<i32>().ok()
+                })
+                == Some(pgid)
+        })
+        .collect()
+}
+
 /// The services with a pid file in `dir`.
 fn pid_files(dir: &Path) -> Vec<ServiceName> {
     std::fs::read_dir(dir)
@@ -469,6 +490,42 @@ impl Runtime for ProcessRuntime {
         self.unfollow(sandbox, service);
         for stream in [LogStream::Stdout, LogStream::Stderr] {
             let _ = std::fs::remove_file(self.output_path(sandbox, service, stream));
+        }
+        Ok(())
+    }
+
+    async fn signal(
+        &self,
+        sandbox: &SandboxId,
+        service: &ServiceName,
+        signal: ReloadSignal,
+    ) -> Result<(), RuntimeError> {
+        let path = self.pid_path(sandbox, service);
+        let pid_file = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| serde_json::from_str::<PidFile>(&text).ok())
+            .ok_or_else(|| err(format!("{service} does not run")))?;
+        if pid_file.leader() != Leader::Alive {
+            return Err(err(format!("{service} does not run")));
+        }
+        let signal = match signal {
+            ReloadSignal::Hup => Signal::SIGHUP,
+            ReloadSignal::Usr1 => Signal::SIGUSR1,
+            ReloadSignal::Usr2 => Signal::SIGUSR2,
+        };
+        // The leader is the `sh -c` the instance was started with. A shell that runs the
+        // service as its child (dash does) would die of the signal: the members of its group
+        // get it instead, or the leader alone when the shell ran the service in its place.
+        let members = group_members(pid_file.pid);
+        let targets: Vec<i32> = match members.iter().any(|&pid| pid != pid_file.pid) {
+            true => members
+                .into_iter()
+                .filter(|&pid| pid != pid_file.pid)
+                .collect(),
+            false => vec![pid_file.pid],
+        };
+        for pid in targets {
+            let _ = nix::sys::signal::kill(Pid::from_raw(pid), signal);
         }
         Ok(())
     }

@@ -243,6 +243,7 @@ pub fn table(upstream: SocketAddr, sandboxes: &[(&str, bool)], wake_timeout_ms: 
                 upstreams: BTreeMap::from([(orders.clone(), upstream.to_string())]),
                 down: BTreeMap::new(),
                 sleeping,
+                gateway: None,
             })
             .collect(),
         wake_timeout_ms,

@@ -30,6 +30,7 @@ pub async fn services(State(state): State<AppState>) -> Json<Vec<Service>> {
                 repo: s.repo.to_string(),
                 routes: s.routes.clone(),
                 baseline: s.baseline.clone(),
+                kind: s.kind.as_str().to_owned(),
             })
             .collect(),
     )

@@ -261,18 +261,26 @@ impl AppState {
             config.max_runtime_log_size,
             metrics.stored_lines(LogKind::Runtime),
         )?;
+        let gateway_services: std::collections::HashSet<sdp_protocol::ServiceName> = config
+            .services
+            .iter()
+            .filter(|s| s.kind == crate::config::ServiceKind::Gateway)
+            .map(|s| s.name.clone())
+            .collect();
         let settings = Settings {
             job_timeout: config.job_timeout.get(),
             agent_timeout: config.agent_timeout.get(),
             gateway_url: config.gateway.public_url.clone(),
             idle_after: Some(config.idle_after.get()).filter(|d| !d.is_zero()),
             wake_timeout: config.wake_timeout.get(),
+            gateway_services: gateway_services.clone(),
         };
         let source = |dispatch| RouteSource {
             db: db.clone(),
             dispatch,
             base_domain: config.gateway.base_domain.clone(),
             catalog,
+            gateway_services,
             timeout: config.job_timeout.get(),
             wake_timeout: config.wake_timeout.get(),
         };

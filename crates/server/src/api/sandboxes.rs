@@ -140,7 +140,14 @@ fn specs(state: &AppState, services: &[Selection]) -> Result<Vec<ServiceSpec>, A
             env: service.env.clone(),
             restart: service.restart,
             health_interval_ms: service.health_interval.get().as_millis() as u64,
+            gateway: service.gateway_spec(),
         })
+    }
+    if out.iter().filter(|s| s.gateway.is_some()).count() > 1 {
+        return Err(ApiError::bad_request(
+            "two_gateways",
+            "a sandbox runs at most one API gateway: choose one of the gateway services",
+        ));
     }
     Ok(out)
 }

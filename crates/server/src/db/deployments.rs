@@ -42,6 +42,14 @@ pub struct Finish<'a> {
     pub instances: &'a [Instance],
 }
 
+/// Which of a sandbox's agents an agent is: the micro agent that runs its services, or the
+/// gateway agent that runs its own API gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    Micro,
+    Gateway,
+}
+
 /// Where an agent's outcome lands: its sandbox, and its deployment's state.
 pub struct OutcomeTarget {
     pub sandbox_id: SandboxId,
@@ -206,6 +214,7 @@ impl Db {
         deployment_id: &DeploymentId,
         sandbox_id: &SandboxId,
         agent: &AgentName,
+        placement: Placement,
     ) -> Result<bool, sqlx::Error> {
         let mut tx = self.write().await?;
         sqlx::query(
@@ -217,9 +226,14 @@ impl Db {
         .bind(agent.as_str())
         .execute(&mut *tx)
         .await?;
-        let live = sqlx::query(
-            "UPDATE sandboxes SET agent = ?2 WHERE id = ?1 AND state NOT IN ('expired', 'deleted')",
-        )
+        let live = sqlx::query(match placement {
+            Placement::Micro => {
+                "UPDATE sandboxes SET agent = ?2 WHERE id = ?1 AND state NOT IN ('expired', 'deleted')"
+            }
+            Placement::Gateway => {
+                "UPDATE sandboxes SET gateway_agent = ?2 WHERE id = ?1 AND state NOT IN ('expired', 'deleted')"
+            }
+        })
         .bind(sandbox_id.as_str())
         .bind(agent.as_str())
         .execute(&mut *tx)
@@ -391,6 +405,7 @@ impl Db {
         &self,
         deployment_id: &DeploymentId,
         agent: &AgentName,
+        placement: Placement,
         instances: &[Instance],
     ) -> Result<bool, sqlx::Error> {
         let mut tx = self.write().await?;
@@ -407,11 +422,14 @@ impl Db {
         let sandbox_id: SandboxId = parsed(&row, "sandbox_id")?;
         record_instances(&mut tx, &sandbox_id, deployment_id, instances).await?;
         // What runs of the sandbox runs there: its teardown and redeploys go to that agent.
-        sqlx::query("UPDATE sandboxes SET agent = ?2 WHERE id = ?1")
-            .bind(sandbox_id.as_str())
-            .bind(agent.as_str())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(match placement {
+            Placement::Micro => "UPDATE sandboxes SET agent = ?2 WHERE id = ?1",
+            Placement::Gateway => "UPDATE sandboxes SET gateway_agent = ?2 WHERE id = ?1",
+        })
+        .bind(sandbox_id.as_str())
+        .bind(agent.as_str())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(true)
     }
@@ -638,7 +656,7 @@ mod tests {
         }];
         let agent = AgentName::parse("micro-0").unwrap();
         assert!(
-            !db.record_outcome(&dep(1), &agent, &instances)
+            !db.record_outcome(&dep(1), &agent, Placement::Micro, &instances)
                 .await
                 .unwrap()
         );

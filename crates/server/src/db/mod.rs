@@ -26,7 +26,7 @@ use sqlx::sqlite::{
 use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 
-pub use deployments::{DeploymentRow, Finish};
+pub use deployments::{DeploymentRow, Finish, Placement};
 pub use sandboxes::{Instance, SandboxRow, Selection, WriteError};
 pub use sleep::Slept;
 pub use states::{DeploymentState, Ending, SandboxState, ServiceState};

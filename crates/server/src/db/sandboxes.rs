@@ -18,6 +18,8 @@ pub struct SandboxRow {
     pub state: SandboxState,
     /// The micro agent that runs it; its redeploys go there too.
     pub agent: Option<AgentName>,
+    /// The gateway agent that runs its own API gateway, if it selects one.
+    pub gateway_agent: Option<AgentName>,
     pub created_at: OffsetDateTime,
     pub expires_at: OffsetDateTime,
     pub services: Vec<SandboxServiceRow>,
@@ -87,6 +89,7 @@ fn sandbox_from(row: &SqliteRow) -> Result<SandboxRow, sqlx::Error> {
         owner: row.try_get("owner")?,
         state: parsed(row, "state")?,
         agent: parsed_opt(row, "agent")?,
+        gateway_agent: parsed_opt(row, "gateway_agent")?,
         created_at: from_millis(row.try_get("created_at")?),
         expires_at: from_millis(row.try_get("expires_at")?),
         services: Vec::new(),
@@ -227,18 +230,19 @@ impl Db {
 
     /// Ends a live sandbox (deleted or expired), with its audit row: its services are
     /// stopped and a deployment in progress is cancelled. Returns the cancelled deployment
-    /// and the agent that runs the sandbox, or `Ended` when it had ended already.
+    /// and the agents that run something of the sandbox (its micro agent, and the gateway
+    /// agent of its own API gateway), or `Ended` when it had ended already.
     pub async fn end_sandbox(
         &self,
         sandbox_id: &SandboxId,
         ending: Ending,
         at: OffsetDateTime,
         audit: &Audit<'_>,
-    ) -> Result<(Option<DeploymentId>, Option<AgentName>), WriteError> {
+    ) -> Result<(Option<DeploymentId>, Vec<AgentName>), WriteError> {
         let mut tx = self.write().await?;
         let row = sqlx::query(
             "UPDATE sandboxes SET state = ?2, ended_at = ?3
-             WHERE id = ?1 AND state NOT IN ('expired', 'deleted') RETURNING agent",
+             WHERE id = ?1 AND state NOT IN ('expired', 'deleted') RETURNING agent, gateway_agent",
         )
         .bind(sandbox_id.as_str())
         .bind(ending.state().as_str())
@@ -248,7 +252,13 @@ impl Db {
         let Some(row) = row else {
             return Err(WriteError::Ended);
         };
-        let agent = parsed_opt(&row, "agent")?;
+        let agents = [
+            parsed_opt::<AgentName>(&row, "agent")?,
+            parsed_opt(&row, "gateway_agent")?,
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
         sqlx::query(
             "UPDATE sandbox_services SET state = 'stopped', upstream = NULL WHERE sandbox_id = ?1",
         )
@@ -267,7 +277,7 @@ impl Db {
         let cancelled = cancelled.map(|r| parsed(&r, "id")).transpose()?;
         insert_audit(&mut tx, audit, at).await?;
         tx.commit().await?;
-        Ok((cancelled, agent))
+        Ok((cancelled, agents))
     }
 
     /// Sets a live sandbox's expiry, with its audit row.

@@ -10,16 +10,29 @@ use super::{Audit, Db, SandboxState, insert_audit, parsed, parsed_opt, to_millis
 /// A sandbox put to sleep: its agent gets the `sleep` job.
 pub struct Slept {
     pub name: SandboxName,
-    pub agent: Option<AgentName>,
+    /// Its micro agent, then the gateway agent of its own API gateway, if any.
+    pub agents: Vec<AgentName>,
 }
 
 /// Whether a sandbox is for waking, and on which agent.
 pub struct WakeTarget {
     pub name: SandboxName,
     pub state: SandboxState,
-    pub agent: Option<AgentName>,
+    /// Its micro agent, then the gateway agent of its own API gateway, if any: the gateway
+    /// wakes once the services it routes to run.
+    pub agents: Vec<AgentName>,
     /// A service of it sleeps (the sandbox itself, or one a redeploy of others left asleep).
     pub sleeping_services: bool,
+}
+
+fn agents(row: &sqlx::sqlite::SqliteRow) -> Result<Vec<AgentName>, sqlx::Error> {
+    Ok([
+        parsed_opt::<AgentName>(row, "agent")?,
+        parsed_opt(row, "gateway_agent")?,
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
 }
 
 /// Idle: ready, last used at or before `?1`, and no deployment in progress. Over `s`.
@@ -86,7 +99,7 @@ impl Db {
         let row = sqlx::query(concat!(
             "UPDATE sandboxes AS s SET state = 'sleeping' WHERE s.id = ?2 AND ",
             idle!(),
-            " RETURNING name, agent"
+            " RETURNING name, agent, gateway_agent"
         ))
         .bind(to_millis(before))
         .bind(sandbox_id.as_str())
@@ -97,7 +110,7 @@ impl Db {
         };
         let slept = Slept {
             name: parsed(&row, "name")?,
-            agent: parsed_opt(&row, "agent")?,
+            agents: agents(&row)?,
         };
         // What has an instance sleeps; a failed service has none to stop.
         sqlx::query(
@@ -125,7 +138,7 @@ impl Db {
         sandbox_id: &SandboxId,
     ) -> Result<Option<WakeTarget>, sqlx::Error> {
         let row = sqlx::query(
-            "SELECT name, state, agent, EXISTS (SELECT 1 FROM sandbox_services ss
+            "SELECT name, state, agent, gateway_agent, EXISTS (SELECT 1 FROM sandbox_services ss
                  WHERE ss.sandbox_id = s.id AND ss.state = 'sleeping') AS sleeping
              FROM sandboxes s WHERE id = ?1",
         )
@@ -136,7 +149,7 @@ impl Db {
             Ok(WakeTarget {
                 name: parsed(&r, "name")?,
                 state: parsed(&r, "state")?,
-                agent: parsed_opt(&r, "agent")?,
+                agents: agents(&r)?,
                 sleeping_services: r.try_get("sleeping")?,
             })
         })

@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::Lifecycle;
-use crate::db::Instance;
+use crate::db::{Instance, Placement};
 use crate::dispatch::{AgentReports, EventsAnswer, RuntimeAnswer};
 use crate::logs::Frame;
 
@@ -318,9 +318,25 @@ impl Lifecycle {
                         return;
                     }
                 };
+                // The gateway agent reports the sandbox's own API gateway; the micro agent
+                // every other service.
+                let placement = if services
+                    .iter()
+                    .any(|s| self.settings.gateway_services.contains(&s.service))
+                {
+                    Placement::Gateway
+                } else {
+                    Placement::Micro
+                };
                 if !target.deployment.in_progress() {
                     return self
-                        .apply_late_outcome(agent, &target.sandbox_id, deployment, &instances)
+                        .apply_late_outcome(
+                            agent,
+                            placement,
+                            &target.sandbox_id,
+                            deployment,
+                            &instances,
+                        )
                         .await;
                 }
                 if *ok {
@@ -328,7 +344,14 @@ impl Lifecycle {
                     if matches!(self.db.routing_begun(deployment).await, Ok(true)) {
                         return;
                     }
-                    if let Err(e) = self.db.record_outcome(deployment, agent, &instances).await {
+                    if placement == Placement::Micro && self.selects_a_gateway(deployment).await {
+                        return self.micro_half_done(agent, deployment, &instances).await;
+                    }
+                    if let Err(e) = self
+                        .db
+                        .record_outcome(deployment, agent, placement, &instances)
+                        .await
+                    {
                         tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
                     }
                     // From here the deployment is the control plane's: its agent may go and
@@ -349,5 +372,85 @@ impl Lifecycle {
                 }
             }
         }
+    }
+
+    /// Whether a deployment selects the sandbox's own API gateway.
+    async fn selects_a_gateway(&self, deployment: &DeploymentId) -> bool {
+        match self.db.deployment(deployment.as_str()).await {
+            Ok(Some(d)) => d.services.iter().any(|s| {
+                sdp_protocol::ServiceName::parse(s.service.as_str())
+                    .is_ok_and(|name| self.settings.gateway_services.contains(&name))
+            }),
+            Ok(None) => false,
+            Err(e) => {
+                tracing::error!(%deployment, error = %e, "cannot read the deployment");
+                false
+            }
+        }
+    }
+
+    /// The micro agent brought up every service of a deployment that selects the sandbox's
+    /// gateway: their upstreams are recorded and routed (so that the gateway agent's table,
+    /// from which it writes the gateway's routes, holds them), then the gateway's half goes
+    /// to the gateway agent.
+    async fn micro_half_done(
+        self: &Arc<Self>,
+        agent: &AgentName,
+        deployment: &DeploymentId,
+        instances: &[Instance],
+    ) {
+        let half = self
+            .gateway_halves
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(deployment);
+        let Some(half) = half else {
+            let sent = self
+                .gateway_sent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(deployment);
+            let handed_on = matches!(
+                self.db.deployment(deployment.as_str()).await,
+                Ok(Some(d)) if d.agent.as_ref() != Some(agent)
+            );
+            if sent || handed_on {
+                // The outcome again, after a reconnect: the gateway's half runs already.
+                return;
+            }
+            if let Err(e) = self
+                .db
+                .record_outcome(deployment, agent, Placement::Micro, instances)
+                .await
+            {
+                tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
+            }
+            self.fail(
+                deployment,
+                "the control plane restarted before the sandbox's gateway was deployed, and no longer holds the credentials to fetch it; deploy again",
+            )
+            .await;
+            self.routes.request("a deployment failed");
+            return;
+        };
+        if let Err(e) = self
+            .db
+            .record_outcome(deployment, agent, Placement::Micro, instances)
+            .await
+        {
+            tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
+        }
+        let (this, deployment) = (self.clone(), deployment.clone());
+        self.spawn(async move {
+            if let Err(reason) = this
+                .routes
+                .publish("the services of a sandbox's gateway are up")
+                .await
+            {
+                this.fail(&deployment, &reason).await;
+                return;
+            }
+            this.deploy_gateway(&deployment, half).await;
+        });
     }
 }

@@ -31,7 +31,8 @@ use tokio_util::task::TaskTracker;
 pub use routes::{RoutePublisher, RouteSource};
 
 use crate::db::{
-    Audit, Db, DeploymentState, Ending, Finish, Instance, SandboxRow, Selection, WriteError,
+    Audit, Db, DeploymentState, Ending, Finish, Instance, Placement, SandboxRow, Selection,
+    WriteError,
 };
 use crate::dispatch::{CallError, Dispatch, Target, call};
 use crate::logs::{Frame, Logs};
@@ -53,6 +54,8 @@ pub struct Settings {
     pub idle_after: Option<Duration>,
     /// How long a micro agent has to wake a sandbox.
     pub wake_timeout: Duration,
+    /// The catalog's API gateways (`kind = "gateway"`), which run on the gateway agent.
+    pub gateway_services: std::collections::HashSet<sdp_protocol::ServiceName>,
 }
 
 pub struct Lifecycle {
@@ -76,9 +79,28 @@ pub struct Lifecycle {
     /// Per sandbox being put to sleep or woken, the lock that keeps those one at a time.
     transitions:
         std::sync::Mutex<std::collections::HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Deployments that select the sandbox's own API gateway, whose micro agent has yet to
+    /// bring up the other services: the gateway's half waits here, credentials included (in
+    /// memory only), until then.
+    gateway_halves: std::sync::Mutex<std::collections::HashMap<DeploymentId, GatewayHalf>>,
+    /// Deployments whose gateway half was sent: an outcome of the micro agent repeated after
+    /// a reconnect starts nothing again.
+    gateway_sent: std::sync::Mutex<std::collections::HashSet<DeploymentId>>,
     /// The control plane is stopping: what is interrupted then is resumed at the next start,
     /// not failed.
     shutdown: CancellationToken,
+}
+
+/// The half of a deployment that runs on the gateway agent: the sandbox's own API gateway.
+/// It follows the micro agent's half, in the same log (from the next `seq`), so that the
+/// gateway starts with routes to the services just deployed.
+pub(crate) struct GatewayHalf {
+    sandbox_id: SandboxId,
+    sandbox: SandboxName,
+    /// The gateway agent that runs the sandbox's gateway already, if any.
+    agent: Option<AgentName>,
+    credentials: Credentials,
+    spec: ServiceSpec,
 }
 
 /// A deployment requested: the services, their branches, and whose credentials fetch them.
@@ -118,6 +140,14 @@ fn selections(specs: &[ServiceSpec]) -> Vec<Selection> {
         .collect()
 }
 
+/// A deploy job being sent: what is recorded of whoever takes it.
+struct Scheduling {
+    deployment: DeploymentId,
+    sandbox_id: SandboxId,
+    /// The agent it must go to, if the sandbox has one already.
+    agent: Option<AgentName>,
+}
+
 /// A scheduled deployment: where it goes and what it carries.
 struct Scheduled {
     deployment: DeploymentId,
@@ -125,6 +155,8 @@ struct Scheduled {
     sandbox: SandboxName,
     /// The agent that runs the sandbox already, if any.
     agent: Option<AgentName>,
+    /// The gateway agent that runs the sandbox's own API gateway already, if any.
+    gateway_agent: Option<AgentName>,
     credentials: Credentials,
     specs: Vec<ServiceSpec>,
 }
@@ -159,6 +191,8 @@ impl Lifecycle {
             absences: std::sync::Mutex::default(),
             waking: std::sync::Mutex::default(),
             transitions: std::sync::Mutex::default(),
+            gateway_halves: std::sync::Mutex::default(),
+            gateway_sent: std::sync::Mutex::default(),
             shutdown,
         }
     }
@@ -209,6 +243,7 @@ impl Lifecycle {
             sandbox_id: sandbox_id.clone(),
             sandbox: name,
             agent: None,
+            gateway_agent: None,
             credentials: request.credentials,
             specs: request.specs,
         });
@@ -243,6 +278,7 @@ impl Lifecycle {
             sandbox_id: sandbox.id.clone(),
             sandbox: sandbox.name.clone(),
             agent: sandbox.agent.clone(),
+            gateway_agent: sandbox.gateway_agent.clone(),
             credentials: request.credentials,
             specs: request.specs,
         });
@@ -258,19 +294,83 @@ impl Lifecycle {
     }
 
     /// Sends a deploy job to the sandbox's agent (or the least busy micro agent) and records
-    /// who runs it; fails the deployment at once when no agent can take it.
+    /// who runs it; fails the deployment at once when no agent can take it. The sandbox's own
+    /// API gateway, if the deployment selects it, waits for the micro agent's outcome
+    /// (`gateway_half`); a deployment of the gateway alone goes to the gateway agent at once.
     async fn schedule(&self, s: Scheduled) {
+        let (gateway, micro): (Vec<ServiceSpec>, Vec<ServiceSpec>) =
+            s.specs.into_iter().partition(|spec| spec.gateway.is_some());
+        let gateway = gateway.into_iter().next().map(|spec| GatewayHalf {
+            sandbox_id: s.sandbox_id.clone(),
+            sandbox: s.sandbox.clone(),
+            agent: s.gateway_agent.clone(),
+            credentials: s.credentials.clone(),
+            spec,
+        });
+        if micro.is_empty()
+            && let Some(half) = gateway
+        {
+            return self.deploy_gateway(&s.deployment, half).await;
+        }
+        if let Some(half) = gateway {
+            self.gateway_halves
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(s.deployment.clone(), half);
+        }
         let job = DeployJob {
             deployment: s.deployment.clone(),
             sandbox_id: s.sandbox_id.clone(),
             sandbox: s.sandbox.clone(),
             credentials: s.credentials,
             gateway_url: self.settings.gateway_url.clone(),
-            services: s.specs,
+            services: micro,
+            after_seq: 0,
+        };
+        self.send_deploy(job, s.agent, Placement::Micro).await;
+    }
+
+    /// The gateway's half of a deployment: on the sandbox's gateway agent, or the least busy
+    /// one, its events following the log's last `seq`.
+    async fn deploy_gateway(&self, deployment: &DeploymentId, half: GatewayHalf) {
+        self.gateway_sent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(deployment.clone());
+        let after_seq = match self.logs.last_seq(deployment.as_str()).await {
+            Ok(seq) => seq,
+            Err(e) => {
+                self.fail(deployment, &format!("its log cannot be read: {e}"))
+                    .await;
+                return;
+            }
+        };
+        let job = DeployJob {
+            deployment: deployment.clone(),
+            sandbox_id: half.sandbox_id,
+            sandbox: half.sandbox,
+            credentials: half.credentials,
+            gateway_url: self.settings.gateway_url.clone(),
+            services: vec![half.spec],
+            after_seq,
+        };
+        self.send_deploy(job, half.agent, Placement::Gateway).await;
+    }
+
+    /// Sends a deploy job to `agent`, or the least busy agent of the placement's role.
+    async fn send_deploy(&self, job: DeployJob, agent: Option<AgentName>, placement: Placement) {
+        let role = match placement {
+            Placement::Micro => Role::Micro,
+            Placement::Gateway => Role::Gateway,
+        };
+        let s = Scheduling {
+            deployment: job.deployment.clone(),
+            sandbox_id: job.sandbox_id.clone(),
+            agent,
         };
         let target = match &s.agent {
             Some(agent) => Target::Agent(agent.clone()),
-            None => Target::Any(Role::Micro),
+            None => Target::Any(role),
         };
         let result = call(
             self.dispatch.as_ref(),
@@ -281,8 +381,9 @@ impl Lifecycle {
         .await;
         let reason = match result {
             Ok((agent, ())) => {
-                tracing::info!(deployment = %s.deployment, %agent, "deployment started");
-                self.took(&s.deployment, &s.sandbox_id, &agent).await;
+                tracing::info!(deployment = %s.deployment, %agent, %role, "deployment started");
+                self.took(&s.deployment, &s.sandbox_id, &agent, placement)
+                    .await;
                 return;
             }
             // The job may have reached the agent, and the agent may be running it: its
@@ -292,7 +393,8 @@ impl Lifecycle {
                 | CallError::Disconnected { ref agent }
                 | CallError::BadReply { ref agent, .. }),
             ) => {
-                self.took(&s.deployment, &s.sandbox_id, agent).await;
+                self.took(&s.deployment, &s.sandbox_id, agent, placement)
+                    .await;
                 if self.shutdown.is_cancelled() {
                     // Cut off by our own shutdown: the next start settles it (`start_background`).
                     tracing::info!(deployment = %s.deployment, error = %e, "deploy job interrupted by the shutdown");
@@ -307,8 +409,9 @@ impl Lifecycle {
                 Some(name) => format!(
                     "agent {name}, which runs this sandbox, is not connected; start it again or delete the sandbox"
                 ),
-                None => "no micro agent is connected to run it; start `sdp agent --role micro`"
-                    .to_owned(),
+                None => format!(
+                    "no {role} agent is connected to run it; start `sdp agent --role {role}`"
+                ),
             },
             Err(e) => e.to_string(),
         };
@@ -317,8 +420,18 @@ impl Lifecycle {
 
     /// Records that `agent` has, or may have, taken a deployment; if its sandbox ended
     /// meanwhile, what the agent started of it is removed.
-    async fn took(&self, deployment: &DeploymentId, sandbox_id: &SandboxId, agent: &AgentName) {
-        match self.db.record_agent(deployment, sandbox_id, agent).await {
+    async fn took(
+        &self,
+        deployment: &DeploymentId,
+        sandbox_id: &SandboxId,
+        agent: &AgentName,
+        placement: Placement,
+    ) {
+        match self
+            .db
+            .record_agent(deployment, sandbox_id, agent, placement)
+            .await
+        {
             Ok(true) => {}
             Ok(false) => {
                 tracing::info!(%deployment, %agent, "deployment taken after its sandbox ended; removing it");
@@ -354,6 +467,11 @@ impl Lifecycle {
     /// Records the end of a deployment in progress, then its log's end frame; nothing when it
     /// had ended already. Says whether it has ended, now or before.
     async fn finish(&self, deployment: &DeploymentId, finish: &Finish<'_>) -> bool {
+        // Its credentials are not kept past its end.
+        self.gateway_halves
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(deployment);
         match self
             .db
             .finish_deployment(deployment, finish, OffsetDateTime::now_utc())
@@ -488,7 +606,7 @@ impl Lifecycle {
         // The agent as recorded once the sandbox has ended: a deploy job taken meanwhile has
         // recorded its agent by then (or sees the sandbox ended and removes itself), so no
         // agent is left running it without a teardown.
-        let (cancelled, agent) = self
+        let (cancelled, agents) = self
             .db
             .end_sandbox(&sandbox.id, ending, now, &audit)
             .await?;
@@ -517,7 +635,7 @@ impl Lifecycle {
             if let Err(e) = this.routes.publish("a sandbox ended").await {
                 tracing::warn!(%sandbox_id, error = %e, "route table not published");
             }
-            if let Some(agent) = agent {
+            for agent in agents {
                 this.teardown(&sandbox_id, &agent).await;
             }
         });
@@ -699,11 +817,16 @@ impl Lifecycle {
     async fn apply_late_outcome(
         self: &Arc<Self>,
         agent: &AgentName,
+        placement: Placement,
         sandbox_id: &SandboxId,
         deployment: &DeploymentId,
         instances: &[Instance],
     ) {
-        match self.db.record_outcome(deployment, agent, instances).await {
+        match self
+            .db
+            .record_outcome(deployment, agent, placement, instances)
+            .await
+        {
             Ok(true) => {
                 tracing::info!(%deployment, "a late outcome recorded: the routes follow what runs");
                 self.routes.request("a late outcome");

@@ -43,6 +43,9 @@ pub struct RouteSource {
     pub dispatch: Arc<dyn Dispatch>,
     pub base_domain: String,
     pub catalog: Vec<ServiceRoutes>,
+    /// The catalog's API gateways (`kind = "gateway"`): a sandbox that runs one has every
+    /// request sent to it.
+    pub gateway_services: std::collections::HashSet<sdp_protocol::ServiceName>,
     /// How long a gateway agent has to apply a table.
     pub timeout: Duration,
     /// How long the router holds a request for a sleeping sandbox (`wake_timeout`).
@@ -148,6 +151,7 @@ impl RouteSource {
                     upstreams: BTreeMap::new(),
                     down: BTreeMap::new(),
                     sleeping: live.sleeping,
+                    gateway: None,
                 });
             // A service dropped from the catalog since is no longer routed.
             let Some(service) = live
@@ -156,14 +160,19 @@ impl RouteSource {
             else {
                 continue;
             };
-            match (live.state.and_then(down_as), live.upstream) {
+            let placed = match (live.state.and_then(down_as), live.upstream) {
                 (Some(down), _) => {
                     routes.down.insert(service.service.clone(), down);
+                    true
                 }
                 (None, Some(upstream)) => {
                     routes.upstreams.insert(service.service.clone(), upstream);
+                    true
                 }
-                (None, None) => {}
+                (None, None) => false,
+            };
+            if placed && self.gateway_services.contains(&service.service) {
+                routes.gateway = Some(service.service.clone());
             }
         }
         Ok(RouteTable {

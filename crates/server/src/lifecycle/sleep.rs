@@ -116,8 +116,14 @@ impl Lifecycle {
         }
         let name = target.name;
         tracing::info!(sandbox = %name, %sandbox_id, actor, "waking the sandbox");
-        let result = match &target.agent {
-            Some(agent) => call(
+        // The micro agent first: a sandbox's own gateway starts once what it routes to runs.
+        let mut result = match target.agents.is_empty() {
+            true => Err("no agent runs it".to_owned()),
+            false => Ok(Vec::new()),
+        };
+        for agent in &target.agents {
+            let Ok(woken) = &mut result else { break };
+            match call(
                 self.dispatch.as_ref(),
                 Target::Agent(agent.clone()),
                 WakeJob {
@@ -126,10 +132,11 @@ impl Lifecycle {
                 self.settings.wake_timeout,
             )
             .await
-            .map(|(_, services)| services)
-            .map_err(|e| e.to_string()),
-            None => Err("no agent runs it".to_owned()),
-        };
+            {
+                Ok((_, services)) => woken.extend(services),
+                Err(e) => result = Err(e.to_string()),
+            }
+        }
         let now = OffsetDateTime::now_utc();
         let services = match result {
             Ok(services) => services,
@@ -230,27 +237,30 @@ impl Lifecycle {
                 return;
             }
         };
-        let Slept { name, agent } = slept;
+        let Slept { name, agents } = slept;
         tracing::info!(sandbox = %name, %sandbox_id, "the sandbox sleeps: {detail}");
         // The routes first: from here its requests are held, not sent to stopping instances.
         if let Err(e) = self.routes.publish("a sandbox sleeps").await {
             tracing::warn!(sandbox = %name, error = %e, "route table not published");
         }
-        let Some(agent) = agent else { return };
-        let job = Sleep {
-            sandbox_id: sandbox_id.clone(),
-        };
-        match call(
-            self.dispatch.as_ref(),
-            Target::Agent(agent.clone()),
-            job,
-            SLEEP_TIMEOUT,
-        )
-        .await
-        {
-            Ok(_) => tracing::info!(sandbox = %name, %agent, "the sandbox's instances are stopped"),
-            Err(e) => {
-                tracing::warn!(sandbox = %name, %agent, error = %e, "the sleep job failed; the sandbox sleeps anyway and its wake starts what it needs")
+        for agent in agents {
+            let job = Sleep {
+                sandbox_id: sandbox_id.clone(),
+            };
+            match call(
+                self.dispatch.as_ref(),
+                Target::Agent(agent.clone()),
+                job,
+                SLEEP_TIMEOUT,
+            )
+            .await
+            {
+                Ok(_) => {
+                    tracing::info!(sandbox = %name, %agent, "the sandbox's instances are stopped")
+                }
+                Err(e) => {
+                    tracing::warn!(sandbox = %name, %agent, error = %e, "the sleep job failed; the sandbox sleeps anyway and its wake starts what it needs")
+                }
             }
         }
     }
