@@ -124,9 +124,33 @@ pub(crate) fn server_toml(
             "",
         ),
     ];
+    // The company's API gateway, deployed on the gateway agent: reloaded by SIGHUP from its
+    // JSON routes file; and the same repository as `edge`, its routes rendered from the
+    // branch's template, reloaded by a restart.
+    let gateway = |name: &'static str, keys: &str| {
+        let entry = format!(
+            "[[services]]\nname = \"{name}\"\nkind = \"gateway\"\nrepo = \"{}\"\nbuild = \"CGO_ENABLED=0 go build -o .sdp/bin/gw .\"\nrun = \"./.sdp/bin/gw\"\nport = 8080\nhealth = \"/healthz\"\nroutes_file = \"config/routes.json\"\n{keys}\n",
+            up.repo("api-gateway")
+        );
+        (name, entry)
+    };
+    let gateways = [
+        gateway("api-gateway", "reload = \"signal:HUP\"\n"),
+        gateway(
+            "edge",
+            "routes_format = \"template\"\nroutes_template = \"routes.tmpl\"\nreload = \"restart\"\n",
+        ),
+    ];
+    // Gateways only where a test asks for them: a sandbox that selects one needs a gateway
+    // agent able to build Go.
     let services: String = catalog
         .into_iter()
         .filter(|(name, _)| o.catalog.is_none_or(|only| only.contains(name)))
+        .chain(
+            gateways
+                .into_iter()
+                .filter(|(name, _)| o.catalog.is_some_and(|only| only.contains(name))),
+        )
         .map(|(_, entry)| entry)
         .collect();
     format!(

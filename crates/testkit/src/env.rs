@@ -174,7 +174,9 @@ impl EnvBuilder {
 
     /// Configures the control plane with only these services of the kit's catalog, for a test
     /// that must not meet the ones made to fail (`stuck`'s git server never answers; `secure`,
-    /// `untrusted` and `hostile` have no repository until a test creates it).
+    /// `untrusted` and `hostile` have no repository until a test creates it). The API gateways
+    /// (`api-gateway`, `edge`: `kind = "gateway"`, repository `api-gateway`) are in the
+    /// catalog only when named here.
     pub fn catalog(mut self, services: &'static [&'static str]) -> Self {
         self.opts.catalog = Some(services);
         self
@@ -426,7 +428,11 @@ impl TestEnv {
             )
         } else if role == "gateway" {
             "\n[gateway]\nlisten = \"127.0.0.1:0\"\n".to_owned()
-        } else if self.opts.runtime == "docker" {
+        } else {
+            String::new()
+        };
+        // Gateway agents run sandboxes' own API gateways in the same runtime.
+        let docker = if self.opts.runtime == "docker" {
             format!(
                 "\n[docker]\nimage = \"{}\"\nmemory = \"256m\"\ncpus = 0.5\npids = 128\n{}\n",
                 self.opts
@@ -438,6 +444,7 @@ impl TestEnv {
         } else {
             String::new()
         };
+        let gateway = format!("{docker}{gateway}");
         let extra = if role == "micro" {
             self.opts.agent_extra
         } else {

@@ -174,8 +174,9 @@ impl GitServer {
             "talker" => {
                 self.create_repo_with(name, &["main"], |_| vec![("talk.py".into(), TALKER.into())])
             }
+            "api-gateway" => self.create_repo_with(name, &["main", "add-header"], go_gateway),
             other => panic!(
-                "{other} is no repository of the kit's catalog (orders, billing, payments, stuck, chatty, steady, talker): create it with create_repo"
+                "{other} is no repository of the kit's catalog (orders, billing, payments, stuck, chatty, steady, talker, api-gateway): create it with create_repo"
             ),
         }
     }
@@ -383,6 +384,142 @@ func main() {{
         ),
         ("main.go".into(), main),
         ("message.txt".into(), format!("{name} on {branch}\n")),
+    ]
+}
+
+/// The files of the company's API gateway for branch `branch`, a real Go reverse proxy: it
+/// routes by `config/routes.json` (SPEC §5's routes file, longest prefix first), reads it
+/// again on SIGHUP, answers `/_gateway` with what it loaded (generation, loads, routes) and a
+/// sandbox's service that is down with 503. Branch `add-header` adds
+/// `X-Company-Gateway: add-header` to every answer. `routes.tmpl` renders the same JSON, for
+/// a catalog entry with `routes_format = "template"`.
+pub fn go_gateway(branch: &str) -> Vec<(String, String)> {
+    let header = if branch == "add-header" {
+        "w.Header().Set(\"X-Company-Gateway\", \"add-header\")"
+    } else {
+        ""
+    };
+    let main = format!(
+        r#"package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+)
+
+type route struct {{
+	Prefix   string  `json:"prefix"`
+	Service  string  `json:"service"`
+	Target   string  `json:"target"`
+	Upstream *string `json:"upstream"`
+	State    string  `json:"state,omitempty"`
+}}
+
+type table struct {{
+	Sandbox    string  `json:"sandbox"`
+	Generation uint64  `json:"generation"`
+	Routes     []route `json:"routes"`
+}}
+
+var (
+	mu      sync.RWMutex
+	current table
+	loads   int
+)
+
+func load() {{
+	data, err := os.ReadFile("config/routes.json")
+	if err != nil {{
+		fmt.Fprintln(os.Stderr, "cannot read the routes:", err)
+		return
+	}}
+	var t table
+	if err := json.Unmarshal(data, &t); err != nil {{
+		fmt.Fprintln(os.Stderr, "bad routes:", err)
+		return
+	}}
+	mu.Lock()
+	current = t
+	loads++
+	n := loads
+	mu.Unlock()
+	fmt.Printf("loaded %d routes of generation %d (load %d)\n", len(t.Routes), t.Generation, n)
+}}
+
+func matches(prefix, path string) bool {{
+	p := strings.TrimSuffix(prefix, "/")
+	return p == "" || path == p || strings.HasPrefix(path, p+"/")
+}}
+
+func main() {{
+	load()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	go func() {{
+		for range hup {{
+			load()
+		}}
+	}}()
+	http.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {{
+		fmt.Fprintln(w, "ok")
+	}})
+	http.HandleFunc("/_gateway", func(w http.ResponseWriter, r *http.Request) {{
+		mu.RLock()
+		defer mu.RUnlock()
+		json.NewEncoder(w).Encode(map[string]interface{{}}{{"sandbox": current.Sandbox, "generation": current.Generation, "loads": loads, "routes": current.Routes}})
+	}})
+	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {{
+		{header}
+		mu.RLock()
+		t := current
+		mu.RUnlock()
+		for _, rt := range t.Routes {{
+			if !matches(rt.Prefix, r.URL.Path) {{
+				continue
+			}}
+			if rt.Upstream == nil {{
+				w.WriteHeader(503)
+				fmt.Fprintf(w, "%s is %s\n", rt.Service, rt.State)
+				return
+			}}
+			u, err := url.Parse(*rt.Upstream)
+			if err != nil {{
+				w.WriteHeader(502)
+				fmt.Fprintln(w, err)
+				return
+			}}
+			w.Header().Set("X-Gateway-Target", rt.Target)
+			httputil.NewSingleHostReverseProxy(u).ServeHTTP(w, r)
+			return
+		}}
+		w.WriteHeader(404)
+		fmt.Fprintln(w, "the company gateway has no route for", r.URL.Path)
+	}})
+	fmt.Println("gateway on {branch} listening on", os.Getenv("PORT"))
+	if err := http.ListenAndServe(":"+os.Getenv("PORT"), nil); err != nil {{
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}}
+}}
+"#
+    );
+    let template = r#"{"sandbox": "{{ sandbox }}", "generation": {{ generation }}, "routes": [{% for r in routes %}{% if not loop.first %}, {% endif %}{"prefix": "{{ r.prefix }}", "service": "{{ r.service }}", "target": "{{ r.target }}", "upstream": {% if r.upstream %}"{{ r.upstream }}"{% else %}null{% endif %}, "state": "{{ r.state or '' }}"}{% endfor %}]}
+"#;
+    vec![
+        (
+            "go.mod".into(),
+            "module example.com/gateway\n\ngo 1.19\n".into(),
+        ),
+        ("main.go".into(), main),
+        ("routes.tmpl".into(), template.into()),
     ]
 }
 

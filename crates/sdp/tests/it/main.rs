@@ -18,6 +18,7 @@ mod dev_smoke;
 mod docker;
 mod exhaustion;
 mod frames;
+mod gateway_service;
 mod input;
 mod isolation;
 mod lifecycle;
