@@ -469,3 +469,76 @@ pub(crate) fn parse_http_url(raw: &str) -> Result<url::Url, String> {
     }
     Ok(url)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The config of `services`, loaded as `sdp server` loads its file, then validated.
+    fn check(services: &str) -> Result<ServerConfig, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("server.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "agent_token = \"t\"\n[git]\nprobe_repo = \"https://git.test/probe.git\"\n{services}"
+            ),
+        )
+        .unwrap();
+        let loaded = sdp_config::load::<ServerConfig>(Some(&path), Vec::new())
+            .map_err(|e| e.to_string())?;
+        loaded.config.validate()?;
+        Ok(loaded.config)
+    }
+
+    const GATEWAY: &str = "[[services]]\nname = \"api-gateway\"\nkind = \"gateway\"\nrepo = \"https://git.test/gw.git\"\nbuild = \"make\"\nrun = \"./gw\"\nport = 8080\n";
+
+    #[test]
+    fn a_gateway_service_takes_its_routes_file_format_and_reload() {
+        let config = check(&format!(
+            "{GATEWAY}routes_file = \"config/routes.json\"\nreload = \"signal:HUP\"\n"
+        ))
+        .unwrap();
+        let spec = config.services[0].gateway_spec().unwrap();
+        assert_eq!(spec.routes_file.as_str(), "config/routes.json");
+        assert_eq!(spec.reload.to_string(), "signal:HUP");
+        assert!(spec.routes_template.is_none());
+        let templated = check(&format!(
+            "{GATEWAY}routes_file = \"routes.conf\"\nroutes_format = \"template\"\nroutes_template = \"deploy/routes.tmpl\"\n"
+        ))
+        .unwrap();
+        let spec = templated.services[0].gateway_spec().unwrap();
+        assert_eq!(spec.routes_template.unwrap().as_str(), "deploy/routes.tmpl");
+        // Without `reload`, a restart: every program reads its files when it starts.
+        assert_eq!(spec.reload.to_string(), "restart");
+    }
+
+    #[test]
+    fn a_gateway_without_a_sound_routes_setup_is_refused_with_the_reason() {
+        for (keys, says) in [
+            ("", "needs `routes_file`"),
+            ("routes_file = \"/etc/routes.json\"\n", "relative"),
+            ("routes_file = \"../routes.json\"\n", "`..`"),
+            ("routes_file = \"r.json\"\nreload = \"signal:KILL\"\n", "signal:HUP"),
+            (
+                "routes_file = \"r.json\"\nroutes_format = \"template\"\n",
+                "needs `routes_template`",
+            ),
+            (
+                "routes_file = \"r.json\"\nroutes_template = \"t\"\n",
+                "only with `routes_format = \"template\"`",
+            ),
+            ("routes_file = \"r.json\"\nroutes = [\"/x\"]\n", "no `routes`"),
+            ("routes_file = \"r.json\"\nroutes_format = \"yaml\"\n", "yaml"),
+        ] {
+            let refusal = check(&format!("{GATEWAY}{keys}")).unwrap_err();
+            assert!(refusal.contains(says), "{keys:?}: {refusal}");
+        }
+        let plain = "[[services]]\nname = \"orders\"\nrepo = \"https://git.test/o.git\"\nbuild = \"make\"\nrun = \"./o\"\nport = 8080\nreload = \"restart\"\n";
+        let refusal = check(plain).unwrap_err();
+        assert!(
+            refusal.contains("`reload` is only for `kind = \"gateway\"`"),
+            "{refusal}"
+        );
+    }
+}

@@ -54,6 +54,13 @@ impl InProcessBuilder {
         self.gateway(false).micro_agents(0)
     }
 
+    /// Only these services of the kit's catalog (as [`crate::EnvBuilder::catalog`]; the API
+    /// gateways `api-gateway` and `edge` are there only when named).
+    pub fn catalog(mut self, services: &'static [&'static str]) -> Self {
+        self.opts.catalog = Some(services);
+        self
+    }
+
     crate::server_knobs!();
 
     /// Top-level `key = value` lines of the server's config, before the kit's own.

@@ -262,3 +262,36 @@ async fn a_gateway_whose_routes_come_from_its_template_is_restarted_to_read_them
         "{runtime_log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_catalog_says_which_services_are_gateways_and_a_sandbox_takes_at_most_one() {
+    let env = sdp_testkit::InProcessEnv::builder()
+        .catalog(&["orders", "api-gateway", "edge"])
+        .gateway(true)
+        .start()
+        .await;
+    let token = env.login().await;
+    let services = env.get("/api/services", Some(&token)).await.json();
+    let kind = |name: &str| {
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["kind"].clone())
+    };
+    assert_eq!(kind("orders"), Some("service".into()), "{services}");
+    assert_eq!(kind("api-gateway"), Some("gateway".into()), "{services}");
+
+    let refused = env
+        .create_sandbox(
+            &token,
+            "two",
+            &["orders@main", "api-gateway@main", "edge@main"],
+        )
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert_eq!(refused.error_code(), "two_gateways");
+    let listed = env.get("/api/sandboxes", Some(&token)).await.json();
+    assert_eq!(listed["items"], serde_json::json!([]), "nothing was created");
+}
