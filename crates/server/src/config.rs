@@ -485,8 +485,8 @@ mod tests {
             ),
         )
         .unwrap();
-        let loaded = sdp_config::load::<ServerConfig>(Some(&path), Vec::new())
-            .map_err(|e| e.to_string())?;
+        let loaded =
+            sdp_config::load::<ServerConfig>(Some(&path), Vec::new()).map_err(|e| e.to_string())?;
         loaded.config.validate()?;
         Ok(loaded.config)
     }
@@ -519,7 +519,10 @@ mod tests {
             ("", "needs `routes_file`"),
             ("routes_file = \"/etc/routes.json\"\n", "relative"),
             ("routes_file = \"../routes.json\"\n", "`..`"),
-            ("routes_file = \"r.json\"\nreload = \"signal:KILL\"\n", "signal:HUP"),
+            (
+                "routes_file = \"r.json\"\nreload = \"signal:KILL\"\n",
+                "signal:HUP",
+            ),
             (
                 "routes_file = \"r.json\"\nroutes_format = \"template\"\n",
                 "needs `routes_template`",
@@ -528,8 +531,14 @@ mod tests {
                 "routes_file = \"r.json\"\nroutes_template = \"t\"\n",
                 "only with `routes_format = \"template\"`",
             ),
-            ("routes_file = \"r.json\"\nroutes = [\"/x\"]\n", "no `routes`"),
-            ("routes_file = \"r.json\"\nroutes_format = \"yaml\"\n", "yaml"),
+            (
+                "routes_file = \"r.json\"\nroutes = [\"/x\"]\n",
+                "no `routes`",
+            ),
+            (
+                "routes_file = \"r.json\"\nroutes_format = \"yaml\"\n",
+                "yaml",
+            ),
         ] {
             let refusal = check(&format!("{GATEWAY}{keys}")).unwrap_err();
             assert!(refusal.contains(says), "{keys:?}: {refusal}");

@@ -293,5 +293,93 @@ async fn the_catalog_says_which_services_are_gateways_and_a_sandbox_takes_at_mos
     assert_eq!(refused.status, 400, "{}", refused.body);
     assert_eq!(refused.error_code(), "two_gateways");
     let listed = env.get("/api/sandboxes", Some(&token)).await.json();
-    assert_eq!(listed["items"], serde_json::json!([]), "nothing was created");
+    assert_eq!(
+        listed["items"],
+        serde_json::json!([]),
+        "nothing was created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_gateway_in_a_container_reads_its_new_routes_on_the_engines_signal_after_a_redeploy()
+ {
+    if !sdp_testkit::docker_available() {
+        return;
+    }
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders", "api-gateway"])
+        .catalog(&["orders", "api-gateway"])
+        .runtime("docker")
+        .gateway(true)
+        .start()
+        .await;
+    let token = env.login().await;
+    let name = format!("gwd-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let (sandbox, deployment) = env
+        .deploy(
+            &token,
+            &name,
+            &["orders@feature/x", "api-gateway@add-header"],
+        )
+        .await;
+    assert_eq!(deployment["state"], "ready", "{deployment}");
+    let sandbox_id = sandbox["id"].as_str().unwrap().to_owned();
+    // The tests' instances publish on loopback, which a container cannot reach: the gateway
+    // answers its own page here (in production `advertise_host` is the host's address).
+    let page = through(&env, &name, "/_gateway").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(header(&page, "x-sdp-route"), "sandbox");
+    assert_eq!(page.json()["sandbox"], name.as_str());
+    let loads = page.json()["loads"].as_u64().unwrap();
+    // The gateway runs in a container of the gateway agent, labelled like any instance.
+    let containers = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "--filter",
+            &format!("label=sdp.sandbox={sandbox_id}"),
+            "--format",
+            "{{.Label \"sdp.service\"}}",
+        ])
+        .output()
+        .unwrap();
+    let services = String::from_utf8_lossy(&containers.stdout).to_string();
+    assert!(services.lines().any(|s| s == "api-gateway"), "{services}");
+
+    let redeployed = env.redeploy_and_wait(&token, &name, &["orders@main"]).await;
+    assert_eq!(redeployed["state"], "ready", "{redeployed}");
+    let second = upstream_of(&env, &token, &name, "orders").await;
+    // The engine delivered SIGHUP to the container's process: it read the new file.
+    let mut loaded = Value::Null;
+    for _ in 0..150 {
+        loaded = through(&env, &name, "/_gateway").await.json();
+        if loaded["loads"].as_u64() > Some(loads) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(loaded["loads"].as_u64() > Some(loads), "{loaded}");
+    let orders = loaded["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["prefix"] == "/orders")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(orders["upstream"], format!("http://{second}"), "{loaded}");
+    let deleted = env.delete_sandbox(&token, &name).await;
+    assert_eq!(deleted.status, 202, "{}", deleted.body);
+    wait_until("the gateway's container is removed", || {
+        let out = std::process::Command::new("docker")
+            .args([
+                "ps",
+                "-a",
+                "-q",
+                "--filter",
+                &format!("label=sdp.sandbox={sandbox_id}"),
+            ])
+            .output()
+            .unwrap();
+        out.stdout.is_empty()
+    })
+    .await;
 }
