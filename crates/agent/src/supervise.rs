@@ -398,12 +398,17 @@ impl Supervisor {
     ) -> Result<(), String> {
         let _held = self.hold(sandbox).await;
         let key = (sandbox.clone(), spec.service.clone());
-        if !self
+        let watched = self
             .watched
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&key)
-        {
+            .contains_key(&key);
+        // A deployment that held the sandbox meanwhile started its own instance, with the
+        // routes of its time: this one is not to be restarted.
+        let current = std::fs::read(self.spec_path(sandbox, &spec.service))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice::<InstanceSpec>(&bytes).ok());
+        if !watched || current.is_none_or(|c| c.deployment != spec.deployment) {
             return Ok(());
         }
         self.unwatch(sandbox, &spec.service).await;

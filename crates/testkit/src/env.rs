@@ -439,7 +439,13 @@ impl TestEnv {
                     .docker_image
                     .as_deref()
                     .unwrap_or_else(|| docker_image()),
-                self.opts.docker_extra
+                // The micro agents' own lines (an image archive, say): the gateway agent's
+                // table has the image alone.
+                if role == "micro" {
+                    self.opts.docker_extra.as_str()
+                } else {
+                    ""
+                }
             )
         } else {
             String::new()
