@@ -298,6 +298,15 @@ async fn the_catalog_says_which_services_are_gateways_and_a_sandbox_takes_at_mos
         serde_json::json!([]),
         "nothing was created"
     );
+
+    // Nor may a redeploy add a second one beside the one it runs.
+    let created = env
+        .create_sandbox(&token, "one", &["orders@main", "api-gateway@main"])
+        .await;
+    assert_eq!(created.status, 202, "{}", created.body);
+    let second = env.redeploy(&token, "one", &["edge@main"]).await;
+    assert_eq!(second.status, 400, "{}", second.body);
+    assert_eq!(second.error_code(), "two_gateways");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -300,6 +300,25 @@ pub async fn redeploy(
     require_owner(&sandbox, &session)?;
     require_live(&sandbox)?;
     let specs = specs(&state, &req.services)?;
+    // The sandbox's gateway may be redeployed on another branch, not joined by a second one.
+    if let Some(new) = specs.iter().find(|s| s.gateway.is_some())
+        && let Some(running) = sandbox.services.iter().find(|s| {
+            s.service != new.service.as_str()
+                && state
+                    .config
+                    .service(&s.service)
+                    .and_then(|c| c.gateway_spec())
+                    .is_some()
+        })
+    {
+        return Err(ApiError::bad_request(
+            "two_gateways",
+            format!(
+                "sandbox {} runs the gateway {} already: a sandbox runs at most one API gateway",
+                sandbox.name, running.service
+            ),
+        ));
+    }
     let credentials = state
         .vault
         .credentials(&session.token_hash, OffsetDateTime::now_utc())
