@@ -640,38 +640,60 @@ impl Worker {
         }
     }
 
-    /// Takes a deploy job: it runs in its own task; its progress goes out as events.
+    /// Takes a deploy job: it runs in its own task; its progress goes out as events. A job
+    /// that supersedes the deployment of its sandbox running here cancels it, and runs once
+    /// it has stopped (the sandbox's lock keeps the two apart too).
     fn start_deploy(self: &Arc<Self>, job: DeployJob) -> JobOutput {
         let Some(deployer) = self.deployer.clone() else {
             return unsupported("only micro agents deploy");
         };
         let mut active = self.lock_active();
-        if let Some(running) = active.get(&job.sandbox_id) {
-            return JobOutput::Failed(JobError {
-                code: JobErrorCode::Failed,
-                message: format!(
-                    "deployment {} of this sandbox is still running here",
-                    running.deployment
-                ),
-            });
-        }
+        let previous = match active.get(&job.sandbox_id) {
+            Some(running) if job.supersedes.as_ref() == Some(&running.deployment) => {
+                tracing::info!(deployment = %job.deployment, superseded = %running.deployment, "deployment superseded");
+                running.cancel.cancel();
+                Some(running.done.clone())
+            }
+            Some(running) => {
+                return JobOutput::Failed(JobError {
+                    code: JobErrorCode::Failed,
+                    message: format!(
+                        "deployment {} of this sandbox is still running here",
+                        running.deployment
+                    ),
+                });
+            }
+            None => None,
+        };
         let cancel = CancellationToken::new();
         let (done_tx, done) = tokio::sync::watch::channel(false);
         let sandbox_id = job.sandbox_id.clone();
+        let deployment = job.deployment.clone();
         active.insert(
             sandbox_id.clone(),
             Running {
-                deployment: job.deployment.clone(),
+                deployment: deployment.clone(),
                 cancel: cancel.clone(),
                 done,
             },
         );
         drop(active);
-        tracing::info!(deployment = %job.deployment, sandbox = %job.sandbox, %sandbox_id, "deployment taken");
+        tracing::info!(%deployment, sandbox = %job.sandbox, %sandbox_id, "deployment taken");
         let worker = self.clone();
         tokio::spawn(async move {
+            if let Some(mut stopped) = previous {
+                let _ = stopped.wait_for(|d| *d).await;
+            }
             deployer.run(job, cancel).await;
-            worker.lock_active().remove(&sandbox_id);
+            let mut active = worker.lock_active();
+            // A deployment that superseded this one holds the entry by now.
+            if active
+                .get(&sandbox_id)
+                .is_some_and(|r| r.deployment == deployment)
+            {
+                active.remove(&sandbox_id);
+            }
+            drop(active);
             let _ = done_tx.send(true);
         });
         JobOutput::Accepted

@@ -267,6 +267,11 @@ pub struct DeployJob {
     /// Given to services as `SDP_GATEWAY_URL`.
     pub gateway_url: String,
     pub services: Vec<ServiceSpec>,
+    /// A deployment of this sandbox that this one replaces (a newer commit of a followed
+    /// branch): the agent cancels it, if it runs it still, and starts this one once it has
+    /// stopped. Any other deployment of the sandbox in progress refuses the job, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supersedes: Option<DeploymentId>,
 }
 job_spec!(DeployJob, Deploy, "deploy", (), JobOutput::Accepted => ());
 
@@ -989,6 +994,7 @@ mod tests {
                         restart: RestartPolicy::Never,
                         health_interval_ms: 2000,
                     }],
+                    supersedes: Some(DeploymentId::parse("dep_00000000000000ff").unwrap()),
                 }),
             }),
             ServerMessage::Job(Job {

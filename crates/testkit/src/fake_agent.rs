@@ -673,7 +673,16 @@ pub mod wire {
                 let held = *script.deploys.lock().unwrap() == Deploys::Held;
                 let released = script.released.subscribe();
                 let output = script.build_output.lock().unwrap().clone();
-                deployments.spawn(run_deployment(deploy, held, output, released, out.clone()));
+                // Each service comes up at its branch's tip, as the real agent fetches it.
+                let tips = script.branches.lock().unwrap().clone();
+                deployments.spawn(run_deployment(
+                    deploy,
+                    held,
+                    output,
+                    tips,
+                    released,
+                    out.clone(),
+                ));
                 JobOutput::Accepted
             }
             JobKind::Teardown { .. } => JobOutput::TornDown,
@@ -738,6 +747,7 @@ pub mod wire {
         deploy: DeployJob,
         held: bool,
         (output, hold_after): super::BuildOutput,
+        tips: Vec<(String, String)>,
         mut released: tokio::sync::watch::Receiver<bool>,
         out: UnboundedSender<String>,
     ) {
@@ -800,9 +810,13 @@ pub mod wire {
             send(vec![step(service, Step::Starting, StepState::Running)]);
             tokio::time::sleep(STEP_PAUSE).await;
             send(vec![step(service, Step::Healthy, StepState::Done)]);
+            let tip = tips
+                .iter()
+                .find(|(branch, _)| branch == spec.branch.as_str())
+                .map_or(FAKE_COMMIT, |(_, commit)| commit.as_str());
             outcomes.push(ServiceOutcome {
                 service: service.clone(),
-                commit: Some(FAKE_COMMIT.to_owned()),
+                commit: Some(tip.to_owned()),
                 upstream: Some(FAKE_UPSTREAM.to_owned()),
             });
         }

@@ -17,6 +17,7 @@ mod deploy;
 mod dev_smoke;
 mod docker;
 mod exhaustion;
+mod follow;
 mod frames;
 mod input;
 mod isolation;

@@ -12,6 +12,7 @@
 //! is logged by the control plane alone.
 
 mod events;
+mod follow;
 mod routes;
 mod runtime;
 mod sleep;
@@ -20,16 +21,18 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sdp_protocol::{
-    AgentName, Credentials, DeployJob, DeploymentId, Role, SandboxId, SandboxName, ServiceSpec,
-    Step, StepState, Teardown,
+    AgentName, Credentials, DeployJob, DeploymentId, Role, SandboxId, SandboxName, ServiceName,
+    ServiceSpec, Step, StepState, Teardown,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use follow::{repo_key, short};
 pub use routes::{RoutePublisher, RouteSource};
 
+use crate::config::ServiceConfig;
 use crate::db::{
     Audit, Db, DeploymentState, Ending, Finish, Instance, SandboxRow, Selection, WriteError,
 };
@@ -37,6 +40,7 @@ use crate::dispatch::{CallError, Dispatch, Target, call};
 use crate::logs::{Frame, Logs};
 use crate::metrics::Metrics;
 use crate::runtime_logs::RuntimeLogs;
+use crate::sessions::PasswordVault;
 
 /// Stopping containers can take a while; longer than a git call.
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,6 +57,17 @@ pub struct Settings {
     pub idle_after: Option<Duration>,
     /// How long a micro agent has to wake a sandbox.
     pub wake_timeout: Duration,
+    pub follow: FollowSettings,
+}
+
+/// How followed branches are redeployed.
+pub struct FollowSettings {
+    /// The catalog, whose entries a follow-redeploy deploys.
+    pub catalog: Vec<ServiceConfig>,
+    /// Pushes to one service this close together are one redeploy.
+    pub debounce: Duration,
+    /// How often followed branches are polled; `None`: never.
+    pub poll_interval: Option<Duration>,
 }
 
 pub struct Lifecycle {
@@ -76,6 +91,10 @@ pub struct Lifecycle {
     /// Per sandbox being put to sleep or woken, the lock that keeps those one at a time.
     transitions:
         std::sync::Mutex<std::collections::HashMap<SandboxId, Arc<tokio::sync::Mutex<()>>>>,
+    /// The passwords of live sessions: a follow-redeploy uses its owner's.
+    vault: Arc<PasswordVault>,
+    /// Follow-redeploys waiting out the debounce, by sandbox and service: the newest commit.
+    follows: std::sync::Mutex<std::collections::HashMap<(SandboxId, ServiceName), String>>,
     /// The control plane is stopping: what is interrupted then is resumed at the next start,
     /// not failed.
     shutdown: CancellationToken,
@@ -88,6 +107,8 @@ pub struct Request<'a> {
     pub credentials: Credentials,
     /// `service@branch …`, for the audit trail.
     pub detail: &'a str,
+    /// The services whose following the request sets (the others keep theirs).
+    pub follow: std::collections::BTreeMap<ServiceName, bool>,
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -108,12 +129,14 @@ fn new_deployment_id() -> DeploymentId {
     DeploymentId::parse(new_id("dep")).expect("dep_ and 16 hex digits")
 }
 
-fn selections(specs: &[ServiceSpec]) -> Vec<Selection> {
-    specs
+fn selections(request: &Request<'_>) -> Vec<Selection> {
+    request
+        .specs
         .iter()
         .map(|s| Selection {
             service: s.service.to_string(),
             branch: s.branch.to_string(),
+            follow: request.follow.get(&s.service).copied(),
         })
         .collect()
 }
@@ -127,6 +150,8 @@ struct Scheduled {
     agent: Option<AgentName>,
     credentials: Credentials,
     specs: Vec<ServiceSpec>,
+    /// The deployment in progress this one replaces (see `follow.rs`).
+    supersedes: Option<DeploymentId>,
 }
 
 impl Lifecycle {
@@ -142,6 +167,7 @@ impl Lifecycle {
         source: impl FnOnce(Arc<dyn Dispatch>) -> RouteSource,
         settings: Settings,
         metrics: Arc<Metrics>,
+        vault: Arc<PasswordVault>,
         shutdown: CancellationToken,
     ) -> Self {
         let tasks = TaskTracker::new();
@@ -159,6 +185,8 @@ impl Lifecycle {
             absences: std::sync::Mutex::default(),
             waking: std::sync::Mutex::default(),
             transitions: std::sync::Mutex::default(),
+            vault,
+            follows: std::sync::Mutex::default(),
             shutdown,
         }
     }
@@ -198,7 +226,7 @@ impl Lifecycle {
                 request.requested_by,
                 expires_at,
                 &deployment,
-                &selections(&request.specs),
+                &selections(&request),
                 now,
                 &audit,
             )
@@ -211,6 +239,7 @@ impl Lifecycle {
             agent: None,
             credentials: request.credentials,
             specs: request.specs,
+            supersedes: None,
         });
         Ok((sandbox_id, deployment))
     }
@@ -233,7 +262,7 @@ impl Lifecycle {
                 &sandbox.id,
                 request.requested_by,
                 &deployment,
-                &selections(&request.specs),
+                &selections(&request),
                 OffsetDateTime::now_utc(),
                 &audit,
             )
@@ -245,6 +274,7 @@ impl Lifecycle {
             agent: sandbox.agent.clone(),
             credentials: request.credentials,
             specs: request.specs,
+            supersedes: None,
         });
         Ok(deployment)
     }
@@ -267,6 +297,7 @@ impl Lifecycle {
             credentials: s.credentials,
             gateway_url: self.settings.gateway_url.clone(),
             services: s.specs,
+            supersedes: s.supersedes,
         };
         let target = match &s.agent {
             Some(agent) => Target::Agent(agent.clone()),
@@ -608,6 +639,12 @@ impl Lifecycle {
             let this = self.clone();
             self.spawn(async move { this.sleep_loop(idle_after).await });
         }
+        if let Some(every) = self.settings.follow.poll_interval {
+            let this = self.clone();
+            self.spawn(async move { this.poll_loop(every).await });
+        }
+        let this = self.clone();
+        self.spawn(async move { this.prune_loop().await });
     }
 
     /// Until a gateway agent is connected, for as long as agents get to come back
