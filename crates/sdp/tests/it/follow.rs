@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use sdp_testkit::{
-    Deploys, InProcessEnv, PASSWORD, TestEnv, USER, cloud_push, server_push, wait_until,
-    webhook_signature,
+    Deploys, InProcessEnv, PASSWORD, TestEnv, USER, cloud_push, files_containing, server_push,
+    wait_until, webhook_signature,
 };
 use serde_json::{Value, json};
 use tokio::time::Instant;
@@ -108,7 +108,8 @@ async fn a_signed_push_to_a_followed_branch_redeploys_that_service_at_the_new_co
     let delivery: sdp_api::Delivery = reply.typed();
     assert_eq!(delivery.signature, "valid");
     assert_eq!(delivery.outcome, "redeploying orders in demo");
-    assert_eq!(delivery.services, ["orders"]);
+    // The kit's `brittle` is built from the same repository: both are considered.
+    assert_eq!(delivery.services, ["orders", "brittle"]);
     assert_eq!(delivery.refs[0].branch, "main");
     assert_eq!(delivery.refs[0].commit.as_deref(), Some(NEW));
 
@@ -220,6 +221,13 @@ async fn a_wrong_or_missing_signature_gets_401_and_triggers_nothing() {
         log.iter()
             .all(|d| d.refs.is_empty() && d.outcome.starts_with("refused"))
     );
+    let metrics = env.get("/metrics", None).await.body;
+    for counted in [
+        "sdp_webhook_deliveries_total{result=\"invalid\"} 2",
+        "sdp_webhook_deliveries_total{result=\"missing\"} 1",
+    ] {
+        assert!(metrics.contains(counted), "{counted} in {metrics}");
+    }
     // A valid delivery afterwards still works: nothing was taken from the refused ones.
     let valid = env
         .deliver_signed("repo:refs_changed", "req-forged", &body)
@@ -388,9 +396,9 @@ async fn a_push_while_the_owners_credentials_are_gone_waits_and_their_login_depl
         before,
         "nothing deploys without the owner"
     );
-    // No password was stored for it: the database holds none.
-    let dump = env.database().query("SELECT * FROM sandbox_services");
-    assert!(!dump.contains(PASSWORD), "{dump}");
+    // No password was kept for it: no file of the control plane holds one.
+    let holding = files_containing(&env.server_data_dir(), PASSWORD.as_bytes());
+    assert!(holding.is_empty(), "{holding:?}");
 
     // The owner's login deploys what waited, with the credentials just given.
     env.login().await;
@@ -421,7 +429,8 @@ async fn following_is_turned_on_and_off_by_the_owner_only_and_off_forgets_a_wait
         .await;
     assert_eq!(
         reply.typed::<sdp_api::Delivery>().outcome,
-        "no sandbox follows orders@main"
+        // The kit's `brittle` is built from the same repository.
+        "no sandbox follows orders@main or brittle@main"
     );
 
     let on = env.set_follow(&token, "demo", "orders", true).await;
@@ -604,6 +613,7 @@ async fn a_real_push_then_a_signed_delivery_redeploys_the_new_commit() {
     let env = TestEnv::builder(SDP)
         .repos(&["orders"])
         .catalog(&["orders"])
+        .gateway(true)
         .webhooks("0", "200ms")
         .start()
         .await;
@@ -646,6 +656,7 @@ async fn polling_finds_a_real_push_without_any_webhook() {
     let env = TestEnv::builder(SDP)
         .repos(&["orders"])
         .catalog(&["orders"])
+        .gateway(true)
         .webhooks("1s", "200ms")
         .start()
         .await;

@@ -483,10 +483,19 @@ pub async fn bitbucket(
             }
             None => did.push(format!("branch {branch} names no commit: ignored")),
             Some(commit) => {
+                let mut followed = Vec::new();
                 for service in &services {
                     tracing::info!(%service, %branch, commit = short(&commit), delivery = delivery_id, "push received");
-                    did.push(state.lifecycle.pushed(service, &branch, &commit).await);
+                    followed.extend(state.lifecycle.pushed(service, &branch, &commit).await);
                 }
+                // Services that share the repository and that nobody follows are noise
+                // beside one that redeployed; when none did, they are the reason.
+                if followed.is_empty() {
+                    let names: Vec<String> =
+                        services.iter().map(|s| format!("{s}@{branch}")).collect();
+                    did.push(format!("no sandbox follows {}", names.join(" or ")));
+                }
+                did.extend(followed);
             }
         }
     }

@@ -57,13 +57,13 @@ pub fn repo_key(url: &str) -> Option<String> {
 impl Lifecycle {
     /// A push of `commit` to `service@branch`: every live sandbox whose `service` follows
     /// `branch` redeploys it, or, without its owner's credentials, records the commit as
-    /// waiting. Says what it did, for the delivery log.
+    /// waiting. Says what it did, for the delivery log; `None` when no sandbox follows it.
     pub async fn pushed(
         self: &Arc<Self>,
         service: &ServiceName,
         branch: &BranchName,
         commit: &str,
-    ) -> String {
+    ) -> Option<String> {
         if let Err(e) = self.db.saw_tip(service, branch, commit).await {
             tracing::error!(%service, %branch, error = %e, "cannot record a followed branch's tip");
         }
@@ -71,11 +71,13 @@ impl Lifecycle {
             Ok(f) => f,
             Err(e) => {
                 tracing::error!(%service, %branch, error = %e, "cannot read who follows a branch");
-                return format!("{service}@{branch}: the followers could not be read");
+                return Some(format!(
+                    "{service}@{branch}: the followers could not be read"
+                ));
             }
         };
         if followers.is_empty() {
-            return format!("no sandbox follows {service}@{branch}");
+            return None;
         }
         let now = OffsetDateTime::now_utc();
         let mut did = Vec::with_capacity(followers.len());
@@ -91,7 +93,7 @@ impl Lifecycle {
                 ));
             }
         }
-        did.join("; ")
+        Some(did.join("; "))
     }
 
     async fn wait_for_login(&self, sandbox_id: &SandboxId, service: &ServiceName, commit: &str) {
@@ -328,7 +330,10 @@ impl Lifecycle {
             }
             for (branch, tip) in moved {
                 tracing::info!(%service, %branch, commit = short(&tip), "polling found a push");
-                let outcome = self.pushed(&service, &branch, &tip).await;
+                let outcome = self
+                    .pushed(&service, &branch, &tip)
+                    .await
+                    .unwrap_or_else(|| format!("no sandbox follows {service}@{branch}"));
                 let services = serde_json::json!([service.as_str()]).to_string();
                 let refs = serde_json::json!([{"branch": branch.as_str(), "commit": tip, "change": "update"}])
                     .to_string();
