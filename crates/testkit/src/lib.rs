@@ -57,12 +57,12 @@ macro_rules! server_knobs {
         }
 
         /// The server's `[webhooks]`: the secret of `POST /api/hooks/bitbucket` (the kit's
-        /// [`WEBHOOK_SECRET`](crate::WEBHOOK_SECRET)), how often followed branches are polled
+        /// `WEBHOOK_SECRET`), how often followed branches are polled
         /// ("0": never) and how long pushes are gathered before a redeploy.
         pub fn webhooks(mut self, poll_interval: &'static str, debounce: &'static str) -> Self {
             self.opts.webhooks = Some(format!(
                 "[webhooks]\nsecret = \"{}\"\npoll_interval = \"{poll_interval}\"\ndebounce = \"{debounce}\"\n",
-                crate::WEBHOOK_SECRET
+                $crate::WEBHOOK_SECRET
             ));
             self
         }
