@@ -988,6 +988,57 @@ mod tests {
         assert!(layout.checkouts_of(&new).join("orders").is_dir());
     }
 
+    fn dep(n: u64) -> DeploymentId {
+        DeploymentId::parse(format!("dep_{n:016x}")).unwrap()
+    }
+
+    /// A deploy job of nothing for `sandbox`, superseding `supersedes` if given.
+    fn job(sandbox: &SandboxId, deployment: u64, supersedes: Option<u64>) -> DeployJob {
+        DeployJob {
+            deployment: dep(deployment),
+            sandbox_id: sandbox.clone(),
+            sandbox: sdp_protocol::SandboxName::parse("pay").unwrap(),
+            credentials: sdp_protocol::Credentials {
+                username: sdp_protocol::Username::parse("alice").unwrap(),
+                password: sdp_protocol::Password::parse("pw".into()).unwrap(),
+            },
+            gateway_url: "http://127.0.0.1:9".into(),
+            services: Vec::new(),
+            supersedes: supersedes.map(dep),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deploy_job_cancels_the_running_deployment_it_supersedes_and_no_other() {
+        let work = tempfile::tempdir().unwrap();
+        let worker = worker(work.path());
+        let sandbox = id(0xa);
+        let running = deploying(&worker, &sandbox, 1);
+        // One deployment at a time: a job that names no deployment, or another one, is
+        // refused and stops nothing.
+        for refused in [job(&sandbox, 2, None), job(&sandbox, 3, Some(9))] {
+            assert!(
+                matches!(worker.start_deploy(refused), JobOutput::Failed(_)),
+                "taken while another deployment runs"
+            );
+        }
+        assert!(!running.is_cancelled());
+
+        assert_eq!(
+            worker.start_deploy(job(&sandbox, 4, Some(1))),
+            JobOutput::Accepted
+        );
+        assert!(running.is_cancelled());
+        // The new deployment holds the sandbox from now on.
+        let holder = || {
+            worker
+                .lock_active()
+                .get(&sandbox)
+                .map(|r| r.deployment.clone())
+        };
+        assert_eq!(holder(), Some(dep(4)));
+    }
+
     #[tokio::test]
     async fn the_hello_lists_every_sandbox_with_folders_left_here() {
         let work = tempfile::tempdir().unwrap();

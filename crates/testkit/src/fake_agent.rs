@@ -218,6 +218,8 @@ pub struct Script {
     wakes: Mutex<Wakes>,
     /// The services deployed to each sandbox (by id), which a wake starts again.
     deployed: Mutex<HashMap<String, Vec<sdp_protocol::ServiceName>>>,
+    /// Scripted deployments by id, so that one a later job supersedes is stopped first.
+    running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     released: tokio::sync::watch::Sender<bool>,
     build_output: Mutex<BuildOutput>,
     /// Every job a scripted agent was sent, as JSON, with `agent` added: its name.
@@ -248,6 +250,7 @@ impl Default for Script {
             deploys: Mutex::new(Deploys::Ready),
             wakes: Mutex::new(Wakes::Ready),
             deployed: Mutex::default(),
+            running: Mutex::default(),
             released: tokio::sync::watch::Sender::new(false),
             build_output: Mutex::default(),
             jobs: Mutex::default(),
@@ -675,7 +678,18 @@ pub mod wire {
                 let output = script.build_output.lock().unwrap().clone();
                 // Each service comes up at its branch's tip, as the real agent fetches it.
                 let tips = script.branches.lock().unwrap().clone();
-                deployments.spawn(run_deployment(
+                let mut running = script.running.lock().unwrap();
+                // As the real agent, the deployment this one supersedes stops first (here
+                // before it sends anything more: the control plane has ended it).
+                if let Some(old) = deploy
+                    .supersedes
+                    .as_ref()
+                    .and_then(|old| running.remove(old.as_str()))
+                {
+                    old.abort();
+                }
+                let id = deploy.deployment.as_str().to_owned();
+                let task = deployments.spawn(run_deployment(
                     deploy,
                     held,
                     output,
@@ -683,6 +697,7 @@ pub mod wire {
                     released,
                     out.clone(),
                 ));
+                running.insert(id, task);
                 JobOutput::Accepted
             }
             JobKind::Teardown { .. } => JobOutput::TornDown,

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::SDP;
+use crate::browser::Browser;
 
 const OLD: &str = "1111111111111111111111111111111111111111";
 const NEW: &str = "2222222222222222222222222222222222222222";
@@ -271,6 +272,20 @@ async fn a_replayed_delivery_id_triggers_nothing() {
     let log = env.deliveries(&token).await;
     assert_eq!(log.len(), 2);
     assert_eq!(log[0].outcome, "duplicate delivery: nothing triggered");
+
+    // Told again under another id (a poll found it first, say): it runs that commit already.
+    let told = env
+        .deliver_signed("repo:refs_changed", "req-8", &body)
+        .await
+        .typed::<sdp_api::Delivery>();
+    assert!(
+        told.outcome
+            .starts_with("orders in demo runs 222222222222 already"),
+        "{}",
+        told.outcome
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(deploy_jobs(&env), jobs);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -681,4 +696,157 @@ async fn polling_finds_a_real_push_without_any_webhook() {
     }
     let log = env.deliveries(&token).await;
     assert!(log.iter().any(|d| d.source == "poll"), "{log:?}");
+}
+
+/// The dashboard: a waiting commit shows on the sandbox's page, the owner turns following off
+/// there, and the Deliveries page says why the push did not deploy.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_shows_a_waiting_commit_turns_following_off_and_lists_the_delivery() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let mut env = env_with("100ms").await;
+    let token = env.login().await;
+    following(&env, &token, "demo").await;
+    browser.open(&format!("{}/sandboxes/demo", env.url)).await;
+    crate::browser::sign_in(&browser).await;
+    // The session lives on in the browser; the restart forgets its password.
+    env.restart_server_with("", "").await;
+    env.wait_for_agents(1).await;
+    env.deliver_signed("repo:refs_changed", "req-ui", &orders_push(&env, NEW))
+        .await;
+
+    browser.open(&format!("{}/sandboxes/demo", env.url)).await;
+    let notice = browser
+        .wait_for(
+            "the waiting commit",
+            "var p = document.querySelector('[data-pending=\"orders\"]'); return p && p.textContent",
+        )
+        .await;
+    assert_eq!(notice, "new commit 2222222 waiting: log in to deploy it");
+    let checked = browser
+        .eval("return document.querySelector('[data-follow=\"orders\"]').checked")
+        .await;
+    assert_eq!(checked, true);
+    browser.screenshot("follow-waiting").await;
+    browser.click("[data-follow=\"orders\"]").await;
+    browser
+        .wait_for(
+            "following off, and the notice gone",
+            "var b = document.querySelector('[data-follow=\"orders\"]'); return b && !b.checked && !document.querySelector('[data-pending]')",
+        )
+        .await;
+    let s = sandbox(&env, &token, "demo").await;
+    assert_eq!(service(&s, "orders")["follow"], false);
+
+    browser.click("#nav a[href=\"/hooks\"]").await;
+    let outcome = browser
+        .wait_for(
+            "the delivery in the log",
+            "var d = document.querySelector('[data-delivery] [data-outcome]'); return d && d.textContent",
+        )
+        .await;
+    assert_eq!(outcome, format!("orders in demo waits for {USER}'s login"));
+    browser.screenshot("follow-deliveries").await;
+    browser.quit().await;
+}
+
+/// `sdp` against the in-process server, with `token` as the session.
+async fn cli(env: &InProcessEnv, token: &str, args: &[&str]) -> (i32, String, String) {
+    let (url, token) = (env.url.clone(), token.to_owned());
+    let home = env.dir.path().join("cli-config");
+    let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::run_sdp(
+            &args,
+            &[
+                ("SDP_SERVER", &url),
+                ("SDP_TOKEN", &token),
+                ("XDG_CONFIG_HOME", home.to_str().unwrap()),
+            ],
+        )
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_command_line_deploys_following_shows_a_waiting_commit_and_turns_following_off() {
+    let mut env = env_with("100ms").await;
+    let token = env.login().await;
+    let (code, out, err) = cli(
+        &env,
+        &token,
+        &[
+            "deploy",
+            "demo",
+            "orders@main",
+            "--follow-branch",
+            "--follow",
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let s = sandbox(&env, &token, "demo").await;
+    assert_eq!(service(&s, "orders")["follow"], true);
+    let (code, out, err) = cli(&env, &token, &["status", "demo"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("FOLLOW"), "{out}");
+
+    env.restart_server_with("", "").await;
+    env.wait_for_agents(1).await;
+    env.deliver_signed("repo:refs_changed", "req-cli", &orders_push(&env, NEW))
+        .await;
+    let (code, out, err) = cli(&env, &token, &["status", "demo"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        format!("{out}{err}")
+            .contains("orders: new commit 2222222222 waiting: log in to deploy it"),
+        "{out}{err}"
+    );
+
+    let (code, out, err) = cli(&env, &token, &["follow", "demo", "orders", "--off"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no longer follows"), "{out}");
+    let s = sandbox(&env, &token, "demo").await;
+    assert_eq!(service(&s, "orders")["follow"], false);
+    assert!(service(&s, "orders")["pending"].is_null(), "{s}");
+    let (code, _, err) = cli(&env, &token, &["follow", "demo", "billing"]).await;
+    assert_eq!(code, 1, "a service the sandbox does not run: {err}");
+    assert!(err.contains("has no service"), "{err}");
+}
+
+#[test]
+fn the_webhook_secret_comes_from_the_environment_and_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("server.toml");
+    std::fs::write(
+        &path,
+        "[git]\nprobe_repo = \"https://git.example.com/p.git\"\n\n[webhooks]\npoll_interval = \"5m\"\n",
+    )
+    .unwrap();
+    let (code, out, err) = crate::run_sdp(
+        &["config", "print", "--config", path.to_str().unwrap()],
+        &[
+            ("SDP_AGENT_TOKEN", "x"),
+            ("SDP_WEBHOOKS__SECRET", "hook-secret-value"),
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("[webhooks]"), "{out}");
+    assert!(out.contains("secret = \"[REDACTED]\""), "{out}");
+    assert!(out.contains("poll_interval = \"5m\""), "{out}");
+    assert!(!out.contains("hook-secret-value") && !err.contains("hook-secret-value"));
+    std::fs::write(
+        &path,
+        "[git]\nprobe_repo = \"https://git.example.com/p.git\"\n\n[webhooks]\npoll_interval = \"100ms\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = crate::run_sdp(
+        &["config", "print", "--config", path.to_str().unwrap()],
+        &[("SDP_AGENT_TOKEN", "x")],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("poll_interval"), "{err}");
 }

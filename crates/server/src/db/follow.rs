@@ -20,6 +20,8 @@ pub struct Follower {
     pub commit: Option<String>,
     /// The newest tip a push or a poll named.
     pub seen: Option<String>,
+    /// A deployment of the sandbox is in progress.
+    pub deploying: bool,
 }
 
 fn follower_from(r: &SqliteRow) -> Result<Follower, sqlx::Error> {
@@ -31,11 +33,14 @@ fn follower_from(r: &SqliteRow) -> Result<Follower, sqlx::Error> {
         branch: parsed(r, "branch")?,
         commit: r.try_get("commit_sha")?,
         seen: r.try_get("seen_commit")?,
+        deploying: r.try_get("deploying")?,
     })
 }
 
 const FOLLOWERS: &str =
-    "SELECT ss.sandbox_id, s.name, s.owner, ss.service, ss.branch, ss.commit_sha, ss.seen_commit
+    "SELECT ss.sandbox_id, s.name, s.owner, ss.service, ss.branch, ss.commit_sha, ss.seen_commit,
+       EXISTS (SELECT 1 FROM deployments d WHERE d.sandbox_id = ss.sandbox_id
+                 AND d.state IN ('queued', 'running')) AS deploying
      FROM sandbox_services ss JOIN sandboxes s ON s.id = ss.sandbox_id
      WHERE ss.follow = 1 AND s.state NOT IN ('expired', 'deleted')";
 

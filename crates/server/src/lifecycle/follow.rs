@@ -82,7 +82,19 @@ impl Lifecycle {
         let now = OffsetDateTime::now_utc();
         let mut did = Vec::with_capacity(followers.len());
         for f in followers {
-            if self.vault.credentials_of(&f.owner, now).is_some() {
+            let queued = self
+                .follows
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(&(f.sandbox_id.clone(), service.clone()));
+            if f.commit.as_deref() == Some(commit) && !f.deploying && !queued {
+                // Told twice (a webhook after a poll, a retry): nothing new to deploy.
+                did.push(format!(
+                    "{service} in {} runs {} already",
+                    f.sandbox,
+                    short(commit)
+                ));
+            } else if self.vault.credentials_of(&f.owner, now).is_some() {
                 self.queue_follow(f.sandbox_id, service.clone(), commit.to_owned());
                 did.push(format!("redeploying {service} in {}", f.sandbox));
             } else {
