@@ -597,8 +597,9 @@ impl Lifecycle {
 
     /// After a restart of the control plane: queued deployments never reached an agent and
     /// fail; the agents of running ones get the usual time to come back; deployments that
-    /// were being routed are routed again once a gateway is back. Then expiry starts, and
-    /// sleep unless `idle_after` is zero.
+    /// were being routed are routed again once a gateway is back. Then expiry starts, sleep
+    /// unless `idle_after` is zero, polling of followed branches when `poll_interval` is set,
+    /// and the pruning of the delivery log.
     pub async fn start_background(self: &Arc<Self>) {
         match self.db.queued_deployments().await {
             Ok(queued) => {
