@@ -612,13 +612,7 @@ async fn polling_finds_a_push_to_a_followed_branch_without_any_webhook() {
 
 /// Pushes a commit to `main` of the test git server's `orders`; returns the new tip.
 fn push(env: &TestEnv, message: &str) -> String {
-    env.git.push_change("orders", "main", message);
-    let heads = env.git.heads("orders");
-    heads
-        .into_iter()
-        .find(|(branch, _)| branch == "main")
-        .expect("main")
-        .1
+    env.git.push_file("orders", "main", "message.txt", message)
 }
 
 /// End to end: a real commit pushed to the test git server, then a delivery signed and
@@ -849,4 +843,107 @@ fn the_webhook_secret_comes_from_the_environment_and_is_never_printed() {
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("poll_interval"), "{err}");
+}
+
+/// A service of its own repository whose build is that repository's `build.sh`, so that a
+/// commit can make it slow; it serves `/` with Python.
+const SLOW_SERVICE: &str = r#"
+import http.server, os
+
+class Ok(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+http.server.HTTPServer(("127.0.0.1", int(os.environ["PORT"])), Ok).serve_forever()
+"#;
+
+/// End to end, with a real agent: a push while a follow-redeploy is building cancels that
+/// build (its deployment `cancelled`, superseded) and deploys the newest commit.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_real_agent_stops_a_superseded_build_and_deploys_the_newest_commit() {
+    let mut env = TestEnv::builder(SDP)
+        .catalog(&["payments"])
+        .gateway(true)
+        .webhooks("0", "200ms")
+        .start()
+        .await;
+    env.git.create_repo_with("slow", &["main"], |_| {
+        vec![
+            ("build.sh".into(), "echo quick build\n".into()),
+            ("serve.py".into(), SLOW_SERVICE.into()),
+        ]
+    });
+    let entry = format!(
+        "[[services]]\nname = \"slow\"\nrepo = \"{}\"\nbuild = \"sh build.sh\"\nrun = \"python3 serve.py\"\nport = 8080\nhealth = \"/\"\nroutes = [\"/slow\"]\n",
+        env.git.url("slow")
+    );
+    env.restart_server_with("", &entry);
+    env.wait_for_connected_agents(2).await;
+    let token = env.login().await;
+    let reply = env.create_following(&token, "demo", &["slow@main"]).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let first = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(env.wait_deployment(&token, &first).await["state"], "ready");
+
+    let slow = env
+        .git
+        .push_file("slow", "main", "build.sh", "echo slow build\nsleep 120\n");
+    let body = server_push(&env.git.url("slow"), "main", OLD, &slow);
+    let reply = env
+        .deliver_signed("repo:refs_changed", "slow-1", &body)
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    // The slow build is under way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let building = loop {
+        let page = env
+            .get("/api/sandboxes/demo/deployments", Some(&token))
+            .await
+            .json();
+        let newest = page["items"][0].clone();
+        if newest["id"] != first.as_str()
+            && newest["services"][0]["step"] == "building"
+            && newest["state"] == "running"
+        {
+            break newest["id"].as_str().unwrap().to_owned();
+        }
+        assert!(Instant::now() < deadline, "never building: {page}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    let quick = env
+        .git
+        .push_file("slow", "main", "build.sh", "echo quick again\n");
+    let body = server_push(&env.git.url("slow"), "main", &slow, &quick);
+    let reply = env
+        .deliver_signed("repo:refs_changed", "slow-2", &body)
+        .await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let old = env.wait_deployment(&token, &building).await;
+    assert_eq!(old["state"], "cancelled", "{old}");
+    assert_eq!(old["error"], "superseded by a new commit of slow");
+    // Long before the slow build could have ended: the agent stopped it.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let s = env.get("/api/sandboxes/demo", Some(&token)).await.json();
+        if s["state"] == "ready" && s["services"][0]["commit"] == quick.as_str() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never at {quick}: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let page = env
+        .get("/api/sandboxes/demo/deployments", Some(&token))
+        .await
+        .json();
+    assert_eq!(page["items"][0]["state"], "ready", "{page}");
+    assert_eq!(page["items"].as_array().unwrap().len(), 3, "{page}");
 }
