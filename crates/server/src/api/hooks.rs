@@ -316,6 +316,12 @@ async fn answer(state: &AppState, status: StatusCode, id: i64) -> Result<Respons
     path = "/api/hooks/bitbucket",
     operation_id = "bitbucket_webhook",
     tag = "hooks",
+    params(
+        ("x-hub-signature" = Option<String>, Header, description = "`sha256=<hex>`: the HMAC-SHA256 of the body under `[webhooks] secret`"),
+        ("x-event-key" = Option<String>, Header, description = "`repo:refs_changed` (Bitbucket Server) or `repo:push` (Cloud); other events are logged and trigger nothing", example = "repo:refs_changed"),
+        ("x-request-id" = Option<String>, Header, description = "Bitbucket Server's delivery id: a delivery of an id seen before triggers nothing"),
+        ("x-hook-uuid" = Option<String>, Header, description = "Bitbucket Cloud's delivery id, when there is no `X-Request-Id`"),
+    ),
     request_body(content = String, description = "The push event as Bitbucket sends it (JSON), with `X-Event-Key`, `X-Request-Id` or `X-Hook-UUID`, and `X-Hub-Signature: sha256=<HMAC-SHA256 of the body under [webhooks] secret>`", content_type = "application/json"),
     responses(
         (status = 202, description = "Taken: the delivery as recorded, with what it triggered or why nothing", body = Delivery),
