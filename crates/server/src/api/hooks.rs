@@ -599,6 +599,17 @@ mod tests {
     }
 
     #[test]
+    fn refused_deliveries_are_recorded_at_most_so_many_a_minute() {
+        let refusals = Refusals::default();
+        let recorded = (0..100).filter(|_| refusals.take()).count();
+        // A minute may turn during the loop, and give a few more.
+        assert!(
+            (REFUSALS_PER_MINUTE as usize..=2 * REFUSALS_PER_MINUTE as usize).contains(&recorded),
+            "{recorded}"
+        );
+    }
+
+    #[test]
     fn a_server_push_names_branches_commits_and_deletions() {
         let body = br#"{"eventKey":"repo:refs_changed","repository":{"slug":"orders","project":{"key":"SHOP"},
             "links":{"clone":[{"href":"https://bb.example.com/scm/shop/orders.git","name":"http"},
