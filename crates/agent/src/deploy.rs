@@ -87,7 +87,8 @@ pub struct Deployer {
 struct Failure(String);
 
 impl Deployer {
-    /// Runs a deploy job to its outcome, or until `cancel` (a teardown) stops it.
+    /// Runs a deploy job to its outcome, or until `cancel` (a teardown, or a deployment that
+    /// supersedes it) stops it.
     pub async fn run(&self, job: DeployJob, cancel: CancellationToken) {
         if job.after_seq > 0 {
             // The log holds another agent's half of this deployment already.
@@ -104,7 +105,7 @@ impl Deployer {
         for spec in &job.services {
             let mut replacing = false;
             let result = tokio::select! {
-                _ = cancel.cancelled() => Err(Failure("the sandbox was torn down".into())),
+                _ = cancel.cancelled() => Err(Failure("cancelled: the sandbox was torn down, or a newer deployment superseded this one".into())),
                 r = self.service(&job, spec, &mut replacing) => r,
             };
             match result {

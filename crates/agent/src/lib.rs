@@ -662,38 +662,60 @@ impl Worker {
         }
     }
 
-    /// Takes a deploy job: it runs in its own task; its progress goes out as events.
+    /// Takes a deploy job: it runs in its own task; its progress goes out as events. A job
+    /// that supersedes the deployment of its sandbox running here cancels it, and runs once
+    /// it has stopped (the sandbox's lock keeps the two apart too).
     fn start_deploy(self: &Arc<Self>, job: DeployJob) -> JobOutput {
         let Some(deployer) = self.deployer.clone() else {
             return unsupported("this agent does not deploy");
         };
         let mut active = self.lock_active();
-        if let Some(running) = active.get(&job.sandbox_id) {
-            return JobOutput::Failed(JobError {
-                code: JobErrorCode::Failed,
-                message: format!(
-                    "deployment {} of this sandbox is still running here",
-                    running.deployment
-                ),
-            });
-        }
+        let previous = match active.get(&job.sandbox_id) {
+            Some(running) if job.supersedes.as_ref() == Some(&running.deployment) => {
+                tracing::info!(deployment = %job.deployment, superseded = %running.deployment, "deployment superseded");
+                running.cancel.cancel();
+                Some(running.done.clone())
+            }
+            Some(running) => {
+                return JobOutput::Failed(JobError {
+                    code: JobErrorCode::Failed,
+                    message: format!(
+                        "deployment {} of this sandbox is still running here",
+                        running.deployment
+                    ),
+                });
+            }
+            None => None,
+        };
         let cancel = CancellationToken::new();
         let (done_tx, done) = tokio::sync::watch::channel(false);
         let sandbox_id = job.sandbox_id.clone();
+        let deployment = job.deployment.clone();
         active.insert(
             sandbox_id.clone(),
             Running {
-                deployment: job.deployment.clone(),
+                deployment: deployment.clone(),
                 cancel: cancel.clone(),
                 done,
             },
         );
         drop(active);
-        tracing::info!(deployment = %job.deployment, sandbox = %job.sandbox, %sandbox_id, "deployment taken");
+        tracing::info!(%deployment, sandbox = %job.sandbox, %sandbox_id, "deployment taken");
         let worker = self.clone();
         tokio::spawn(async move {
+            if let Some(mut stopped) = previous {
+                let _ = stopped.wait_for(|d| *d).await;
+            }
             deployer.run(job, cancel).await;
-            worker.lock_active().remove(&sandbox_id);
+            let mut active = worker.lock_active();
+            // A deployment that superseded this one holds the entry by now.
+            if active
+                .get(&sandbox_id)
+                .is_some_and(|r| r.deployment == deployment)
+            {
+                active.remove(&sandbox_id);
+            }
+            drop(active);
             let _ = done_tx.send(true);
         });
         JobOutput::Accepted
@@ -989,6 +1011,58 @@ mod tests {
         );
         assert!(!layout.checkouts_of(&old).exists());
         assert!(layout.checkouts_of(&new).join("orders").is_dir());
+    }
+
+    fn dep(n: u64) -> DeploymentId {
+        DeploymentId::parse(format!("dep_{n:016x}")).unwrap()
+    }
+
+    /// A deploy job of nothing for `sandbox`, superseding `supersedes` if given.
+    fn job(sandbox: &SandboxId, deployment: u64, supersedes: Option<u64>) -> DeployJob {
+        DeployJob {
+            deployment: dep(deployment),
+            sandbox_id: sandbox.clone(),
+            sandbox: sdp_protocol::SandboxName::parse("pay").unwrap(),
+            credentials: sdp_protocol::Credentials {
+                username: sdp_protocol::Username::parse("alice").unwrap(),
+                password: sdp_protocol::Password::parse("pw".into()).unwrap(),
+            },
+            gateway_url: "http://127.0.0.1:9".into(),
+            services: Vec::new(),
+            supersedes: supersedes.map(dep),
+            after_seq: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_deploy_job_cancels_the_running_deployment_it_supersedes_and_no_other() {
+        let work = tempfile::tempdir().unwrap();
+        let worker = worker(work.path());
+        let sandbox = id(0xa);
+        let running = deploying(&worker, &sandbox, 1);
+        // One deployment at a time: a job that names no deployment, or another one, is
+        // refused and stops nothing.
+        for refused in [job(&sandbox, 2, None), job(&sandbox, 3, Some(9))] {
+            assert!(
+                matches!(worker.start_deploy(refused), JobOutput::Failed(_)),
+                "taken while another deployment runs"
+            );
+        }
+        assert!(!running.is_cancelled());
+
+        assert_eq!(
+            worker.start_deploy(job(&sandbox, 4, Some(1))),
+            JobOutput::Accepted
+        );
+        assert!(running.is_cancelled());
+        // The new deployment holds the sandbox from now on.
+        let holder = || {
+            worker
+                .lock_active()
+                .get(&sandbox)
+                .map(|r| r.deployment.clone())
+        };
+        assert_eq!(holder(), Some(dep(4)));
     }
 
     #[tokio::test]

@@ -117,6 +117,10 @@ pub struct Selection {
     /// A branch name by git's rules, not starting with `-`.
     #[schema(example = "feature/x", min_length = 1, max_length = 255)]
     pub branch: String,
+    /// Redeploy the service whenever its branch moves (a push webhook, or polling). When
+    /// absent: off for a new sandbox, unchanged for a redeploy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<bool>,
 }
 
 /// `POST /api/sandboxes`.
@@ -194,6 +198,71 @@ pub struct SandboxService {
     #[serde(default)]
     #[schema(required = true)]
     pub last_lines: Vec<String>,
+    /// Redeployed whenever its branch moves, with its owner's credentials.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub follow: bool,
+    /// A new commit of its followed branch that waits to be deployed, and why.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub pending: Option<PendingCommit>,
+}
+
+/// A commit of a followed branch not deployed yet: shown as "new commit abc123 waiting: log
+/// in to deploy it". The owner's next login deploys it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PendingCommit {
+    pub commit: String,
+    /// `log in to deploy it`: the control plane holds no credentials of the owner.
+    pub reason: String,
+}
+
+/// `PATCH /api/sandboxes/{id}/services/{service}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePatch {
+    /// Follow the service's branch (redeploy it when it moves), or stop.
+    pub follow: bool,
+}
+
+/// A ref a delivery named.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryRef {
+    pub branch: String,
+    /// The new tip; null for a deleted branch.
+    #[schema(required = true)]
+    pub commit: Option<String>,
+    /// `update`, `add` or `delete`.
+    pub change: String,
+}
+
+/// One entry of the delivery log (`GET /api/hooks/deliveries`): a webhook delivery or a
+/// polling trigger, what it named, and what it did or why nothing.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Delivery {
+    pub id: String,
+    /// `webhook` or `poll`.
+    pub source: String,
+    #[schema(format = DateTime)]
+    pub received_at: String,
+    /// `X-Request-Id` (Bitbucket Server) or `X-Hook-UUID` (Cloud).
+    #[schema(required = true)]
+    pub delivery_id: Option<String>,
+    /// `X-Event-Key`: `repo:refs_changed`, `repo:push`, …
+    #[schema(required = true)]
+    pub event: Option<String>,
+    /// The repository (host and path) when the catalog has it; null otherwise, or when the
+    /// delivery was refused before it was read.
+    #[schema(required = true)]
+    pub repository: Option<String>,
+    /// The catalog services of that repository.
+    pub services: Vec<String>,
+    pub refs: Vec<DeliveryRef>,
+    /// `valid`, `invalid`, `missing`, or `none` for a poll.
+    pub signature: String,
+    /// What it triggered, or why nothing: `redeploying orders in demo`, `no sandbox follows
+    /// orders@x`, `orders in demo waits for alice's login`, `duplicate delivery`, …
+    pub outcome: String,
 }
 
 /// One entry of `GET /api/sandboxes/{id}/history`: a row of the audit trail about the
@@ -388,6 +457,7 @@ mod tests {
         let ok = r#"{"name":"x","services":[{"service":"orders","branch":"main"}]}"#;
         let req: CreateSandbox = serde_json::from_str(ok).unwrap();
         assert_eq!(req.ttl, None);
+        assert_eq!(req.services[0].follow, None);
     }
 
     #[test]

@@ -21,7 +21,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sdp_api::{
     Accepted, Agent, CreateSandbox, Deployment, ErrorBody, Extend, ListParams, LoginRequest,
-    LoginResponse, Page, Redeploy, Sandbox, SessionInfo,
+    LoginResponse, Page, Redeploy, Sandbox, ServicePatch, SessionInfo,
 };
 use serde::de::DeserializeOwned;
 use url::Url;
@@ -263,6 +263,23 @@ impl Client {
         self.json(
             self.request(Method::POST, &["api", "sandboxes", sandbox, "extend"])
                 .json(&body),
+        )
+        .await
+    }
+
+    /// `PATCH /api/sandboxes/{name}/services/{service}`: follow its branch, or stop.
+    pub async fn set_follow(
+        &self,
+        sandbox: &str,
+        service: &str,
+        follow: bool,
+    ) -> Result<Sandbox, ClientError> {
+        self.json(
+            self.request(
+                Method::PATCH,
+                &["api", "sandboxes", sandbox, "services", service],
+            )
+            .json(&ServicePatch { follow }),
         )
         .await
     }

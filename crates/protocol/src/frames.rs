@@ -267,6 +267,11 @@ pub struct DeployJob {
     /// Given to services as `SDP_GATEWAY_URL`.
     pub gateway_url: String,
     pub services: Vec<ServiceSpec>,
+    /// A deployment of this sandbox that this one replaces (a newer commit of a followed
+    /// branch): the agent cancels it, if it runs it still, and starts this one once it has
+    /// stopped. Any other deployment of the sandbox in progress refuses the job, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supersedes: Option<DeploymentId>,
     /// The deployment's log holds events up to this `seq` already (another agent's: the
     /// micro agent deploys a sandbox's services, then the gateway agent its gateway), so
     /// this agent's go on from the next.
@@ -1002,6 +1007,7 @@ mod tests {
                         health_interval_ms: 2000,
                         gateway: None,
                     }],
+                    supersedes: Some(DeploymentId::parse("dep_00000000000000ff").unwrap()),
                     after_seq: 0,
                 }),
             }),
@@ -1030,6 +1036,7 @@ mod tests {
                             reload: crate::Reload::parse("signal:HUP").unwrap(),
                         }),
                     }],
+                    supersedes: None,
                     after_seq: 12,
                 }),
             }),

@@ -96,6 +96,7 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             public_url: gateway_url.clone(),
             ..Default::default()
         },
+        webhooks: Default::default(),
         services,
     };
     let server = Server::bind_with(server_config.clone(), true)

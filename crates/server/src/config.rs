@@ -5,7 +5,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use sdp_config::{ByteSize, ConfigDuration, Secret};
-use sdp_protocol::{CheckoutPath, GatewaySpec, Reload, RepoUrl, RestartPolicy, ServiceName};
+use sdp_protocol::{
+    BranchName, CheckoutPath, GatewaySpec, Reload, RepoUrl, RestartPolicy, ServiceName, ServiceSpec,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -64,7 +66,34 @@ pub struct ServerConfig {
     #[serde(default)]
     pub gateway: GatewayConfig,
     #[serde(default)]
+    pub webhooks: WebhooksConfig,
+    #[serde(default)]
     pub services: Vec<ServiceConfig>,
+}
+
+/// Following branches (SPEC §3 "Follow"): Bitbucket push webhooks, and polling for servers
+/// that cannot send them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WebhooksConfig {
+    /// The HMAC-SHA256 secret of `POST /api/hooks/bitbucket`; none: the hook is off (404).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<Secret>,
+    /// How often followed branches are checked with `git ls-remote`; zero: never.
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: ConfigDuration,
+    /// Pushes to a followed branch this close together are deployed once, the newest.
+    #[serde(default = "default_debounce")]
+    pub debounce: ConfigDuration,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            poll_interval: default_poll_interval(),
+            debounce: default_debounce(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -269,6 +298,12 @@ fn default_gateway_url() -> String {
 fn default_health_interval() -> ConfigDuration {
     ConfigDuration::from_secs(10)
 }
+fn default_poll_interval() -> ConfigDuration {
+    ConfigDuration::from_secs(0)
+}
+fn default_debounce() -> ConfigDuration {
+    ConfigDuration::from_secs(2)
+}
 fn default_health() -> String {
     "/".to_owned()
 }
@@ -289,6 +324,20 @@ impl ServerConfig {
             if d.get().is_zero() {
                 return Err(format!("`{key}` must be longer than zero"));
             }
+        }
+        let poll = self.webhooks.poll_interval.get();
+        if !poll.is_zero() && poll < MIN_POLL_INTERVAL {
+            return Err(format!(
+                "`webhooks.poll_interval` must be \"0\" (no polling) or at least {}, not {}: each check runs git for every followed repository",
+                ConfigDuration::from(MIN_POLL_INTERVAL),
+                self.webhooks.poll_interval
+            ));
+        }
+        if self.webhooks.debounce.get() > std::time::Duration::from_secs(60) {
+            return Err(format!(
+                "`webhooks.debounce` must be at most 60s, not {}",
+                self.webhooks.debounce
+            ));
         }
         let idle = self.idle_after.get();
         if !idle.is_zero() && idle < MIN_IDLE_AFTER {
@@ -380,9 +429,31 @@ impl ServerConfig {
     }
 }
 
+impl ServiceConfig {
+    /// What a deploy job carries of this service on `branch`.
+    pub fn spec(&self, branch: BranchName) -> ServiceSpec {
+        ServiceSpec {
+            service: self.name.clone(),
+            repo: self.repo.clone(),
+            branch,
+            build: self.build.clone(),
+            run: self.run.clone(),
+            port: self.port,
+            health: self.health.clone(),
+            env: self.env.clone(),
+            restart: self.restart,
+            health_interval_ms: self.health_interval.get().as_millis() as u64,
+            gateway: self.gateway_spec(),
+        }
+    }
+}
+
 /// The shortest `idle_after` but zero: a sandbox should at least get through the ready
 /// step's table before it sleeps.
 const MIN_IDLE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The shortest `poll_interval` but zero.
+const MIN_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The smallest `max_log_size` taken.
 const MIN_LOG_SIZE: ByteSize = ByteSize::kib(64);

@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{Cidr, GatewayConfig, GitConfig, ServerConfig, ServiceConfig};
+pub use config::{Cidr, GatewayConfig, GitConfig, ServerConfig, ServiceConfig, WebhooksConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {

@@ -84,6 +84,37 @@ impl LoginOutcome {
     }
 }
 
+/// What became of a push webhook's delivery, by its signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryResult {
+    /// Signed with the secret, and new: handled.
+    Valid,
+    /// Signed with the secret, and seen before: nothing triggered.
+    Duplicate,
+    /// A signature that does not match (401).
+    Invalid,
+    /// No signature (401).
+    Missing,
+}
+
+impl DeliveryResult {
+    const ALL: [DeliveryResult; 4] = [
+        DeliveryResult::Valid,
+        DeliveryResult::Duplicate,
+        DeliveryResult::Invalid,
+        DeliveryResult::Missing,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryResult::Valid => "valid",
+            DeliveryResult::Duplicate => "duplicate",
+            DeliveryResult::Invalid => "invalid",
+            DeliveryResult::Missing => "missing",
+        }
+    }
+}
+
 /// The world as one scrape reads it.
 pub struct World {
     /// The role of each connected agent.
@@ -98,6 +129,7 @@ pub struct Metrics {
     steps: Family<Labels<2>, Histogram, fn() -> Histogram>,
     log_lines: Family<Labels<1>, Counter>,
     logins: Family<Labels<1>, Counter>,
+    deliveries: Family<Labels<1>, Counter>,
     viewers: Family<Labels<1>, Gauge>,
     agents: Family<Labels<1>, Gauge>,
     sandboxes: Family<Labels<1>, Gauge>,
@@ -169,12 +201,22 @@ impl Default for Metrics {
         for outcome in LoginOutcome::ALL {
             logins.get_or_create_owned(&[("outcome", outcome.as_str())]);
         }
+        let deliveries = Family::<Labels<1>, Counter>::default();
+        registry.register(
+            "sdp_webhook_deliveries",
+            "Push webhook deliveries by result (valid, duplicate, invalid, missing signature)",
+            deliveries.clone(),
+        );
+        for result in DeliveryResult::ALL {
+            deliveries.get_or_create_owned(&[("result", result.as_str())]);
+        }
         Self {
             registry,
             deployments,
             steps,
             log_lines,
             logins,
+            deliveries,
             viewers,
             agents,
             sandboxes,
@@ -212,6 +254,12 @@ impl Metrics {
     pub fn login(&self, outcome: LoginOutcome) {
         self.logins
             .get_or_create(&[("outcome", outcome.as_str())])
+            .inc();
+    }
+
+    pub fn delivery(&self, result: DeliveryResult) {
+        self.deliveries
+            .get_or_create(&[("result", result.as_str())])
             .inc();
     }
 

@@ -70,6 +70,16 @@ impl PasswordVault {
             .map(|live| live.credentials.clone())
     }
 
+    /// The credentials of `username`'s live session that lasts longest, if any: what a
+    /// follow-redeploy of their sandbox uses, as they are not there to ask.
+    pub fn credentials_of(&self, username: &str, now: OffsetDateTime) -> Option<Credentials> {
+        self.lock()
+            .values()
+            .filter(|live| live.expires_at > now && live.credentials.username.as_str() == username)
+            .max_by_key(|live| live.expires_at)
+            .map(|live| live.credentials.clone())
+    }
+
     pub fn remove(&self, token_hash: &str) {
         self.lock().remove(token_hash);
     }
@@ -123,5 +133,33 @@ mod tests {
         );
         assert_eq!(vault.remove_expired(now + time::Duration::seconds(2)), 1);
         assert!(vault.credentials("h", now).is_none());
+    }
+
+    #[test]
+    fn a_users_credentials_are_found_only_while_one_of_their_sessions_lives() {
+        let vault = PasswordVault::default();
+        let now = OffsetDateTime::now_utc();
+        let alice = Username::parse("alice").unwrap();
+        vault.insert(
+            "a1".into(),
+            alice.clone(),
+            Password::parse("old".into()).unwrap(),
+            now + time::Duration::seconds(1),
+        );
+        vault.insert(
+            "a2".into(),
+            alice,
+            Password::parse("new".into()).unwrap(),
+            now + time::Duration::seconds(10),
+        );
+        let found = vault.credentials_of("alice", now).unwrap();
+        assert_eq!(found.password.expose(), "new");
+        assert!(vault.credentials_of("bob", now).is_none());
+        vault.remove("a2");
+        assert!(
+            vault
+                .credentials_of("alice", now + time::Duration::seconds(2))
+                .is_none()
+        );
     }
 }

@@ -48,6 +48,7 @@ const FILES: &[(&str, &str, &[u8])] = embed![
     "page-sandbox.js" => JS,
     "page-deployment.js" => JS,
     "page-agents.js" => JS,
+    "page-hooks.js" => JS,
 ];
 
 const INDEX: &str = include_str!("../ui/index.html");
@@ -271,6 +272,10 @@ app_route!(
 app_route!(
     /// The agents.
     agents, "/agents", "dashboard_agents"
+);
+app_route!(
+    /// The delivery log of push webhooks and polling.
+    hooks, "/hooks", "dashboard_hooks"
 );
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ async function api(method, path, body) {
 export const get = (path) => api('GET', path);
 export const post = (path, body) => api('POST', path, body);
 export const del = (path) => api('DELETE', path);
+export const patch = (path, body) => api('PATCH', path, body);
 
 // `/api/sandboxes/<name>/extend` from its parts, each one a path segment whatever it holds.
 export function path(...parts) {

@@ -61,6 +61,8 @@ const TONE = {
   deploying: 'busy', queued: 'busy', fetching: 'busy', building: 'busy', starting: 'busy', routing: 'busy', restarting: 'busy',
   failed: 'bad', crashed: 'bad', unhealthy: 'bad', cancelled: 'bad',
   sleeping: 'rest', skipped: 'rest',
+  // A webhook delivery's signature (`none`: a poll, which has none).
+  valid: 'ok', invalid: 'bad', missing: 'bad', none: 'rest',
 };
 export const PROBLEM = new Set(['crashed', 'unhealthy', 'failed']);
 

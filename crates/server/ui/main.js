@@ -3,6 +3,7 @@
 import { get, onUnauthorized, post } from './api.js';
 import agentsPage from './page-agents.js';
 import deploymentPage from './page-deployment.js';
+import hooksPage from './page-hooks.js';
 import loginPage, { safeNext } from './page-login.js';
 import newSandboxPage from './page-new.js';
 import sandboxPage from './page-sandbox.js';
@@ -18,6 +19,7 @@ const routes = [
   { path: '/sandboxes/:name', page: sandboxPage, nav: '/sandboxes' },
   { path: '/deployments/:id', page: deploymentPage, nav: '/sandboxes' },
   { path: '/agents', page: agentsPage, nav: '/agents' },
+  { path: '/hooks', page: hooksPage, nav: '/hooks' },
 ];
 
 const here = () => location.pathname + location.search + location.hash;

@@ -1,6 +1,6 @@
 // A new sandbox: services of the catalog, a branch for each (searchable pickers answered by
-// an agent with the user's own credentials), a name and a lifetime. Deploying opens the
-// deployment's page.
+// an agent with the user's own credentials), whether they follow their branches, a name and
+// a lifetime. Deploying opens the deployment's page.
 
 import { get, path, post } from './api.js';
 import { empty, errorBox, fill, h, loading, messageBox } from './dom.js';
@@ -14,6 +14,7 @@ export default function newSandboxPage(root, ctx) {
   const name = h('input', { id: 'sandbox-name', name: 'sandbox-name', autocomplete: 'off', spellcheck: 'false', required: true, 'aria-describedby': 'sandbox-name-hint', value: ctx.query.get('name') || '' });
   const ttl = h('select', { id: 'sandbox-ttl', name: 'ttl' }, TTLS.map(([v, t]) => h('option', { value: v, text: t })));
   const same = h('input', { type: 'checkbox', id: 'same-branch' });
+  const followAll = h('input', { type: 'checkbox', id: 'follow-branches' });
   const servicesBox = h('div', { id: 'deploy-services', class: 'services-pick' }, loading('Loading services…'));
   const error = messageBox('error', { id: 'deploy-error', role: 'alert' });
   const status = messageBox('muted', { id: 'deploy-status', role: 'status' });
@@ -26,7 +27,8 @@ export default function newSandboxPage(root, ctx) {
     h('fieldset', { class: 'services-fieldset' },
       h('legend', null, 'Services and branches'),
       h('label', { class: 'check' }, same, 'Deploy the same branch for every selected service'),
-      servicesBox),
+      servicesBox,
+      h('label', { class: 'check' }, followAll, 'Follow the branches: redeploy a service on every push to its branch (while you are logged in)')),
     error.el, status.el,
     h('div', { class: 'form-actions' }, submit, h('a', { href: '/sandboxes', class: 'button' }, 'Cancel')));
   root.append(h('div', { class: 'page-head' }, h('h1', null, 'New sandbox')), form);
@@ -136,7 +138,8 @@ export default function newSandboxPage(root, ctx) {
       error.set(lacking.map((r) => r.missing.textContent).join('; '));
       return;
     }
-    const services = chosen.map((r) => ({ service: r.name, branch: r.picker.value }));
+    // Unticked, a redeploy leaves each service's following as it was.
+    const services = chosen.map((r) => ({ service: r.name, branch: r.picker.value, ...(followAll.checked ? { follow: true } : {}) }));
     error.set('');
     submit.disabled = true;
     status.set(`Creating sandbox ${sandbox}…`);

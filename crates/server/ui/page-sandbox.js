@@ -3,7 +3,7 @@
 // newest commits, wake, delete), its deployments, its services' live runtime log, the
 // router's recent decisions for it and its history.
 
-import { get, path, post, del } from './api.js';
+import { get, path, patch, post, del } from './api.js';
 import { badge, copyButton, empty, errorBox, fill, fmtDuration, fmtTime, h, loading, messageBox, plural, PROBLEM, shortSha, shq, table, timeEl } from './dom.js';
 import { follow } from './follow.js';
 import { frameLine, logToolbar } from './logtools.js';
@@ -157,6 +157,24 @@ export default function sandboxPage(root, ctx) {
       h('p', { class: 'muted small-text', text: 'Requests for the services it runs go to the sandbox; the others go on to the shared environment.' }));
   };
 
+  // Following a branch: each push redeploys the service. Only its owner changes it.
+  const followToggle = (v) => {
+    const mine = !ENDED.has(sandbox.state) && session.owns(sandbox.owner);
+    const box = h('input', {
+      type: 'checkbox', 'data-follow': v.service, checked: !!v.follow, disabled: !mine,
+      'aria-label': `Follow ${v.branch} of ${v.service}: redeploy it on every push`,
+      title: mine ? 'Redeploy on every push to the branch' : `Only ${sandbox.owner} can change this`,
+    });
+    box.addEventListener('change', () => act(box, async () => {
+      const sb = await patch(path('/api/sandboxes', name, 'services', v.service), { follow: box.checked });
+      status.set(box.checked ? `${v.service} follows ${v.branch}: each push redeploys it.` : `${v.service} no longer follows ${v.branch}.`);
+      sandbox = sb;
+      sandboxJson = '';
+      refresh();
+    }));
+    return h('label', { class: 'follow' }, box, h('span', { class: 'sr', text: 'Follow' }));
+  };
+
   const renderServices = () => {
     const list = Array.isArray(sandbox.services) ? sandbox.services : [];
     // A refresh must not fold what the user unfolded.
@@ -177,14 +195,20 @@ export default function sandboxPage(root, ctx) {
           h('summary', { text: `${st === 'crashed' ? 'Last lines before it crashed' : 'Last lines'} (${lines.length})` }),
           h('pre', { text: lines.join('\n') })));
       }
+      // A commit of the followed branch that waits, and why: "log in to deploy it".
+      const pending = v.pending && v.pending.commit
+        ? h('div', { class: 'pending', 'data-pending': v.service, role: 'note',
+          text: `new commit ${shortSha(v.pending.commit, 7)} waiting: ${v.pending.reason || ''}` })
+        : null;
       return h('tr', { 'data-view-service': v.service, 'data-service-state': st },
         h('td', null, h('strong', { text: v.service })),
-        h('td', null, h('code', { text: v.branch || '' })),
+        h('td', null, h('code', { text: v.branch || '' }), pending),
         h('td', null, h('code', { title: v.commit || '', text: shortSha(v.commit) || '—' })),
         h('td', { class: PROBLEM.has(st) ? 'problem' : '' }, cell),
-        h('td', null, h('code', { text: v.upstream || '—' })));
+        h('td', null, h('code', { text: v.upstream || '—' })),
+        h('td', null, followToggle(v)));
     });
-    fill(services, table(['Service', 'Branch', 'Commit', 'State', 'Upstream'], rows, { 'aria-labelledby': 'sv-services-title' }));
+    fill(services, table(['Service', 'Branch', 'Commit', 'State', 'Upstream', 'Follow'], rows, { 'aria-labelledby': 'sv-services-title' }));
   };
 
   const renderSandbox = () => {

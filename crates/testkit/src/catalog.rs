@@ -153,8 +153,9 @@ pub(crate) fn server_toml(
         )
         .map(|(_, entry)| entry)
         .collect();
+    let webhooks = o.webhooks.as_deref().unwrap_or_default();
     format!(
-        "{keys}{knobs}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{services}\n{tables}",
+        "{keys}{knobs}\nlisten = \"{listen}\"\ndata_dir = \"{}\"\nsession_ttl = \"{}\"\nsandbox_ttl = \"{}\"\njob_timeout = \"{}\"\nagent_timeout = \"{}\"\n\n[git]\nprobe_repo = \"{}\"\n\n[gateway]\nbase_domain = \"{BASE_DOMAIN}\"\npublic_url = \"{}\"\n\n{webhooks}\n{services}\n{tables}",
         data_dir.display(),
         o.session_ttl,
         o.sandbox_ttl,

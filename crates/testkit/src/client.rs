@@ -52,6 +52,69 @@ impl Api {
         Reply::from(req.send().await.unwrap()).await
     }
 
+    /// `PATCH /api/sandboxes/{name}/services/{service}` with `{"follow": follow}`.
+    pub async fn set_follow(&self, token: &str, name: &str, service: &str, follow: bool) -> Reply {
+        let req = self
+            .http
+            .patch(format!(
+                "{}/api/sandboxes/{name}/services/{service}",
+                self.url
+            ))
+            .bearer_auth(token)
+            .json(&sdp_api::ServicePatch { follow });
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    /// `POST /api/sandboxes` with `SERVICE@BRANCH` selections that follow their branches.
+    pub async fn create_following(&self, token: &str, name: &str, selections: &[&str]) -> Reply {
+        let mut services = selection_list(selections);
+        for s in &mut services {
+            s.follow = Some(true);
+        }
+        let create = sdp_api::CreateSandbox {
+            name: name.to_owned(),
+            services,
+            ttl: None,
+        };
+        self.post("/api/sandboxes", Some(token), &create).await
+    }
+
+    /// `POST /api/hooks/bitbucket` of `body` as Bitbucket sends it: `X-Event-Key: event`,
+    /// `X-Request-Id: id`, and `X-Hub-Signature: signature` (see
+    /// [`webhook_signature`](crate::webhook_signature)) when given.
+    pub async fn deliver(
+        &self,
+        event: &str,
+        id: &str,
+        body: &Value,
+        signature: Option<&str>,
+    ) -> Reply {
+        let mut req = self
+            .http
+            .post(format!("{}/api/hooks/bitbucket", self.url))
+            .header("content-type", "application/json")
+            .header("x-event-key", event)
+            .header("x-request-id", id)
+            .body(body.to_string());
+        if let Some(s) = signature {
+            req = req.header("x-hub-signature", s);
+        }
+        Reply::from(req.send().await.unwrap()).await
+    }
+
+    /// [`Api::deliver`] signed with the kit's webhook secret.
+    pub async fn deliver_signed(&self, event: &str, id: &str, body: &Value) -> Reply {
+        let signature = crate::webhook_signature(body.to_string().as_bytes());
+        self.deliver(event, id, body, Some(&signature)).await
+    }
+
+    /// `GET /api/hooks/deliveries`: the newest first.
+    pub async fn deliveries(&self, token: &str) -> Vec<sdp_api::Delivery> {
+        let reply = self.get("/api/hooks/deliveries", Some(token)).await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        reply.typed::<sdp_api::Page<sdp_api::Delivery>>().items
+    }
+
     /// `DELETE /api/sandboxes/{name}`.
     pub async fn delete_sandbox(&self, token: &str, name: &str) -> Reply {
         let req = self
@@ -299,7 +362,45 @@ fn selection_list(selections: &[&str]) -> Vec<sdp_api::Selection> {
             sdp_api::Selection {
                 service: service.to_owned(),
                 branch: branch.to_owned(),
+                follow: None,
             }
         })
         .collect()
+}
+
+/// Bitbucket Server's `repo:refs_changed` for a push to `branch` of the repository cloned
+/// from `clone_url`, moving it from `from` to `to`.
+pub fn server_push(clone_url: &str, branch: &str, from: &str, to: &str) -> Value {
+    serde_json::json!({
+        "eventKey": "repo:refs_changed",
+        "date": "2026-12-01T10:00:00+0000",
+        "actor": {"name": "alice", "displayName": "Alice"},
+        "repository": {
+            "slug": "orders",
+            "project": {"key": "SHOP"},
+            "links": {"clone": [
+                {"href": clone_url, "name": "http"},
+                {"href": "ssh://git@bitbucket.example.com:7999/shop/orders.git", "name": "ssh"}
+            ]}
+        },
+        "changes": [{
+            "ref": {"id": format!("refs/heads/{branch}"), "displayId": branch, "type": "BRANCH"},
+            "refId": format!("refs/heads/{branch}"),
+            "fromHash": from,
+            "toHash": to,
+            "type": "UPDATE"
+        }]
+    })
+}
+
+/// Bitbucket Cloud's `repo:push` for a push to `branch` of the repository at `html_url`.
+pub fn cloud_push(html_url: &str, branch: &str, to: &str) -> Value {
+    serde_json::json!({
+        "actor": {"display_name": "Alice"},
+        "repository": {"full_name": "shop/orders", "links": {"html": {"href": html_url}}},
+        "push": {"changes": [{
+            "new": {"type": "branch", "name": branch, "target": {"hash": to}},
+            "old": {"type": "branch", "name": branch, "target": {"hash": "0123456789abcdef0123456789abcdef01234567"}}
+        }]}
+    })
 }

@@ -55,6 +55,8 @@ pub struct Options {
     pub relative_work_dir: bool,
     /// Only these services of the kit's catalog; all of them when `None`.
     pub catalog: Option<&'static [&'static str]>,
+    /// The server's `[webhooks]` table, when a test sets one.
+    pub webhooks: Option<String>,
 }
 
 impl Default for Options {
@@ -78,6 +80,7 @@ impl Default for Options {
             docker_extra: String::new(),
             relative_work_dir: false,
             catalog: None,
+            webhooks: None,
         }
     }
 }

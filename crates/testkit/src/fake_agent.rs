@@ -218,6 +218,8 @@ pub struct Script {
     wakes: Mutex<Wakes>,
     /// The services deployed to each sandbox (by id), which a wake starts again.
     deployed: Mutex<HashMap<String, Vec<sdp_protocol::ServiceName>>>,
+    /// Scripted deployments by id, so that one a later job supersedes is stopped first.
+    running: Mutex<HashMap<String, tokio::task::AbortHandle>>,
     released: tokio::sync::watch::Sender<bool>,
     build_output: Mutex<BuildOutput>,
     /// Every job a scripted agent was sent, as JSON, with `agent` added: its name.
@@ -248,6 +250,7 @@ impl Default for Script {
             deploys: Mutex::new(Deploys::Ready),
             wakes: Mutex::new(Wakes::Ready),
             deployed: Mutex::default(),
+            running: Mutex::default(),
             released: tokio::sync::watch::Sender::new(false),
             build_output: Mutex::default(),
             jobs: Mutex::default(),
@@ -673,7 +676,28 @@ pub mod wire {
                 let held = *script.deploys.lock().unwrap() == Deploys::Held;
                 let released = script.released.subscribe();
                 let output = script.build_output.lock().unwrap().clone();
-                deployments.spawn(run_deployment(deploy, held, output, released, out.clone()));
+                // Each service comes up at its branch's tip, as the real agent fetches it.
+                let tips = script.branches.lock().unwrap().clone();
+                let mut running = script.running.lock().unwrap();
+                // As the real agent, the deployment this one supersedes stops first (here
+                // before it sends anything more: the control plane has ended it).
+                if let Some(old) = deploy
+                    .supersedes
+                    .as_ref()
+                    .and_then(|old| running.remove(old.as_str()))
+                {
+                    old.abort();
+                }
+                let id = deploy.deployment.as_str().to_owned();
+                let task = deployments.spawn(run_deployment(
+                    deploy,
+                    held,
+                    output,
+                    tips,
+                    released,
+                    out.clone(),
+                ));
+                running.insert(id, task);
                 JobOutput::Accepted
             }
             JobKind::Teardown { .. } => JobOutput::TornDown,
@@ -738,6 +762,7 @@ pub mod wire {
         deploy: DeployJob,
         held: bool,
         (output, hold_after): super::BuildOutput,
+        tips: Vec<(String, String)>,
         mut released: tokio::sync::watch::Receiver<bool>,
         out: UnboundedSender<String>,
     ) {
@@ -800,9 +825,13 @@ pub mod wire {
             send(vec![step(service, Step::Starting, StepState::Running)]);
             tokio::time::sleep(STEP_PAUSE).await;
             send(vec![step(service, Step::Healthy, StepState::Done)]);
+            let tip = tips
+                .iter()
+                .find(|(branch, _)| branch == spec.branch.as_str())
+                .map_or(FAKE_COMMIT, |(_, commit)| commit.as_str());
             outcomes.push(ServiceOutcome {
                 service: service.clone(),
-                commit: Some(FAKE_COMMIT.to_owned()),
+                commit: Some(tip.to_owned()),
                 upstream: Some(FAKE_UPSTREAM.to_owned()),
             });
         }

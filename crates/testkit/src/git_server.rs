@@ -183,6 +183,12 @@ impl GitServer {
 
     /// Adds a commit to `branch` of `name` that changes `message.txt`.
     pub fn push_change(&self, name: &str, branch: &str, message: &str) {
+        self.push_file(name, branch, "message.txt", message);
+    }
+
+    /// Adds a commit to `branch` of `name` that writes `content` to `path`; returns the new
+    /// tip.
+    pub fn push_file(&self, name: &str, branch: &str, path: &str, content: &str) -> String {
         let work = self.root.join(format!(".{name}.change"));
         let _ = std::fs::remove_dir_all(&work);
         run_git(
@@ -196,10 +202,16 @@ impl GitServer {
                 work.to_str().unwrap(),
             ],
         );
-        std::fs::write(work.join("message.txt"), message).unwrap();
-        run_git(&work, &["commit", "-q", "-am", message]);
+        std::fs::write(work.join(path), content).unwrap();
+        run_git(&work, &["add", path]);
+        run_git(&work, &["commit", "-q", "-m", &format!("change {path}")]);
         run_git(&work, &["push", "-q", "origin", branch]);
         std::fs::remove_dir_all(&work).unwrap();
+        self.heads(name)
+            .into_iter()
+            .find(|(b, _)| b == branch)
+            .map(|(_, commit)| commit)
+            .expect("the branch just pushed")
     }
 
     /// How many git commands have contacted repository `name` (a login's probe, a fetch):

@@ -55,6 +55,17 @@ macro_rules! server_knobs {
             self.opts.wake_timeout = Some(timeout);
             self
         }
+
+        /// The server's `[webhooks]`: the secret of `POST /api/hooks/bitbucket` (the kit's
+        /// `WEBHOOK_SECRET`), how often followed branches are polled
+        /// ("0": never) and how long pushes are gathered before a redeploy.
+        pub fn webhooks(mut self, poll_interval: &'static str, debounce: &'static str) -> Self {
+            self.opts.webhooks = Some(format!(
+                "[webhooks]\nsecret = \"{}\"\npoll_interval = \"{poll_interval}\"\ndebounce = \"{debounce}\"\n",
+                $crate::WEBHOOK_SECRET
+            ));
+            self
+        }
     };
 }
 
@@ -72,7 +83,7 @@ pub mod proxy;
 pub mod users;
 
 pub use baseline::{Baseline, TlsBaseline};
-pub use client::{Api, Reply, step_state, wait_until};
+pub use client::{Api, Reply, cloud_push, server_push, step_state, wait_until};
 pub use docker::{docker_available, docker_cleanup, docker_image, docker_inspect};
 pub use env::{EnvBuilder, Options, TestEnv, files_containing};
 pub use fake_agent::{Deploys, FakeAgent, Script, ScriptedAgent, Wakes};
@@ -81,6 +92,18 @@ pub use in_process::{InProcessBuilder, InProcessEnv};
 pub use process::{Proc, run_sdp};
 pub use proxy::CutProxy;
 pub use users::{PLAIN_AGENT, RUN_AS, ensure_run_as_user, run_as_ids, run_as_line};
+
+/// The secret of the test servers' push webhooks (see `webhooks` of the builders).
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
+
+/// `sha256=<hex>` of `body` under [`WEBHOOK_SECRET`]: the `X-Hub-Signature` Bitbucket sends.
+pub fn webhook_signature(body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
 
 /// The token every test agent and server share.
 pub const AGENT_TOKEN: &str = "test-agent-token-0123456789";

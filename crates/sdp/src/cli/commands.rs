@@ -37,7 +37,21 @@ pub enum ClientCommand {
         /// Show the steps and the log until the deployment ends; exit 1 when it failed.
         #[arg(long, short)]
         follow: bool,
+        /// Follow the services' branches: each is redeployed whenever its branch moves (a
+        /// push webhook, or polling), with your credentials while you are logged in.
+        #[arg(long)]
+        follow_branch: bool,
         /// Print JSON: the sandbox and its deployment, or with --follow the log's frames.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a service's branch in your sandbox (redeploy it on every push), or stop with --off.
+    Follow {
+        name: String,
+        service: String,
+        /// Stop following.
+        #[arg(long)]
+        off: bool,
         #[arg(long)]
         json: bool,
     },
@@ -99,8 +113,15 @@ pub async fn run(command: ClientCommand) -> Result<(), Failure> {
             services,
             ttl,
             follow,
+            follow_branch,
             json,
-        } => deploy(name, &services, ttl, follow, json).await,
+        } => deploy(name, &services, ttl, follow, follow_branch, json).await,
+        ClientCommand::Follow {
+            name,
+            service,
+            off,
+            json,
+        } => set_follow(&name, &service, !off, json).await,
         ClientCommand::Ls { all, json } => ls(all, json).await,
         ClientCommand::Status { name, json } => status(&name, json).await,
         ClientCommand::Logs {
@@ -203,7 +224,7 @@ async fn logout() -> Result<(), Failure> {
 /// `orders@feature/x` as a selection; the branch is everything after the first `@`. Names
 /// are checked here as the server checks them, so that a typo is bad usage (exit 2) that
 /// sends nothing.
-fn selection(raw: &str) -> Result<Selection, Failure> {
+fn selection(raw: &str, follow: bool) -> Result<Selection, Failure> {
     match raw.split_once('@') {
         Some((service, branch)) if !service.is_empty() && !branch.is_empty() => {
             let service = ServiceName::parse(service.to_owned()).map_err(Failure::usage_of)?;
@@ -211,6 +232,8 @@ fn selection(raw: &str) -> Result<Selection, Failure> {
             Ok(Selection {
                 service: service.as_str().to_owned(),
                 branch: branch.as_str().to_owned(),
+                // Without the flag a redeploy leaves following as it was.
+                follow: follow.then_some(true),
             })
         }
         _ => Err(Failure::usage(format!(
@@ -228,6 +251,7 @@ async fn deploy(
     services: &[String],
     ttl: Option<String>,
     follow: bool,
+    follow_branch: bool,
     json: bool,
 ) -> Result<(), Failure> {
     // A sandbox is named by its name, or by its id when it exists.
@@ -236,7 +260,7 @@ async fn deploy(
     }
     let selections = services
         .iter()
-        .map(|s| selection(s))
+        .map(|s| selection(s, follow_branch))
         .collect::<Result<Vec<_>, _>>()?;
     let mut session = Session::open()?;
     let existing = session.client.sandbox(&name).await?;
@@ -486,7 +510,7 @@ async fn status(name: &str, json: bool) -> Result<(), Failure> {
     }
     output::out("\n");
     let mut table = Table::new(&[
-        "SERVICE", "BRANCH", "COMMIT", "STATE", "UPSTREAM", "RESTARTS",
+        "SERVICE", "BRANCH", "COMMIT", "STATE", "UPSTREAM", "RESTARTS", "FOLLOW",
     ]);
     for x in &s.services {
         table.row(vec![
@@ -496,9 +520,23 @@ async fn status(name: &str, json: bool) -> Result<(), Failure> {
             Cell::styled(&x.state, state_style(&x.state)),
             Cell::new(x.upstream.as_deref().unwrap_or("-")),
             Cell::new(x.restarts.to_string()),
+            Cell::new(if x.follow { "yes" } else { "-" }),
         ]);
     }
     table.print();
+    for x in &s.services {
+        if let Some(pending) = &x.pending {
+            say(
+                BUSY,
+                format!(
+                    "{}: new commit {} waiting: {}",
+                    x.service,
+                    output::short_commit(Some(&pending.commit)),
+                    pending.reason
+                ),
+            );
+        }
+    }
     for x in s.services.iter().filter(|x| x.reason.is_some()) {
         say(
             BAD,
@@ -507,6 +545,25 @@ async fn status(name: &str, json: bool) -> Result<(), Failure> {
         for line in &x.last_lines {
             say(DIM, format!("  {line}"));
         }
+    }
+    Ok(())
+}
+
+async fn set_follow(name: &str, service: &str, follow: bool, json: bool) -> Result<(), Failure> {
+    let session = Session::open()?;
+    let s = session.client.set_follow(name, service, follow).await?;
+    if json {
+        print_json(&s);
+    } else if follow {
+        say(
+            GOOD,
+            format!("{service} in {name} follows its branch: each push redeploys it."),
+        );
+    } else {
+        say(
+            GOOD,
+            format!("{service} in {name} no longer follows its branch."),
+        );
     }
     Ok(())
 }
@@ -677,11 +734,16 @@ mod tests {
 
     #[test]
     fn a_selection_splits_at_the_first_at_sign_and_needs_both_parts() {
-        let s = selection("orders@feature/a@b").unwrap();
+        let s = selection("orders@feature/a@b", false).unwrap();
         assert_eq!(
             (s.service.as_str(), s.branch.as_str()),
             ("orders", "feature/a@b")
         );
+        assert_eq!(
+            s.follow, None,
+            "a redeploy without the flag keeps following as it was"
+        );
+        assert_eq!(selection("orders@main", true).unwrap().follow, Some(true));
         for bad in [
             "orders",
             "@main",
@@ -691,7 +753,7 @@ mod tests {
             "orders@a..b",
             "Orders@main",
         ] {
-            let e = selection(bad).unwrap_err();
+            let e = selection(bad, false).unwrap_err();
             assert_eq!(e.status, crate::cli::USAGE, "{bad}");
         }
     }

@@ -90,6 +90,13 @@ async fn every_route_but_login_and_health_refuses_a_missing_a_bad_and_an_expired
                     route.path
                 );
             }
+            Access::Webhook => {
+                // Signed, not a session: this server has no secret, so the hook is off; with
+                // one, an unsigned delivery is refused (see follow.rs).
+                let reply = Reply::from(env.http.request(method, &url).send().await.unwrap()).await;
+                assert_eq!(reply.status, 404, "{} {}", route.method, route.path);
+                assert_eq!(reply.error_code(), "webhooks_off");
+            }
             Access::Agent => {
                 for auth in [
                     None,

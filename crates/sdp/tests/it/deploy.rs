@@ -829,6 +829,7 @@ async fn a_sandbox_that_expires_within_the_hour_says_so_until_it_is_extended() {
         services: vec![sdp_api::Selection {
             service: "payments".to_owned(),
             branch: "main".to_owned(),
+            follow: None,
         }],
         ttl: Some(ttl.to_owned()),
     };

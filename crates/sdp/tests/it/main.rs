@@ -17,6 +17,7 @@ mod deploy;
 mod dev_smoke;
 mod docker;
 mod exhaustion;
+mod follow;
 mod frames;
 mod gateway_service;
 mod input;

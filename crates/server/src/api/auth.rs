@@ -127,6 +127,8 @@ async fn attempt(
         expires_at,
     );
     tracing::info!(user = %username, "logged in");
+    // Commits of followed branches that waited for this user's credentials go out now.
+    state.lifecycle.logged_in(username.as_str());
 
     let secure = if state.public_url.scheme() == "https" {
         "; Secure"

@@ -9,6 +9,7 @@ mod agents;
 mod auth;
 mod catalog;
 mod deployments;
+mod hooks;
 mod openapi;
 mod runtime;
 mod sandboxes;
@@ -31,7 +32,7 @@ use crate::db::Db;
 use crate::dispatch::{AgentReports, Dispatch};
 use crate::error::ApiError;
 use crate::hub::Hub;
-use crate::lifecycle::{Lifecycle, RouteSource, Settings};
+use crate::lifecycle::{FollowSettings, Lifecycle, RouteSource, Settings};
 use crate::limiter::LoginLimiter;
 use crate::logs::Logs;
 use crate::metrics::{self, LogKind, Metrics, World};
@@ -57,6 +58,9 @@ pub enum Access {
     SessionWebSocket,
     /// The agent token.
     Agent,
+    /// Anyone, but only a body signed with the webhook secret (`X-Hub-Signature`) is acted
+    /// on: the handler checks it (`hooks.rs`) and refuses the rest with 401.
+    Webhook,
     /// Anyone: `/metrics`, which holds aggregates only. Its labels are fixed words (states,
     /// steps, roles, outcomes), never a name or an id (see `metrics.rs`); operators who
     /// want it private keep it off their public proxy.
@@ -102,6 +106,7 @@ fn endpoints() -> Vec<Endpoint> {
         endpoint(Method::GET, "/sandboxes/{name}", Page, ui::sandbox),
         endpoint(Method::GET, "/deployments/{id}", Page, ui::deployment),
         endpoint(Method::GET, "/agents", Page, ui::agents),
+        endpoint(Method::GET, "/hooks", Page, ui::hooks),
         endpoint(Method::GET, "/assets/{version}/{file}", Asset, ui::asset),
         endpoint(Method::GET, "/api/health", Public, health),
         endpoint(Method::GET, "/api/openapi.json", Session, openapi::document),
@@ -117,6 +122,18 @@ fn endpoints() -> Vec<Endpoint> {
             catalog::branches,
         ),
         endpoint(Method::GET, "/api/agents", Session, agents::list),
+        endpoint(
+            Method::POST,
+            "/api/hooks/bitbucket",
+            Webhook,
+            hooks::bitbucket,
+        ),
+        endpoint(
+            Method::GET,
+            "/api/hooks/deliveries",
+            Session,
+            hooks::deliveries,
+        ),
         endpoint(Method::POST, "/api/sandboxes", Session, sandboxes::create),
         endpoint(Method::GET, "/api/sandboxes", Session, sandboxes::list),
         endpoint(Method::GET, "/api/sandboxes/{id}", Session, sandboxes::get),
@@ -143,6 +160,12 @@ fn endpoints() -> Vec<Endpoint> {
             "/api/sandboxes/{id}/wake",
             Session,
             sandboxes::wake,
+        ),
+        endpoint(
+            Method::PATCH,
+            "/api/sandboxes/{id}/services/{service}",
+            Session,
+            sandboxes::patch_service,
         ),
         endpoint(
             Method::GET,
@@ -211,8 +234,10 @@ pub(crate) struct Inner {
     /// Jobs for agents, wherever they are connected.
     pub dispatch: Arc<dyn Dispatch>,
     pub lifecycle: Arc<Lifecycle>,
-    pub vault: PasswordVault,
+    pub vault: Arc<PasswordVault>,
     pub login_limiter: LoginLimiter,
+    /// Refused webhook deliveries recorded this minute.
+    pub hook_refusals: hooks::Refusals,
     pub metrics: Arc<Metrics>,
     pub shutdown: CancellationToken,
     /// The agent connections, waited for at shutdown.
@@ -274,7 +299,13 @@ impl AppState {
             idle_after: Some(config.idle_after.get()).filter(|d| !d.is_zero()),
             wake_timeout: config.wake_timeout.get(),
             gateway_services: gateway_services.clone(),
+            follow: FollowSettings {
+                catalog: config.services.clone(),
+                debounce: config.webhooks.debounce.get(),
+                poll_interval: Some(config.webhooks.poll_interval.get()).filter(|d| !d.is_zero()),
+            },
         };
+        let vault = Arc::new(PasswordVault::default());
         let source = |dispatch| RouteSource {
             db: db.clone(),
             dispatch,
@@ -304,6 +335,7 @@ impl AppState {
                 source,
                 settings,
                 metrics.clone(),
+                vault.clone(),
                 shutdown.clone(),
             )
         });
@@ -315,8 +347,9 @@ impl AppState {
             dispatch: hub.clone(),
             hub,
             lifecycle,
-            vault: PasswordVault::default(),
+            vault,
             login_limiter: LoginLimiter::default(),
+            hook_refusals: hooks::Refusals::default(),
             metrics,
             shutdown,
             connections: tokio_util::task::TaskTracker::new(),
@@ -335,7 +368,9 @@ pub(crate) fn router(state: AppState) -> Router {
     let mut router = Router::new();
     for Endpoint { spec, handler } in endpoints() {
         let handler = match spec.access {
-            Access::Public | Access::Page | Access::Asset | Access::Metrics => handler,
+            Access::Public | Access::Page | Access::Asset | Access::Metrics | Access::Webhook => {
+                handler
+            }
             Access::Session => handler.route_layer(middleware::from_fn_with_state(
                 state.clone(),
                 require_session,

@@ -16,7 +16,7 @@ use utoipa::openapi::security::{
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
 use utoipa::{Modify, OpenApi};
 
-use super::{Access, agents, auth, catalog, deployments, route_table, runtime, sandboxes};
+use super::{Access, agents, auth, catalog, deployments, hooks, route_table, runtime, sandboxes};
 use crate::sessions::COOKIE_NAME;
 use crate::ui;
 
@@ -39,6 +39,7 @@ const AGENT_TOKEN: &str = "agent_token";
         ui::sandbox,
         ui::deployment,
         ui::agents,
+        ui::hooks,
         ui::asset,
         super::health,
         super::scrape_metrics,
@@ -49,6 +50,8 @@ const AGENT_TOKEN: &str = "agent_token";
         catalog::services,
         catalog::branches,
         agents::list,
+        hooks::bitbucket,
+        hooks::deliveries,
         sandboxes::create,
         sandboxes::list,
         sandboxes::get,
@@ -57,6 +60,7 @@ const AGENT_TOKEN: &str = "agent_token";
         sandboxes::extend,
         sandboxes::wake,
         sandboxes::requests,
+        sandboxes::patch_service,
         runtime::logs,
         runtime::history,
         deployments::list,
@@ -77,6 +81,7 @@ const AGENT_TOKEN: &str = "agent_token";
         (name = "agents", description = "The agents"),
         (name = "sandboxes", description = "Sandboxes: deploy, read, extend, wake, delete; their runtime logs"),
         (name = "deployments", description = "Deployments and their logs"),
+        (name = "hooks", description = "Push webhooks that redeploy followed branches, and their delivery log"),
         (name = "operations", description = "Metrics for operators"),
     )
 )]
@@ -150,7 +155,11 @@ impl Modify for ByAccess {
                 continue;
             };
             match route.access {
-                Access::Public | Access::Page | Access::Asset | Access::Metrics => {}
+                Access::Public
+                | Access::Page
+                | Access::Asset
+                | Access::Metrics
+                | Access::Webhook => {}
                 Access::Session => {
                     require_session(operation);
                     if !route.method.is_safe() {
@@ -311,7 +320,11 @@ mod tests {
                 .map(String::as_str)
                 .collect();
             let expected: &[&str] = match route.access {
-                Access::Public | Access::Page | Access::Asset | Access::Metrics => &[],
+                Access::Public
+                | Access::Page
+                | Access::Asset
+                | Access::Metrics
+                | Access::Webhook => &[],
                 Access::Session | Access::SessionWebSocket => &[SESSION_COOKIE, SESSION_BEARER],
                 Access::Agent => &[AGENT_TOKEN],
             };

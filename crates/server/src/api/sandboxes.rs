@@ -10,10 +10,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use sdp_api::{
-    Accepted, CreateSandbox, Deployment, ErrorBody, Extend, ListParams, Page, Redeploy, Sandbox,
-    SandboxService, Selection,
+    Accepted, CreateSandbox, Deployment, ErrorBody, Extend, ListParams, Page, PendingCommit,
+    Redeploy, Sandbox, SandboxService, Selection, ServicePatch,
 };
-use sdp_protocol::{BranchName, SandboxName, ServiceSpec};
+use sdp_protocol::{BranchName, SandboxName, ServiceName, ServiceSpec};
 use time::OffsetDateTime;
 
 use super::deployments::deployment_view;
@@ -68,6 +68,10 @@ pub(crate) fn sandbox_view(state: &AppState, row: SandboxRow) -> Sandbox {
                 reason: s.reason,
                 restarts: s.restarts,
                 last_lines: s.last_lines,
+                follow: s.follow,
+                pending: s
+                    .pending
+                    .map(|(commit, reason)| PendingCommit { commit, reason }),
             })
             .collect(),
     }
@@ -129,19 +133,7 @@ fn specs(state: &AppState, services: &[Selection]) -> Result<Vec<ServiceSpec>, A
         }
         let branch = BranchName::parse(s.branch.clone())
             .map_err(|e| ApiError::bad_request("invalid_branch", e.to_string()))?;
-        out.push(ServiceSpec {
-            service: service.name.clone(),
-            repo: service.repo.clone(),
-            branch,
-            build: service.build.clone(),
-            run: service.run.clone(),
-            port: service.port,
-            health: service.health.clone(),
-            env: service.env.clone(),
-            restart: service.restart,
-            health_interval_ms: service.health_interval.get().as_millis() as u64,
-            gateway: service.gateway_spec(),
-        })
+        out.push(service.spec(branch));
     }
     if out.iter().filter(|s| s.gateway.is_some()).count() > 1 {
         return Err(ApiError::bad_request(
@@ -188,6 +180,14 @@ fn require_live(row: &SandboxRow) -> Result<(), ApiError> {
         ));
     }
     Ok(())
+}
+
+/// The services whose following a request sets.
+fn follow_of(requested: &[Selection]) -> std::collections::BTreeMap<ServiceName, bool> {
+    requested
+        .iter()
+        .filter_map(|s| Some((ServiceName::parse(s.service.clone()).ok()?, s.follow?)))
+        .collect()
 }
 
 /// `service@branch …` of a request, for the audit trail.
@@ -261,6 +261,7 @@ pub async fn create(
         specs,
         credentials,
         detail: &detail,
+        follow: follow_of(&req.services),
     };
     let (sandbox_id, deployment_id) = state
         .lifecycle
@@ -330,6 +331,7 @@ pub async fn redeploy(
         specs,
         credentials,
         detail: &detail,
+        follow: follow_of(&req.services),
     };
     let deployment_id = state
         .lifecycle
@@ -635,4 +637,68 @@ pub async fn wake(
     require_live(&sandbox)?;
     state.lifecycle.wake(&sandbox.id, session.username.as_str());
     Ok((StatusCode::ACCEPTED, Json(sandbox_view(&state, sandbox))).into_response())
+}
+
+/// Turns following of one of the sandbox's services on or off (its owner only): a followed
+/// service is redeployed whenever its branch moves. Off forgets a commit that waited.
+#[utoipa::path(
+    patch,
+    path = "/api/sandboxes/{id}/services/{service}",
+    operation_id = "patch_sandbox_service",
+    tag = "sandboxes",
+    params(
+        ("id" = String, Path, description = SANDBOX_KEY, example = "demo"),
+        ("service" = String, Path, description = "A service of the sandbox", example = "orders"),
+    ),
+    request_body = ServicePatch,
+    responses(
+        (status = 200, description = "The sandbox as it is now", body = Sandbox),
+        (status = 400, description = "`invalid_json` or `invalid_request`", body = ErrorBody),
+        (status = 403, description = "`not_owner`", body = ErrorBody),
+        (status = 404, description = "`unknown_sandbox`, or `unknown_service`: the sandbox has no such service", body = ErrorBody),
+        (status = 409, description = "`sandbox_ended`", body = ErrorBody),
+        (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
+        (status = 415, description = "`unsupported_media_type`: the body is not sent as `application/json`", body = ErrorBody),
+    )
+)]
+pub async fn patch_service(
+    State(state): State<AppState>,
+    Extension(session): Extension<CurrentSession>,
+    Path((key, service)): Path<(String, String)>,
+    ApiJson(req): ApiJson<ServicePatch>,
+) -> Result<Json<Sandbox>, ApiError> {
+    let sandbox = load(&state, &key).await?;
+    require_owner(&sandbox, &session)?;
+    require_live(&sandbox)?;
+    let unknown = || {
+        ApiError::not_found(
+            "unknown_service",
+            format!(
+                "sandbox {} has no service {:?}",
+                sandbox.name,
+                service.chars().take(80).collect::<String>()
+            ),
+        )
+    };
+    if !sandbox.services.iter().any(|s| s.service == service) {
+        return Err(unknown());
+    }
+    let detail = format!("{service} follow={}", req.follow);
+    let audit = crate::db::Audit {
+        actor: session.username.as_str(),
+        action: if req.follow { "follow" } else { "unfollow" },
+        target: sandbox.name.as_str(),
+        detail: &detail,
+    };
+    let found = state
+        .db
+        .set_follow(&sandbox.id, &service, req.follow, &audit)
+        .await
+        .map_err(|e| write_error(e, &sandbox.name))?;
+    if !found {
+        return Err(unknown());
+    }
+    tracing::info!(sandbox = %sandbox.name, %service, follow = req.follow, user = %session.username, "following changed");
+    let row = load(&state, sandbox.id.as_str()).await?;
+    Ok(Json(sandbox_view(&state, row)))
 }

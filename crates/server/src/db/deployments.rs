@@ -100,13 +100,16 @@ pub(super) async fn insert_deployment(
         .await?;
         sqlx::query(
             // A service already there keeps its branch until its new instance runs: if the
-            // redeploy fails before, its previous instance still runs that branch.
-            "INSERT INTO sandbox_services (sandbox_id, service, branch, state) VALUES (?1, ?2, ?3, 'deploying')
-             ON CONFLICT (sandbox_id, service) DO UPDATE SET state = 'deploying'",
+            // redeploy fails before, its previous instance still runs that branch. Whatever
+            // commit of it waited is deployed now: the agent fetches the branch's tip.
+            "INSERT INTO sandbox_services (sandbox_id, service, branch, state, follow) VALUES (?1, ?2, ?3, 'deploying', COALESCE(?4, 0))
+             ON CONFLICT (sandbox_id, service) DO UPDATE SET state = 'deploying',
+               follow = COALESCE(?4, follow), pending_commit = NULL, pending_reason = NULL",
         )
         .bind(sandbox_id.as_str())
         .bind(&s.service)
         .bind(&s.branch)
+        .bind(s.follow)
         .execute(&mut **tx)
         .await?;
     }
@@ -462,6 +465,7 @@ mod tests {
         vec![Selection {
             service: "orders".into(),
             branch: "main".into(),
+            follow: None,
         }]
     }
 

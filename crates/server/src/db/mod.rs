@@ -9,6 +9,7 @@
 
 mod agents;
 mod deployments;
+mod follow;
 mod runtime;
 mod sandboxes;
 mod sessions;
@@ -27,6 +28,7 @@ use sqlx::{Row, Sqlite, SqlitePool, Transaction};
 use time::OffsetDateTime;
 
 pub use deployments::{DeploymentRow, Finish, Placement};
+pub use follow::{DeliveryRow, NewDelivery};
 pub use sandboxes::{Instance, SandboxRow, Selection, WriteError};
 pub use sleep::Slept;
 pub use states::{DeploymentState, Ending, SandboxState, ServiceState};

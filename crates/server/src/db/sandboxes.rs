@@ -37,6 +37,10 @@ pub struct SandboxServiceRow {
     pub last_lines: Vec<String>,
     /// Restarts of its instance since it was deployed.
     pub restarts: u32,
+    /// Redeployed when its branch moves.
+    pub follow: bool,
+    /// A commit of its followed branch that waits to be deployed, and why.
+    pub pending: Option<(String, String)>,
 }
 
 /// A live sandbox's service as the route table needs it.
@@ -49,10 +53,12 @@ pub struct LiveService {
     pub state: Option<ServiceState>,
 }
 
-/// A (service, branch) pair of a request.
+/// A (service, branch) pair of a request, and whether the service follows its branch from
+/// now on (`None`: as it did).
 pub struct Selection {
     pub service: String,
     pub branch: String,
+    pub follow: Option<bool>,
 }
 
 /// What an agent runs of a service: where, and at which commit; no upstream when it runs
@@ -193,7 +199,9 @@ impl Db {
         id: &SandboxId,
     ) -> Result<Vec<SandboxServiceRow>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT service, branch, commit_sha, state, upstream, reason, last_lines, restarts FROM sandbox_services WHERE sandbox_id = ?1 ORDER BY service",
+            "SELECT service, branch, commit_sha, state, upstream, reason, last_lines, restarts, follow,
+               pending_commit, pending_reason
+             FROM sandbox_services WHERE sandbox_id = ?1 ORDER BY service",
         )
         .bind(id.as_str())
         .fetch_all(&self.pool)
@@ -212,6 +220,10 @@ impl Db {
                         .and_then(|json| serde_json::from_str(&json).ok())
                         .unwrap_or_default(),
                     restarts: u32::try_from(r.try_get::<i64, _>("restarts")?).unwrap_or(0),
+                    follow: r.try_get("follow")?,
+                    pending: r
+                        .try_get::<Option<String>, _>("pending_commit")?
+                        .zip(r.try_get::<Option<String>, _>("pending_reason")?),
                 })
             })
             .collect()

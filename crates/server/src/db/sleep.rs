@@ -236,6 +236,7 @@ mod tests {
             &[Selection {
                 service: "orders".into(),
                 branch: "main".into(),
+                follow: None,
             }],
             at,
             &audit,

@@ -329,6 +329,11 @@ impl Lifecycle {
                     Placement::Micro
                 };
                 if !target.deployment.in_progress() {
+                    // Ended (cancelled, superseded): its gateway's half never goes.
+                    self.gateway_halves
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(deployment);
                     return self
                         .apply_late_outcome(
                             agent,
@@ -450,7 +455,7 @@ impl Lifecycle {
                 this.fail(&deployment, &reason).await;
                 return;
             }
-            this.deploy_gateway(&deployment, half).await;
+            this.deploy_gateway(&deployment, half, None).await;
         });
     }
 }

@@ -12,6 +12,7 @@
 //! is logged by the control plane alone.
 
 mod events;
+mod follow;
 mod routes;
 mod runtime;
 mod sleep;
@@ -20,16 +21,18 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sdp_protocol::{
-    AgentName, Credentials, DeployJob, DeploymentId, Role, SandboxId, SandboxName, ServiceSpec,
-    Step, StepState, Teardown,
+    AgentName, Credentials, DeployJob, DeploymentId, Role, SandboxId, SandboxName, ServiceName,
+    ServiceSpec, Step, StepState, Teardown,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use follow::{repo_key, short};
 pub use routes::{RoutePublisher, RouteSource};
 
+use crate::config::ServiceConfig;
 use crate::db::{
     Audit, Db, DeploymentState, Ending, Finish, Instance, Placement, SandboxRow, Selection,
     WriteError,
@@ -38,6 +41,7 @@ use crate::dispatch::{CallError, Dispatch, Target, call};
 use crate::logs::{Frame, Logs};
 use crate::metrics::Metrics;
 use crate::runtime_logs::RuntimeLogs;
+use crate::sessions::PasswordVault;
 
 /// Stopping containers can take a while; longer than a git call.
 const TEARDOWN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -56,6 +60,17 @@ pub struct Settings {
     pub wake_timeout: Duration,
     /// The catalog's API gateways (`kind = "gateway"`), which run on the gateway agent.
     pub gateway_services: std::collections::HashSet<sdp_protocol::ServiceName>,
+    pub follow: FollowSettings,
+}
+
+/// How followed branches are redeployed.
+pub struct FollowSettings {
+    /// The catalog, whose entries a follow-redeploy deploys.
+    pub catalog: Vec<ServiceConfig>,
+    /// Pushes to one service this close together are one redeploy.
+    pub debounce: Duration,
+    /// How often followed branches are polled; `None`: never.
+    pub poll_interval: Option<Duration>,
 }
 
 pub struct Lifecycle {
@@ -86,6 +101,10 @@ pub struct Lifecycle {
     /// Deployments whose gateway half was sent: an outcome of the micro agent repeated after
     /// a reconnect starts nothing again.
     gateway_sent: std::sync::Mutex<std::collections::HashSet<DeploymentId>>,
+    /// The passwords of live sessions: a follow-redeploy uses its owner's.
+    vault: Arc<PasswordVault>,
+    /// Follow-redeploys waiting out the debounce, by sandbox and service: the newest commit.
+    follows: std::sync::Mutex<std::collections::HashMap<(SandboxId, ServiceName), String>>,
     /// The control plane is stopping: what is interrupted then is resumed at the next start,
     /// not failed.
     shutdown: CancellationToken,
@@ -110,6 +129,8 @@ pub struct Request<'a> {
     pub credentials: Credentials,
     /// `service@branch …`, for the audit trail.
     pub detail: &'a str,
+    /// The services whose following the request sets (the others keep theirs).
+    pub follow: std::collections::BTreeMap<ServiceName, bool>,
 }
 
 pub(crate) fn now_rfc3339() -> String {
@@ -130,12 +151,14 @@ fn new_deployment_id() -> DeploymentId {
     DeploymentId::parse(new_id("dep")).expect("dep_ and 16 hex digits")
 }
 
-fn selections(specs: &[ServiceSpec]) -> Vec<Selection> {
-    specs
+fn selections(request: &Request<'_>) -> Vec<Selection> {
+    request
+        .specs
         .iter()
         .map(|s| Selection {
             service: s.service.to_string(),
             branch: s.branch.to_string(),
+            follow: request.follow.get(&s.service).copied(),
         })
         .collect()
 }
@@ -159,6 +182,8 @@ struct Scheduled {
     gateway_agent: Option<AgentName>,
     credentials: Credentials,
     specs: Vec<ServiceSpec>,
+    /// The deployment in progress this one replaces (see `follow.rs`).
+    supersedes: Option<DeploymentId>,
 }
 
 impl Lifecycle {
@@ -174,6 +199,7 @@ impl Lifecycle {
         source: impl FnOnce(Arc<dyn Dispatch>) -> RouteSource,
         settings: Settings,
         metrics: Arc<Metrics>,
+        vault: Arc<PasswordVault>,
         shutdown: CancellationToken,
     ) -> Self {
         let tasks = TaskTracker::new();
@@ -193,6 +219,8 @@ impl Lifecycle {
             transitions: std::sync::Mutex::default(),
             gateway_halves: std::sync::Mutex::default(),
             gateway_sent: std::sync::Mutex::default(),
+            vault,
+            follows: std::sync::Mutex::default(),
             shutdown,
         }
     }
@@ -232,7 +260,7 @@ impl Lifecycle {
                 request.requested_by,
                 expires_at,
                 &deployment,
-                &selections(&request.specs),
+                &selections(&request),
                 now,
                 &audit,
             )
@@ -246,6 +274,7 @@ impl Lifecycle {
             gateway_agent: None,
             credentials: request.credentials,
             specs: request.specs,
+            supersedes: None,
         });
         Ok((sandbox_id, deployment))
     }
@@ -268,7 +297,7 @@ impl Lifecycle {
                 &sandbox.id,
                 request.requested_by,
                 &deployment,
-                &selections(&request.specs),
+                &selections(&request),
                 OffsetDateTime::now_utc(),
                 &audit,
             )
@@ -281,6 +310,7 @@ impl Lifecycle {
             gateway_agent: sandbox.gateway_agent.clone(),
             credentials: request.credentials,
             specs: request.specs,
+            supersedes: None,
         });
         Ok(deployment)
     }
@@ -310,7 +340,7 @@ impl Lifecycle {
         if micro.is_empty()
             && let Some(half) = gateway
         {
-            return self.deploy_gateway(&s.deployment, half).await;
+            return self.deploy_gateway(&s.deployment, half, s.supersedes).await;
         }
         if let Some(half) = gateway {
             self.gateway_halves
@@ -325,6 +355,7 @@ impl Lifecycle {
             credentials: s.credentials,
             gateway_url: self.settings.gateway_url.clone(),
             services: micro,
+            supersedes: s.supersedes,
             after_seq: 0,
         };
         self.send_deploy(job, s.agent, Placement::Micro).await;
@@ -332,7 +363,14 @@ impl Lifecycle {
 
     /// The gateway's half of a deployment: on the sandbox's gateway agent, or the least busy
     /// one, its events following the log's last `seq`.
-    async fn deploy_gateway(&self, deployment: &DeploymentId, half: GatewayHalf) {
+    /// A deployment of the gateway alone may replace one in progress (`supersedes`), which the
+    /// gateway agent then stops first.
+    async fn deploy_gateway(
+        &self,
+        deployment: &DeploymentId,
+        half: GatewayHalf,
+        supersedes: Option<DeploymentId>,
+    ) {
         self.gateway_sent
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -352,6 +390,7 @@ impl Lifecycle {
             credentials: half.credentials,
             gateway_url: self.settings.gateway_url.clone(),
             services: vec![half.spec],
+            supersedes,
             after_seq,
         };
         self.send_deploy(job, half.agent, Placement::Gateway).await;
@@ -684,8 +723,9 @@ impl Lifecycle {
 
     /// After a restart of the control plane: queued deployments never reached an agent and
     /// fail; the agents of running ones get the usual time to come back; deployments that
-    /// were being routed are routed again once a gateway is back. Then expiry starts, and
-    /// sleep unless `idle_after` is zero.
+    /// were being routed are routed again once a gateway is back. Then expiry starts, sleep
+    /// unless `idle_after` is zero, polling of followed branches when `poll_interval` is set,
+    /// and the pruning of the delivery log.
     pub async fn start_background(self: &Arc<Self>) {
         match self.db.queued_deployments().await {
             Ok(queued) => {
@@ -726,6 +766,12 @@ impl Lifecycle {
             let this = self.clone();
             self.spawn(async move { this.sleep_loop(idle_after).await });
         }
+        if let Some(every) = self.settings.follow.poll_interval {
+            let this = self.clone();
+            self.spawn(async move { this.poll_loop(every).await });
+        }
+        let this = self.clone();
+        self.spawn(async move { this.prune_loop().await });
     }
 
     /// Until a gateway agent is connected, for as long as agents get to come back
