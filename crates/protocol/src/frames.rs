@@ -19,7 +19,10 @@ use crate::{
 /// control plane asks for events again with `resend`. 5: agents watch instances after
 /// `ready` and report them in `runtime` frames (a sandbox's runtime log and its instances'
 /// states), acknowledged with `runtime_ack`; deploy jobs say how to watch each service.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 6: gateway agents take deploy jobs (a sandbox's own API gateway, with `gateway` in its
+/// spec, continuing the log after `after_seq`), and a deploy job may supersede one in
+/// progress (`supersedes`), which an older agent would refuse as still running.
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// No frame in either direction may be larger than this. Senders size what they put in a
 /// frame by its encoded bytes ([`crate::encoded_len`]), so they never reach it.
