@@ -94,7 +94,8 @@ export default function newSandboxPage(root, ctx) {
       row.picker.el.hidden = true;
       const item = h('div', { class: 'service-pick', 'data-new-service': s.name },
         h('label', { class: 'check' }, box, h('strong', { text: s.name })),
-        h('span', { class: 'muted routes', text: (s.routes || []).join(' ') }),
+        // A gateway has no routes of its own: it takes every request of the sandbox.
+        h('span', { class: 'muted routes', text: s.kind === 'gateway' ? 'API gateway: every request of the sandbox' : (s.routes || []).join(' ') }),
         row.picker.el, missing);
       return item;
     });
