@@ -154,54 +154,61 @@ impl Agent {
         let mut docker = None;
         // Both roles deploy: micro agents the sandboxes' services, gateway agents the
         // sandboxes' own API gateways (`kind = "gateway"`).
-        let deployer = {
-            let ports = parse_port_range(&config.port_range).map_err(AgentError::Config)?;
-            let runtime: Arc<dyn runtime::Runtime> = match config.runtime {
-                Runtime::Process => Arc::new(ProcessRuntime::new(
-                    &layout.run,
-                    users.clone(),
+        let ports = parse_port_range(&config.port_range).map_err(AgentError::Config)?;
+        let runtime: Option<Arc<dyn runtime::Runtime>> = match config.runtime {
+            Runtime::Process => Some(Arc::new(ProcessRuntime::new(
+                &layout.run,
+                users.clone(),
+                ports,
+                &config.advertise_host,
+            ))),
+            Runtime::Docker => {
+                let limits = DockerLimits {
+                    memory_bytes: parse_bytes(&config.docker.memory).map_err(AgentError::Config)?,
+                    cpus: config.docker.cpus,
+                    pids: config.docker.pids as i64,
+                };
+                // Published where the gateway reaches them: the advertised address when it
+                // is one, else every address.
+                let publish_ip = match config.advertise_host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ip.to_string(),
+                    Err(_) => "0.0.0.0".to_owned(),
+                };
+                let archive = config
+                    .docker
+                    .image_archive
+                    .as_deref()
+                    .map(ImageArchive::open)
+                    .transpose()
+                    .map_err(AgentError::Config)?;
+                match DockerRuntime::new(
+                    name.as_str(),
+                    &config.docker.image,
+                    limits,
                     ports,
-                    &config.advertise_host,
-                )),
-                Runtime::Docker => {
-                    let limits = DockerLimits {
-                        memory_bytes: parse_bytes(&config.docker.memory)
-                            .map_err(AgentError::Config)?,
-                        cpus: config.docker.cpus,
-                        pids: config.docker.pids as i64,
-                    };
-                    // Published where the gateway reaches them: the advertised address when it
-                    // is one, else every address.
-                    let publish_ip = match config.advertise_host.parse::<std::net::IpAddr>() {
-                        Ok(ip) => ip.to_string(),
-                        Err(_) => "0.0.0.0".to_owned(),
-                    };
-                    let archive = config
-                        .docker
-                        .image_archive
-                        .as_deref()
-                        .map(ImageArchive::open)
-                        .transpose()
-                        .map_err(AgentError::Config)?;
-                    let runtime = Arc::new(
-                        DockerRuntime::new(
-                            name.as_str(),
-                            &config.docker.image,
-                            limits,
-                            ports,
-                            &publish_ip,
-                            users.owner(),
-                            archive,
-                        )
-                        .map_err(|e| AgentError::Config(e.to_string()))?,
-                    );
-                    docker = Some(runtime.clone());
-                    runtime
+                    &publish_ip,
+                    users.owner(),
+                    archive,
+                ) {
+                    Ok(runtime) => {
+                        let runtime = Arc::new(runtime);
+                        docker = Some(runtime.clone());
+                        Some(runtime)
+                    }
+                    // A gateway agent routes whether or not its host has Docker; without
+                    // it, it only cannot run sandboxes' own gateways.
+                    Err(e) if config.role == Role::Gateway => {
+                        tracing::warn!(error = %e, "no Docker Engine: this gateway agent routes, but cannot run sandboxes' own API gateways (`runtime = \"process\"` runs them without Docker)");
+                        None
+                    }
+                    Err(e) => return Err(AgentError::Config(e.to_string())),
                 }
-            };
+            }
+        };
+        let deployer = runtime.map(|runtime| {
             let gateway_routes = (config.role == Role::Gateway)
                 .then(|| Arc::new(GatewayRoutesFiles::new(users.clone())));
-            Some(Arc::new(Deployer {
+            Arc::new(Deployer {
                 git: git.clone(),
                 supervisor: Arc::new(Supervisor::new(
                     runtime,
@@ -216,8 +223,8 @@ impl Agent {
                 build_timeout: config.build_timeout.get(),
                 health_timeout: config.health_timeout.get(),
                 gateway_routes,
-            }))
-        };
+            })
+        });
         let gateway = match (&config.gateway, config.role) {
             (Some(gateway), Role::Gateway) => Some(Arc::new(Gateway::new(gateway, &layout.root))),
             _ => None,
@@ -374,8 +381,8 @@ impl Agent {
             }),
             Role::Gateway => capabilities.push(Capability::Router),
         }
-        // Gateway agents run the sandboxes' own API gateways too.
-        if self.config.role == Role::Gateway {
+        // Gateway agents run the sandboxes' own API gateways too, given a runtime.
+        if self.config.role == Role::Gateway && self.worker.deployer.is_some() {
             capabilities.push(match self.config.runtime {
                 Runtime::Docker => Capability::RuntimeDocker,
                 Runtime::Process => Capability::RuntimeProcess,
@@ -667,7 +674,9 @@ impl Worker {
     /// it has stopped (the sandbox's lock keeps the two apart too).
     fn start_deploy(self: &Arc<Self>, job: DeployJob) -> JobOutput {
         let Some(deployer) = self.deployer.clone() else {
-            return unsupported("this agent does not deploy");
+            return unsupported(
+                "this agent has no runtime to run services: its Docker Engine was not reachable at start",
+            );
         };
         let mut active = self.lock_active();
         let previous = match active.get(&job.sandbox_id) {

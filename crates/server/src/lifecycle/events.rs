@@ -404,6 +404,15 @@ impl Lifecycle {
         deployment: &DeploymentId,
         instances: &[Instance],
     ) {
+        let record = async {
+            if let Err(e) = self
+                .db
+                .record_outcome(deployment, agent, Placement::Micro, instances)
+                .await
+            {
+                tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
+            }
+        };
         let half = self
             .gateway_halves
             .lock()
@@ -423,13 +432,7 @@ impl Lifecycle {
                 // The outcome again, after a reconnect: the gateway's half runs already.
                 return;
             }
-            if let Err(e) = self
-                .db
-                .record_outcome(deployment, agent, Placement::Micro, instances)
-                .await
-            {
-                tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
-            }
+            record.await;
             self.fail(
                 deployment,
                 "the control plane restarted before the sandbox's gateway was deployed, and no longer holds the credentials to fetch it; deploy again",
@@ -438,13 +441,7 @@ impl Lifecycle {
             self.routes.request("a deployment failed");
             return;
         };
-        if let Err(e) = self
-            .db
-            .record_outcome(deployment, agent, Placement::Micro, instances)
-            .await
-        {
-            tracing::error!(%deployment, error = %e, "cannot record the services' upstreams");
-        }
+        record.await;
         let (this, deployment) = (self.clone(), deployment.clone());
         self.spawn(async move {
             if let Err(reason) = this
