@@ -549,19 +549,8 @@ pub async fn deliveries(
 ) -> Result<Json<Page<Delivery>>, ApiError> {
     let Query(params) =
         params.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            "limit must be between 1 and 200",
-        ));
-    }
-    let after = match params.cursor {
-        None => None,
-        Some(c) => Some(parse_cursor(&c).ok_or_else(|| {
-            ApiError::bad_request("invalid_cursor", "cursor is not one this server gave out")
-        })?),
-    };
+    let (limit, after) =
+        super::sandboxes::page_bounds(params.limit, params.cursor.as_deref(), parse_cursor)?;
     let rows = state.db.list_deliveries(limit, after).await?;
     let next = (rows.len() == limit as usize)
         .then(|| {

@@ -479,19 +479,7 @@ pub(crate) fn list_query<S: std::fmt::Display + Copy>(
             format!("state must be one of {}", states.join(", ")),
         ));
     }
-    let limit = params.limit.unwrap_or(50);
-    if !(1..=200).contains(&limit) {
-        return Err(ApiError::bad_request(
-            "invalid_limit",
-            "limit must be between 1 and 200",
-        ));
-    }
-    let after = match params.cursor {
-        None => None,
-        Some(c) => Some(parse_cursor(&c).ok_or_else(|| {
-            ApiError::bad_request("invalid_cursor", "cursor is not one this server gave out")
-        })?),
-    };
+    let (limit, after) = page_bounds(params.limit, params.cursor.as_deref(), parse_cursor)?;
     Ok(ListQuery {
         owner: params.owner,
         state: params.state,
@@ -499,6 +487,30 @@ pub(crate) fn list_query<S: std::fmt::Display + Copy>(
         limit,
         after,
     })
+}
+
+/// A listing's page size (default 50, at most 200) and the cursor it goes on after, read
+/// with `parse`: one check, one message, for every paginated list.
+pub(crate) fn page_bounds<C>(
+    limit: Option<u32>,
+    cursor: Option<&str>,
+    parse: fn(&str) -> Option<C>,
+) -> Result<(u32, Option<C>), ApiError> {
+    let limit = limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be between 1 and 200",
+        ));
+    }
+    let after = cursor
+        .map(|c| {
+            parse(c).ok_or_else(|| {
+                ApiError::bad_request("invalid_cursor", "cursor is not one this server gave out")
+            })
+        })
+        .transpose()?;
+    Ok((limit, after))
 }
 
 pub(crate) fn cursor(created_at: OffsetDateTime, id: &str) -> String {
