@@ -615,6 +615,33 @@ fn push(env: &TestEnv, message: &str) -> String {
     env.git.push_file("orders", "main", "message.txt", message)
 }
 
+/// Creates sandbox `demo` of `orders@main` following its branch, and waits until it is ready;
+/// returns its first deployment.
+async fn following_demo(env: &TestEnv, token: &str) -> serde_json::Value {
+    let reply = env.create_following(token, "demo", &["orders@main"]).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    let id = reply.json()["deployment"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let first = env.wait_deployment(token, &id).await;
+    assert_eq!(first["state"], "ready", "{first}");
+    first
+}
+
+/// Waits (two minutes at most) until sandbox `demo` is ready at `commit`.
+async fn wait_for_commit(env: &TestEnv, token: &str, commit: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = env.get("/api/sandboxes/demo", Some(token)).await.json();
+        if s["state"] == "ready" && s["services"][0]["commit"] == commit {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never at {commit}: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// End to end: a real commit pushed to the test git server, then a delivery signed and
 /// shaped as Bitbucket Server's: the following sandbox runs the new commit.
 #[tokio::test(flavor = "multi_thread")]
@@ -627,14 +654,7 @@ async fn a_real_push_then_a_signed_delivery_redeploys_the_new_commit() {
         .start()
         .await;
     let token = env.login().await;
-    let reply = env.create_following(&token, "demo", &["orders@main"]).await;
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let id = reply.json()["deployment"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let first = env.wait_deployment(&token, &id).await;
-    assert_eq!(first["state"], "ready", "{first}");
+    let first = following_demo(&env, &token).await;
     let before = first["services"][0]["commit"].as_str().unwrap().to_owned();
 
     let after = push(&env, "the second version");
@@ -648,15 +668,7 @@ async fn a_real_push_then_a_signed_delivery_redeploys_the_new_commit() {
         reply.typed::<sdp_api::Delivery>().outcome,
         "redeploying orders in demo"
     );
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = env.get("/api/sandboxes/demo", Some(&token)).await.json();
-        if s["state"] == "ready" && s["services"][0]["commit"] == after.as_str() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never at {after}: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_commit(&env, &token, &after).await;
 }
 
 /// End to end: polling with `git ls-remote` finds a real push with no webhook at all.
@@ -670,24 +682,10 @@ async fn polling_finds_a_real_push_without_any_webhook() {
         .start()
         .await;
     let token = env.login().await;
-    let reply = env.create_following(&token, "demo", &["orders@main"]).await;
-    assert_eq!(reply.status, 202, "{}", reply.body);
-    let id = reply.json()["deployment"]["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    assert_eq!(env.wait_deployment(&token, &id).await["state"], "ready");
+    following_demo(&env, &token).await;
 
     let after = push(&env, "the third version");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = env.get("/api/sandboxes/demo", Some(&token)).await.json();
-        if s["state"] == "ready" && s["services"][0]["commit"] == after.as_str() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "never at {after}: {s}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_commit(&env, &token, &after).await;
     let log = env.deliveries(&token).await;
     assert!(log.iter().any(|d| d.source == "poll"), "{log:?}");
 }

@@ -229,7 +229,7 @@ async fn accepted(
     request_body = CreateSandbox,
     responses(
         (status = 202, description = "Created; the deployment runs", body = Accepted),
-        (status = 400, description = "`invalid_sandbox_name`, `no_services`, `too_many_services` (over 16), `unknown_service`, `duplicate_service`, `invalid_branch`, `invalid_ttl`, `invalid_json` or `invalid_request`", body = ErrorBody),
+        (status = 400, description = "`invalid_sandbox_name`, `no_services`, `too_many_services` (over 16), `unknown_service`, `duplicate_service`, `two_gateways` (more than one API gateway), `invalid_branch`, `invalid_ttl`, `invalid_json` or `invalid_request`", body = ErrorBody),
         (status = 401, description = "`reauth_required`: the control plane restarted and no longer holds the password; log in again", body = ErrorBody),
         (status = 409, description = "`sandbox_exists`: a live sandbox has this name", body = ErrorBody),
         (status = 413, description = "`payload_too_large`: the body is over 1 MiB", body = ErrorBody),
@@ -281,7 +281,7 @@ pub async fn create(
     request_body = Redeploy,
     responses(
         (status = 202, description = "Accepted; the deployment runs", body = Accepted),
-        (status = 400, description = "`no_services`, `too_many_services` (over 16), `unknown_service`, `duplicate_service`, `invalid_branch`, `invalid_json` or `invalid_request`", body = ErrorBody),
+        (status = 400, description = "`no_services`, `too_many_services` (over 16), `unknown_service`, `duplicate_service`, `two_gateways` (a second API gateway), `invalid_branch`, `invalid_json` or `invalid_request`", body = ErrorBody),
         (status = 401, description = "`reauth_required`: the control plane restarted and no longer holds the password; log in again", body = ErrorBody),
         (status = 403, description = "`not_owner`", body = ErrorBody),
         (status = 404, description = "`unknown_sandbox`", body = ErrorBody),
