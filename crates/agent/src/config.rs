@@ -48,8 +48,17 @@ pub struct AgentConfig {
     #[serde(default, deserialize_with = "bool_or_string")]
     pub allow_root_builds: bool,
     /// git processes at once on this agent; more jobs wait in a queue.
-    #[serde(default = "default_max_git_jobs")]
+    #[serde(default = "default_max_git_jobs", deserialize_with = "count_or_string")]
     pub max_git_jobs: usize,
+    /// Builds at once on this agent, every deployment's together; more wait their turn. A
+    /// sandbox's services are fetched and built side by side within it. Default: one per CPU.
+    #[serde(default = "default_max_builds", deserialize_with = "count_or_string")]
+    pub max_builds: usize,
+    /// A sandbox takes a copy of the build another sandbox made of the same repository,
+    /// commit, build command and runtime, after its own fetch of that commit (only with
+    /// `run_as`: see ARCHITECTURE.md, "Shared builds").
+    #[serde(default = "default_true", deserialize_with = "bool_or_string")]
+    pub share_builds: bool,
     /// Lets git use local repositories (`file://` and plain paths): `sdp dev` only, whose demo
     /// repositories are folders. Not a key of the file.
     #[serde(skip)]
@@ -161,6 +170,12 @@ fn default_upstream_timeout() -> ConfigDuration {
 fn default_max_git_jobs() -> usize {
     8
 }
+fn default_max_builds() -> usize {
+    std::thread::available_parallelism().map_or(1, usize::from)
+}
+fn default_true() -> bool {
+    true
+}
 
 fn default_work_dir() -> PathBuf {
     PathBuf::from("./.sdp-agent")
@@ -210,6 +225,23 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Er
     }
 }
 
+/// A count from the environment (`SDP_MAX_BUILDS=4`) is a string.
+fn count_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(usize),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Number(n) => Ok(n),
+        Raw::Text(t) => t
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("{t:?} is not a whole number"))),
+    }
+}
+
 /// A switch from the environment (`SDP_INSECURE=true`, as a container's settings give it)
 /// is a string.
 fn bool_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
@@ -250,6 +282,9 @@ impl AgentConfig {
         parse_port_range(&self.port_range)?;
         if self.max_git_jobs == 0 {
             return Err("`max_git_jobs` must be at least 1".into());
+        }
+        if self.max_builds == 0 {
+            return Err("`max_builds` must be at least 1".into());
         }
         if let Some(user) = &self.run_as
             && user.trim().is_empty()

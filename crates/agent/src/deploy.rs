@@ -29,6 +29,7 @@ use crate::group::GroupGuard;
 use crate::health;
 use crate::isolation::{Layout, UserCode};
 use crate::lines::{LineSink, pump};
+use crate::shared_builds::{BuildKey, SharedBuilds};
 use crate::supervise::{InstanceSpec, Supervisor};
 
 /// A build's own variables on top of [`BASE_PASS_THROUGH`]: the locale and Go's.
@@ -81,6 +82,20 @@ pub struct Deployer {
     pub health_timeout: Duration,
     /// Gateway agents: the routes files of the sandboxes' own API gateways.
     pub gateway_routes: Option<Arc<GatewayRoutesFiles>>,
+    /// Builds at once on this agent (`max_builds`), every deployment's together.
+    pub builds: Arc<tokio::sync::Semaphore>,
+    pub max_builds: usize,
+    /// Builds shared between sandboxes (`share_builds`, with `run_as`).
+    pub shared: Option<SharedBuilds>,
+    /// What a build is for besides its source: the runtime (and image) its instance runs in.
+    pub build_runtime: String,
+}
+
+/// A service fetched and built, to be started.
+struct Prepared<'j> {
+    spec: &'j ServiceSpec,
+    commit: String,
+    checkout: std::path::PathBuf,
 }
 
 /// Why a service did not come up, as the user reads it.
@@ -99,33 +114,64 @@ impl Deployer {
             held = self.supervisor.hold(&job.sandbox_id) => Some(held),
         };
         let deployment = job.deployment.clone();
+        let cancelled = || {
+            Failure(
+                "cancelled: the sandbox was torn down, or a newer deployment superseded this one"
+                    .into(),
+            )
+        };
+        // Every service is fetched and built side by side (builds within `max_builds`), and
+        // nothing running is stopped until all are built: a failed build leaves every
+        // instance of the sandbox as it was.
+        let prepared = futures_util::future::join_all(job.services.iter().map(|spec| async {
+            tokio::select! {
+                _ = cancel.cancelled() => Err(cancelled()),
+                r = self.prepare(&job, spec) => r,
+            }
+        }))
+        .await;
         let mut outcomes = Vec::new();
         let mut started = Vec::new();
         let mut failure = None;
-        for spec in &job.services {
-            let mut replacing = false;
-            let result = tokio::select! {
-                _ = cancel.cancelled() => Err(Failure("cancelled: the sandbox was torn down, or a newer deployment superseded this one".into())),
-                r = self.service(&job, spec, &mut replacing) => r,
-            };
+        let mut ready = Vec::new();
+        for result in prepared {
             match result {
-                Ok((outcome, instance)) => {
-                    outcomes.push(outcome);
-                    started.push(instance);
-                }
+                Ok(p) => ready.push(p),
                 Err(Failure(reason)) => {
-                    // A service that failed before its previous instance was stopped (at
-                    // fetching or building) still runs that instance: like the services
-                    // after it, it has no outcome, and keeps its upstream and its route.
-                    if replacing {
-                        outcomes.push(ServiceOutcome {
-                            service: spec.service.clone(),
-                            commit: None,
-                            upstream: None,
-                        });
+                    failure.get_or_insert(reason);
+                }
+            }
+        }
+        if failure.is_none() {
+            let starts = futures_util::future::join_all(ready.into_iter().map(|p| async {
+                let mut replacing = false;
+                let service = p.spec.service.clone();
+                let result = tokio::select! {
+                    _ = cancel.cancelled() => Err(cancelled()),
+                    r = self.start(&job, p, &mut replacing) => r,
+                };
+                (service, replacing, result)
+            }))
+            .await;
+            for (service, replacing, result) in starts {
+                match result {
+                    Ok((outcome, instance)) => {
+                        outcomes.push(outcome);
+                        started.push(instance);
                     }
-                    failure = Some(reason);
-                    break;
+                    Err(Failure(reason)) => {
+                        // Its previous instance is stopped: the route must not point there.
+                        // One not reached yet still runs, keeps its upstream, and has no
+                        // outcome.
+                        if replacing {
+                            outcomes.push(ServiceOutcome {
+                                service,
+                                commit: None,
+                                upstream: None,
+                            });
+                        }
+                        failure.get_or_insert(reason);
+                    }
                 }
             }
         }
@@ -162,14 +208,13 @@ impl Deployer {
         }
     }
 
-    /// Fetches, builds and starts one service. `replacing` turns true once its previous
-    /// instance, if any, is being stopped.
-    async fn service(
+    /// Fetches one service's branch and builds it, unless this sandbox has that build already
+    /// or another sandbox made it (shared builds).
+    async fn prepare<'j>(
         &self,
         job: &DeployJob,
-        spec: &ServiceSpec,
-        replacing: &mut bool,
-    ) -> Result<(ServiceOutcome, Started), Failure> {
+        spec: &'j ServiceSpec,
+    ) -> Result<Prepared<'j>, Failure> {
         let d = &job.deployment;
         let service = &spec.service;
         let out = &self.outbox;
@@ -188,6 +233,8 @@ impl Deployer {
 
         out.step(d, service, Step::Fetching, StepState::Running)
             .await;
+        // With the user's own credentials, always first: a shared build is only ever found
+        // by a commit this user could fetch.
         let commit = match self
             .git
             .fetch(&spec.repo, &spec.branch, &job.credentials)
@@ -206,8 +253,9 @@ impl Deployer {
         out.system(d, Some(service), format!("{} is at {commit}", spec.branch))
             .await;
 
+        let key = BuildKey::new(spec.repo.as_str(), &commit, &spec.build, &self.build_runtime);
         let built = std::fs::read_to_string(&marker).ok();
-        if built.as_deref() == Some(commit.as_str()) && checkout.is_dir() {
+        if built.as_deref() == Some(key.as_str()) && checkout.is_dir() {
             out.step(d, service, Step::Building, StepState::Skipped)
                 .await;
             out.system(
@@ -216,8 +264,14 @@ impl Deployer {
                 format!("commit {} was built already: not rebuilding", &commit[..12]),
             )
             .await;
-        } else {
-            let _ = std::fs::remove_file(&marker);
+            return Ok(Prepared {
+                spec,
+                commit,
+                checkout,
+            });
+        }
+        let _ = std::fs::remove_file(&marker);
+        if !self.copy_shared(job, spec, &key, &commit, &checkout).await {
             if let Err(reason) = self.check_out(&spec.repo, &commit, &checkout).await {
                 out.step(d, service, Step::Fetching, StepState::Failed)
                     .await;
@@ -230,13 +284,98 @@ impl Deployer {
                     .await;
                 return Err(Failure(reason));
             }
-            marker
-                .parent()
-                .map_or(Ok(()), std::fs::create_dir_all)
-                .and_then(|()| std::fs::write(&marker, &commit))
-                .map_err(|e| Failure(format!("cannot record the build: {e}")))?;
+            if let Some(shared) = &self.shared
+                && let Err(reason) = shared.publish(&key, &checkout).await
+            {
+                out.system(
+                    d,
+                    Some(service),
+                    format!("this build is not shared with other sandboxes: {reason}"),
+                )
+                .await;
+            }
         }
+        marker
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&marker, key.as_str()))
+            .map_err(|e| Failure(format!("cannot record the build: {e}")))?;
+        Ok(Prepared {
+            spec,
+            commit,
+            checkout,
+        })
+    }
 
+    /// Gives the sandbox a copy of the shared build of `key`, if there is one; false when it
+    /// must build (none, or the copy failed: building is never worse than before).
+    async fn copy_shared(
+        &self,
+        job: &DeployJob,
+        spec: &ServiceSpec,
+        key: &BuildKey,
+        commit: &str,
+        checkout: &Path,
+    ) -> bool {
+        let (d, service, out) = (&job.deployment, &spec.service, &self.outbox);
+        let Some((shared, dir)) = self
+            .shared
+            .as_ref()
+            .and_then(|shared| Some((shared, shared.get(key)?)))
+        else {
+            return false;
+        };
+        let copied = match self.fresh_checkout(checkout) {
+            Ok(()) => {
+                shared
+                    .copy_to(&dir, checkout, &self.users, self.build_timeout)
+                    .await
+            }
+            Err(reason) => Err(reason),
+        };
+        match copied {
+            Ok(()) => {
+                out.step(d, service, Step::Building, StepState::Skipped)
+                    .await;
+                out.system(
+                    d,
+                    Some(service),
+                    format!(
+                        "commit {} was built already by another sandbox: using a copy of that build",
+                        &commit[..12]
+                    ),
+                )
+                .await;
+                true
+            }
+            Err(reason) => {
+                out.system(
+                    d,
+                    Some(service),
+                    format!("the shared build could not be copied ({reason}): building"),
+                )
+                .await;
+                false
+            }
+        }
+    }
+
+    /// Starts a built service and waits for its health path. `replacing` turns true once
+    /// its previous instance, if any, is being stopped.
+    async fn start(
+        &self,
+        job: &DeployJob,
+        prepared: Prepared<'_>,
+        replacing: &mut bool,
+    ) -> Result<(ServiceOutcome, Started), Failure> {
+        let Prepared {
+            spec,
+            commit,
+            checkout,
+        } = prepared;
+        let d = &job.deployment;
+        let service = &spec.service;
+        let out = &self.outbox;
         out.step(d, service, Step::Starting, StepState::Running)
             .await;
         *replacing = true;
@@ -344,14 +483,8 @@ impl Deployer {
         ))
     }
 
-    /// Replaces whatever is in `checkout` with the files of `commit`: a fresh folder of user
-    /// code's user, written from the mirror, with no `.git`.
-    async fn check_out(
-        &self,
-        repo: &sdp_protocol::RepoUrl,
-        commit: &str,
-        checkout: &Path,
-    ) -> Result<(), String> {
+    /// An empty folder of user code's user at `checkout`, in place of whatever was there.
+    fn fresh_checkout(&self, checkout: &Path) -> Result<(), String> {
         if let Some(parent) = checkout.parent() {
             // The sandbox's folder stays the agent's: user code can write in its checkouts,
             // never swap them for links.
@@ -371,7 +504,18 @@ impl Deployer {
         }
         self.users
             .create_dir(checkout)
-            .map_err(|e| format!("cannot create {}: {e}", checkout.display()))?;
+            .map_err(|e| format!("cannot create {}: {e}", checkout.display()))
+    }
+
+    /// Replaces whatever is in `checkout` with the files of `commit`: a fresh folder of user
+    /// code's user, written from the mirror, with no `.git`.
+    async fn check_out(
+        &self,
+        repo: &sdp_protocol::RepoUrl,
+        commit: &str,
+        checkout: &Path,
+    ) -> Result<(), String> {
+        self.fresh_checkout(checkout)?;
         self.git
             .export(repo, commit, checkout, &self.users)
             .await
@@ -386,6 +530,25 @@ impl Deployer {
         spec: &ServiceSpec,
         checkout: &Path,
     ) -> Result<(), Failure> {
+        let _slot = match self.builds.try_acquire() {
+            Ok(slot) => slot,
+            Err(_) => {
+                self.outbox
+                    .system(
+                        &job.deployment,
+                        Some(&spec.service),
+                        format!(
+                            "waiting for a build slot: this agent runs {} builds at once",
+                            self.max_builds
+                        ),
+                    )
+                    .await;
+                self.builds
+                    .acquire()
+                    .await
+                    .map_err(|_| Failure("the agent is stopping".into()))?
+            }
+        };
         let mut env = BTreeMap::new();
         for key in BASE_PASS_THROUGH.iter().chain(BUILD_PASS_THROUGH) {
             if let Ok(v) = std::env::var(key) {
@@ -572,6 +735,10 @@ pub(crate) mod tests {
             build_timeout: Duration::from_secs(60),
             health_timeout: Duration::from_secs(5),
             gateway_routes: None,
+            builds: Arc::new(tokio::sync::Semaphore::new(1)),
+            max_builds: 1,
+            shared: None,
+            build_runtime: "process".into(),
         }
     }
 

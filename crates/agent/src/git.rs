@@ -34,6 +34,7 @@ use tokio::sync::Semaphore;
 use crate::askpass;
 use crate::group::GroupGuard;
 use crate::isolation::UserCode;
+use crate::unpack::{self, UnpackError};
 
 /// What every child of the agent (git, builds) may see of the agent's environment: where
 /// programs are, and how to reach servers through a corporate proxy or CA.
@@ -422,78 +423,16 @@ impl Git {
             .arg("--git-dir")
             .arg(&mirror)
             .args(["archive", "--format=tar", commit]);
-        let mut archive = archive
-            .spawn()
-            .map_err(|e| failed(format!("cannot run git: {e}")))?;
-        let mut archive_group = GroupGuard::new(archive.id());
-        let tar_input: Stdio = archive
-            .stdout
-            .take()
-            .expect("piped")
-            .try_into()
-            .map_err(|e| failed(format!("cannot connect git to tar: {e}")))?;
-        let mut tar = users.command("tar");
-        tar.args(["-x", "-f", "-", "--no-same-owner", "-C"])
-            .arg(dest)
-            .env_clear()
-            .env(
-                "PATH",
-                std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-            )
-            .env("LC_ALL", "C")
-            .stdin(tar_input)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .process_group(0);
-        let mut tar = tar
-            .spawn()
-            .map_err(|e| failed(format!("cannot run tar: {e}")))?;
-        let mut tar_group = GroupGuard::new(tar.id());
-        let mut archive_err = archive
-            .stderr
-            .take()
-            .expect("piped")
-            .take(MAX_OUTPUT as u64);
-        let mut tar_err = tar.stderr.take().expect("piped").take(MAX_OUTPUT as u64);
-        let work = async {
-            let (mut a, mut t) = (Vec::new(), Vec::new());
-            let (_, _, archive_status, tar_status) = tokio::join!(
-                archive_err.read_to_end(&mut a),
-                tar_err.read_to_end(&mut t),
-                archive.wait(),
-                tar.wait()
-            );
-            Ok::<_, std::io::Error>((archive_status?, tar_status?, a, t))
-        };
-        let result = tokio::time::timeout(self.timeout, work).await;
-        if result.is_ok() {
-            archive_group.disarm();
-            tar_group.disarm();
-        }
-        match result {
-            Ok(Ok((archive_status, tar_status, a, t))) => {
-                if !archive_status.success() {
-                    return Err(failed(format!(
-                        "git archive of {commit} failed: {}",
-                        last_line(&String::from_utf8_lossy(&a))
-                    )));
-                }
-                if !tar_status.success() {
-                    return Err(failed(format!(
-                        "cannot unpack {commit}: {}",
-                        last_line(&String::from_utf8_lossy(&t))
-                    )));
-                }
-                Ok(())
+        match unpack::into_folder(archive, dest, users, self.timeout).await {
+            Ok(()) => Ok(()),
+            Err(UnpackError::Producer(reason)) => Err(failed(format!(
+                "git archive of {commit} failed: {reason}"
+            ))),
+            Err(UnpackError::Unpack(reason)) => {
+                Err(failed(format!("cannot unpack {commit}: {reason}")))
             }
-            Ok(Err(e)) => Err(failed(format!("git archive failed to run: {e}"))),
-            Err(_) => {
-                archive_group.kill();
-                tar_group.kill();
-                let _ = tokio::join!(archive.wait(), tar.wait());
-                Err(self.timed_out())
-            }
+            Err(UnpackError::Run(reason)) => Err(failed(format!("git archive: {reason}"))),
+            Err(UnpackError::TimedOut) => Err(self.timed_out()),
         }
     }
 
@@ -510,16 +449,6 @@ impl Git {
             Err(classify(&out))
         }
     }
-}
-
-fn last_line(text: &str) -> String {
-    text.lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("no reason given")
-        .chars()
-        .take(400)
-        .collect()
 }
 
 fn failed(message: String) -> JobError {

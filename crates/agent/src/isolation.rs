@@ -58,6 +58,11 @@ impl UserCode {
         }
     }
 
+    /// User code runs as a user of its own (`run_as`), not as the agent.
+    pub fn is_separate(&self) -> bool {
+        self.run_as.is_some()
+    }
+
     /// `(uid, gid)` user code runs as: the `run_as` user's, else the agent's own.
     pub fn owner(&self) -> (u32, u32) {
         match &self.run_as {
@@ -261,6 +266,9 @@ pub struct Layout {
     pub homes: PathBuf,
     /// Build caches (Go's), shared by every sandbox's builds.
     pub cache: PathBuf,
+    /// Finished builds shared between sandboxes, the agent's alone
+    /// ([`crate::shared_builds`]).
+    pub builds: PathBuf,
 }
 
 impl Layout {
@@ -276,6 +284,7 @@ impl Layout {
             checkouts: root.join("checkouts"),
             homes: root.join("homes"),
             cache: root.join("cache"),
+            builds: root.join("builds"),
             root,
         })
     }

@@ -22,7 +22,9 @@ mod lines;
 mod runtime;
 mod runtime_log;
 mod supervise;
+mod shared_builds;
 mod tls;
+mod unpack;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -205,6 +207,19 @@ impl Agent {
                 }
             }
         };
+        // Only where user code runs as another user: the store must be out of its reach.
+        let mut shared = if config.share_builds && users.is_separate() {
+            Some(
+                shared_builds::SharedBuilds::open(&layout.builds).map_err(|e| {
+                    AgentError::Config(format!(
+                        "cannot prepare {}: {e}",
+                        layout.builds.display()
+                    ))
+                })?,
+            )
+        } else {
+            None
+        };
         let deployer = runtime.map(|runtime| {
             let gateway_routes = (config.role == Role::Gateway)
                 .then(|| Arc::new(GatewayRoutesFiles::new(users.clone())));
@@ -223,6 +238,13 @@ impl Agent {
                 build_timeout: config.build_timeout.get(),
                 health_timeout: config.health_timeout.get(),
                 gateway_routes,
+                builds: Arc::new(tokio::sync::Semaphore::new(config.max_builds)),
+                max_builds: config.max_builds,
+                shared: shared.take(),
+                build_runtime: match config.runtime {
+                    Runtime::Process => "process".to_owned(),
+                    Runtime::Docker => format!("docker:{}", config.docker.image),
+                },
             })
         });
         let gateway = match (&config.gateway, config.role) {

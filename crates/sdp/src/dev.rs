@@ -133,6 +133,9 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             run_as: None,
             allow_root_builds: true,
             max_git_jobs: 8,
+            max_builds: std::thread::available_parallelism().map_or(1, usize::from),
+            // Without `run_as` no build could be kept from user code: each sandbox builds.
+            share_builds: false,
             allow_local_repos: true,
             ca_file: None,
             insecure: false,
