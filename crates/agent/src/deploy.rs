@@ -253,7 +253,12 @@ impl Deployer {
         out.system(d, Some(service), format!("{} is at {commit}", spec.branch))
             .await;
 
-        let key = BuildKey::new(spec.repo.as_str(), &commit, &spec.build, &self.build_runtime);
+        let key = BuildKey::new(
+            spec.repo.as_str(),
+            &commit,
+            &spec.build,
+            &self.build_runtime,
+        );
         let built = std::fs::read_to_string(&marker).ok();
         if built.as_deref() == Some(key.as_str()) && checkout.is_dir() {
             out.step(d, service, Step::Building, StepState::Skipped)
@@ -538,7 +543,7 @@ impl Deployer {
                         &job.deployment,
                         Some(&spec.service),
                         format!(
-                            "waiting for a build slot: this agent runs {} builds at once",
+                            "waiting for a build slot: this agent builds at most {} at once",
                             self.max_builds
                         ),
                     )

@@ -425,9 +425,9 @@ impl Git {
             .args(["archive", "--format=tar", commit]);
         match unpack::into_folder(archive, dest, users, self.timeout).await {
             Ok(()) => Ok(()),
-            Err(UnpackError::Producer(reason)) => Err(failed(format!(
-                "git archive of {commit} failed: {reason}"
-            ))),
+            Err(UnpackError::Producer(reason)) => {
+                Err(failed(format!("git archive of {commit} failed: {reason}")))
+            }
             Err(UnpackError::Unpack(reason)) => {
                 Err(failed(format!("cannot unpack {commit}: {reason}")))
             }

@@ -21,8 +21,8 @@ mod isolation;
 mod lines;
 mod runtime;
 mod runtime_log;
-mod supervise;
 mod shared_builds;
+mod supervise;
 mod tls;
 mod unpack;
 
@@ -211,10 +211,7 @@ impl Agent {
         let mut shared = if config.share_builds && users.is_separate() {
             Some(
                 shared_builds::SharedBuilds::open(&layout.builds).map_err(|e| {
-                    AgentError::Config(format!(
-                        "cannot prepare {}: {e}",
-                        layout.builds.display()
-                    ))
+                    AgentError::Config(format!("cannot prepare {}: {e}", layout.builds.display()))
                 })?,
             )
         } else {

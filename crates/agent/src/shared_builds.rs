@@ -250,7 +250,8 @@ fn copy_entry(
                 Mode::empty(),
             )
             .map_err(what)?;
-            std::fs::create_dir(dest).map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
+            std::fs::create_dir(dest)
+                .map_err(|e| format!("cannot create {}: {e}", dest.display()))?;
             copy_dir(&sub, dest, depth + 1, budget)?;
             // Set last: a folder without write permission could not have been filled.
             std::fs::set_permissions(dest, std::fs::Permissions::from_mode(mode))
@@ -363,9 +364,16 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, dir.path().join("checkout")).unwrap();
         let store = SharedBuilds::open(&dir.path().join("builds")).unwrap();
         let key = BuildKey::new("r", "c", "b", "process");
-        assert!(store.publish(&key, &dir.path().join("checkout")).await.is_err());
+        assert!(
+            store
+                .publish(&key, &dir.path().join("checkout"))
+                .await
+                .is_err()
+        );
         assert_eq!(store.get(&key), None);
-        let left: Vec<_> = std::fs::read_dir(dir.path().join("builds")).unwrap().collect();
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("builds"))
+            .unwrap()
+            .collect();
         assert!(left.is_empty(), "nothing half copied is left");
     }
 

@@ -31,6 +31,7 @@ mod openapi;
 mod router;
 mod runtime;
 mod runtime_log;
+mod shared_builds;
 mod ship;
 mod sleep;
 mod static_build;
