@@ -9,7 +9,8 @@
 # Each is started ROUNDS times (the server's data directory kept between rounds, as after a
 # restart); the script prints the median and the worst time, and the resident memory
 # (VmRSS, and its peak VmHWM) after IDLE seconds without work. Goals: under 100 ms to start;
-# idle under 30 MB (server) and 15 MB (agents).
+# idle under 30 MB (server) and 15 MB (agents). Last, one `figure|...` line per figure for
+# bench/report.sh.
 #
 #   bench/coldstart.sh              # ROUNDS=5 IDLE=3
 set -euo pipefail
@@ -139,6 +140,14 @@ goals = {"server": "< 100 ms, < 30 MB", "micro agent": "< 100 ms, < 15 MB", "gat
 for name, (times, mem) in results.items():
     print(f"{name:<15} {statistics.median(times):>10.1f} {max(times):>10.1f} "
           f"{mem.get('VmRSS', 0):>9.1f} {mem.get('VmHWM', 0):>9.1f}  {goals[name]}")
+# One line per figure, for bench/report.sh's table.
+limits = {"server": 30, "micro agent": 15, "gateway agent": 15}
+for name, (times, mem) in results.items():
+    median = statistics.median(times)
+    rss_mb = mem.get("VmRSS", 0) * 1024 * 1024 / 1e6
+    print(f"figure|cold start: {name}|{median:.1f} ms|< 100 ms|{'met' if median < 100 else 'NOT met'}")
+    print(f"figure|idle memory: {name}|{rss_mb:.1f} MB|< {limits[name]} MB|"
+          f"{'met' if rss_mb < limits[name] else 'NOT met'}")
 if server:
     stop(server)
 PY

@@ -225,11 +225,14 @@ impl ProcessRuntime {
             return;
         }
         let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        // Most services end at once on SIGTERM: looked at soon, then less often.
+        let mut poll = Duration::from_millis(5);
         while tokio::time::Instant::now() < deadline {
             if killpg(group, None).is_err() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(poll).await;
+            poll = (poll * 2).min(Duration::from_millis(50));
         }
         let _ = killpg(group, Signal::SIGKILL);
     }
