@@ -59,6 +59,9 @@ pub struct DockerRuntime {
     archive: Option<ImageArchive>,
     /// One load at a time: deploys that find the image missing together load it once.
     loading: tokio::sync::Mutex<()>,
+    /// One network created at a time: a sandbox's services start side by side, and two
+    /// creations of one name would both succeed and leave neither usable.
+    creating_network: tokio::sync::Mutex<()>,
 }
 
 /// `docker.image_archive`, checked at start: an absolute path to a file the agent can read.
@@ -163,6 +166,7 @@ impl DockerRuntime {
             user: format!("{}:{}", user.0, user.1),
             archive,
             loading: tokio::sync::Mutex::default(),
+            creating_network: tokio::sync::Mutex::default(),
         })
     }
 
@@ -296,7 +300,8 @@ impl DockerRuntime {
         sandbox_name: &str,
     ) -> Result<(), RuntimeError> {
         // The engine accepts a second network of the same name, and then refuses to attach
-        // containers to either: look before creating.
+        // containers to either: look before creating, one creation at a time.
+        let _turn = self.creating_network.lock().await;
         match self
             .docker
             .inspect_network(
