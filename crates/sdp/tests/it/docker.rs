@@ -194,3 +194,58 @@ async fn an_agent_finds_its_containers_at_start_and_leftovers_of_ended_sandboxes
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_of_two_services_starts_both_containers_side_by_side_on_its_one_network() {
+    if !docker_available() {
+        return;
+    }
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders", "billing"])
+        .runtime("docker")
+        .gateway(true)
+        .start()
+        .await;
+    let token = env.login().await;
+    let name = unique("pair");
+    let (sandbox, deployment) = env
+        .deploy(&token, &name, &["orders@main", "billing@main"])
+        .await;
+    assert_eq!(deployment["state"], "ready", "{deployment}");
+    let sandbox_id = sandbox["id"].as_str().unwrap();
+    let agent = &env.micro[0];
+    let network_name = format!("sdp_{sandbox_id}_{agent}");
+    let networks = Command::new("docker")
+        .args(["network", "ls", "--quiet", "--filter"])
+        .arg(format!("name=^{network_name}$"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&networks.stdout).lines().count(),
+        1,
+        "one network for the sandbox"
+    );
+    for service in ["orders", "billing"] {
+        let container = docker_inspect(&format!("sdp_{sandbox_id}_{service}_{agent}"))
+            .expect("the container exists");
+        assert_eq!(
+            container["HostConfig"]["NetworkMode"],
+            network_name.as_str()
+        );
+        let entry = sandbox["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == service)
+            .unwrap();
+        let answer = env.answer(entry["upstream"].as_str().unwrap()).await;
+        assert_eq!(answer, format!("{service} on main in {name}\n"));
+    }
+    let reply = env.delete_sandbox(&token, &name).await;
+    assert!(reply.status < 300, "{} {}", reply.status, reply.body);
+    wait_until("the sandbox's containers are gone", || {
+        docker_inspect(&format!("sdp_{sandbox_id}_orders_{agent}")).is_none()
+            && docker_inspect(&format!("sdp_{sandbox_id}_billing_{agent}")).is_none()
+    })
+    .await;
+}

@@ -130,9 +130,21 @@ async fn an_agent_away_during_a_delete_reuses_nothing_of_that_sandbox_when_its_n
         .redeploy_and_wait(&bob, "shared", &["orders@main"])
         .await;
     assert_eq!(d["state"], "ready", "{d}");
-    // Fetched and built afresh for bob's sandbox, not taken over from alice's.
+    // Fetched afresh for bob's sandbox, with his credentials, and nothing of alice's sandbox
+    // taken over: the build is the agent's shared copy of that commit's build, which bob may
+    // have since he could fetch the commit, never alice's checkout.
     assert_eq!(step_state(&d, "fetching"), "done", "{d}");
-    assert_eq!(step_state(&d, "building"), "done", "{d}");
+    assert_eq!(step_state(&d, "building"), "skipped", "{d}");
+    let id = d["id"].as_str().unwrap();
+    let log = env
+        .get(&format!("/api/deployments/{id}/logs"), Some(&bob))
+        .await
+        .body;
+    assert!(
+        log.contains("was built already by another sandbox"),
+        "{log}"
+    );
+    assert!(!log.contains("not rebuilding"), "{log}");
     let checkouts = env.agent_work_dir("micro-0").join("checkouts");
     assert_eq!(entries(&checkouts), vec![new["id"].as_str().unwrap()]);
     let sandbox = env.get("/api/sandboxes/shared", Some(&bob)).await.json();
