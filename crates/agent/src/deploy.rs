@@ -122,26 +122,49 @@ impl Deployer {
         };
         // Every service is fetched and built side by side (builds within `max_builds`), and
         // nothing running is stopped until all are built: a failed build leaves every
-        // instance of the sandbox as it was.
+        // instance of the sandbox as it was. The first failure stops the others' work, which
+        // could no longer be of use to this deployment.
+        let stop = cancel.child_token();
+        let first_failure = std::sync::Mutex::new(None::<String>);
         let prepared = futures_util::future::join_all(job.services.iter().map(|spec| async {
-            tokio::select! {
-                _ = cancel.cancelled() => Err(cancelled()),
-                r = self.prepare(&job, spec) => r,
+            let result = tokio::select! {
+                _ = stop.cancelled() => None,
+                r = self.prepare(&job, spec) => Some(r),
+            };
+            match result {
+                Some(Ok(prepared)) => Some(prepared),
+                Some(Err(Failure(reason))) => {
+                    first_failure
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .get_or_insert(reason);
+                    stop.cancel();
+                    None
+                }
+                None => {
+                    if !cancel.is_cancelled() {
+                        self.outbox
+                            .system(
+                                &deployment,
+                                Some(&spec.service),
+                                "stopped: another service of this deployment failed".into(),
+                            )
+                            .await;
+                    }
+                    None
+                }
             }
         }))
         .await;
+        let mut failure = first_failure
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        if failure.is_none() && cancel.is_cancelled() {
+            failure = Some(cancelled().0);
+        }
         let mut outcomes = Vec::new();
         let mut started = Vec::new();
-        let mut failure = None;
-        let mut ready = Vec::new();
-        for result in prepared {
-            match result {
-                Ok(p) => ready.push(p),
-                Err(Failure(reason)) => {
-                    failure.get_or_insert(reason);
-                }
-            }
-        }
+        let ready: Vec<Prepared> = prepared.into_iter().flatten().collect();
         if failure.is_none() {
             let starts = futures_util::future::join_all(ready.into_iter().map(|p| async {
                 let mut replacing = false;

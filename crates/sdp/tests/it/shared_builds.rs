@@ -195,3 +195,46 @@ async fn a_sandboxs_services_are_built_side_by_side_and_wait_their_turn_past_max
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_build_stops_the_other_services_builds_and_starts_nothing() {
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders", "steady"])
+        .gateway(true)
+        .start()
+        .await;
+    // A build that would run until the build timeout (ten minutes).
+    env.git.push_file(
+        "steady",
+        "main",
+        "emit.py",
+        "import time\nprint('building forever', flush=True)\nwhile True:\n    time.sleep(1)\n",
+    );
+    let token = env.login().await;
+    let (sandbox, d) = env
+        .deploy(&token, "doomed", &["orders@broken", "steady@main"])
+        .await;
+    assert_eq!(d["state"], "failed", "{d}");
+    let error = d["error"].as_str().unwrap_or_default();
+    assert!(error.contains("the build of orders failed"), "{d}");
+    let log = log_of(&env, &token, &d).await;
+    assert!(log.contains("building forever"), "{log}");
+    assert!(
+        log.contains("stopped: another service of this deployment failed"),
+        "{log}"
+    );
+    let steps = d["steps"].as_array().unwrap();
+    assert!(steps.iter().any(|s| s["step"] == "building"), "{d}");
+    assert!(
+        !steps.iter().any(|s| s["step"] == "starting"),
+        "nothing started: {d}"
+    );
+    // The stopped build's process is gone with it.
+    let steady = checkout(&env, &sandbox, "steady");
+    sdp_testkit::wait_until("the stopped build has ended", || {
+        !std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+            std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| cwd.starts_with(&steady))
+        })
+    })
+    .await;
+}
