@@ -32,6 +32,7 @@ mod router;
 mod runtime;
 mod runtime_log;
 mod ship;
+mod shop;
 mod sleep;
 mod static_build;
 mod supervision;
