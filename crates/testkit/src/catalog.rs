@@ -152,7 +152,8 @@ pub(crate) fn server_toml(
         (name, entry)
     });
     // Gateways and shops only where a test asks for them: a sandbox that selects a gateway
-    // needs a gateway agent able to build Go, and the shops' repositories are large.
+    // needs a gateway agent able to build Go, and a shop's repository is there only for the
+    // tests that create it (their first build is a long one).
     let services: String = catalog
         .into_iter()
         .filter(|(name, _)| o.catalog.is_none_or(|only| only.contains(name)))
