@@ -5,6 +5,7 @@ use std::path::Path;
 
 use crate::BASE_DOMAIN;
 use crate::env::Options;
+use crate::shop::{SHOP_BUILD, SHOP_RUN, SHOP_SERVICES};
 
 /// Where the catalog's repositories and baselines are.
 pub(crate) struct Upstreams {
@@ -141,14 +142,25 @@ pub(crate) fn server_toml(
             "routes_format = \"template\"\nroutes_template = \"routes.tmpl\"\nreload = \"restart\"\n",
         ),
     ];
-    // Gateways only where a test asks for them: a sandbox that selects one needs a gateway
-    // agent able to build Go.
+    // The realistic Go service of the deploy benchmark, under three names (one repository
+    // each), its API under its own route.
+    let shops = SHOP_SERVICES.map(|name| {
+        let entry = format!(
+            "[[services]]\nname = \"{name}\"\nrepo = \"{}\"\nbuild = \"{SHOP_BUILD}\"\nrun = \"{SHOP_RUN}\"\nport = 8080\nhealth = \"/health\"\nroutes = [\"/{name}\"]\nbaseline = \"http://127.0.0.1:9\"\nenv = {{ BASE_PATH = \"/{name}\" }}\n",
+            up.repo(name)
+        );
+        (name, entry)
+    });
+    // Gateways and shops only where a test asks for them: a sandbox that selects a gateway
+    // needs a gateway agent able to build Go, and a shop's repository is there only for the
+    // tests that create it (their first build is a long one).
     let services: String = catalog
         .into_iter()
         .filter(|(name, _)| o.catalog.is_none_or(|only| only.contains(name)))
         .chain(
             gateways
                 .into_iter()
+                .chain(shops)
                 .filter(|(name, _)| o.catalog.is_some_and(|only| only.contains(name))),
         )
         .map(|(_, entry)| entry)

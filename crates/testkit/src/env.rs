@@ -178,8 +178,8 @@ impl EnvBuilder {
     /// Configures the control plane with only these services of the kit's catalog, for a test
     /// that must not meet the ones made to fail (`stuck`'s git server never answers; `secure`,
     /// `untrusted` and `hostile` have no repository until a test creates it). The API gateways
-    /// (`api-gateway`, `edge`: `kind = "gateway"`, repository `api-gateway`) are in the
-    /// catalog only when named here.
+    /// (`api-gateway`, `edge`: `kind = "gateway"`, repository `api-gateway`) and the realistic
+    /// Go service ([`crate::SHOP_SERVICES`]) are in the catalog only when named here.
     pub fn catalog(mut self, services: &'static [&'static str]) -> Self {
         self.opts.catalog = Some(services);
         self

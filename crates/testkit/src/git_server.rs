@@ -14,6 +14,8 @@ use axum::response::Response;
 use base64::Engine;
 use tokio::io::AsyncWriteExt;
 
+use crate::shop::{SHOP_SERVICES, shop_files};
+
 /// Repositories only some users may read, as Bitbucket's permissions say: name to users.
 type Grants = Arc<Mutex<HashMap<String, Vec<String>>>>;
 
@@ -156,7 +158,8 @@ impl GitServer {
     /// service on `main`, `feature/x`, `release/1.0`, `broken` and `unhealthy`), `billing` (a
     /// Go service on `main` and `feature/y`), `payments` and `stuck` (a `message.txt` on
     /// `main`), `chatty` and `steady` (the log benchmark's emitter on `main`), `talker` (a
-    /// service that prints while it serves, on `main`).
+    /// service that prints while it serves, on `main`), `shop`, `shop-b` and `shop-c` (the
+    /// realistic Go service of [`crate::shop`] on `main`, its revision their name).
     pub fn create_catalog_repo(&self, name: &str) {
         match name {
             "orders" => self.create_repo_with(
@@ -175,8 +178,11 @@ impl GitServer {
                 self.create_repo_with(name, &["main"], |_| vec![("talk.py".into(), TALKER.into())])
             }
             "api-gateway" => self.create_repo_with(name, &["main", "add-header"], go_gateway),
+            shop if SHOP_SERVICES.contains(&shop) => {
+                self.create_repo_with(name, &["main"], |_| shop_files(name))
+            }
             other => panic!(
-                "{other} is no repository of the kit's catalog (orders, billing, payments, stuck, chatty, steady, talker, api-gateway): create it with create_repo"
+                "{other} is no repository of the kit's catalog (orders, billing, payments, stuck, chatty, steady, talker, api-gateway, shop, shop-b, shop-c): create it with create_repo"
             ),
         }
     }

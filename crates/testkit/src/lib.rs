@@ -80,6 +80,7 @@ pub mod git_server;
 pub mod in_process;
 pub mod process;
 pub mod proxy;
+pub mod shop;
 pub mod users;
 
 pub use baseline::{Baseline, TlsBaseline};
@@ -91,6 +92,7 @@ pub use git_server::GitServer;
 pub use in_process::{InProcessBuilder, InProcessEnv};
 pub use process::{Proc, run_sdp};
 pub use proxy::CutProxy;
+pub use shop::{SHOP_BUILD, SHOP_REVISION_FILE, SHOP_SERVICES, shop_revision_source};
 pub use users::{PLAIN_AGENT, RUN_AS, ensure_run_as_user, run_as_ids, run_as_line};
 
 /// The secret of the test servers' push webhooks (see `webhooks` of the builders).

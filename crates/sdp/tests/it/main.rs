@@ -33,6 +33,7 @@ mod runtime;
 mod runtime_log;
 mod shared_builds;
 mod ship;
+mod shop;
 mod sleep;
 mod static_build;
 mod supervision;
