@@ -228,7 +228,9 @@ impl ProcessRuntime {
         // Most services end at once on SIGTERM: looked at soon, then less often.
         let mut poll = Duration::from_millis(5);
         while tokio::time::Instant::now() < deadline {
-            if killpg(group, None).is_err() {
+            // Not `killpg(group, 0)`, which a zombie still answers: an orphaned member that
+            // ended waits for init to reap it, and that can take seconds.
+            if group_members(pid).is_empty() {
                 return;
             }
             tokio::time::sleep(poll).await;
@@ -274,7 +276,9 @@ impl ProcessRuntime {
     }
 }
 
-/// The processes of process group `pgid`, found in `/proc`.
+/// The live processes of process group `pgid`, found in `/proc`. Zombies are left out: a
+/// process that has ended but is not reaped yet (an orphan waits for init, which may take
+/// its time) can neither take a signal nor serve.
 fn group_members(pgid: i32) -> Vec<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -287,10 +291,12 @@ fn group_members(pgid: i32) -> Vec<i32> {
                 .ok()
                 .and_then(|stat| {
                     // Fields after the command name (which may hold spaces): state, ppid, pgrp.
-                    let after_name = &stat[stat.rfind(')')? + 1..];
-                    after_name.split_whitespace().nth(2)?.parse::<i32>().ok()
+                    let mut after_name = stat[stat.rfind(')')? + 1..].split_whitespace();
+                    let state = after_name.next()?;
+                    let pgrp = after_name.nth(1)?.parse::<i32>().ok()?;
+                    Some(state != "Z" && pgrp == pgid)
                 })
-                == Some(pgid)
+                .unwrap_or(false)
         })
         .collect()
 }
