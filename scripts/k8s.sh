@@ -4,7 +4,7 @@
 #   scripts/k8s.sh build
 #       Builds once, into ${XDG_CACHE_HOME:-~/.cache}/sdp-test/k8s, what is missing of:
 #       kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl v1.20.2
-#       from Debian bookworm's `kubernetes` source package (with two fixes, below); etcd from
+#       from Debian bookworm's `kubernetes` source package (with three fixes, below); etcd from
 #       Debian's `etcd-server`; a static pause binary, imported into the engine as
 #       sdp-test/pause:3.4. The source tree and Go's build cache are deleted afterwards.
 #   scripts/k8s.sh start DIR
@@ -15,7 +15,8 @@
 #       Ready. One cluster per Docker Engine at a time: the kubelet owns every `k8s_` container.
 #   scripts/k8s.sh stop DIR
 #       Stops the kubelet, removes its containers and unmounts what it mounted under DIR,
-#       then stops the scheduler, the controller-manager, the apiserver and, last, etcd.
+#       then stops the scheduler, the controller-manager, the apiserver and, last, etcd; puts
+#       back the kernel settings the kubelet changed and removes what it wrote outside DIR.
 #   scripts/k8s.sh token DIR NAME NAMESPACE ROLE_MANIFEST
 #       Creates NAMESPACE if needed, applies ROLE_MANIFEST (its Roles) in it, and a
 #       ServiceAccount NAME bound to those Roles only; writes DIR/NAME.kubeconfig, which acts
@@ -24,15 +25,18 @@
 # Why these choices (see ../shared/NOTES.md "A real Kubernetes, offline"): no image can be
 # pulled and the Go module proxy is out of reach, so everything comes from Debian. Under
 # Go 1.18+ the vendored reflect2 1.0.1 crashes the apiserver on the first Deployment write, so
-# it is replaced by Debian's 1.0.2; and these VMs cannot set negative OOM scores, so the
-# kubelet sets 0 for sandboxes and guaranteed pods. Tokens live in files of mode 600, never
-# in an argv. Needs root (the kubelet drives the engine and mounts volumes).
+# it is replaced by Debian's 1.0.2; these VMs cannot set negative OOM scores, so the kubelet
+# sets 0 for sandboxes and guaranteed pods; and tests reach everything on loopback, so the
+# kubelet accepts 127.0.0.1 as the node's IP. Tokens live in files of mode 600, never in an
+# argv. Needs root (the kubelet drives the engine and mounts volumes). docs/kubernetes-tests.md
+# says how long each step takes and what a test must know.
 set -euo pipefail
 
 K8S_VERSION=1.20.2
 PAUSE_IMAGE=sdp-test/pause:3.4
 NODE=sdp-node
-cache="${XDG_CACHE_HOME:-$HOME/.cache}/sdp-test/k8s"
+# Resolved, since a running component is recognised by its /proc/PID/exe.
+cache=$(realpath -m "${XDG_CACHE_HOME:-$HOME/.cache}/sdp-test/k8s")
 bin="$cache/bin"
 binaries=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl)
 
@@ -119,7 +123,7 @@ build_kubernetes() {
   if [ ${#todo[@]} -gt 0 ]; then
     kubernetes_source
     local tree="$cache/src/kubernetes"
-    say "building ${todo[*]} (about 15 minutes on 2 cores)"
+    say "building ${todo[*]} (about 15 minutes for all five on 2 cores)"
     (
       cd "$tree"
       export GOCACHE="$cache/src/gocache" GOPATH="$cache/src/gopath" GOFLAGS=-mod=vendor
@@ -334,12 +338,13 @@ kubelet_containers() {
 
 set_dir() {
   [ -n "${1:-}" ] || die "which DIR?"
-  mkdir -p "$1"
+  [ -d "$1" ] || die "$1 is not a folder"
   dir=$(realpath "$1")
 }
 
 cmd_start() {
   [ "$(id -u)" -eq 0 ] || die "start needs root (the kubelet)"
+  [ -z "${1:-}" ] || mkdir -p "$1"
   set_dir "$1"
   built || die "nothing built yet: run scripts/k8s.sh build"
   local started=$SECONDS
