@@ -197,21 +197,22 @@ pub fn parse<'h, 'b>(
         if !field.value.iter().all(|&b| visible(b)) {
             return Parsed::Handover;
         }
-        let value = ascii(field.value);
+        // Read as text only for the fields interpreted here: most are copied as bytes.
+        let value = || ascii(field.value);
         let name = field.name;
         if name.eq_ignore_ascii_case("content-length") {
             lengths += 1;
-            length = decimal(value);
+            length = decimal(value());
             if length.is_none() {
                 return Parsed::Handover;
             }
         } else if name.eq_ignore_ascii_case("transfer-encoding") {
             chunked += 1;
-            if !value.eq_ignore_ascii_case("chunked") {
+            if !field.value.eq_ignore_ascii_case(b"chunked") {
                 return Parsed::Handover;
             }
         } else if name.eq_ignore_ascii_case("connection") {
-            for token in value.split(',').map(str::trim) {
+            for token in value().split(',').map(str::trim) {
                 if token.eq_ignore_ascii_case("close") {
                     close = true;
                 } else if !token.is_empty() && !token.eq_ignore_ascii_case("keep-alive") {
@@ -220,9 +221,9 @@ pub fn parse<'h, 'b>(
             }
         } else if name.eq_ignore_ascii_case("host") {
             hosts += 1;
-            host = Some(value);
+            host = Some(value());
         } else if name.eq_ignore_ascii_case("x-sdp-sandbox") {
-            sandbox = sandbox.or(Some(value));
+            sandbox = sandbox.or_else(|| Some(value()));
         } else if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("expect") {
             return Parsed::Handover;
         }

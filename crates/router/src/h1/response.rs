@@ -32,6 +32,8 @@ pub struct Head<'h, 'b> {
     pub body: Body,
     /// The connection can take another request once the body has been read.
     pub reusable: bool,
+    /// A `Connection` field names other fields (most answers have none, and pay nothing).
+    options: bool,
     fields: &'h [httparse::Header<'b>],
 }
 
@@ -73,6 +75,7 @@ pub fn parse<'h, 'b>(
     let mut length = None;
     let mut codings = 0;
     let mut close = version == 0;
+    let mut options = false;
     for field in fields.iter() {
         let name = field.name;
         if name.eq_ignore_ascii_case("content-length") {
@@ -87,11 +90,12 @@ pub fn parse<'h, 'b>(
             let Ok(value) = std::str::from_utf8(field.value) else {
                 return Parsed::Refused("bad Connection field");
             };
-            if value
-                .split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("close"))
-            {
-                close = true;
+            for token in value.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case("keep-alive") {
+                    options = true;
+                }
             }
         }
     }
@@ -113,6 +117,7 @@ pub fn parse<'h, 'b>(
         reason,
         body,
         reusable: !close,
+        options,
         fields,
     })
 }
@@ -133,7 +138,8 @@ impl Head<'_, '_> {
         out.extend_from_slice(self.reason.as_bytes());
         out.extend_from_slice(b"\r\n");
         for field in self.fields {
-            if DROPPED.iter().any(|d| field.name.eq_ignore_ascii_case(d)) || self.named(field.name)
+            if DROPPED.iter().any(|d| field.name.eq_ignore_ascii_case(d))
+                || (self.options && self.named(field.name))
             {
                 continue;
             }
