@@ -8,9 +8,10 @@
 # nginx and systemd's tools (the deploy script is tested over ssh), docker-compose (the
 # compose stack is started with Debian's, from the images scripts/images.sh makes of Debian
 # packages with apt-get download and dpkg), and schemathesis (from PyPI, into a venv outside
-# the repository: the API is fuzzed from its OpenAPI document). The docker tests need a
-# running Docker Engine; with CI=true its absence fails them. Tests of the in-process tier
-# (crates/testkit, `InProcessEnv`) need none of these but python3.
+# the repository: the API is fuzzed from its OpenAPI document), and nightly Rust with
+# cargo-fuzz (the router's fast-path parser is fuzzed for a bounded time, last). The docker
+# tests need a running Docker Engine; with CI=true its absence fails them. Tests of the
+# in-process tier (crates/testkit, `InProcessEnv`) need none of these but python3.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,6 +51,15 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "test.sh: installing cargo-nextest"
   cargo install --locked cargo-nextest
 fi
+# The router's fast-path parser is fuzzed with libFuzzer (fuzz/), which needs nightly Rust.
+if ! rustup toolchain list | grep -q '^nightly'; then
+  echo "test.sh: installing the nightly toolchain"
+  rustup toolchain install nightly --profile minimal
+fi
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "test.sh: installing cargo-fuzz"
+  cargo install --locked cargo-fuzz
+fi
 # The API fuzzing test (crates/sdp/tests/it/openapi.rs) runs schemathesis from this venv,
 # which it finds through SDP_TEST_SCHEMATHESIS.
 venv="${XDG_CACHE_HOME:-$HOME/.cache}/sdp-test/venv"
@@ -81,3 +91,11 @@ SDP_BUILD_PROFILE=ci-static ./scripts/build.sh
 SDP_TEST_STATIC_BIN="$(cd "${CARGO_TARGET_DIR:-target}" && pwd)/x86_64-unknown-linux-gnu/ci-static/sdp"
 export SDP_TEST_STATIC_BIN
 cargo nextest run --workspace --locked --no-fail-fast
+# A bounded run of the fuzzer over the router's fast-path parser: each input is also read by
+# hyper, and any difference fails (fuzz/fuzz_targets/h1.rs). FUZZ_SECONDS=0 skips it.
+if [ "${FUZZ_SECONDS:-60}" -gt 0 ]; then
+  # New inputs go to the first folder (fuzz/corpus, not kept); fuzz/seeds holds plain
+  # requests and answers to start from.
+  mkdir -p fuzz/corpus/h1
+  cargo +nightly fuzz run h1 fuzz/corpus/h1 fuzz/seeds/h1 -- -max_total_time="${FUZZ_SECONDS:-60}"
+fi

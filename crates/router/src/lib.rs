@@ -23,10 +23,13 @@
 //! knows nothing of the database or the control plane: the gateway agent feeds it, and hears
 //! its wakes and activity.
 
+mod fast;
+pub mod h1;
 mod inspector;
 mod metrics;
 mod pool;
 mod proxy;
+mod rewind;
 mod sleep;
 pub mod table;
 
@@ -116,6 +119,8 @@ struct Inner {
     /// This thread's index, in `tables` and in the inspector's shards.
     thread: usize,
     pool: Arc<pool::Pool>,
+    /// The fast path's upstream connections and buffers.
+    fast: fast::Local,
 }
 
 impl Inner {
@@ -292,19 +297,21 @@ fn serve_thread(
             shared.config.idle_timeout,
             shared.tls.clone(),
         ));
-        let sweeper = pool.clone();
         let idle_timeout = shared.config.idle_timeout;
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(idle_timeout / 2);
-            loop {
-                tick.tick().await;
-                sweeper.sweep();
-            }
-        });
         let inner = Arc::new(Inner {
             shared,
             thread,
             pool,
+            fast: fast::Local::new(),
+        });
+        let sweeper = inner.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(idle_timeout / 2);
+            loop {
+                tick.tick().await;
+                sweeper.pool.sweep();
+                sweeper.fast.sweep(idle_timeout);
+            }
         });
         loop {
             let (stream, peer) = tokio::select! {
@@ -324,14 +331,34 @@ fn serve_thread(
     });
 }
 
-async fn serve_connection(inner: Arc<Inner>, stream: tokio::net::TcpStream, peer: SocketAddr) {
-    let config = &inner.shared.config;
-    let header_read_timeout = config.header_read_timeout;
+async fn serve_connection(inner: Arc<Inner>, mut stream: tokio::net::TcpStream, peer: SocketAddr) {
     // Decided once per connection: the peer is the same for each of its requests. An IPv4
     // peer of a dual-stack listener comes as `::ffff:a.b.c.d`, and is matched as IPv4.
     let ip = peer.ip().to_canonical();
-    let trusted = config.trusted_proxies.iter().any(|net| net.contains(&ip));
+    let trusted = inner
+        .shared
+        .config
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&ip));
     let client = Arc::new(proxy::Client::new(peer, trusted));
+    let mut buf = inner.fast.buffer();
+    let end = fast::serve(&inner, &mut stream, &mut buf, &client).await;
+    let read = bytes::Bytes::copy_from_slice(&buf);
+    inner.fast.give_buffer(buf);
+    if let fast::End::Handover = end {
+        serve_hyper(inner, rewind::Rewind::new(read, stream), peer, client).await;
+    }
+}
+
+/// Serves a connection's requests with hyper, to its end: what the fast path hands over.
+async fn serve_hyper(
+    inner: Arc<Inner>,
+    io: rewind::Rewind,
+    peer: SocketAddr,
+    client: Arc<proxy::Client>,
+) {
+    let header_read_timeout = inner.shared.config.header_read_timeout;
     let service = service_fn(move |req| {
         let inner = inner.clone();
         let client = client.clone();
@@ -340,7 +367,7 @@ async fn serve_connection(inner: Arc<Inner>, stream: tokio::net::TcpStream, peer
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
-        .serve_connection(TokioIo::new(stream), service)
+        .serve_connection(TokioIo::new(io), service)
         .with_upgrades();
     if let Err(e) = connection.await {
         tracing::debug!(%peer, error = %e, "router connection ended with an error");

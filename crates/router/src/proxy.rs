@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 
 use crate::metrics::Target;
 use crate::pool::{PooledBody, RequestBody};
-use crate::table::{Route, SANDBOX_HEADER, Sandbox, Table};
+use crate::table::{Route, SANDBOX_HEADER, Sandbox, Table, Upstream};
 use crate::{Inner, sleep};
 
 pub type Body = Either<PooledBody, Full<Bytes>>;
@@ -154,13 +154,24 @@ impl<'a> Pending<'a> {
         named: Option<Named<'a>>,
         since: Option<Since>,
     ) -> Self {
+        Self::of(inner, req.method().as_str(), req.uri().path(), named, since)
+    }
+
+    /// For a request read as `method` and `path`.
+    pub(crate) fn of(
+        inner: &'a Inner,
+        method: &str,
+        path: &str,
+        named: Option<Named<'a>>,
+        since: Option<Since>,
+    ) -> Self {
         Self {
             inner,
             recording: named.filter(|n| n.entry.is_some()).map(|named| Recording {
                 sandbox: named.name,
                 since: since.unwrap_or_else(Since::now),
-                method: req.method().to_string(),
-                path: req.uri().path().to_owned(),
+                method: method.to_owned(),
+                path: path.to_owned(),
             }),
         }
     }
@@ -427,11 +438,7 @@ pub(crate) async fn forward(
             let response = json_error(
                 StatusCode::BAD_GATEWAY,
                 "upstream_unreachable",
-                &format!(
-                    "upstream {} of service {} failed: {reason}",
-                    upstream.label(),
-                    service.name
-                ),
+                &failed_message(upstream, &service.name, &reason),
                 kind,
             );
             return (response, kind.into());
@@ -446,11 +453,10 @@ pub(crate) async fn forward(
             let response = json_error(
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream_timeout",
-                &format!(
-                    "upstream {} of service {} did not answer within {}s",
-                    upstream.label(),
-                    service.name,
-                    inner.shared.config.response_timeout.as_secs_f32()
+                &timeout_message(
+                    upstream,
+                    &service.name,
+                    inner.shared.config.response_timeout,
                 ),
                 kind,
             );
@@ -490,6 +496,27 @@ pub(crate) async fn forward(
         .insert(ROUTE_HEADER, HeaderValue::from_static(kind.header_value()));
     pending.record(Some(&service.name), kind, Some(upstream.label()), status);
     (response.map(Either::Left), kind.into())
+}
+
+/// What a 502 `upstream_unreachable` says.
+pub(crate) fn failed_message(upstream: &Upstream, service: &ServiceName, reason: &str) -> String {
+    format!(
+        "upstream {} of service {service} failed: {reason}",
+        upstream.label()
+    )
+}
+
+/// What a 504 `upstream_timeout` says.
+pub(crate) fn timeout_message(
+    upstream: &Upstream,
+    service: &ServiceName,
+    waited: Duration,
+) -> String {
+    format!(
+        "upstream {} of service {service} did not answer within {}s",
+        upstream.label(),
+        waited.as_secs_f32()
+    )
 }
 
 /// Holds a request for `sandbox`, which sleeps in the table it came with, until a table shows

@@ -129,6 +129,11 @@ impl Upstream {
         &self.host
     }
 
+    /// Empty, or the path put before every request's, without a trailing `/`.
+    pub fn base_path(&self) -> &str {
+        &self.base_path
+    }
+
     /// `host:port` to connect to, the scheme's port when the URL names none.
     pub fn socket_address(&self) -> String {
         let port = self
@@ -420,21 +425,31 @@ impl Table {
     /// The sandbox a request names, first match wins: the `Host` (`<sandbox>.<base_domain>`),
     /// the `X-SDP-Sandbox` header, the baggage member `sdp-sandbox`.
     pub fn sandbox_of(&self, host: Option<&str>, headers: &HeaderMap) -> Option<(String, Source)> {
+        self.sandbox_named(
+            host,
+            headers.get(&SANDBOX_HEADER).and_then(|v| v.to_str().ok()),
+            headers
+                .get_all(&BAGGAGE)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        )
+    }
+
+    /// [`Table::sandbox_of`] from the fields' values: the first `X-SDP-Sandbox`, and every
+    /// `baggage` (the fast path reads them from the request's bytes, with no `HeaderMap`).
+    pub fn sandbox_named<'v>(
+        &self,
+        host: Option<&str>,
+        header: Option<&str>,
+        mut baggage: impl Iterator<Item = &'v str>,
+    ) -> Option<(String, Source)> {
         if let Some(name) = host.and_then(|h| self.sandbox_of_host(h)) {
             return Some((name, Source::Host));
         }
-        if let Some(name) = headers
-            .get(&SANDBOX_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-        {
+        if let Some(name) = header.map(str::trim).filter(|v| !v.is_empty()) {
             return Some((name.to_ascii_lowercase(), Source::Header));
         }
-        headers
-            .get_all(&BAGGAGE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+        baggage
             .find_map(baggage_sandbox)
             .map(|name| (name.to_ascii_lowercase(), Source::Baggage))
     }
