@@ -6,9 +6,11 @@ use std::time::Duration;
 /// How long one check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// Between the first checks while an instance starts: most services answer within tens of
-/// milliseconds, and a redeploy that changes nothing should not wait for a round poll.
+/// milliseconds, and a deploy should not wait for a round poll past that.
 const FIRST_POLL: Duration = Duration::from_millis(10);
-/// The longest wait between checks while an instance starts; waits double up to it.
+/// How many checks are [`FIRST_POLL`] apart; then [`STARTING_POLL`].
+const FIRST_CHECKS: u32 = 20;
+/// Between later checks while an instance starts.
 const STARTING_POLL: Duration = Duration::from_millis(100);
 
 /// The client of every health check. A user's health path is hostile: a redirect would make
@@ -54,14 +56,19 @@ pub async fn wait_healthy(
 ) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last = String::from("no answer");
-    let mut poll = FIRST_POLL;
+    let mut checks = 0u32;
     while tokio::time::Instant::now() < deadline {
         match check(http, host, port, path).await {
             Ok(()) => return Ok(()),
             Err(e) => last = e,
         }
+        checks += 1;
+        let poll = if checks < FIRST_CHECKS {
+            FIRST_POLL
+        } else {
+            STARTING_POLL
+        };
         tokio::time::sleep(poll).await;
-        poll = (poll * 2).min(STARTING_POLL);
     }
     Err(format!(
         "did not become healthy within {}s: {path} gave {last}",
