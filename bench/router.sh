@@ -227,6 +227,8 @@ for label in labels[1:]:
 rss_mib = int(sys.argv[2]) / 1024
 ok = True
 goal = True
+# One line per figure for bench/report.sh, printed with the instructions' at the end.
+figures = []
 for label in labels[1:]:
     ratio = statistics.median(r[0] / n[0] for r, n in zip(rows[label], rows["nginx"]))
     p99 = statistics.median(r[2] / n[2] for r, n in zip(rows[label], rows["nginx"]))
@@ -234,14 +236,21 @@ for label in labels[1:]:
     if label != "pingora":
         ok &= ratio >= 0.9 and p99 <= 1.5
         goal &= ratio >= 1.0 and p99 <= 1.0
+        route = "baseline" if label == "router" else "sandbox"
+        figures.append(f"figure|router, {route} route: requests/s|{ratio:.2f}x nginx|>= 1.00x|"
+                       f"{'met' if ratio >= 1.0 else 'NOT met'}")
+        figures.append(f"figure|router, {route} route: p99 latency|{p99:.2f}x nginx|<= 1.00x|"
+                       f"{'met' if p99 <= 1.0 else 'NOT met'}")
 print(f"router peak RSS: {rss_mib:.1f} MiB (accept and goal < 20)")
 if "pingora" in rows:
     print(f"pingora peak RSS: {int(sys.argv[3]) / 1024:.1f} MiB")
 ok &= rss_mib < 20
 goal &= rss_mib < 20
 print("acceptance:", "met" if ok else "NOT met")
+figures.append(f"figure|router: peak RSS|{rss_mib:.1f} MiB|< 20 MiB|{'met' if rss_mib < 20 else 'NOT met'}")
 # The goal's last part, instructions, is counted below.
 open(sys.argv[4], "w").write("met" if goal else "NOT met")
+open(sys.argv[4] + ".figures", "w").write("".join(f + "\n" for f in figures))
 EOF
 
 # Instructions per request in user space, under callgrind: the same requests to each proxy,
@@ -320,3 +329,12 @@ echo "instructions per request in user space (callgrind, $COUNT requests): nginx
 goal=$(cat "$work/goal")
 [ "$router_i" -le "$nginx_i" ] && [ "$sandbox_i" -le "$nginx_i" ] || goal="NOT met"
 echo "goal (issue 16: >= 1.00x req/s and p99 <= 1.00x nginx on both routes, instructions <= nginx's, RSS < 20 MiB): $goal"
+# One line per figure, for bench/report.sh.
+cat "$work/goal.figures"
+for route in baseline sandbox; do
+  count=$router_i
+  [ "$route" = sandbox ] && count=$sandbox_i
+  status=met
+  [ "$count" -le "$nginx_i" ] || status="NOT met"
+  echo "figure|router, $route route: instructions per request|$count ($(python3 -c "print(f'{$count / $nginx_i:.2f}')")x nginx's $nginx_i)|<= nginx's|$status"
+done

@@ -48,11 +48,14 @@ pub struct AgentConfig {
     #[serde(default, deserialize_with = "bool_or_string")]
     pub allow_root_builds: bool,
     /// git processes at once on this agent; more jobs wait in a queue.
-    #[serde(default = "default_max_git_jobs", deserialize_with = "count_or_string")]
+    #[serde(
+        default = "default_max_git_jobs",
+        deserialize_with = "number_or_string"
+    )]
     pub max_git_jobs: usize,
     /// Builds at once on this agent, every deployment's together; more wait their turn. A
     /// sandbox's services are fetched and built side by side within it. Default: one per CPU.
-    #[serde(default = "default_max_builds", deserialize_with = "count_or_string")]
+    #[serde(default = "default_max_builds", deserialize_with = "number_or_string")]
     pub max_builds: usize,
     /// A sandbox takes a copy of the build another sandbox made of the same repository,
     /// commit, build command and runtime, after its own fetch of that commit (only with
@@ -208,12 +211,17 @@ fn default_pids() -> f64 {
     512.0
 }
 
-/// Environment variables are strings; a number key accepts `SDP_DOCKER__CPUS=0.5` too.
-fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+/// Environment variables are strings: a number key accepts `SDP_DOCKER__CPUS=0.5` or
+/// `SDP_MAX_BUILDS=4` too.
+fn number_or_string<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de> + std::str::FromStr,
+{
     #[derive(Deserialize)]
     #[serde(untagged)]
-    enum Raw {
-        Number(f64),
+    enum Raw<T> {
+        Number(T),
         Text(String),
     }
     match Raw::deserialize(d)? {
@@ -222,23 +230,6 @@ fn number_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Er
             .trim()
             .parse()
             .map_err(|_| serde::de::Error::custom(format!("{t:?} is not a number"))),
-    }
-}
-
-/// A count from the environment (`SDP_MAX_BUILDS=4`) is a string.
-fn count_or_string<'de, D: serde::Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Number(usize),
-        Text(String),
-    }
-    match Raw::deserialize(d)? {
-        Raw::Number(n) => Ok(n),
-        Raw::Text(t) => t
-            .trim()
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("{t:?} is not a whole number"))),
     }
 }
 

@@ -134,8 +134,13 @@ impl Api {
 
     /// Logs in as the test user ([`USER`]) and returns the session token.
     pub async fn login(&self) -> String {
-        let reply = self.login_as(USER, PASSWORD).await;
-        assert_eq!(reply.status, 200, "login failed: {}", reply.body);
+        self.token_for(USER, PASSWORD).await
+    }
+
+    /// Logs in as `user` and returns the session token; the login must succeed.
+    pub async fn token_for(&self, user: &str, password: &str) -> String {
+        let reply = self.login_as(user, password).await;
+        assert_eq!(reply.status, 200, "login of {user} failed: {}", reply.body);
         reply.typed::<sdp_api::LoginResponse>().token
     }
 

@@ -78,10 +78,7 @@ async fn another_users_sandbox_of_a_built_commit_runs_its_own_copy_of_that_build
     assert_eq!(step_state(&d, "building"), "done", "{d}");
 
     env.git.add_user("bob", "bobs password");
-    let bob = env.login_as("bob", "bobs password").await.json()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let bob = env.token_for("bob", "bobs password").await;
     let (second, d) = env.deploy(&bob, "second", &["orders@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
     assert_eq!(step_state(&d, "building"), "skipped", "{d}");
@@ -146,10 +143,7 @@ async fn a_user_who_cannot_fetch_a_commit_never_gets_the_build_another_sandbox_m
 
     env.git.add_user("carol", "carols password");
     env.git.grant_only("orders", &[sdp_testkit::USER]);
-    let carol = env.login_as("carol", "carols password").await.json()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let carol = env.token_for("carol", "carols password").await;
     let (sandbox, d) = env.deploy(&carol, "second", &["orders@main"]).await;
     assert_eq!(d["state"], "failed", "{d}");
     assert_eq!(d["services"][0]["step"], "fetching", "{d}");
