@@ -174,17 +174,18 @@ fn ok(_: &str) -> Vec<u8> {
         .to_vec()
 }
 
+/// A connection to `addr` that has sent `request`.
+async fn sent(addr: std::net::SocketAddr, request: &[u8]) -> TcpStream {
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client.write_all(request).await.unwrap();
+    client
+}
+
 #[tokio::test]
 async fn a_pipelined_pair_is_answered_in_order_on_one_upstream_connection() {
     let upstream = Scripted::start(true, ok).await;
     let router = router_to(upstream.addr).await;
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(
-            b"GET /orders/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /orders/2 HTTP/1.1\r\nHost: a\r\nX-SDP-Sandbox: bench\r\n\r\n",
-        )
-        .await
-        .unwrap();
+    let mut client = sent(router.addr, b"GET /orders/1 HTTP/1.1\r\nHost: a\r\n\r\nGET /orders/2 HTTP/1.1\r\nHost: a\r\nX-SDP-Sandbox: bench\r\n\r\n").await;
     let mut buf = Vec::new();
     let first = read_answer(&mut client, &mut buf).await;
     let second = read_answer(&mut client, &mut buf).await;
@@ -202,11 +203,7 @@ async fn a_pipelined_pair_is_answered_in_order_on_one_upstream_connection() {
 async fn the_forwarded_head_carries_the_proxys_fields_and_no_hop_by_hop_ones() {
     let upstream = Scripted::start(true, ok).await;
     let router = router_to(upstream.addr).await;
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(b"GET /orders/1?q=1 HTTP/1.1\r\nHost: bench.sandbox.test\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Kept: yes\r\n\r\n")
-        .await
-        .unwrap();
+    let mut client = sent(router.addr, b"GET /orders/1?q=1 HTTP/1.1\r\nHost: bench.sandbox.test\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nTE: trailers\r\nX-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nX-Kept: yes\r\n\r\n").await;
     let got = read_answer(&mut client, &mut Vec::new()).await;
     assert_eq!(got.status(), 200);
     let head = upstream.requests().remove(0).to_ascii_lowercase();
@@ -237,13 +234,11 @@ fn chunked_answer(_: &str) -> Vec<u8> {
 async fn a_chunked_body_is_relayed_as_it_came_both_ways() {
     let upstream = Scripted::start(true, chunked_answer).await;
     let router = router_to(upstream.addr).await;
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(
-            b"POST /orders HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n",
-        )
-        .await
-        .unwrap();
+    let mut client = sent(
+        router.addr,
+        b"POST /orders HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nwiki\r\n",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     client
         .write_all(b"5;e=1\r\npedia\r\n0\r\n\r\n")
@@ -266,11 +261,11 @@ async fn a_chunked_body_is_relayed_as_it_came_both_ways() {
 async fn a_client_that_closes_mid_body_never_completes_the_upstream_request() {
     let upstream = Scripted::start(true, ok).await;
     let router = router_to(upstream.addr).await;
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten..")
-        .await
-        .unwrap();
+    let client = sent(
+        router.addr,
+        b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly ten..",
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
     drop(client);
     crate::harness::eventually("the upstream saw the request cut short", || {
@@ -281,11 +276,7 @@ async fn a_client_that_closes_mid_body_never_completes_the_upstream_request() {
     })
     .await;
     // The router goes on serving.
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut client = sent(router.addr, b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n").await;
     assert_eq!(
         read_answer(&mut client, &mut Vec::new()).await.status(),
         200
@@ -300,11 +291,11 @@ fn too_large(_: &str) -> Vec<u8> {
 async fn an_upstream_that_answers_before_the_body_is_read_is_relayed_and_the_connection_closed() {
     let upstream = Scripted::start(false, too_large).await;
     let router = router_to(upstream.addr).await;
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\nstart")
-        .await
-        .unwrap();
+    let mut client = sent(
+        router.addr,
+        b"POST /orders HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\n\r\nstart",
+    )
+    .await;
     let mut buf = Vec::new();
     let got = read_answer(&mut client, &mut buf).await;
     assert_eq!((got.status(), got.body.as_slice()), (413, &b"nope"[..]));
@@ -319,11 +310,11 @@ async fn upstream_connections_are_kept_alive_across_client_connections() {
     let upstream = Scripted::start(true, ok).await;
     let router = router_to(upstream.addr).await;
     for _ in 0..6 {
-        let mut client = TcpStream::connect(router.addr).await.unwrap();
-        client
-            .write_all(b"GET /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-            .await
-            .unwrap();
+        let mut client = sent(
+            router.addr,
+            b"GET /orders HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        )
+        .await;
         let got = read_answer(&mut client, &mut Vec::new()).await;
         assert!(got.has("connection: close"), "{}", got.head);
     }
@@ -339,11 +330,7 @@ fn both_framings(_: &str) -> Vec<u8> {
 async fn an_answer_with_conflicting_framing_is_a_502_never_relayed() {
     let upstream = Scripted::start(true, both_framings).await;
     let router = router_to(upstream.addr).await;
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut client = sent(router.addr, b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let got = read_answer(&mut client, &mut Vec::new()).await;
     assert_eq!(got.status(), 502);
     assert!(String::from_utf8_lossy(&got.body).contains("upstream_unreachable"));
@@ -357,11 +344,7 @@ fn unframed(_: &str) -> Vec<u8> {
 async fn an_answer_framed_by_its_close_is_relayed_whole_and_the_client_connection_closed() {
     let upstream = Scripted::start(false, unframed).await;
     let router = router_to(upstream.addr).await;
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut client = sent(router.addr, b"GET /orders HTTP/1.1\r\nHost: a\r\n\r\n").await;
     // The scripted upstream keeps reading: its answer ends when the router gives up on it,
     // so this reads whatever came before the router closed the client.
     let mut all = Vec::new();
@@ -377,11 +360,7 @@ async fn an_answer_framed_by_its_close_is_relayed_whole_and_the_client_connectio
 async fn an_upgrade_after_a_fast_request_on_the_same_connection_is_handed_to_hyper() {
     let upstream = Upstream::start().await;
     let router = router_to(upstream.addr).await;
-    let mut client = TcpStream::connect(router.addr).await.unwrap();
-    client
-        .write_all(b"GET /orders/1 HTTP/1.1\r\nHost: a\r\n\r\n")
-        .await
-        .unwrap();
+    let mut client = sent(router.addr, b"GET /orders/1 HTTP/1.1\r\nHost: a\r\n\r\n").await;
     let mut buf = Vec::new();
     let first = read_answer(&mut client, &mut buf).await;
     assert_eq!(first.body, b"/baseline/orders/1 sandbox=- body=");
