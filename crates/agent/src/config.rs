@@ -36,6 +36,9 @@ pub struct AgentConfig {
     pub health_timeout: ConfigDuration,
     #[serde(default)]
     pub docker: DockerConfig,
+    /// `runtime = "kubernetes"` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesConfig>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayConfig>,
     /// The user builds and services run as. Required when the agent runs as root: user code
@@ -83,6 +86,176 @@ pub enum Runtime {
     #[default]
     Docker,
     Process,
+    Kubernetes,
+}
+
+/// The `[kubernetes]` table: where and how sandboxes' instances run as pods
+/// (`crate::runtime::KubernetesRuntime`; docs/kubernetes.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KubernetesConfig {
+    /// A kubeconfig file; absent: the in-cluster service account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig's context; absent: its current one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// A namespace every instance runs in, or `per-sandbox`: one namespace `sdp-<sandbox id>`
+    /// made for each sandbox (and deleted with it).
+    pub namespace: String,
+    /// The image every instance runs in (and fetches its checkout with: it needs `sh`,
+    /// `wget` and `tar`, as busybox and alpine have).
+    #[serde(default = "default_image")]
+    pub image: String,
+    /// `IfNotPresent` (the default), `Always` or `Never`.
+    #[serde(default = "default_pull_policy")]
+    pub image_pull_policy: String,
+    /// How the router reaches an instance.
+    #[serde(default)]
+    pub expose: Expose,
+    /// Pods use the node's network, and a port of `port_range` the agent chooses.
+    #[serde(default, deserialize_with = "bool_or_string")]
+    pub host_network: bool,
+    /// Requested and limited, per instance (Kubernetes quantities).
+    #[serde(default = "default_k8s_memory")]
+    pub memory: String,
+    #[serde(default = "default_k8s_cpu")]
+    pub cpu: String,
+    /// The uid and gid instances run as (never root).
+    #[serde(
+        default = "default_k8s_run_as_user",
+        deserialize_with = "number_or_string"
+    )]
+    pub run_as_user: i64,
+    /// Where the agent serves checkouts to pods starting (`<advertise_host>:9180`
+    /// by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_listen: Option<SocketAddr>,
+    /// The URL pods fetch checkouts from (`http://<fetch_listen>` by default, with
+    /// `advertise_host` for an unspecified address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fetch_url: Option<String>,
+    /// `expose = "route"`: the domain of the Routes' host names
+    /// (`<name>.<route_domain>`); absent: the host OpenShift gives each Route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_domain: Option<String>,
+}
+
+/// How the router reaches a pod.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Expose {
+    /// The pod's IP and the service's port (the node's IP and the chosen port with
+    /// `host_network`).
+    #[default]
+    PodIp,
+    /// A NodePort Service per instance, on the pod's node.
+    Nodeport,
+    /// An OpenShift Route per instance, over HTTPS (edge termination).
+    Route,
+}
+
+/// `namespace = "per-sandbox"`.
+pub const PER_SANDBOX: &str = "per-sandbox";
+
+/// The fetch server's port when `fetch_listen` is not set.
+pub const DEFAULT_FETCH_PORT: u16 = 9180;
+
+fn default_pull_policy() -> String {
+    "IfNotPresent".to_owned()
+}
+fn default_k8s_memory() -> String {
+    "512Mi".to_owned()
+}
+fn default_k8s_cpu() -> String {
+    "500m".to_owned()
+}
+fn default_k8s_run_as_user() -> i64 {
+    65534
+}
+
+impl KubernetesConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.namespace != PER_SANDBOX && !is_dns_label(&self.namespace) {
+            return Err(format!(
+                "`kubernetes.namespace` must be a namespace's name (lowercase letters, digits and `-`, at most 63) or \"per-sandbox\", not {:?}",
+                self.namespace
+            ));
+        }
+        if self.image.trim().is_empty() {
+            return Err("`kubernetes.image` must name an image".into());
+        }
+        if !matches!(
+            self.image_pull_policy.as_str(),
+            "IfNotPresent" | "Always" | "Never"
+        ) {
+            return Err(format!(
+                "`kubernetes.image_pull_policy` must be IfNotPresent, Always or Never, not {:?}",
+                self.image_pull_policy
+            ));
+        }
+        for (key, value) in [("memory", &self.memory), ("cpu", &self.cpu)] {
+            if !is_quantity(value) {
+                return Err(format!(
+                    "`kubernetes.{key}` must be a Kubernetes quantity like \"512Mi\" or \"500m\", not {value:?}"
+                ));
+            }
+        }
+        if self.run_as_user <= 0 {
+            return Err(
+                "`kubernetes.run_as_user` must be a uid above 0: instances never run as root"
+                    .into(),
+            );
+        }
+        if let Some(url) = &self.fetch_url {
+            let parsed = url::Url::parse(url).ok().filter(|u| {
+                matches!(u.scheme(), "http" | "https")
+                    && u.host().is_some()
+                    && u.query().is_none()
+                    && u.username().is_empty()
+            });
+            if parsed.is_none() {
+                return Err(format!(
+                    "`kubernetes.fetch_url` must be an http:// URL of the agent's fetch server, without credentials or query, not {url:?}"
+                ));
+            }
+        }
+        if let Some(domain) = &self.route_domain
+            && (domain.is_empty() || !domain.split('.').all(is_dns_label))
+        {
+            return Err(format!(
+                "`kubernetes.route_domain` must be a DNS domain, not {domain:?}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A DNS label as Kubernetes names take it (RFC 1123).
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// A Kubernetes quantity: a decimal number with an optional suffix (`512Mi`, `0.5`, `500m`).
+fn is_quantity(s: &str) -> bool {
+    const SUFFIXES: [&str; 14] = [
+        "Ki", "Mi", "Gi", "Ti", "Pi", "Ei", "m", "k", "M", "G", "T", "P", "E", "",
+    ];
+    SUFFIXES.iter().any(|suffix| {
+        s.strip_suffix(suffix).is_some_and(|number| {
+            let mut parts = number.splitn(2, '.');
+            let whole = parts.next().unwrap_or("");
+            let fraction = parts.next();
+            !number.is_empty()
+                && whole.bytes().all(|b| b.is_ascii_digit())
+                && fraction.is_none_or(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_digit()))
+                && number.bytes().any(|b| b.is_ascii_digit())
+        })
+    })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -301,6 +474,19 @@ impl AgentConfig {
         }
         if let Some(g) = &self.gateway {
             g.trusted_proxies()?;
+        }
+        match (&self.kubernetes, self.runtime) {
+            (None, Runtime::Kubernetes) => {
+                return Err(
+                    "`runtime = \"kubernetes\"` needs a [kubernetes] table with at least `namespace`"
+                        .into(),
+                );
+            }
+            (Some(k), Runtime::Kubernetes) => k.validate()?,
+            _ => {}
+        }
+        if self.runtime == Runtime::Kubernetes && self.role == Role::Gateway {
+            return Err("`runtime = \"kubernetes\"` is for micro agents: a gateway agent runs sandboxes' own API gateways with `docker` or `process`".into());
         }
         Ok(())
     }

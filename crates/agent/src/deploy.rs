@@ -476,8 +476,7 @@ impl Deployer {
         };
         if let Err(reason) = health::wait_healthy(
             &self.supervisor.http,
-            &instance.health_host,
-            instance.host_port,
+            &instance.health,
             &spec.health,
             self.health_timeout,
         )
@@ -815,6 +814,7 @@ pub(crate) mod tests {
                 home: layout.home_of(sandbox),
                 run: "sleep 60".into(),
                 port: 8080,
+                health: "/healthz".into(),
                 env: BTreeMap::new(),
                 restart: sdp_protocol::RestartPolicy::Never,
                 output,

@@ -13,44 +13,69 @@ const FIRST_CHECKS: u32 = 20;
 /// Between later checks while an instance starts.
 const STARTING_POLL: Duration = Duration::from_millis(100);
 
-/// The client of every health check. A user's health path is hostile: a redirect would make
+/// The client of every health check: plain HTTP, or HTTPS for an instance behind an
+/// OpenShift Route, its certificate verified against the system's trusted certificates
+/// (which honour `SSL_CERT_FILE`). A user's health path is hostile: a redirect would make
 /// the agent request any URL it names (another sandbox's port, the control plane) every
 /// health interval, and a proxy from the agent's environment would carry checks off the
-/// host. So a 3xx is an answer like any other (not healthy), and no proxy is used.
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy()
-        .build()
-        .expect("a client with neither TLS nor proxies builds")
+/// host. So no redirect is followed (a 3xx is an answer like any other: not healthy), and
+/// no proxy is used.
+#[derive(Clone)]
+pub struct Client(
+    hyper_util::client::legacy::Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        http_body_util::Empty<hyper::body::Bytes>,
+    >,
+);
+
+pub fn client() -> Client {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(CHECK_TIMEOUT));
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(tcp);
+    Client(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(connector),
+    )
 }
 
-/// One check: `Ok` on a 200, else what came back.
-pub async fn check(
-    http: &reqwest::Client,
-    host: &str,
-    port: u16,
-    path: &str,
-) -> Result<(), String> {
-    let host = if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    };
-    let url = format!("http://{host}:{port}{path}");
-    match http.get(&url).timeout(CHECK_TIMEOUT).send().await {
-        Ok(resp) if resp.status() == reqwest::StatusCode::OK => Ok(()),
-        Ok(resp) => Err(format!("status {}", resp.status().as_u16())),
-        Err(e) if e.is_connect() => Err("connection refused".into()),
-        Err(e) => Err(e.to_string()),
+/// `http://host:port`, the origin of an instance published on a port.
+pub fn origin(host: &str, port: u16) -> String {
+    format!("http://{}", crate::deploy::upstream_address(host, port))
+}
+
+/// One check of `origin` (`http://host:port`, or `https://host`): `Ok` on a 200, else what
+/// came back.
+pub async fn check(http: &Client, origin: &str, path: &str) -> Result<(), String> {
+    let uri: hyper::Uri = format!("{origin}{path}")
+        .parse()
+        .map_err(|e| format!("not a URL: {e}"))?;
+    let asked = http.0.get(uri);
+    match tokio::time::timeout(CHECK_TIMEOUT, asked).await {
+        Ok(Ok(resp)) if resp.status() == hyper::StatusCode::OK => Ok(()),
+        Ok(Ok(resp)) => Err(format!("status {}", resp.status().as_u16())),
+        Ok(Err(e)) if e.is_connect() => Err("connection refused".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {}s", CHECK_TIMEOUT.as_secs())),
     }
 }
 
 /// Checks until a 200, or `timeout` passes: then says why, for people.
 pub async fn wait_healthy(
-    http: &reqwest::Client,
-    host: &str,
-    port: u16,
+    http: &Client,
+    origin: &str,
     path: &str,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -58,7 +83,7 @@ pub async fn wait_healthy(
     let mut last = String::from("no answer");
     let mut checks = 0u32;
     while tokio::time::Instant::now() < deadline {
-        match check(http, host, port, path).await {
+        match check(http, origin, path).await {
             Ok(()) => return Ok(()),
             Err(e) => last = e,
         }
@@ -111,7 +136,7 @@ mod tests {
             "HTTP/1.1 302 Found\r\nlocation: http://127.0.0.1:{target}/\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
         );
         let (health, _) = serve(redirect).await;
-        let answer = check(&client(), "127.0.0.1", health, "/healthz").await;
+        let answer = check(&client(), &origin("127.0.0.1", health), "/healthz").await;
         assert_eq!(answer, Err("status 302".to_owned()));
         // Whatever the client did, it did before answering.
         assert_eq!(
@@ -119,6 +144,9 @@ mod tests {
             0,
             "the redirect was followed"
         );
-        assert_eq!(check(&client(), "127.0.0.1", target, "/").await, Ok(()));
+        assert_eq!(
+            check(&client(), &origin("127.0.0.1", target), "/").await,
+            Ok(())
+        );
     }
 }

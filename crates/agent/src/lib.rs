@@ -123,7 +123,7 @@ enum End {
 
 impl Agent {
     /// `askpass` is the program git runs for credentials: the `sdp` binary.
-    pub fn new(config: AgentConfig, askpass: PathBuf) -> Result<Self, AgentError> {
+    pub async fn new(config: AgentConfig, askpass: PathBuf) -> Result<Self, AgentError> {
         config.validate().map_err(AgentError::Config)?;
         let name = match &config.name {
             Some(name) => name.clone(),
@@ -206,6 +206,34 @@ impl Agent {
                     Err(e) => return Err(AgentError::Config(e.to_string())),
                 }
             }
+            Runtime::Kubernetes => {
+                let kubernetes = config
+                    .kubernetes
+                    .as_ref()
+                    .ok_or_else(|| AgentError::Config("no [kubernetes] table".into()))?;
+                // Its name is a label of every object it makes.
+                let label_value = name.as_str().len() <= 63
+                    && name.as_str().ends_with(|c: char| c.is_ascii_alphanumeric());
+                if !label_value {
+                    return Err(AgentError::Config(format!(
+                        "the agent's name {:?} is not a Kubernetes label value (at most 63 characters, ending with a letter or digit): set `name`",
+                        name.as_str()
+                    )));
+                }
+                let setup = runtime::KubernetesSetup {
+                    config: kubernetes,
+                    agent: name.as_str(),
+                    ports,
+                    advertise_host: &config.advertise_host,
+                    layout: layout.clone(),
+                    users: users.clone(),
+                    health_timeout: config.health_timeout.get(),
+                };
+                let runtime = runtime::KubernetesRuntime::new(setup)
+                    .await
+                    .map_err(|e| AgentError::Config(e.to_string()))?;
+                Some(Arc::new(runtime))
+            }
         };
         // Only where user code runs as another user: the store must be out of its reach.
         let mut shared = if config.share_builds && users.is_separate() {
@@ -239,7 +267,8 @@ impl Agent {
                 max_builds: config.max_builds,
                 shared: shared.take(),
                 build_runtime: match config.runtime {
-                    Runtime::Process => "process".to_owned(),
+                    // Pods run what the agent built on its host, as processes do.
+                    Runtime::Process | Runtime::Kubernetes => "process".to_owned(),
                     Runtime::Docker => format!("docker:{}", config.docker.image),
                 },
             })
@@ -397,6 +426,7 @@ impl Agent {
             Role::Micro => capabilities.push(match self.config.runtime {
                 Runtime::Docker => Capability::RuntimeDocker,
                 Runtime::Process => Capability::RuntimeProcess,
+                Runtime::Kubernetes => Capability::RuntimeKubernetes,
             }),
             Role::Gateway => capabilities.push(Capability::Router),
         }
@@ -405,6 +435,7 @@ impl Agent {
             capabilities.push(match self.config.runtime {
                 Runtime::Docker => Capability::RuntimeDocker,
                 Runtime::Process => Capability::RuntimeProcess,
+                Runtime::Kubernetes => Capability::RuntimeKubernetes,
             });
         }
         Hello {

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::events::Outbox;
 use crate::health;
 use crate::isolation::Layout;
-use crate::runtime::{Instance, Output, Runtime, StartRequest};
+use crate::runtime::{Address, Change, Exit, Instance, Output, Runtime, StartRequest};
 use crate::runtime_log::{RuntimeLog, Tail};
 
 /// How long after an instance's end its last output is waited for: followers read output
@@ -110,7 +110,7 @@ pub struct Supervisor {
     pub runtime: Arc<dyn Runtime>,
     pub log: Arc<RuntimeLog>,
     pub layout: Layout,
-    pub http: reqwest::Client,
+    pub http: health::Client,
     pub advertise_host: String,
     pub health_timeout: Duration,
     pub policy: Policy,
@@ -253,6 +253,7 @@ impl Supervisor {
             home: spec.home.clone(),
             run: spec.run.clone(),
             port: spec.port,
+            health: spec.health.clone(),
             env: spec.env.clone(),
             restart: spec.restart,
             output: Output {
@@ -265,7 +266,9 @@ impl Supervisor {
     }
 
     pub fn upstream(&self, instance: &Instance) -> String {
-        crate::deploy::upstream_address(&self.advertise_host, instance.host_port)
+        instance.upstream.clone().unwrap_or_else(|| {
+            crate::deploy::upstream_address(&self.advertise_host, instance.host_port)
+        })
     }
 
     /// Stops `spec`'s instance if it runs, starts it again and waits until it is healthy.
@@ -283,8 +286,7 @@ impl Supervisor {
             .map_err(|e| format!("it did not start: {e}"))?;
         let healthy = health::wait_healthy(
             &self.http,
-            &instance.health_host,
-            instance.host_port,
+            &instance.health,
             &spec.health,
             self.health_timeout,
         )
@@ -626,12 +628,12 @@ impl Supervisor {
 
     /// Waits until the instance is unhealthy: its health path failed
     /// [`Policy::health_failures`] times in a row. Returns why.
-    async fn until_unhealthy(&self, host: &str, port: u16, spec: &InstanceSpec) -> String {
+    async fn until_unhealthy(&self, origin: &str, spec: &InstanceSpec) -> String {
         let interval = Duration::from_millis(spec.health_interval_ms.max(10));
         let mut failed = 0;
         loop {
             tokio::time::sleep(interval).await;
-            match health::check(&self.http, host, port, &spec.health).await {
+            match health::check(&self.http, origin, &spec.health).await {
                 Ok(()) => failed = 0,
                 Err(e) => {
                     failed += 1;
@@ -644,15 +646,107 @@ impl Supervisor {
     }
 
     /// Waits until the instance's health path answers again.
-    async fn until_healthy(&self, host: &str, port: u16, spec: &InstanceSpec) {
+    async fn until_healthy(&self, origin: &str, spec: &InstanceSpec) {
         let interval = Duration::from_millis(spec.health_interval_ms.max(10));
         loop {
             tokio::time::sleep(interval).await;
-            if health::check(&self.http, host, port, &spec.health)
+            if health::check(&self.http, origin, &spec.health)
                 .await
                 .is_ok()
             {
                 return;
+            }
+        }
+    }
+
+    /// An instance whose runtime restarts it itself (the kubelet): reports each end and each
+    /// return the runtime tells of, and checks its health while it serves. Returns when it
+    /// is gone for good or unhealthy (`None`: no longer watched); `at` is where it served last.
+    #[allow(clippy::too_many_arguments)]
+    async fn follow_managed(
+        &self,
+        sandbox: &SandboxId,
+        spec: &InstanceSpec,
+        at: &mut Address,
+        (exit, changes): (&mut Exit, &mut tokio::sync::mpsc::Receiver<Change>),
+        tail: &Tail,
+        restarts: &mut u32,
+        cancel: &CancellationToken,
+    ) -> Option<(Trouble, String)> {
+        let service = &spec.service;
+        let mut serving = true;
+        loop {
+            let change = tokio::select! {
+                _ = cancel.cancelled() => return None,
+                reason = &mut *exit => return Some((Trouble::Crashed, reason)),
+                reason = self.until_unhealthy(&at.health, spec), if serving => {
+                    return Some((Trouble::Unhealthy, reason));
+                }
+                change = changes.recv() => change,
+            };
+            match change {
+                None => return Some((Trouble::Crashed, "the runtime stopped following it".into())),
+                Some(Change::Ended(reason)) => {
+                    serving = false;
+                    self.set_upstream(sandbox, service, None);
+                    self.log
+                        .system(sandbox, service, format!("{service} crashed: {reason}"))
+                        .await;
+                    self.report(
+                        sandbox,
+                        service,
+                        InstanceState::Crashed,
+                        Some(reason),
+                        tail.lines(),
+                        None,
+                        *restarts,
+                    )
+                    .await;
+                    *restarts += 1;
+                    self.log
+                        .system(sandbox, service, format!("the runtime restarts {service}"))
+                        .await;
+                    self.report(
+                        sandbox,
+                        service,
+                        InstanceState::Restarting,
+                        None,
+                        Vec::new(),
+                        None,
+                        *restarts,
+                    )
+                    .await;
+                }
+                Some(Change::Serving(address)) => {
+                    *at = address;
+                    let healthy = health::wait_healthy(
+                        &self.http,
+                        &at.health,
+                        &spec.health,
+                        self.health_timeout,
+                    )
+                    .await;
+                    if let Err(reason) = healthy {
+                        return Some((Trouble::Unhealthy, reason));
+                    }
+                    serving = true;
+                    let upstream = at.upstream.clone();
+                    self.set_upstream(sandbox, service, Some(upstream.clone()));
+                    self.log
+                        .system(
+                            sandbox,
+                            service,
+                            format!("{service} runs again at {upstream} (restart {restarts})"),
+                        )
+                        .await;
+                    self.running(sandbox, service, upstream, *restarts).await;
+                }
+                Some(Change::Failing(reason)) => {
+                    self.log
+                        .system(sandbox, service, format!("{service}: {reason}"))
+                        .await;
+                }
+                Some(Change::Waiting(_)) => {}
             }
         }
     }
@@ -669,17 +763,40 @@ impl Supervisor {
         let mut failures: VecDeque<Instant> = VecDeque::new();
         loop {
             if let Some((instance, tail)) = current.take() {
+                let upstream = self.upstream(&instance);
                 let Instance {
-                    host_port,
-                    health_host,
+                    health,
                     mut exit,
+                    changes,
                     ..
                 } = instance;
-                let (trouble, reason) = tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    reason = &mut exit => (Trouble::Crashed, reason),
-                    reason = self.until_unhealthy(&health_host, host_port, &spec) => (Trouble::Unhealthy, reason),
+                let mut at = Address { health, upstream };
+                let (trouble, reason) = match changes {
+                    // The runtime restarts it itself: followed until it is gone or unhealthy.
+                    Some(mut changes) => {
+                        let managed = self
+                            .follow_managed(
+                                &sandbox,
+                                &spec,
+                                &mut at,
+                                (&mut exit, &mut changes),
+                                &tail,
+                                &mut restarts,
+                                &cancel,
+                            )
+                            .await;
+                        match managed {
+                            Some(trouble) => trouble,
+                            None => return,
+                        }
+                    }
+                    None => tokio::select! {
+                        _ = cancel.cancelled() => return,
+                        reason = &mut exit => (Trouble::Crashed, reason),
+                        reason = self.until_unhealthy(&at.health, &spec) => (Trouble::Unhealthy, reason),
+                    },
                 };
+                let Address { health, upstream } = at;
                 // Not serving: a wake asked for now starts it again rather than pointing at it.
                 self.set_upstream(&sandbox, &service, None);
                 if trouble == Trouble::Crashed {
@@ -708,8 +825,6 @@ impl Supervisor {
                     // once it answers, unhealthy again when it stops answering, crashed
                     // when it ends.
                     if trouble == Trouble::Unhealthy {
-                        let upstream =
-                            crate::deploy::upstream_address(&self.advertise_host, host_port);
                         let mut healthy = false;
                         loop {
                             let (state, reason, last_lines) = tokio::select! {
@@ -718,10 +833,10 @@ impl Supervisor {
                                     tokio::time::sleep(LAST_LINES_GRACE).await;
                                     (InstanceState::Crashed, Some(reason), tail.lines())
                                 }
-                                reason = self.until_unhealthy(&health_host, host_port, &spec), if healthy => {
+                                reason = self.until_unhealthy(&health, &spec), if healthy => {
                                     (InstanceState::Unhealthy, Some(reason), Vec::new())
                                 }
-                                () = self.until_healthy(&health_host, host_port, &spec), if !healthy => {
+                                () = self.until_healthy(&health, &spec), if !healthy => {
                                     (InstanceState::Running, None, Vec::new())
                                 }
                             };

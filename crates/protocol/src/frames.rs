@@ -127,6 +127,7 @@ pub enum Capability {
     Git,
     RuntimeDocker,
     RuntimeProcess,
+    RuntimeKubernetes,
     Router,
     #[serde(other)]
     Unknown,

@@ -349,7 +349,13 @@ impl Table {
                     });
                     continue;
                 };
-                match Upstream::from_host_port(address) {
+                // An instance behind an OpenShift Route is reached by its `https://` URL.
+                let parsed = if address.starts_with("https://") {
+                    Upstream::from_url(address)
+                } else {
+                    Upstream::from_host_port(address)
+                };
+                match parsed {
                     Ok(upstream) => {
                         upstreams.insert(i, upstream);
                     }
@@ -786,6 +792,38 @@ mod tests {
             Route::To { upstream, kind, .. } => {
                 assert_eq!(kind, RouteKind::Sandbox);
                 assert_eq!(upstream.socket_address(), "[fd00::5]:20002");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_instance_behind_an_openshift_route_is_reached_over_https_by_its_host() {
+        let t = Table::compile(&RouteTable {
+            services: vec![service("orders", &["/orders"])],
+            sandboxes: vec![SandboxRoutes {
+                sandbox: SandboxName::parse("pay-42").unwrap(),
+                upstreams: BTreeMap::from([(
+                    ServiceName::parse("orders").unwrap(),
+                    "https://sdp-orders-0123456789.apps.ocp.test".into(),
+                )]),
+                down: BTreeMap::new(),
+                sleeping: false,
+                gateway: None,
+            }],
+            ..RouteTable::default()
+        })
+        .unwrap();
+        assert!(t.skipped.is_empty(), "{:?}", t.skipped);
+        match t.route(Some("pay-42"), "/orders/1") {
+            Route::To { upstream, kind, .. } => {
+                assert_eq!(kind, RouteKind::Sandbox);
+                assert!(upstream.is_https());
+                assert_eq!(upstream.host(), "sdp-orders-0123456789.apps.ocp.test");
+                assert_eq!(
+                    upstream.socket_address(),
+                    "sdp-orders-0123456789.apps.ocp.test:443"
+                );
             }
             other => panic!("{other:?}"),
         }

@@ -124,6 +124,7 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
             build_timeout: ConfigDuration::from_secs(600),
             health_timeout: ConfigDuration::from_secs(30),
             docker: DockerConfig::default(),
+            kubernetes: None,
             gateway: (role == Role::Gateway).then(|| GatewayConfig {
                 metrics_listen: Some(metrics_addr),
                 ..GatewayConfig::new(([127, 0, 0, 1], gateway_port).into())
@@ -147,10 +148,10 @@ pub async fn run(data: &Path, port: u16, stop: CancellationToken) -> anyhow::Res
     write_config(&data.join("agent-micro.toml"), &micro)?;
     write_config(&data.join("agent-gateway.toml"), &gateway)?;
 
-    let mut gateway = Agent::new(gateway, crate::askpass_program()?)?;
+    let mut gateway = Agent::new(gateway, crate::askpass_program()?).await?;
     gateway.use_router_listener(router_listener);
     gateway.use_metrics_listener(metrics_listener);
-    let agents = [Agent::new(micro, crate::askpass_program()?)?, gateway];
+    let agents = [Agent::new(micro, crate::askpass_program()?).await?, gateway];
     let mut tasks = Vec::new();
     for agent in agents {
         let stop = stop.clone();

@@ -283,7 +283,9 @@ async fn run(command: Platform) -> anyhow::Result<()> {
                 .into_iter()
                 .collect();
             let config: AgentConfig = load(config.as_deref(), &extra)?;
-            let mut agent = Agent::new(config, askpass_program()?).map_err(usage)?;
+            let mut agent = Agent::new(config, askpass_program()?)
+                .await
+                .map_err(usage)?;
             agent.load_image().await.map_err(usage)?;
             agent.bind_router().await?;
             agent.run(stop_on_signal()).await?;

@@ -9,7 +9,9 @@ use serde_json::Value;
 /// otherwise empty root filesystem, imported once per machine. When no engine answers, docker
 /// tests are skipped, except in CI (`CI=true`), where that is a failure.
 pub fn docker_image() -> &'static str {
-    const TAG: &str = "sdp-test/busybox:1";
+    // 2: with tar, rm and mkdir, which the kubernetes runtime's pods fetch their checkouts
+    // with.
+    const TAG: &str = "sdp-test/busybox:2";
     static READY: std::sync::OnceLock<()> = std::sync::OnceLock::new();
     READY.get_or_init(|| {
         let present = Command::new("docker")
@@ -26,7 +28,7 @@ pub fn docker_image() -> &'static str {
         std::fs::create_dir_all(&bin).unwrap();
         std::fs::copy("/bin/busybox", bin.join("busybox")).expect("busybox-static is installed");
         for applet in [
-            "sh", "ls", "cat", "echo", "env", "sleep", "wget", "ps", "id",
+            "sh", "ls", "cat", "echo", "env", "sleep", "wget", "ps", "id", "tar", "rm", "mkdir",
         ] {
             std::os::unix::fs::symlink("busybox", bin.join(applet)).unwrap();
         }

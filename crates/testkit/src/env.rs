@@ -57,6 +57,9 @@ pub struct Options {
     pub catalog: Option<&'static [&'static str]>,
     /// The server's `[webhooks]` table, when a test sets one.
     pub webhooks: Option<String>,
+    /// The micro agents' `[kubernetes]` table (kubernetes runtime; see
+    /// [`crate::kubernetes::agent_table`]).
+    pub kubernetes: Option<String>,
 }
 
 impl Default for Options {
@@ -81,6 +84,7 @@ impl Default for Options {
             relative_work_dir: false,
             catalog: None,
             webhooks: None,
+            kubernetes: None,
         }
     }
 }
@@ -123,6 +127,14 @@ impl EnvBuilder {
     /// `process` (the default), or `docker`, with the test image.
     pub fn runtime(mut self, runtime: &'static str) -> Self {
         self.opts.runtime = runtime;
+        self
+    }
+
+    /// The kubernetes runtime for the micro agents, with this `[kubernetes]` table; the
+    /// gateway agent keeps the process runtime.
+    pub fn kubernetes(mut self, table: String) -> Self {
+        self.opts.runtime = "kubernetes";
+        self.opts.kubernetes = Some(table);
         self
     }
 
@@ -197,6 +209,8 @@ impl EnvBuilder {
             // Agents of docker tests share one engine: their names scope their containers.
             let name = match opts.runtime {
                 "docker" => format!("dock-{:08x}-{i}", rand::random::<u32>()),
+                // Their names are labels of the objects they make in the one test cluster.
+                "kubernetes" => format!("kube-{:08x}-{i}", rand::random::<u32>()),
                 _ => format!("micro-{i}"),
             };
             env.start_agent(&name, "micro", AGENT_TOKEN);
@@ -453,11 +467,20 @@ impl TestEnv {
         } else {
             String::new()
         };
-        let gateway = format!("{docker}{gateway}");
+        let kubernetes = match (&self.opts.kubernetes, role) {
+            (Some(table), "micro") => format!("\n{table}"),
+            _ => String::new(),
+        };
+        let gateway = format!("{docker}{kubernetes}{gateway}");
         let extra = if role == "micro" {
             self.opts.agent_extra
         } else {
             ""
+        };
+        // Kubernetes runs micro agents' instances only: the gateway agent's own are processes.
+        let runtime = match (self.opts.runtime, role) {
+            ("kubernetes", "gateway") => "process",
+            (runtime, _) => runtime,
         };
         std::fs::write(
             &path,
@@ -469,7 +492,7 @@ impl TestEnv {
                 } else {
                     self.agent_work_dir(name).display().to_string()
                 },
-                self.opts.runtime,
+                runtime,
                 self.opts.git_timeout,
                 self.opts.health_timeout,
                 free_port_range(),

@@ -78,6 +78,7 @@ pub mod env;
 pub mod fake_agent;
 pub mod git_server;
 pub mod in_process;
+pub mod kubernetes;
 pub mod process;
 pub mod proxy;
 pub mod shop;

@@ -404,7 +404,7 @@ impl DockerRuntime {
 }
 
 /// An engine's exit code: above 128, killed by signal `code - 128` (`init` passes it on).
-fn exit_reason(code: i64) -> String {
+pub(super) fn exit_reason(code: i64) -> String {
     let signal = (code > 128)
         .then(|| i32::try_from(code - 128).ok())
         .flatten()
@@ -509,12 +509,14 @@ impl Runtime for DockerRuntime {
             .of(sandbox, &req.service, &req.deployment, generation);
         let (lines, output_lines) = tokio::sync::watch::channel(0);
         self.follow_logs(name.clone(), out, lines);
-        let health_host = self.health_host();
+        let health = crate::health::origin(&self.health_host(), host_port);
         Ok(Instance {
             host_port,
-            health_host,
+            health,
             output_lines: Some(output_lines),
             exit: self.exit(name),
+            upstream: None,
+            changes: None,
         })
     }
 
@@ -563,12 +565,14 @@ impl Runtime for DockerRuntime {
             output.of(sandbox, service, deployment, generation),
             lines,
         );
-        let health_host = self.health_host();
+        let health = crate::health::origin(&self.health_host(), host_port);
         Ok(Some(Instance {
             host_port,
-            health_host,
+            health,
             output_lines: Some(output_lines),
             exit: self.exit(name),
+            upstream: None,
+            changes: None,
         }))
     }
 

@@ -1,7 +1,9 @@
-//! Where services run. Two runtimes keep one contract: the Docker Engine (containers) and
-//! plain supervised process groups (hosts without Docker, and `sdp dev`).
+//! Where services run. Three runtimes keep one contract: the Docker Engine (containers),
+//! plain supervised process groups (hosts without Docker, and `sdp dev`), and Kubernetes
+//! (pods, which the kubelet restarts itself: such instances tell their changes).
 
 mod docker;
+mod kubernetes;
 mod output;
 mod ports;
 mod process;
@@ -17,6 +19,7 @@ use sdp_protocol::{
 };
 
 pub use docker::{DockerLimits, DockerRuntime, ImageArchive, ImageError};
+pub use kubernetes::{KubernetesRuntime, KubernetesSetup};
 pub(crate) use ports::Ports;
 pub use process::ProcessRuntime;
 
@@ -73,6 +76,8 @@ pub struct StartRequest {
     pub run: String,
     /// The port the service listens on inside a container.
     pub port: u16,
+    /// The catalog's health path (a pod's readiness probe).
+    pub health: String,
     /// `PORT` is added by the runtime.
     pub env: BTreeMap<String, String>,
     /// What brings it back (the Docker Engine's own policy follows it, for engine restarts).
@@ -84,13 +89,41 @@ pub struct StartRequest {
 pub struct Instance {
     /// The host port the gateway reaches it on.
     pub host_port: u16,
-    /// The address the agent checks its health on: where the port is published.
-    pub health_host: String,
+    /// Where the agent checks its health: `http://host:port` where the port is published
+    /// ([`crate::health::origin`]), or `https://host` of an OpenShift Route.
+    pub health: String,
+    /// Where the gateway reaches it, when not `advertise_host:host_port` (a pod's IP).
+    pub upstream: Option<String>,
     /// Counts the output lines that reached the deployment's log, for runtimes whose output
     /// arrives late (Docker's log stream); `None` where it is immediate.
     pub output_lines: Option<tokio::sync::watch::Receiver<u64>>,
-    /// Its end.
+    /// Its end: for good, where the runtime restarts instances itself.
     pub exit: Exit,
+    /// For a runtime that restarts instances itself (the kubelet): what happens to it.
+    pub changes: Option<tokio::sync::mpsc::Receiver<Change>>,
+}
+
+/// Where an instance serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address {
+    /// Where the agent checks its health (an origin, as [`Instance::health`]).
+    pub health: String,
+    /// Where the gateway reaches it.
+    pub upstream: String,
+}
+
+/// What a runtime that restarts instances itself saw happen to one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Not serving yet, and why (being scheduled, fetching its checkout).
+    Waiting(String),
+    /// It cannot start as it is (an image that cannot be pulled, a checkout not fetched);
+    /// the runtime goes on trying.
+    Failing(String),
+    /// It ended, why; the runtime starts it again.
+    Ended(String),
+    /// It serves (again), there.
+    Serving(Address),
 }
 
 #[derive(Debug, thiserror::Error)]

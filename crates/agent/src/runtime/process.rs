@@ -451,10 +451,12 @@ impl Runtime for ProcessRuntime {
         });
         Ok(Instance {
             host_port: port,
-            health_host: "127.0.0.1".to_owned(),
+            health: crate::health::origin("127.0.0.1", port),
             // Read from its files a moment after it is written.
             output_lines: Some(output_lines),
             exit,
+            upstream: None,
+            changes: None,
         })
     }
 
@@ -484,9 +486,11 @@ impl Runtime for ProcessRuntime {
         tracing::info!(%sandbox, %service, pid = pid_file.pid, port = pid_file.port, "took up an instance an earlier run started");
         Ok(Some(Instance {
             host_port: pid_file.port,
-            health_host: "127.0.0.1".to_owned(),
+            health: crate::health::origin("127.0.0.1", pid_file.port),
             output_lines: Some(output_lines),
             exit,
+            upstream: None,
+            changes: None,
         }))
     }
 
@@ -632,6 +636,7 @@ mod tests {
             home: work.join("home"),
             run: run.into(),
             port: 8080,
+            health: "/healthz".into(),
             env: BTreeMap::new(),
             restart: RestartPolicy::Never,
             output: Output {

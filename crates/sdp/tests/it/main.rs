@@ -22,6 +22,7 @@ mod frames;
 mod gateway_service;
 mod input;
 mod isolation;
+mod kubernetes;
 mod lifecycle;
 mod limits;
 mod login;

@@ -92,6 +92,7 @@ fn capability(c: Capability) -> &'static str {
         Capability::Git => "git",
         Capability::RuntimeDocker => "runtime_docker",
         Capability::RuntimeProcess => "runtime_process",
+        Capability::RuntimeKubernetes => "runtime_kubernetes",
         Capability::Router => "router",
         Capability::Unknown => "unknown",
     }
