@@ -651,6 +651,59 @@ mod tests {
     }
 
     #[test]
+    fn the_kubernetes_runtime_needs_a_usable_table_and_says_which_key_is_wrong() {
+        let load = |table: &str| {
+            let config: AgentConfig = toml::from_str(&format!(
+                "server = \"ws://127.0.0.1/ws/agent\"\ntoken = \"t\"\nrole = \"micro\"\nruntime = \"kubernetes\"\n{table}"
+            ))
+            .unwrap();
+            config.validate().map(|()| config)
+        };
+        let refusal = load("").unwrap_err();
+        assert!(refusal.contains("[kubernetes]"), "{refusal}");
+        let config = load("[kubernetes]\nnamespace = \"sdp-sandboxes\"\n").unwrap();
+        let k = config.kubernetes.unwrap();
+        assert_eq!(
+            (k.expose, k.host_network, k.memory.as_str(), k.cpu.as_str()),
+            (Expose::PodIp, false, "512Mi", "500m")
+        );
+        assert!(load("[kubernetes]\nnamespace = \"per-sandbox\"\nexpose = \"route\"\n").is_ok());
+        for (line, key) in [
+            ("namespace = \"Sandboxes_1\"", "`kubernetes.namespace`"),
+            (
+                "namespace = \"ns\"\nmemory = \"lots\"",
+                "`kubernetes.memory`",
+            ),
+            ("namespace = \"ns\"\ncpu = \"1.\"", "`kubernetes.cpu`"),
+            (
+                "namespace = \"ns\"\nrun_as_user = 0",
+                "`kubernetes.run_as_user`",
+            ),
+            (
+                "namespace = \"ns\"\nimage_pull_policy = \"Sometimes\"",
+                "`kubernetes.image_pull_policy`",
+            ),
+            (
+                "namespace = \"ns\"\nfetch_url = \"http://u:p@host:1\"",
+                "`kubernetes.fetch_url`",
+            ),
+            (
+                "namespace = \"ns\"\nroute_domain = \"apps..example\"",
+                "`kubernetes.route_domain`",
+            ),
+        ] {
+            let refusal = load(&format!("[kubernetes]\n{line}\n")).unwrap_err();
+            assert!(refusal.contains(key), "{line}: {refusal}");
+        }
+        for quantity in ["512Mi", "1Gi", "0.5", "500m", "2"] {
+            assert!(is_quantity(quantity), "{quantity}");
+        }
+        for quantity in ["", "Mi", "1.5.2", "-1", "1 Gi", "1.", "5x"] {
+            assert!(!is_quantity(quantity), "{quantity}");
+        }
+    }
+
+    #[test]
     fn trusted_proxies_are_networks_or_addresses_and_a_bad_one_is_named() {
         let mut gateway = GatewayConfig::new("127.0.0.1:0".parse().unwrap());
         gateway.trusted_proxies = vec!["127.0.0.1/32".into(), "10.0.0.0/8".into(), "::1".into()];

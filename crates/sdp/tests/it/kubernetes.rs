@@ -422,3 +422,73 @@ async fn a_namespace_per_sandbox_is_made_for_its_pods_and_deleted_with_it() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_that_must_not_restart_is_a_bare_pod_left_crashed_and_the_router_answers_503() {
+    let Some((cluster, namespace, kubeconfig)) = restricted_setup() else {
+        return;
+    };
+    let ns = namespace.name.as_str();
+    let env = kube_env(&kubeconfig, ns).await;
+    let token = env.login().await;
+    let (sandbox, deployment) = env.deploy(&token, "glass", &["brittle@main"]).await;
+    assert_eq!(deployment["state"], "ready", "{deployment}");
+    let id = sandbox["id"].as_str().unwrap();
+    let pods = pods(&cluster, ns, id);
+    assert_eq!(
+        pods[0]["metadata"]["ownerReferences"],
+        Value::Null,
+        "a bare pod"
+    );
+    assert_eq!(pods[0]["spec"]["restartPolicy"], "Never");
+
+    kill_service_container(pods[0]["metadata"]["uid"].as_str().unwrap());
+    let crashed = eventually("the crash is reported", || async {
+        let s = service(&env, &token, "glass", "brittle").await;
+        (s["state"] == "crashed").then_some(s)
+    })
+    .await;
+    assert_eq!(crashed["restarts"], 0, "{crashed}");
+    let down = through_router(&env, "glass", "/brittle/1").await;
+    assert_eq!(down.status, 503, "{}", down.body);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let later = service(&env, &token, "glass", "brittle").await;
+    assert_eq!(later["state"], "crashed", "{later}");
+    env.delete_sandbox(&token, "glass").await;
+    eventually(
+        "nothing in the cluster carries the sandbox's label",
+        || async { labelled(&cluster, id).is_empty().then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_whose_image_cannot_be_had_fails_the_deployment_with_the_clusters_reason_and_leaves_nothing()
+ {
+    let Some((cluster, namespace, kubeconfig)) = restricted_setup() else {
+        return;
+    };
+    let ns = namespace.name.as_str();
+    let table =
+        agent_table(&kubeconfig, ns).replace(sdp_testkit::docker_image(), "sdp-test/absent:1");
+    let env = TestEnv::builder(SDP)
+        .repos(&["orders"])
+        .gateway(true)
+        .health_timeout("90s")
+        .kubernetes(table)
+        .start()
+        .await;
+    let token = env.login().await;
+    let (sandbox, deployment) = env.deploy(&token, "nowhere", &["orders@feature/x"]).await;
+    assert_eq!(deployment["state"], "failed", "{deployment}");
+    let error = deployment["error"].to_string();
+    assert!(error.contains("ErrImageNeverPull"), "{deployment}");
+    // Given up on at the cluster's word, not at the end of the health timeout.
+    assert!(!error.contains("not ready within"), "{deployment}");
+    let id = sandbox["id"].as_str().unwrap();
+    eventually(
+        "nothing in the cluster carries the sandbox's label",
+        || async { labelled(&cluster, id).is_empty().then_some(()) },
+    )
+    .await;
+}
