@@ -287,6 +287,32 @@ async fn with_only_the_documented_role_a_branch_runs_in_a_labelled_pod_that_answ
     env.assert_secret_nowhere(&canary);
 }
 
+/// The router's answer for `path` in `sandbox`, once it is a 200.
+async fn answers(env: &TestEnv, sandbox: &str, path: &str) -> String {
+    eventually("the router answers", || async {
+        let r = through_router(env, sandbox, path).await;
+        (r.status == 200).then_some(r.body)
+    })
+    .await
+}
+
+/// The crashes the sandbox's log tells of `orders`, and whether it runs now.
+async fn crashes(env: &TestEnv, token: &str, sandbox: &str) -> (Vec<String>, bool) {
+    let log = env
+        .get(
+            &format!("/api/sandboxes/{sandbox}/logs?service=orders"),
+            Some(token),
+        )
+        .await
+        .body;
+    let crashes = log
+        .lines()
+        .filter_map(|l| Some(l.split_once("orders crashed: ")?.1.to_owned()))
+        .collect();
+    let running = service(env, token, sandbox, "orders").await["state"] == "running";
+    (crashes, running)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_killed_or_deleted_behind_the_agents_back_is_restarted_by_kubernetes_and_followed_across_an_agent_restart()
  {
@@ -301,32 +327,7 @@ async fn a_pod_killed_or_deleted_behind_the_agents_back_is_restarted_by_kubernet
     let id = sandbox["id"].as_str().unwrap().to_owned();
     let answer = "orders on feature/x in phoenix\n";
     let first = pods(&cluster, ns, &id);
-    let uid = first[0]["metadata"]["uid"].as_str().unwrap().to_owned();
-
-    // Its container killed: the kubelet starts it again in the same pod.
-    kill_service_container(&uid);
-    let crashed = eventually("the crash is reported", || async {
-        let s = service(&env, &token, "phoenix", "orders").await;
-        (s["restarts"].as_u64() >= Some(1)).then_some(s)
-    })
-    .await;
-    assert_ne!(crashed["state"], "ready", "{crashed}");
-    eventually("it runs again after the kubelet's restart", || async {
-        let s = service(&env, &token, "phoenix", "orders").await;
-        (s["state"] == "running").then_some(())
-    })
-    .await;
-    let again = eventually("the router answers again", || async {
-        let r = through_router(&env, "phoenix", "/orders/2").await;
-        (r.status == 200).then_some(r)
-    })
-    .await;
-    assert_eq!(again.body, answer);
-    let log = env
-        .get("/api/sandboxes/phoenix/logs?service=orders", Some(&token))
-        .await
-        .body;
-    assert!(log.contains("orders crashed: killed by SIGKILL"), "{log}");
+    let first_uid = first[0]["metadata"]["uid"].as_str().unwrap().to_owned();
 
     // Its pod deleted: the Deployment makes another, which fetches its checkout itself.
     cluster.kubectl(&[
@@ -338,53 +339,57 @@ async fn a_pod_killed_or_deleted_behind_the_agents_back_is_restarted_by_kubernet
         "--wait=false",
     ]);
     let replaced = eventually("a new pod serves", || async {
-        let s = service(&env, &token, "phoenix", "orders").await;
+        let (crashes, running) = crashes(&env, &token, "phoenix").await;
         let fresh: Vec<Value> = pods(&cluster, ns, &id)
             .into_iter()
-            .filter(|p| p["metadata"]["uid"] != uid.as_str())
+            .filter(|p| p["metadata"]["uid"] != first_uid.as_str())
             .collect();
-        (s["state"] == "running" && s["restarts"].as_u64() >= Some(2) && fresh.len() == 1)
-            .then_some(fresh[0].clone())
+        (running && crashes.len() == 1 && fresh.len() == 1).then_some((crashes, fresh))
     })
     .await;
-    let routed = through_router(&env, "phoenix", "/orders/3").await;
-    assert_eq!((routed.status, routed.body.as_str()), (200, answer));
+    let (crashed, fresh) = replaced;
+    assert!(crashed[0].contains("was deleted"), "{crashed:?}");
+    let uid = fresh[0]["metadata"]["uid"].as_str().unwrap().to_owned();
+    assert_eq!(answers(&env, "phoenix", "/orders/1").await, answer);
 
-    // The agent killed and started again: it finds the pod by its labels and keeps it.
+    // Its container killed: the kubelet starts it again in the same pod.
+    kill_service_container(&uid);
+    let crashed = eventually("the crash is reported and it runs again", || async {
+        let (crashes, running) = crashes(&env, &token, "phoenix").await;
+        (running && crashes.len() == 2).then_some(crashes)
+    })
+    .await;
+    assert_eq!(crashed[1], "killed by SIGKILL", "{crashed:?}");
+    let s = service(&env, &token, "phoenix", "orders").await;
+    assert_eq!(s["restarts"], 2, "{s}");
+    assert_eq!(answers(&env, "phoenix", "/orders/2").await, answer);
+
+    // The agent killed and started again: it finds the pod by its labels and keeps it, and
+    // the restart the pod had before is not told again.
     env.agents[0].kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let agent = env.micro[0].clone();
     env.start_agent(&agent, "micro", AGENT_TOKEN);
     env.wait_for_agents(1).await;
-    let routed = through_router(&env, "phoenix", "/orders/4").await;
-    assert_eq!((routed.status, routed.body.as_str()), (200, answer));
+    assert_eq!(answers(&env, "phoenix", "/orders/3").await, answer);
     let kept = pods(&cluster, ns, &id);
     assert_eq!(kept.len(), 1, "{kept:?}");
-    assert_eq!(
-        kept[0]["metadata"]["uid"], replaced["metadata"]["uid"],
-        "the agent's restart left the pod alone"
-    );
-    // Still followed: the next crash is reported by the new agent (which counts restarts
-    // afresh), in the sandbox's log after the two before.
-    kill_service_container(replaced["metadata"]["uid"].as_str().unwrap());
+    assert_eq!(kept[0]["metadata"]["uid"], uid.as_str(), "the pod was kept");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (crashed, running) = crashes(&env, &token, "phoenix").await;
+    assert_eq!((crashed.len(), running), (2, true), "{crashed:?}");
+
+    // Still followed: the next crash is reported by the new agent.
+    kill_service_container(&uid);
     eventually(
         "the new agent reports the next crash and the return",
         || async {
-            let log = env
-                .get("/api/sandboxes/phoenix/logs?service=orders", Some(&token))
-                .await
-                .body;
-            let s = service(&env, &token, "phoenix", "orders").await;
-            (log.matches("orders crashed:").count() >= 3 && s["state"] == "running").then_some(())
+            let (crashes, running) = crashes(&env, &token, "phoenix").await;
+            (running && crashes.len() == 3).then_some(())
         },
     )
     .await;
-    let routed = eventually("the router answers after it", || async {
-        let r = through_router(&env, "phoenix", "/orders/5").await;
-        (r.status == 200).then_some(r)
-    })
-    .await;
-    assert_eq!(routed.body, answer);
+    assert_eq!(answers(&env, "phoenix", "/orders/4").await, answer);
 
     env.delete_sandbox(&token, "phoenix").await;
     eventually(

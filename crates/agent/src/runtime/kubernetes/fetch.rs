@@ -306,6 +306,16 @@ async fn authorize(
             "name the pod that fetches: ?pod=<name>&uid=<uid>".into(),
         ));
     };
+    // Both go into a request to the API server: nothing but a pod's name and uid.
+    let name_like = |s: &str, max: usize| {
+        !s.is_empty()
+            && s.len() <= max
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    if !name_like(pod, 253) || !name_like(uid, 64) {
+        return Err(Refusal::BadRequest("not a pod's name and uid".into()));
+    }
     let grant = grants.check(id, secret, uid)?;
     pods.check(&grant, pod, uid)
         .await

@@ -562,6 +562,9 @@ struct Monitor {
 /// What a monitor remembers of the pod it last saw.
 #[derive(Default)]
 struct Seen {
+    /// Taking up an instance an earlier run of the agent started: the restarts its pod had
+    /// then were reported by that run.
+    adopting: bool,
     pod: Option<(String, String)>,
     restarts: i32,
     serving: bool,
@@ -575,6 +578,7 @@ impl Monitor {
         key: Key,
         port: u16,
         out: InstanceOutput,
+        adopting: bool,
     ) -> (mpsc::Receiver<Change>, Exit, watch::Receiver<u64>) {
         let (changes, received) = mpsc::channel(16);
         let (lines, counted) = watch::channel(0);
@@ -592,7 +596,7 @@ impl Monitor {
         };
         tokio::spawn(async move {
             let stop = monitor.stop.clone();
-            if let Some(reason) = monitor.run().await {
+            if let Some(reason) = monitor.run(adopting).await {
                 let _ = exit_tx.send(reason);
             }
             stop.cancel();
@@ -616,9 +620,12 @@ impl Monitor {
     }
 
     /// Until the instance is gone (`Some(why)`) or nobody listens any more (`None`).
-    async fn run(&self) -> Option<String> {
+    async fn run(&self, adopting: bool) -> Option<String> {
         let mut changed = self.inner.changed.clone();
-        let mut seen = Seen::default();
+        let mut seen = Seen {
+            adopting,
+            ..Seen::default()
+        };
         loop {
             if let Some(gone) = self.look(&mut seen).await {
                 return Some(gone);
@@ -725,6 +732,9 @@ impl Monitor {
         };
         if let Some(why) = failing(&container, "starting it") {
             self.say(seen, Change::Failing(why)).await;
+        }
+        if std::mem::take(&mut seen.adopting) {
+            seen.restarts = container.restart_count;
         }
         if container.restart_count > seen.restarts {
             seen.restarts = container.restart_count;
@@ -964,7 +974,7 @@ impl Runtime for KubernetesRuntime {
         let generation = req.output.log.begin(sandbox, service);
         let out = req.output.of(sandbox, service, &req.deployment, generation);
         let (mut changes, exit, output_lines) =
-            Monitor::spawn(inner.clone(), key, port, out.clone());
+            Monitor::spawn(inner.clone(), key, port, out.clone(), false);
         let deadline = tokio::time::Instant::now() + inner.health_timeout;
         let mut waiting = "no pod yet".to_owned();
         let failed = loop {
@@ -1058,7 +1068,7 @@ impl Runtime for KubernetesRuntime {
         let Some(port) = port else {
             return Ok(None);
         };
-        let (mut changes, exit, output_lines) = Monitor::spawn(inner.clone(), key, port, out);
+        let (mut changes, exit, output_lines) = Monitor::spawn(inner.clone(), key, port, out, true);
         let deadline = tokio::time::Instant::now() + inner.health_timeout;
         loop {
             match tokio::time::timeout_at(deadline, changes.recv()).await {
