@@ -196,9 +196,22 @@ impl KubernetesRuntime {
         );
         tokio::spawn(async move {
             let mut stream = std::pin::pin!(stream);
+            // Each failure is retried with a backoff; the same one again is not logged again.
+            let mut failing: Option<String> = None;
             while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    tracing::warn!(error = %e, "the watch of this agent's pods failed; it starts again");
+                match event {
+                    Err(e) => {
+                        let error = e.to_string();
+                        if failing.as_ref() != Some(&error) {
+                            tracing::warn!(%error, "the watch of this agent's pods failed; it starts again");
+                            failing = Some(error);
+                        }
+                    }
+                    Ok(_) => {
+                        if failing.take().is_some() {
+                            tracing::info!("the watch of this agent's pods works again");
+                        }
+                    }
                 }
                 tick.send_modify(|n| *n += 1);
             }

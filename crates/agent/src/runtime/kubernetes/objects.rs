@@ -258,4 +258,28 @@ mod tests {
         assert_eq!(spec.security_context.unwrap().run_as_non_root, Some(true));
         assert!(service.volume_mounts.as_ref().unwrap()[0].read_only == Some(true));
     }
+
+    #[test]
+    fn a_nodeport_service_and_an_edge_route_select_the_instance_by_its_labels() {
+        let labels = BTreeMap::from([
+            ("sdp.sandbox".to_owned(), "sbx_0000000000000001".to_owned()),
+            ("sdp.service".to_owned(), "orders".to_owned()),
+        ]);
+        let service = service("sdp-orders-0123456789", "sdp", &labels, 8080, true).unwrap();
+        let spec = service.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("NodePort"));
+        assert_eq!(spec.selector.as_ref(), Some(&labels));
+        assert_eq!(service.metadata.labels.as_ref(), Some(&labels));
+        let route = route("sdp-orders-0123456789", "sdp", &labels, Some("x.apps.test"));
+        assert_eq!(route.metadata.labels.as_ref(), Some(&labels));
+        assert_eq!(route.data["spec"]["host"], "x.apps.test");
+        assert_eq!(route.data["spec"]["to"]["name"], "sdp-orders-0123456789");
+        assert_eq!(route.data["spec"]["tls"]["termination"], "edge");
+        let pod = pod(&PodInput {
+            never_restart: true,
+            ..input(&labels, &BTreeMap::new())
+        })
+        .unwrap();
+        assert_eq!(pod.spec.unwrap().restart_policy.as_deref(), Some("Never"));
+    }
 }
