@@ -100,8 +100,10 @@ pub struct KubernetesConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub context: Option<String>,
     /// A namespace every instance runs in, or `per-sandbox`: one namespace `sdp-<sandbox id>`
-    /// made for each sandbox (and deleted with it).
-    pub namespace: String,
+    /// made for each sandbox (and deleted with it). Absent: the kubeconfig context's
+    /// namespace (in a pod, its own), else `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
     /// The image every instance runs in (and fetches its checkout with: it needs `sh`,
     /// `wget` and `tar`, as busybox and alpine have).
     #[serde(default = "default_image")]
@@ -140,6 +142,26 @@ pub struct KubernetesConfig {
     pub route_domain: Option<String>,
 }
 
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            kubeconfig: None,
+            context: None,
+            namespace: None,
+            image: default_image(),
+            image_pull_policy: default_pull_policy(),
+            expose: Expose::default(),
+            host_network: false,
+            memory: default_k8s_memory(),
+            cpu: default_k8s_cpu(),
+            run_as_user: default_k8s_run_as_user(),
+            fetch_listen: None,
+            fetch_url: None,
+            route_domain: None,
+        }
+    }
+}
+
 /// How the router reaches a pod.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -175,10 +197,12 @@ fn default_k8s_run_as_user() -> i64 {
 
 impl KubernetesConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.namespace != PER_SANDBOX && !is_dns_label(&self.namespace) {
+        if let Some(namespace) = &self.namespace
+            && namespace != PER_SANDBOX
+            && !is_dns_label(namespace)
+        {
             return Err(format!(
-                "`kubernetes.namespace` must be a namespace's name (lowercase letters, digits and `-`, at most 63) or \"per-sandbox\", not {:?}",
-                self.namespace
+                "`kubernetes.namespace` must be a namespace's name (lowercase letters, digits and `-`, at most 63) or \"per-sandbox\", not {namespace:?}"
             ));
         }
         if self.image.trim().is_empty() {
@@ -475,15 +499,8 @@ impl AgentConfig {
         if let Some(g) = &self.gateway {
             g.trusted_proxies()?;
         }
-        match (&self.kubernetes, self.runtime) {
-            (None, Runtime::Kubernetes) => {
-                return Err(
-                    "`runtime = \"kubernetes\"` needs a [kubernetes] table with at least `namespace`"
-                        .into(),
-                );
-            }
-            (Some(k), Runtime::Kubernetes) => k.validate()?,
-            _ => {}
+        if let Some(k) = &self.kubernetes {
+            k.validate()?;
         }
         if self.runtime == Runtime::Kubernetes && self.role == Role::Gateway {
             return Err("`runtime = \"kubernetes\"` is for micro agents: a gateway agent runs sandboxes' own API gateways with `docker` or `process`".into());
@@ -659,13 +676,17 @@ mod tests {
             .unwrap();
             config.validate().map(|()| config)
         };
-        let refusal = load("").unwrap_err();
-        assert!(refusal.contains("[kubernetes]"), "{refusal}");
+        // No table: every default, the namespace the kubeconfig's (or the pod's).
+        assert!(load("").unwrap().kubernetes.is_none());
         let config = load("[kubernetes]\nnamespace = \"sdp-sandboxes\"\n").unwrap();
         let k = config.kubernetes.unwrap();
         assert_eq!(
             (k.expose, k.host_network, k.memory.as_str(), k.cpu.as_str()),
             (Expose::PodIp, false, "512Mi", "500m")
+        );
+        assert_eq!(
+            format!("{:?}", KubernetesConfig::default()),
+            format!("{:?}", load("[kubernetes]\n").unwrap().kubernetes.unwrap())
         );
         assert!(load("[kubernetes]\nnamespace = \"per-sandbox\"\nexpose = \"route\"\n").is_ok());
         for (line, key) in [

@@ -207,10 +207,7 @@ impl Agent {
                 }
             }
             Runtime::Kubernetes => {
-                let kubernetes = config
-                    .kubernetes
-                    .as_ref()
-                    .ok_or_else(|| AgentError::Config("no [kubernetes] table".into()))?;
+                let kubernetes = config.kubernetes.clone().unwrap_or_default();
                 // Its name is a label of every object it makes.
                 let label_value = name.as_str().len() <= 63
                     && name.as_str().ends_with(|c: char| c.is_ascii_alphanumeric());
@@ -221,7 +218,7 @@ impl Agent {
                     )));
                 }
                 let setup = runtime::KubernetesSetup {
-                    config: kubernetes,
+                    config: &kubernetes,
                     agent: name.as_str(),
                     ports,
                     advertise_host: &config.advertise_host,

@@ -172,6 +172,21 @@ impl Api {
         }
     }
 
+    /// The entry of `service` in sandbox `sandbox`, from the API.
+    pub async fn sandbox_service(&self, token: &str, sandbox: &str, service: &str) -> Value {
+        let sandbox = self
+            .get(&format!("/api/sandboxes/{sandbox}"), Some(token))
+            .await
+            .json();
+        sandbox["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["service"] == service)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {service} in {sandbox}"))
+    }
+
     /// A service instance's answer to `GET /` at `upstream` (`host:port`).
     pub async fn answer(&self, upstream: &str) -> String {
         self.http
@@ -348,6 +363,25 @@ pub fn step_state(deployment: &Value, name: &str) -> String {
         .and_then(|s| s["state"].as_str())
         .unwrap_or_else(|| panic!("no step {name} in {deployment}"))
         .to_owned()
+}
+
+/// Asks `check` every 100 ms until it gives a value, for at most `within`.
+pub async fn eventually<T, F, Fut>(what: &str, within: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Polls `check` until it holds, for at most 30 s.

@@ -404,6 +404,18 @@ impl TestEnv {
 
     /// Starts (or restarts) the gateway agent `gateway` on [`TestEnv::gateway_port`], and
     /// waits until its router listens.
+    /// `GET path` through the router, for sandbox `sandbox` (by `X-SDP-Sandbox`).
+    pub async fn through_router(&self, sandbox: &str, path: &str) -> crate::Reply {
+        let reply = reqwest::Client::new()
+            .get(format!("{}{path}", self.router_url()))
+            .header("X-SDP-Sandbox", sandbox)
+            .timeout(std::time::Duration::from_secs(30))
+            .send()
+            .await
+            .unwrap();
+        crate::Reply::from(reply).await
+    }
+
     pub fn start_gateway(&mut self) {
         let mut proc = self.spawn_agent("gateway", "gateway", AGENT_TOKEN, None);
         proc.wait_for_line("the router listening", |l| l.contains("router listening"));

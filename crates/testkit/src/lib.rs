@@ -85,7 +85,7 @@ pub mod shop;
 pub mod users;
 
 pub use baseline::{Baseline, TlsBaseline};
-pub use client::{Api, Reply, cloud_push, server_push, step_state, wait_until};
+pub use client::{Api, Reply, cloud_push, eventually, server_push, step_state, wait_until};
 pub use docker::{docker_available, docker_cleanup, docker_image, docker_inspect};
 pub use env::{EnvBuilder, Options, TestEnv, files_containing};
 pub use fake_agent::{Deploys, FakeAgent, Script, ScriptedAgent, Wakes};

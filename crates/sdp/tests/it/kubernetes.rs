@@ -8,29 +8,18 @@ use std::process::Command;
 use std::time::Duration;
 
 use sdp_testkit::kubernetes::{Cluster, TestNamespace, agent_table, cluster};
-use sdp_testkit::{AGENT_TOKEN, Reply, TestEnv};
+use sdp_testkit::{AGENT_TOKEN, TestEnv};
 use serde_json::Value;
 
 use crate::SDP;
 
-/// Asks `check` every 200 ms until it gives a value, for at most two minutes: pods start in
-/// seconds, and the kubelet waits before it starts a crashed container again.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+/// Pods start in seconds, and the kubelet waits before it starts a crashed container again.
+async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    sdp_testkit::eventually(what, Duration::from_secs(120), check).await
 }
 
 /// A test environment whose micro agent runs instances in `namespace` with `kubeconfig`.
@@ -52,32 +41,6 @@ fn restricted_setup() -> Option<(Cluster, TestNamespace, std::path::PathBuf)> {
     // A ServiceAccount of the test's own: tests run side by side in one cluster.
     let kubeconfig = cluster.restricted(&namespace.name, &namespace.name);
     Some((cluster, namespace, kubeconfig))
-}
-
-/// The sandbox's entry for `service`.
-async fn service(env: &TestEnv, token: &str, sandbox: &str, service: &str) -> Value {
-    let sandbox = env
-        .get(&format!("/api/sandboxes/{sandbox}"), Some(token))
-        .await
-        .json();
-    sandbox["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["service"] == service)
-        .cloned()
-        .unwrap_or_else(|| panic!("no {service} in {sandbox}"))
-}
-
-async fn through_router(env: &TestEnv, sandbox: &str, path: &str) -> Reply {
-    let reply = reqwest::Client::new()
-        .get(format!("{}{path}", env.router_url()))
-        .header("X-SDP-Sandbox", sandbox)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .unwrap();
-    Reply::from(reply).await
 }
 
 /// The pods of sandbox `id` in `namespace`, as the cluster has them.
@@ -154,7 +117,7 @@ async fn with_only_the_documented_role_a_branch_runs_in_a_labelled_pod_that_answ
     let answer = "orders on feature/x in kube\n";
     let upstream = sandbox["services"][0]["upstream"].as_str().unwrap();
     assert_eq!(env.answer(upstream).await, answer);
-    let routed = through_router(&env, "kube", "/orders/1").await;
+    let routed = env.through_router("kube", "/orders/1").await;
     assert_eq!((routed.status, routed.body.as_str()), (200, answer));
 
     let id = sandbox["id"].as_str().unwrap();
@@ -290,7 +253,7 @@ async fn with_only_the_documented_role_a_branch_runs_in_a_labelled_pod_that_answ
 /// The router's answer for `path` in `sandbox`, once it is a 200.
 async fn answers(env: &TestEnv, sandbox: &str, path: &str) -> String {
     eventually("the router answers", || async {
-        let r = through_router(env, sandbox, path).await;
+        let r = env.through_router(sandbox, path).await;
         (r.status == 200).then_some(r.body)
     })
     .await
@@ -309,7 +272,7 @@ async fn crashes(env: &TestEnv, token: &str, sandbox: &str) -> (Vec<String>, boo
         .lines()
         .filter_map(|l| Some(l.split_once("orders crashed: ")?.1.to_owned()))
         .collect();
-    let running = service(env, token, sandbox, "orders").await["state"] == "running";
+    let running = env.sandbox_service(token, sandbox, "orders").await["state"] == "running";
     (crashes, running)
 }
 
@@ -360,7 +323,7 @@ async fn a_pod_killed_or_deleted_behind_the_agents_back_is_restarted_by_kubernet
     })
     .await;
     assert_eq!(crashed[1], "killed by SIGKILL", "{crashed:?}");
-    let s = service(&env, &token, "phoenix", "orders").await;
+    let s = env.sandbox_service(&token, "phoenix", "orders").await;
     assert_eq!(s["restarts"], 2, "{s}");
     assert_eq!(answers(&env, "phoenix", "/orders/2").await, answer);
 
@@ -414,7 +377,7 @@ async fn a_namespace_per_sandbox_is_made_for_its_pods_and_deleted_with_it() {
     let ns = cluster.get("namespace", &[&namespace]);
     assert_eq!(ns["metadata"]["labels"]["sdp.sandbox"], id);
     assert_eq!(pods(&cluster, &namespace, id).len(), 1);
-    let routed = through_router(&env, "own-ns", "/orders/1").await;
+    let routed = env.through_router("own-ns", "/orders/1").await;
     assert_eq!(
         (routed.status, routed.body.as_str()),
         (200, "orders on feature/x in own-ns\n")
@@ -449,15 +412,15 @@ async fn an_instance_that_must_not_restart_is_a_bare_pod_left_crashed_and_the_ro
 
     kill_service_container(pods[0]["metadata"]["uid"].as_str().unwrap());
     let crashed = eventually("the crash is reported", || async {
-        let s = service(&env, &token, "glass", "brittle").await;
+        let s = env.sandbox_service(&token, "glass", "brittle").await;
         (s["state"] == "crashed").then_some(s)
     })
     .await;
     assert_eq!(crashed["restarts"], 0, "{crashed}");
-    let down = through_router(&env, "glass", "/brittle/1").await;
+    let down = env.through_router("glass", "/brittle/1").await;
     assert_eq!(down.status, 503, "{}", down.body);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let later = service(&env, &token, "glass", "brittle").await;
+    let later = env.sandbox_service(&token, "glass", "brittle").await;
     assert_eq!(later["state"], "crashed", "{later}");
     env.delete_sandbox(&token, "glass").await;
     eventually(

@@ -177,8 +177,10 @@ async fn connections_that_send_half_a_request_head_or_nothing_or_idle_or_no_body
     assert!(idle.starts_with("HTTP/1.1 200 "), "{idle}");
     let bodiless = read_until_closed("a body announced and never sent", bodiless).await;
     assert!(!bodiless.contains(" 200 "), "{bodiless}");
-    // The server itself is fine.
-    assert_eq!(env.health().await["status"], "ok");
+    // The server itself is fine. Asked on a new connection: the kit's client may hold one
+    // from the start that the server has just closed as idle (after 1 s here), and a request
+    // sent on it as it closes is reset.
+    assert_eq!(Api::new(&env.url).health().await["status"], "ok");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -27,21 +27,6 @@ fn lines(reply: &Reply) -> Vec<String> {
     reply.body.lines().map(str::to_owned).collect()
 }
 
-/// The service `service` of sandbox `name`, from the API.
-async fn service(env: &InProcessEnv, token: &str, name: &str, service: &str) -> Value {
-    let sandbox = env
-        .get(&format!("/api/sandboxes/{name}"), Some(token))
-        .await
-        .json();
-    sandbox["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["service"] == service)
-        .unwrap_or_else(|| panic!("no {service} in {sandbox}"))
-        .clone()
-}
-
 /// The last route table's entry for sandbox `name`.
 fn routes_of(env: &InProcessEnv, name: &str) -> Option<Value> {
     let tables = env.script.jobs("routes");
@@ -215,7 +200,7 @@ async fn a_crash_takes_a_service_out_of_the_routes_and_its_restart_puts_it_back_
         ])
         .await;
     assert_eq!(agent.next_runtime_answer().await["seq"], 2);
-    let orders = service(&env, &token, "crashy", "orders").await;
+    let orders = env.sandbox_service(&token, "crashy", "orders").await;
     assert_eq!(orders["state"], "crashed", "{orders}");
     assert_eq!(orders["reason"], "exit code 2");
     assert_eq!(orders["last_lines"][0], "last words before exit code 2");
@@ -240,7 +225,7 @@ async fn a_crash_takes_a_service_out_of_the_routes_and_its_restart_puts_it_back_
         )])
         .await;
     assert_eq!(agent.next_runtime_answer().await["seq"], 3);
-    let orders = service(&env, &token, "crashy", "orders").await;
+    let orders = env.sandbox_service(&token, "crashy", "orders").await;
     assert_eq!(
         (orders["state"].as_str(), orders["restarts"].as_u64()),
         (Some("crashed"), Some(1)),
@@ -259,7 +244,7 @@ async fn a_crash_takes_a_service_out_of_the_routes_and_its_restart_puts_it_back_
         )])
         .await;
     assert_eq!(agent.next_runtime_answer().await["seq"], 4);
-    let orders = service(&env, &token, "crashy", "orders").await;
+    let orders = env.sandbox_service(&token, "crashy", "orders").await;
     assert_eq!(orders["state"], "running", "{orders}");
     assert_eq!(orders["upstream"], "127.0.0.1:20999");
     assert!(orders["reason"].is_null(), "{orders}");
@@ -283,7 +268,7 @@ async fn a_crash_takes_a_service_out_of_the_routes_and_its_restart_puts_it_back_
         .await;
     assert_eq!(agent.next_runtime_answer().await["seq"], 5);
     assert_eq!(
-        service(&env, &token, "crashy", "billing").await["state"],
+        env.sandbox_service(&token, "crashy", "billing").await["state"],
         "unhealthy"
     );
     wait_until("the routes say billing is unhealthy", || {
@@ -363,7 +348,7 @@ async fn an_instance_report_for_a_service_being_deployed_leaves_the_deployment_t
     // Acknowledged (the line is kept), but the service stays the deployment's.
     assert_eq!(agent.next_runtime_answer().await["seq"], 1);
     assert_eq!(
-        service(&env, &token, "moving", "orders").await["state"],
+        env.sandbox_service(&token, "moving", "orders").await["state"],
         "deploying"
     );
 
@@ -371,7 +356,7 @@ async fn an_instance_report_for_a_service_being_deployed_leaves_the_deployment_t
     let done = env.wait_deployment(&token, &deployment).await;
     assert_eq!(done["state"], "ready", "{done}");
     assert_eq!(
-        service(&env, &token, "moving", "orders").await["state"],
+        env.sandbox_service(&token, "moving", "orders").await["state"],
         "running"
     );
 }

@@ -5,44 +5,19 @@
 use std::process::Command;
 use std::time::Duration;
 
-use sdp_testkit::{AGENT_TOKEN, Reply, TestEnv, docker_available, docker_inspect};
+use sdp_testkit::{AGENT_TOKEN, TestEnv, docker_available, docker_inspect};
 use serde_json::Value;
 
 use crate::SDP;
 
 /// Asks `check` every 100 ms until it gives a value, for at most a minute: a restart waits
 /// a backoff of a second or more, and a health check runs every 300 ms.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The sandbox's entry for `service`.
-async fn service(env: &TestEnv, token: &str, sandbox: &str, service: &str) -> Value {
-    let sandbox = env
-        .get(&format!("/api/sandboxes/{sandbox}"), Some(token))
-        .await
-        .json();
-    sandbox["services"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["service"] == service)
-        .cloned()
-        .unwrap_or_else(|| panic!("no {service} in {sandbox}"))
+    sdp_testkit::eventually(what, Duration::from_secs(60), check).await
 }
 
 /// The actions of the sandbox's history, oldest first.
@@ -65,18 +40,6 @@ async fn history(env: &TestEnv, token: &str, sandbox: &str) -> Vec<String> {
         .collect();
     actions.sort();
     actions.into_iter().map(|(_, action)| action).collect()
-}
-
-/// A request through the router for `path` in sandbox `sandbox`.
-async fn through_router(env: &TestEnv, sandbox: &str, path: &str) -> Reply {
-    let reply = reqwest::Client::new()
-        .get(format!("{}{path}", env.router_url()))
-        .header("X-SDP-Sandbox", sandbox)
-        .timeout(Duration::from_secs(30))
-        .send()
-        .await
-        .unwrap();
-    Reply::from(reply).await
 }
 
 /// The process group of a process-runtime instance, from its pid file.
@@ -113,7 +76,7 @@ async fn a_killed_instance_is_reported_crashed_restarted_and_the_router_answers_
     let (sandbox, d) = env.deploy(&token, "phoenix", &["talker@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
     let sandbox_id = sandbox["id"].as_str().unwrap();
-    let before = through_router(&env, "phoenix", "/talker/hello").await;
+    let before = env.through_router("phoenix", "/talker/hello").await;
     assert_eq!(
         (before.status, before.body.as_str()),
         (200, "talker on phoenix\n")
@@ -123,7 +86,7 @@ async fn a_killed_instance_is_reported_crashed_restarted_and_the_router_answers_
     kill_group(first);
 
     let restarted = eventually("the instance runs again after a restart", || async {
-        let s = service(&env, &token, "phoenix", "talker").await;
+        let s = env.sandbox_service(&token, "phoenix", "talker").await;
         (s["state"] == "running" && s["restarts"].as_u64() >= Some(1)).then_some(s)
     })
     .await;
@@ -134,7 +97,7 @@ async fn a_killed_instance_is_reported_crashed_restarted_and_the_router_answers_
     );
     // The route table follows the report a moment later.
     let after = eventually("the router answers again", || async {
-        let r = through_router(&env, "phoenix", "/talker/again").await;
+        let r = env.through_router("phoenix", "/talker/again").await;
         (r.status != 503).then_some(r)
     })
     .await;
@@ -171,15 +134,12 @@ async fn an_instance_that_must_not_restart_stays_crashed_and_the_router_answers_
     let (sandbox, d) = env.deploy(&token, "glass", &["fragile@main"]).await;
     assert_eq!(d["state"], "ready", "{d}");
     let sandbox_id = sandbox["id"].as_str().unwrap();
-    assert_eq!(
-        through_router(&env, "glass", "/fragile/x").await.status,
-        200
-    );
+    assert_eq!(env.through_router("glass", "/fragile/x").await.status, 200);
 
     kill_group(process_group(&env, sandbox_id, "fragile"));
 
     let crashed = eventually("the service is crashed", || async {
-        let s = service(&env, &token, "glass", "fragile").await;
+        let s = env.sandbox_service(&token, "glass", "fragile").await;
         (s["state"] == "crashed").then_some(s)
     })
     .await;
@@ -195,7 +155,7 @@ async fn an_instance_that_must_not_restart_stays_crashed_and_the_router_answers_
         "{crashed}"
     );
     let down = eventually("the router says it is down", || async {
-        let r = through_router(&env, "glass", "/fragile/x").await;
+        let r = env.through_router("glass", "/fragile/x").await;
         (r.status == 503).then_some(r)
     })
     .await;
@@ -205,13 +165,10 @@ async fn an_instance_that_must_not_restart_stays_crashed_and_the_router_answers_
     assert_eq!(error["state"], "crashed", "{}", down.body);
     // It stays so: nothing restarts it behind the user's back.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let later = service(&env, &token, "glass", "fragile").await;
+    let later = env.sandbox_service(&token, "glass", "fragile").await;
     assert_eq!(later["state"], "crashed", "{later}");
     assert_eq!(later["restarts"], 0, "{later}");
-    assert_eq!(
-        through_router(&env, "glass", "/fragile/x").await.status,
-        503
-    );
+    assert_eq!(env.through_router("glass", "/fragile/x").await.status, 503);
 }
 
 /// The `tick N` numbers in the sandbox's runtime log of `service`.
@@ -275,7 +232,7 @@ async fn every_line_an_instance_prints_before_during_and_after_an_agent_restart_
         sorted.len()
     );
     assert_eq!(
-        service(&env, &token, "steady", "talker").await["state"],
+        env.sandbox_service(&token, "steady", "talker").await["state"],
         "running"
     );
 }
@@ -372,7 +329,7 @@ async fn a_killed_container_is_restarted_and_one_stopped_behind_the_agents_back_
     }
     let (env, token, name, container) = in_docker("dock", "orders", "feature/x").await;
     let answer = format!("orders on feature/x in {name}\n");
-    let ok = through_router(&env, &name, "/orders/1").await;
+    let ok = env.through_router(&name, "/orders/1").await;
     assert_eq!((ok.status, ok.body.as_str()), (200, answer.as_str()));
     let inspected = docker_inspect(&container).unwrap();
     assert_eq!(
@@ -382,29 +339,29 @@ async fn a_killed_container_is_restarted_and_one_stopped_behind_the_agents_back_
 
     kill_container(&inspected);
     eventually("the container runs again after the kill", || async {
-        let s = service(&env, &token, &name, "orders").await;
+        let s = env.sandbox_service(&token, &name, "orders").await;
         (s["state"] == "running" && s["restarts"].as_u64() >= Some(1)).then_some(())
     })
     .await;
     let again = eventually("the router answers again", || async {
-        let r = through_router(&env, &name, "/orders/2").await;
+        let r = env.through_router(&name, "/orders/2").await;
         (r.status == 200).then_some(r)
     })
     .await;
     assert_eq!(again.body, answer);
-    let restarts = service(&env, &token, &name, "orders").await["restarts"]
+    let restarts = env.sandbox_service(&token, &name, "orders").await["restarts"]
         .as_u64()
         .unwrap();
 
     // Stopped behind the agent's back: the engine leaves it stopped; the agent does not.
     docker(&["stop", "-t", "1", &container]);
     eventually("the stopped container is restored", || async {
-        let s = service(&env, &token, &name, "orders").await;
+        let s = env.sandbox_service(&token, &name, "orders").await;
         (s["state"] == "running" && s["restarts"].as_u64() > Some(restarts)).then_some(())
     })
     .await;
     let restored = eventually("the router answers after the restore", || async {
-        let r = through_router(&env, &name, "/orders/3").await;
+        let r = env.through_router(&name, "/orders/3").await;
         (r.status == 200).then_some(r)
     })
     .await;
@@ -454,7 +411,7 @@ async fn an_idle_sandbox_sleeps_and_a_request_through_the_router_wakes_it_withou
     .await;
 
     // The request waits while the sandbox wakes, and gets the service's own answer.
-    let woken = through_router(&env, "nap", "/orders/1").await;
+    let woken = env.through_router("nap", "/orders/1").await;
     assert_eq!(
         (woken.status, woken.body.as_str()),
         (200, "orders on feature/x in nap\n"),
@@ -498,13 +455,13 @@ async fn a_killed_container_that_must_not_restart_stays_crashed_and_the_router_a
         return;
     }
     let (env, token, name, container) = in_docker("glass", "brittle", "main").await;
-    assert_eq!(through_router(&env, &name, "/brittle/1").await.status, 200);
+    assert_eq!(env.through_router(&name, "/brittle/1").await.status, 200);
     let inspected = docker_inspect(&container).unwrap();
     assert_eq!(inspected["HostConfig"]["RestartPolicy"]["Name"], "no");
 
     kill_container(&inspected);
     let crashed = eventually("the service is crashed", || async {
-        let s = service(&env, &token, &name, "brittle").await;
+        let s = env.sandbox_service(&token, &name, "brittle").await;
         (s["state"] == "crashed").then_some(s)
     })
     .await;
@@ -513,14 +470,14 @@ async fn a_killed_container_that_must_not_restart_stays_crashed_and_the_router_a
         "{crashed}"
     );
     let down = eventually("the router says it is down", || async {
-        let r = through_router(&env, &name, "/brittle/2").await;
+        let r = env.through_router(&name, "/brittle/2").await;
         (r.status == 503).then_some(r)
     })
     .await;
     assert_eq!(down.status, 503, "{}", down.body);
     assert_eq!(down.json()["error"]["code"], "instance_down");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let later = service(&env, &token, &name, "brittle").await;
+    let later = env.sandbox_service(&token, &name, "brittle").await;
     assert_eq!(
         (later["state"].as_str(), later["restarts"].as_u64()),
         (Some("crashed"), Some(0)),

@@ -157,8 +157,12 @@ impl KubernetesRuntime {
     /// Connects to the cluster, starts the watch of this agent's pods and the fetch server.
     pub async fn new(setup: KubernetesSetup<'_>) -> Result<KubernetesRuntime, RuntimeError> {
         let config = setup.config;
-        let client = connect(config).await?;
-        let namespace = (config.namespace != PER_SANDBOX).then(|| config.namespace.clone());
+        let (client, default_namespace) = connect(config).await?;
+        let namespace = match config.namespace.as_deref() {
+            Some(PER_SANDBOX) => None,
+            Some(namespace) => Some(namespace.to_owned()),
+            None => Some(default_namespace),
+        };
         let listen = config.fetch_listen.unwrap_or_else(|| {
             let ip = setup
                 .advertise_host
@@ -237,7 +241,9 @@ impl KubernetesRuntime {
     }
 }
 
-async fn connect(config: &KubernetesConfig) -> Result<Client, RuntimeError> {
+/// A client of the cluster, and the namespace its configuration names (the context's, or
+/// the pod's own in a cluster).
+async fn connect(config: &KubernetesConfig) -> Result<(Client, String), RuntimeError> {
     let kube_config = match &config.kubeconfig {
         Some(path) => {
             let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
@@ -266,7 +272,10 @@ async fn connect(config: &KubernetesConfig) -> Result<Client, RuntimeError> {
             )
         })?,
     };
-    Client::try_from(kube_config).map_err(|e| err("cannot make a client of the cluster", e))
+    let namespace = kube_config.default_namespace.clone();
+    let client =
+        Client::try_from(kube_config).map_err(|e| err("cannot make a client of the cluster", e))?;
+    Ok((client, namespace))
 }
 
 /// The fetch server's question: is this pod one of the grant's, starting?
@@ -485,6 +494,14 @@ impl Inner {
         Ok(())
     }
 
+    /// `host_network`: `port` is the instance's until it stops.
+    fn hold_port(&self, sandbox: &SandboxId, service: &ServiceName, port: u16) {
+        self.host_ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert((sandbox.clone(), service.clone()), port);
+    }
+
     fn release(&self, sandbox: &SandboxId, service: Option<&ServiceName>) {
         let mut held = self.host_ports.lock().unwrap_or_else(|e| e.into_inner());
         held.retain(|(s, svc), port| {
@@ -679,7 +696,10 @@ impl Monitor {
     /// Looks at the pod once; `Some(why)` when the instance is gone for good.
     async fn look(&self, seen: &mut Seen) -> Option<String> {
         let Some(pod) = self.current() else {
-            if let Some((name, _)) = seen.pod.take() {
+            // A bare pod deleted is gone for good (below); nothing makes it again.
+            if let Some((name, _)) = seen.pod.take()
+                && !self.key.bare
+            {
                 self.lost(seen, format!("its pod {name} was deleted")).await;
             }
             if self.inner.workload_gone(&self.key).await {
@@ -922,6 +942,24 @@ fn failing(container: &ContainerStatus, doing: &str) -> Option<String> {
     )
 }
 
+/// The instance whose pod serves at `address`, followed by its monitor from now on.
+fn serving(
+    port: u16,
+    address: Address,
+    output_lines: watch::Receiver<u64>,
+    exit: Exit,
+    changes: mpsc::Receiver<Change>,
+) -> Instance {
+    Instance {
+        host_port: port,
+        health: address.health,
+        upstream: Some(address.upstream),
+        output_lines: Some(output_lines),
+        exit,
+        changes: Some(changes),
+    }
+}
+
 #[async_trait::async_trait]
 impl Runtime for KubernetesRuntime {
     async fn start(&self, req: StartRequest) -> Result<Instance, RuntimeError> {
@@ -978,11 +1016,7 @@ impl Runtime for KubernetesRuntime {
             return Err(e);
         }
         if let Some(lease) = lease {
-            inner
-                .host_ports
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert((sandbox.clone(), service.clone()), lease.keep());
+            inner.hold_port(sandbox, service, lease.keep());
         }
         let generation = req.output.log.begin(sandbox, service);
         let out = req.output.of(sandbox, service, &req.deployment, generation);
@@ -1003,14 +1037,7 @@ impl Runtime for KubernetesRuntime {
                 Ok(Some(Change::Failing(why))) => break why,
                 Ok(Some(Change::Ended(why))) => break format!("it ended while starting: {why}"),
                 Ok(Some(Change::Serving(address))) => {
-                    return Ok(Instance {
-                        host_port: port,
-                        health: address.health,
-                        upstream: Some(address.upstream),
-                        output_lines: Some(output_lines),
-                        exit,
-                        changes: Some(changes),
-                    });
+                    return Ok(serving(port, address, output_lines, exit, changes));
                 }
             }
         };
@@ -1088,21 +1115,10 @@ impl Runtime for KubernetesRuntime {
                 Ok(Some(Change::Serving(address))) => {
                     if inner.config.host_network {
                         inner.ports.claim(port);
-                        inner
-                            .host_ports
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .insert((sandbox.clone(), service.clone()), port);
+                        inner.hold_port(sandbox, service, port);
                     }
                     tracing::info!(%sandbox, %service, upstream = %address.upstream, "took up an instance an earlier run started");
-                    return Ok(Some(Instance {
-                        host_port: port,
-                        health: address.health,
-                        upstream: Some(address.upstream),
-                        output_lines: Some(output_lines),
-                        exit,
-                        changes: Some(changes),
-                    }));
+                    return Ok(Some(serving(port, address, output_lines, exit, changes)));
                 }
                 Ok(Some(_)) => {}
                 Err(_) | Ok(None) => return Ok(None),
