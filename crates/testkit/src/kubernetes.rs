@@ -140,16 +140,18 @@ impl Cluster {
     }
 }
 
-/// An agent's `[kubernetes]` table for `namespace` (`per-sandbox` too), as the tests run it:
-/// the kit's busybox image, never pulled, pods on the node's network (ports of the agent's
-/// `port_range`, reached on 127.0.0.1), the fetch server on a free port of 127.0.0.1.
-pub fn agent_table(kubeconfig: &Path, namespace: &str) -> String {
+/// An agent's `[kubernetes]` table for `namespace` (`per-sandbox` too; `None`: the
+/// kubeconfig's), as the tests run it: the kit's busybox image, never pulled, pods on the
+/// node's network (ports of the agent's `port_range`, reached on 127.0.0.1), the fetch server
+/// on a free port of 127.0.0.1.
+pub fn agent_table(kubeconfig: &Path, namespace: Option<&str>) -> String {
     let fetch = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("a free port")
         .port();
+    let namespace = namespace.map_or(String::new(), |ns| format!("namespace = \"{ns}\"\n"));
     format!(
-        "[kubernetes]\nkubeconfig = \"{}\"\nnamespace = \"{namespace}\"\nimage = \"{}\"\nimage_pull_policy = \"Never\"\nhost_network = true\nmemory = \"256Mi\"\ncpu = \"250m\"\nfetch_listen = \"127.0.0.1:{fetch}\"\n",
+        "[kubernetes]\nkubeconfig = \"{}\"\n{namespace}image = \"{}\"\nimage_pull_policy = \"Never\"\nhost_network = true\nmemory = \"256Mi\"\ncpu = \"250m\"\nfetch_listen = \"127.0.0.1:{fetch}\"\n",
         kubeconfig.display(),
         crate::docker_image(),
     )

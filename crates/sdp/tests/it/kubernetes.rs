@@ -23,7 +23,7 @@ where
 }
 
 /// A test environment whose micro agent runs instances in `namespace` with `kubeconfig`.
-async fn kube_env(kubeconfig: &std::path::Path, namespace: &str) -> TestEnv {
+async fn kube_env(kubeconfig: &std::path::Path, namespace: Option<&str>) -> TestEnv {
     TestEnv::builder(SDP)
         .repos(&["orders"])
         .gateway(true)
@@ -108,7 +108,7 @@ async fn with_only_the_documented_role_a_branch_runs_in_a_labelled_pod_that_answ
         return;
     };
     let ns = namespace.name.as_str();
-    let env = kube_env(&kubeconfig, ns).await;
+    let env = kube_env(&kubeconfig, Some(ns)).await;
     let canary = format!("canary-{:032x}", rand::random::<u128>());
     env.git.add_user("dora", &canary);
     let token = env.token_for("dora", &canary).await;
@@ -283,7 +283,7 @@ async fn a_pod_killed_or_deleted_behind_the_agents_back_is_restarted_by_kubernet
         return;
     };
     let ns = namespace.name.as_str();
-    let mut env = kube_env(&kubeconfig, ns).await;
+    let mut env = kube_env(&kubeconfig, Some(ns)).await;
     let token = env.login().await;
     let (sandbox, deployment) = env.deploy(&token, "phoenix", &["orders@feature/x"]).await;
     assert_eq!(deployment["state"], "ready", "{deployment}");
@@ -368,7 +368,7 @@ async fn a_namespace_per_sandbox_is_made_for_its_pods_and_deleted_with_it() {
         return;
     };
     // Namespaces are the cluster's: this needs the admin (or the per-sandbox ClusterRole).
-    let env = kube_env(&cluster.admin, "per-sandbox").await;
+    let env = kube_env(&cluster.admin, Some("per-sandbox")).await;
     let token = env.login().await;
     let (sandbox, deployment) = env.deploy(&token, "own-ns", &["orders@feature/x"]).await;
     assert_eq!(deployment["state"], "ready", "{deployment}");
@@ -397,7 +397,8 @@ async fn an_instance_that_must_not_restart_is_a_bare_pod_left_crashed_and_the_ro
         return;
     };
     let ns = namespace.name.as_str();
-    let env = kube_env(&kubeconfig, ns).await;
+    // No `namespace`: the agent takes its kubeconfig's, the one its Role is bound in.
+    let env = kube_env(&kubeconfig, None).await;
     let token = env.login().await;
     let (sandbox, deployment) = env.deploy(&token, "glass", &["brittle@main"]).await;
     assert_eq!(deployment["state"], "ready", "{deployment}");
@@ -437,8 +438,8 @@ async fn a_pod_whose_image_cannot_be_had_fails_the_deployment_with_the_clusters_
         return;
     };
     let ns = namespace.name.as_str();
-    let table =
-        agent_table(&kubeconfig, ns).replace(sdp_testkit::docker_image(), "sdp-test/absent:1");
+    let table = agent_table(&kubeconfig, Some(ns))
+        .replace(sdp_testkit::docker_image(), "sdp-test/absent:1");
     let env = TestEnv::builder(SDP)
         .repos(&["orders"])
         .gateway(true)
