@@ -10,6 +10,9 @@
 const MAX_EXTENSION: usize = 1024;
 /// Longest trailer section.
 const MAX_TRAILERS: usize = 16 * 1024;
+/// Most trailer fields: hyper's own bound (its default `h1_max_headers`), past which it refuses
+/// the body; the fast path must never forward a body hyper would not.
+const MAX_TRAILER_FIELDS: usize = 100;
 /// Hex digits of a chunk size: up to 2^60 - 1.
 const MAX_SIZE_DIGITS: u8 = 15;
 
@@ -51,7 +54,10 @@ enum State {
 #[derive(Debug, Clone)]
 pub struct Chunked {
     state: State,
+    /// Bytes of trailer section so far.
     trailers: usize,
+    /// Trailer fields so far.
+    fields: usize,
 }
 
 impl Default for Chunked {
@@ -62,6 +68,7 @@ impl Default for Chunked {
                 digits: 0,
             },
             trailers: 0,
+            fields: 0,
         }
     }
 }
@@ -150,7 +157,13 @@ impl Chunked {
                 b'\t' | 0x20..=0x7e => self.trailer(State::TrailerValue)?,
                 _ => return Err(ChunkError("bad trailer value")),
             },
-            State::TrailerLf if b == b'\n' => self.trailer(State::TrailerStart)?,
+            State::TrailerLf if b == b'\n' => {
+                self.fields += 1;
+                if self.fields > MAX_TRAILER_FIELDS {
+                    return Err(ChunkError("too many trailer fields"));
+                }
+                self.trailer(State::TrailerStart)?
+            }
             State::TrailerLf => return Err(ChunkError("bare CR in a trailer")),
             State::EndLf if b == b'\n' => State::Done,
             State::EndLf => return Err(ChunkError("bare CR at the end")),

@@ -210,6 +210,29 @@ fn request_smuggling_cases_are_never_forwarded_in_the_fast_paths_reading() {
     }
 }
 
+/// Found by the fuzzer: hyper takes at most 100 trailer fields, and refused a body with 104
+/// that the fast path had forwarded.
+#[test]
+fn a_body_with_more_trailer_fields_than_hyper_takes_is_never_forwarded() {
+    let with = |fields: usize| {
+        let mut bytes =
+            b"PUT /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n".to_vec();
+        for i in 0..fields {
+            bytes.extend_from_slice(format!("X-T{i}: {i}\r\n").as_bytes());
+        }
+        bytes.extend_from_slice(b"\r\n");
+        bytes
+    };
+    assert!(matches!(hyper_check::fast(&with(100)), Fast::Forwarded(_)));
+    for fields in [100, 101, 104] {
+        assert_eq!(hyper_check::check(&with(fields)), Ok(()), "{fields} fields");
+    }
+    assert!(matches!(
+        hyper_check::fast(&with(101)),
+        Fast::Handover | Fast::Refused
+    ));
+}
+
 #[test]
 fn a_head_past_the_limit_is_hyper_s_to_refuse() {
     let mut head = b"GET /a HTTP/1.1\r\nHost: x\r\nX-Long: ".to_vec();
