@@ -15,20 +15,36 @@ const STARTING_POLL: Duration = Duration::from_millis(100);
 
 /// The client of every health check: plain HTTP, or HTTPS for an instance behind an
 /// OpenShift Route, its certificate verified against the system's trusted certificates
-/// (which honour `SSL_CERT_FILE`). A user's health path is hostile: a redirect would make
-/// the agent request any URL it names (another sandbox's port, the control plane) every
-/// health interval, and a proxy from the agent's environment would carry checks off the
-/// host. So no redirect is followed (a 3xx is an answer like any other: not healthy), and
-/// no proxy is used.
+/// (which honour `SSL_CERT_FILE`), read on the first such check only. A user's health path is
+/// hostile: a redirect would make the agent request any URL it names (another sandbox's
+/// port, the control plane) every health interval, and a proxy from the agent's environment
+/// would carry checks off the host. So no redirect is followed (a 3xx is an answer like any
+/// other: not healthy), and no proxy is used.
 #[derive(Clone)]
-pub struct Client(
-    hyper_util::client::legacy::Client<
-        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
-        http_body_util::Empty<hyper::body::Bytes>,
-    >,
-);
+pub struct Client {
+    plain: Http<hyper_util::client::legacy::connect::HttpConnector>,
+    tls: std::sync::Arc<std::sync::OnceLock<Http<Https>>>,
+}
 
-pub fn client() -> Client {
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+type Http<C> = hyper_util::client::legacy::Client<C, http_body_util::Empty<hyper::body::Bytes>>;
+
+fn tcp() -> hyper_util::client::legacy::connect::HttpConnector {
+    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
+    tcp.enforce_http(false);
+    tcp.set_connect_timeout(Some(CHECK_TIMEOUT));
+    tcp
+}
+
+fn http<C>(connector: C) -> Http<C>
+where
+    C: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector)
+}
+
+fn https() -> Http<Https> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -37,18 +53,20 @@ pub fn client() -> Client {
         .expect("ring supports the default versions")
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let mut tcp = hyper_util::client::legacy::connect::HttpConnector::new();
-    tcp.enforce_http(false);
-    tcp.set_connect_timeout(Some(CHECK_TIMEOUT));
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(tcp);
-    Client(
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(connector),
+    http(
+        hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(tcp()),
     )
+}
+
+pub fn client() -> Client {
+    Client {
+        plain: http(tcp()),
+        tls: std::sync::Arc::default(),
+    }
 }
 
 /// `http://host:port`, the origin of an instance published on a port.
@@ -62,7 +80,11 @@ pub async fn check(http: &Client, origin: &str, path: &str) -> Result<(), String
     let uri: hyper::Uri = format!("{origin}{path}")
         .parse()
         .map_err(|e| format!("not a URL: {e}"))?;
-    let asked = http.0.get(uri);
+    let asked = if uri.scheme() == Some(&hyper::http::uri::Scheme::HTTPS) {
+        http.tls.get_or_init(https).get(uri)
+    } else {
+        http.plain.get(uri)
+    };
     match tokio::time::timeout(CHECK_TIMEOUT, asked).await {
         Ok(Ok(resp)) if resp.status() == hyper::StatusCode::OK => Ok(()),
         Ok(Ok(resp)) => Err(format!("status {}", resp.status().as_u16())),
@@ -148,5 +170,15 @@ mod tests {
             check(&client(), &origin("127.0.0.1", target), "/").await,
             Ok(())
         );
+    }
+
+    #[tokio::test]
+    async fn an_https_origin_is_checked_over_tls_and_a_plain_server_there_is_not_healthy() {
+        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+        let (port, _) = serve(ok.to_owned()).await;
+        let http = client();
+        assert_eq!(check(&http, &origin("127.0.0.1", port), "/").await, Ok(()));
+        let answer = check(&http, &format!("https://127.0.0.1:{port}"), "/").await;
+        assert!(answer.is_err(), "{answer:?}");
     }
 }
