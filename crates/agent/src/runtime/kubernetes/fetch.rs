@@ -33,9 +33,13 @@ use sha2::{Digest, Sha256};
 use crate::isolation::{Layout, UserCode};
 
 /// Connections served at once; more wait to be accepted.
-const MAX_CONNECTIONS: usize = 64;
+const MAX_CONNECTIONS: usize = 1024;
+/// Connections of one address at once; more are closed at once. User code that reaches the
+/// server (a build on the agent's host, a pod) cannot take every slot from other nodes' pods
+/// by opening connections and sending nothing.
+const MAX_PER_PEER: usize = 32;
 /// How long a client may take to send its request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What one instance's pods may fetch.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,6 +226,37 @@ fn text(status: StatusCode, message: &str) -> Response<Body> {
         .expect("a valid response")
 }
 
+/// Open connections per peer address.
+#[derive(Default)]
+struct Peers(Mutex<HashMap<std::net::IpAddr, usize>>);
+
+/// One connection's place among its peer's, given back when dropped.
+struct PeerSlot(Arc<Peers>, std::net::IpAddr);
+
+impl Peers {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<PeerSlot> {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_default();
+        if *count >= MAX_PER_PEER {
+            return None;
+        }
+        *count += 1;
+        Some(PeerSlot(self.clone(), ip))
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut open = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.1) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.1);
+            }
+        }
+    }
+}
+
 /// Serves fetches on `listener` until the task is dropped.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -230,17 +265,22 @@ pub async fn serve(
     users: UserCode,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let peers = Arc::new(Peers::default());
     loop {
         let Ok(permit) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(accepted) => accepted,
             Err(e) => {
                 tracing::warn!(error = %e, "fetch server: cannot accept");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
+        };
+        let Some(slot) = peers.take(peer.ip()) else {
+            tracing::warn!(%peer, "fetch server: too many connections from this address; closed");
+            continue;
         };
         let (grants, pods, users) = (grants.clone(), pods.clone(), users.clone());
         tokio::spawn(async move {
@@ -253,7 +293,7 @@ pub async fn serve(
                 .header_read_timeout(HEAD_TIMEOUT)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
-            drop(permit);
+            drop((permit, slot));
         });
     }
 }
@@ -370,4 +410,70 @@ async fn tarball(grant: &Grant, users: &UserCode) -> Response<Body> {
         .header("content-type", "application/x-tar")
         .body(BodyExt::boxed(StreamBody::new(data.chain(end))))
         .expect("a valid response")
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    struct Nobody;
+
+    #[async_trait::async_trait]
+    impl PodCheck for Nobody {
+        async fn check(&self, _: &Grant, _: &str, _: &str) -> Result<(), String> {
+            Err("no such pod".into())
+        }
+    }
+
+    /// A request from `source` (an address of the loopback network), and the answer's first
+    /// line; empty when the server closed the connection unanswered.
+    async fn ask(port: u16, source: [u8; 4]) -> String {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind((source, 0).into()).unwrap();
+        let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        let _ = stream
+            .write_all(b"GET /v1/checkouts/00ff?pod=p&uid=u HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s\r\nConnection: close\r\n\r\n")
+            .await;
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer).await;
+        String::from_utf8_lossy(&answer)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn one_address_holding_its_share_of_idle_connections_blocks_no_other_and_an_unknown_grant_is_401()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let grants = Arc::new(Grants::new(Layout::new(dir.path()).unwrap()));
+        tokio::spawn(serve(
+            listener,
+            grants,
+            Arc::new(Nobody),
+            UserCode::default(),
+        ));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_PER_PEER {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.bind(([127, 0, 0, 2], 0).into()).unwrap();
+            idle.push(socket.connect(([127, 0, 0, 1], port).into()).await.unwrap());
+        }
+        // Let the server take them all up.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            ask(port, [127, 0, 0, 2]).await,
+            "",
+            "one more of that address is closed"
+        );
+        assert_eq!(ask(port, [127, 0, 0, 3]).await, "HTTP/1.1 401 Unauthorized");
+        drop(idle);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(ask(port, [127, 0, 0, 2]).await, "HTTP/1.1 401 Unauthorized");
+    }
 }
