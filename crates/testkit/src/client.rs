@@ -172,6 +172,16 @@ impl Api {
         }
     }
 
+    /// `GET /api/deployments/{id}/logs` of `deployment` (as the API gives it) as text.
+    pub async fn deployment_log(&self, token: &str, deployment: &Value) -> String {
+        let id = deployment["id"].as_str().expect("a deployment with an id");
+        let reply = self
+            .get(&format!("/api/deployments/{id}/logs"), Some(token))
+            .await;
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        reply.body
+    }
+
     /// The entry of `service` in sandbox `sandbox`, from the API.
     pub async fn sandbox_service(&self, token: &str, sandbox: &str, service: &str) -> Value {
         let sandbox = self

@@ -46,16 +46,7 @@ async fn sdp_dev_serves_login_and_branches_at_the_url_it_prints() {
     // Its build printed a build's log for the dashboard to show: a few hundred lines, in
     // colour, with a progress bar redrawn by carriage returns (each redraw a line that
     // keeps its `\r`, the last one plain).
-    let log = api
-        .get(
-            &format!(
-                "/api/deployments/{}/logs",
-                deployment["id"].as_str().unwrap()
-            ),
-            Some(&token),
-        )
-        .await
-        .body;
+    let log = api.deployment_log(&token, &deployment).await;
     assert!(log.lines().count() > 200, "{log}");
     assert!(
         log.contains("\u{1b}[32m   compiling\u{1b}[0m hello/internal/"),

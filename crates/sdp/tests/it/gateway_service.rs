@@ -90,16 +90,7 @@ async fn a_sandbox_with_its_own_gateway_on_a_branch_is_served_through_it_and_a_r
     assert_eq!(deployment["state"], "ready", "{deployment}");
     let sandbox_id = sandbox["id"].as_str().unwrap().to_owned();
     // One log, both halves: the micro agent's services, then the gateway agent's gateway.
-    let log = env
-        .get(
-            &format!(
-                "/api/deployments/{}/logs",
-                deployment["id"].as_str().unwrap()
-            ),
-            Some(&token),
-        )
-        .await
-        .body;
+    let log = env.deployment_log(&token, &deployment).await;
     assert!(
         log.contains("agent micro-0: every service is healthy"),
         "{log}"

@@ -225,16 +225,7 @@ async fn with_only_the_documented_role_a_branch_runs_in_a_labelled_pod_that_answ
     let stranger = fetch(secret.clone(), "pod=stranger&uid=1234".into()).await;
     assert_eq!(stranger.status(), 403);
 
-    let log = env
-        .get(
-            &format!(
-                "/api/deployments/{}/logs",
-                deployment["id"].as_str().unwrap()
-            ),
-            Some(&token),
-        )
-        .await
-        .body;
+    let log = env.deployment_log(&token, &deployment).await;
     assert!(log.contains("[orders/stdout] orders listening on"), "{log}");
 
     let gone = env.delete_sandbox(&token, "kube").await;
